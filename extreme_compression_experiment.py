@@ -1,0 +1,243 @@
+"""Prune a causal LM to extreme sparsity, fine-tune it with the pruned weights held at zero,
+and measure WikiText-2 perplexity before training and after every epoch.
+
+    python extreme_compression_experiment.py --sparsity 0.1 --model opt-350m --batch-size 8
+    python extreme_compression_experiment.py --model smollm2-135m --eval-only \\
+        --eval-source ../shared/data/wikitext-2-raw
+    accelerate launch --num_processes 2 extreme_compression_experiment.py --sparsity 0.1 ...
+
+`--sparsity` is the fraction of weights KEPT (0.1 keeps 10%, prunes 90%); inside the code it is
+called `density`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from utils.logging_utils import describe_density, make_console_safe
+
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class CliError(Exception):
+    """Bad input found after parsing (a missing file, an unknown model): exit 2, one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, instead of the usage dump
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _density(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number; give the fraction of weights to keep, "
+                                         "e.g. 0.1 keeps 10% (prunes 90%)") from None
+    if not (0 < value <= 1) or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1]: --sparsity is the fraction of weights KEPT "
+                                         "(0.1 keeps 10%, prunes 90%; 1.0 = no pruning)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="extreme_compression_experiment.py", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mode = parser.add_argument_group("what to run").add_mutually_exclusive_group()
+    mode.add_argument("--eval-only", action="store_true", help="only measure the perplexity of --model (no pruning)")
+    mode.add_argument("--prune-only", action="store_true", help="prune, save, report dense and pruned perplexity")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="opt-125m",
+                       help="opt-125m|opt-350m|opt-1.3b|opt-2.7b|opt-6.7b, smollm2-135m (pip package), a hub id, "
+                            "a local folder or a .gguf file")
+    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="weights for evaluation and pruning (auto: float32 on CPU, float16 on GPU); "
+                            "training keeps float32 master weights")
+    model.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+
+    prune = parser.add_argument_group("pruning")
+    prune.add_argument("--sparsity", type=_density, default=0.1,
+                       help="fraction of weights KEPT in (0, 1]: 0.1 keeps 10%% (90%% pruned); 1.0 = dense")
+    prune.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"],
+                       help="one-shot pruning method used when no pruned checkpoint exists yet")
+    prune.add_argument("--pattern", default=None, help="N:M semi-structured pattern, keep N of every M (e.g. 2:4); "
+                                                        "overrides --sparsity")
+    prune.add_argument("--calibration-source", default="wikitext2",
+                       help="text for calibration: wikitext2 (hub, train split), a file/folder, or hf:NAME:CONFIG:SPLIT:COLUMN")
+    prune.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows")
+    prune.add_argument("--calibration-length", type=_positive_int, default=2048,
+                       help="tokens per calibration window (capped at the model maximum)")
+    prune.add_argument("--pruned-dir", default="pruned_models", help="cache of pruned models")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--batch-size", type=_positive_int, default=8, help="effective batch (blocks per optimizer step)")
+    train.add_argument("--micro-batch-size", type=_positive_int, default=None,
+                       help="blocks per forward per process (default: batch size / processes); "
+                            "gradient accumulation makes up the rest")
+    train.add_argument("--epochs", type=_positive_int, default=5, help="epochs of --max-step optimizer steps")
+    train.add_argument("--base-samples", type=_positive_int, default=10000, help="max_step = base_samples // batch_size")
+    train.add_argument("--base-lr", type=_positive_float, default=5e-6, help="lr = base_lr * sqrt(batch_size)")
+    train.add_argument("--max-step", type=_positive_int, default=None, help="override the derived steps per epoch")
+    train.add_argument("--lr", type=_positive_float, default=None, help="override the derived peak learning rate")
+    train.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 5%% of all steps, at most 100)")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    train.add_argument("--block-size", type=_positive_int, default=512, help="tokens per packed training block")
+    train.add_argument("--train-source", default="wikitext2",
+                       help="training text: wikitext2 (hub, train split), a file/folder, or hf:NAME:CONFIG:SPLIT:COLUMN")
+    train.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                       help="compute precision of training (auto: bf16 on GPU, no on CPU)")
+    train.add_argument("--seed", type=int, default=0, help="calibration windows and data order")
+    train.add_argument("--patience", type=_positive_int, default=None,
+                       help="stop when perplexity has not improved for this many epochs")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-source", default="wikitext2",
+                            help="evaluation text: wikitext2 (hub, test split), a folder with wiki.test.raw, a file, "
+                                 "or hf:NAME:CONFIG:SPLIT:COLUMN")
+    evaluation.add_argument("--token-length", type=_positive_int, default=2048, help="tokens per evaluation window")
+    evaluation.add_argument("--stride", type=_positive_int, default=None,
+                            help="tokens between window starts (default: --token-length, the papers' protocol)")
+    evaluation.add_argument("--eval-batch-size", type=_positive_int, default=4, help="windows per forward")
+    evaluation.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the dense model")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-dir", default=None, help="run folder (default: runs/{model}-{sparsity}-{method})")
+    output.add_argument("--log-file", default=None, help="also write the console output to this file")
+    output.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its saved state")
+    output.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
+                        help="experiment tracker, through accelerate")
+    output.add_argument("--no-save-best", action="store_true", help="do not save the best-perplexity model")
+    output.add_argument("--interrupt-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    mode: str  # eval | prune | train
+    model: str
+    dtype: str
+    cpu: bool
+    density: float
+    method: str
+    pattern: tuple[int, int] | None
+    calibration_source: str
+    nsamples: int
+    calibration_length: int
+    pruned_dir: str
+    batch_size: int
+    micro_batch_size: int | None
+    epochs: int
+    max_step: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float | None
+    block_size: int
+    train_source: str
+    mixed_precision: str
+    seed: int
+    patience: int | None
+    eval_source: str
+    token_length: int
+    stride: int
+    eval_batch_size: int
+    skip_dense_eval: bool
+    output_dir: str
+    log_file: str | None
+    resume: bool
+    report_to: str
+    save_best: bool
+    interrupt_after_steps: int | None
+
+
+def derive_schedule(batch_size: int, base_samples: int = 10000, base_lr: float = 5e-6) -> tuple[int, float]:
+    """max_step = base_samples // batch_size, lr = base_lr·sqrt(batch_size): every batch size sees
+    the same number of samples per epoch."""
+    return max(1, base_samples // batch_size), base_lr * math.sqrt(batch_size)
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ExperimentConfig:
+    from utils.prune_utils import parse_pattern
+    try:
+        pattern = parse_pattern(args.pattern)
+    except ValueError as error:
+        parser.error(f"argument --pattern: {error}")
+    density = pattern[0] / pattern[1] if pattern else args.sparsity
+    stride = args.stride or args.token_length
+    if stride > args.token_length:
+        parser.error(f"argument --stride: {stride} is larger than --token-length {args.token_length}")
+    if args.micro_batch_size and args.batch_size % args.micro_batch_size:
+        parser.error(f"argument --micro-batch-size: {args.micro_batch_size} does not divide --batch-size "
+                     f"{args.batch_size}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        parser.error("argument --warmup-steps: must be 0 or more")
+    if args.report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            parser.error("argument --report-to tensorboard: the tensorboard package is not installed "
+                         "(pip install tensorboard)")
+    max_step, lr = derive_schedule(args.batch_size, args.base_samples, args.base_lr)
+    max_step, lr = args.max_step or max_step, args.lr or lr
+    total = max_step * args.epochs
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(100, total // 20)
+    mode = "eval" if args.eval_only else "prune" if args.prune_only else "train"
+    method_tag = f"{args.method}-{pattern[0]}of{pattern[1]}" if pattern else args.method
+    from utils.model_utils import safe_name
+    output_dir = args.output_dir or str(Path("runs") / f"{safe_name(Path(args.model).stem if args.model.endswith('.gguf') else args.model)}-{density:g}-{method_tag}")
+    return ExperimentConfig(
+        mode=mode, model=args.model, dtype=args.dtype, cpu=args.cpu, density=density, method=args.method,
+        pattern=pattern, calibration_source=args.calibration_source, nsamples=args.nsamples,
+        calibration_length=args.calibration_length, pruned_dir=args.pruned_dir, batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr, warmup_steps=warmup,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, block_size=args.block_size,
+        train_source=args.train_source, mixed_precision=args.mixed_precision, seed=args.seed,
+        patience=args.patience, eval_source=args.eval_source, token_length=args.token_length, stride=stride,
+        eval_batch_size=args.eval_batch_size, skip_dense_eval=args.skip_dense_eval, output_dir=output_dir,
+        log_file=args.log_file, resume=args.resume, report_to=args.report_to, save_best=not args.no_save_best,
+        interrupt_after_steps=args.interrupt_after_steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    make_console_safe(sys.stdout)
+    make_console_safe(sys.stderr)
+    parser = build_parser()
+    config = validate(parser.parse_args(argv), parser)
+    from experiment import run  # heavy imports (torch, transformers) only after the arguments are good
+    from utils.checkpoint_utils import CheckpointError
+    from utils.data_utils import DataError
+    from utils.model_utils import ModelError
+    try:
+        return run(config)
+    except (CliError, ModelError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Masked recovery fine-tuning under FSDP2 (torch `fully_shard`), launched through accelerate.
+
+    python extreme_compression_experiment.py --sparsity 0.1 --model opt-350m --batch-size 8   # 1 process
+    accelerate launch --num_processes 2 extreme_compression_experiment.py ...                  # 2 GPUs
+
+One code path for every process count: a single process joins a world-1 process group, so the
+model is always sharded by `fully_shard` (a no-op split at world size 1) and masks are always
+DTensor shards.  After every optimizer step the keep-masks are re-applied: gradient hooks alone
+do not fire on FSDP's flat buffers, and AdamW's moments would walk pruned weights off zero.
+Each epoch is `max_step` optimizer steps of `batch_size` packed blocks; sample g of the run is
+block perm_p[g mod n] with perm_p a seeded permutation per pass p, so the data order is a pure
+function of the step and a resumed run continues it exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from utils.data_utils import TokenizedText
+from utils.eval_utils import PerplexityHistory, evaluate_and_log
+from utils.logging_utils import MetricsLogger, describe_density, write_json
+from utils.mask_utils import MaskSet, sparsity_report
+from utils.memory_utils import MemoryTracker
+from utils.model_utils import find_decoder_layers, prunable_linears
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when a run must stop (NaN loss); the message says what was kept."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    max_step: int = 1250
+    lr: float = 5e-6 * math.sqrt(8)
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    patience: int | None = None
+    token_length: int = 2048
+    stride: int = 2048
+    eval_batch_size: int = 4
+    log_every: int = 10
+    output_dir: str = "runs/latest"
+    resume: bool = False
+    save_best: bool = True
+    interrupt_after_steps: int | None = None  # testing: behave as if Ctrl-C came after this step
+
+
+@dataclass
+class TrainState:
+    """Everything besides model and optimizer that a resumed run needs."""
+    global_step: int = 0
+    epoch: int = 1  # the epoch in progress (1-based)
+    epoch_loss_sum: float = 0.0
+    epoch_batches: int = 0
+    epoch_tokens: int = 0
+    epoch_seconds: float = 0.0
+    bad_epochs: int = 0
+    history: dict = field(default_factory=dict)
+    finished: bool = False
+
+
+# --------------------------------------------------------------------------- setup
+
+def init_distributed(accelerator) -> None:
+    """accelerate starts the process group under `accelerate launch`; a single process gets a
+    world-1 group so that FSDP2 and the evaluation's all-reduce run unchanged."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
+    store = tempfile.NamedTemporaryFile(prefix="extreme-compression-pg-", delete=False)
+    store.close()
+    os.unlink(store.name)  # FileStore wants a path that does not exist yet
+    dist.init_process_group(backend, init_method=f"file://{store.name}", rank=0, world_size=1,
+                            device_id=accelerator.device if backend == "nccl" else None)
+
+
+def shard_model(model: nn.Module, device: torch.device, mixed_precision: str) -> nn.Module:
+    """FSDP2: shard each decoder layer, then the root (embeddings, norms, LM head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    model.to(device)
+    _, layers = find_decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=fused)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup to the peak lr, then linear decay to zero at the last step."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class BlockSampler:
+    """Sample g of the run → block index, reshuffled every pass over the blocks."""
+
+    def __init__(self, num_blocks: int, seed: int):
+        self.num_blocks, self.seed = num_blocks, seed
+        self._pass, self._perm = -1, None
+
+    def block(self, sample: int) -> int:
+        current = sample // self.num_blocks
+        if current != self._pass:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + current)
+            self._pass, self._perm = current, torch.randperm(self.num_blocks, generator=generator)
+        return int(self._perm[sample % self.num_blocks])
+
+    def micro_batch(self, step: int, micro: int, batch_size: int, micro_size: int, rank: int, world: int) -> list[int]:
+        first = step * batch_size + micro * micro_size * world + rank * micro_size
+        return [self.block(first + i) for i in range(micro_size)]
+
+
+# --------------------------------------------------------------------------- state on disk
+
+def save_state(folder: Path, model: nn.Module, optimizer, scheduler, state: TrainState) -> None:
+    """Resumable state (sharded model + optimizer through torch.distributed.checkpoint),
+    written beside the previous one and swapped in only when complete."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    rank = dist.get_rank()
+    if rank == 0:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+    if rank == 0:
+        torch.save({"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}, tmp / "extra.pt")
+        write_json(tmp / "train_state.json", asdict(state))
+        import shutil
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_state(folder: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    saved = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(saved, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
+    extra = torch.load(folder / "extra.pt", weights_only=True)
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng"])
+    return TrainState(**json.loads((folder / "train_state.json").read_text(encoding="utf-8")))
+
+
+def save_best_model(model: nn.Module, tokenizer, folder: Path, info: dict) -> None:
+    """Gather the full weights (a collective) and let rank 0 write them atomically."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from utils.checkpoint_utils import save_pretrained_atomic
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        save_pretrained_atomic(model, tokenizer, folder, info=info, state_dict=full)
+    dist.barrier()
+
+
+# --------------------------------------------------------------------------- the loop
+
+@dataclass
+class TrainResult:
+    history: PerplexityHistory
+    state: TrainState
+    stopped_early: bool = False
+    interrupted: bool = False
+
+
+def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: TokenizedText, config: TrainConfig,
+             density: float, logger: MetricsLogger, device: torch.device,
+             history: PerplexityHistory, best_info: Callable[[], dict]) -> TrainResult:
+    """Train the (already sharded) model for `config.epochs` epochs, evaluating after each."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    micro = config.micro_batch_size
+    accum = config.batch_size // (micro * world)
+    output = Path(config.output_dir)
+    state_dir, best_dir = output / "state", output / "best"
+    masks = MaskSet.from_zeros({name: linear.weight for name, linear in prunable_linears(model).items()})
+    optimizer = make_optimizer(model, config, device)
+    total_steps = config.epochs * config.max_step
+    scheduler = make_scheduler(optimizer, config.warmup_steps, total_steps)
+    state = TrainState(history=history.to_dict())
+    if config.resume and (state_dir / "train_state.json").exists():
+        state = load_state(state_dir, model, optimizer, scheduler)
+        history = PerplexityHistory.from_dict(state.history)
+        logger.info(f"Resumed from {state_dir}: epoch {state.epoch}, optimizer step {state.global_step} of {total_steps}")
+    sampler = BlockSampler(blocks.shape[0], config.seed)
+    memory = MemoryTracker(device)
+    result = TrainResult(history, state)
+    logger.info(f"Training: {config.epochs} epochs × {config.max_step} steps, batch {config.batch_size} "
+                f"= {micro} per micro-batch × {accum} accumulation × {world} processes, lr {config.lr:.3g}")
+    try:
+        while state.epoch <= config.epochs and not state.finished:
+            epoch_end = state.epoch * config.max_step
+            bar = logger.progress(config.max_step, f"Epoch {state.epoch}/{config.epochs}")
+            bar.update(state.global_step - (state.epoch - 1) * config.max_step)
+            model.train()
+            tick = time.perf_counter()
+            window_loss = torch.zeros((), device=device, dtype=torch.float64)
+            window_steps = 0
+            while state.global_step < epoch_end:
+                for index in range(accum):
+                    rows = sampler.micro_batch(state.global_step, index, config.batch_size, micro, rank, world)
+                    batch = blocks[rows].to(device, non_blocking=True)
+                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                    (loss / accum).backward()
+                    window_loss += loss.detach().double() / accum
+                if config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                masks.apply()
+                state.global_step += 1
+                window_steps += 1
+                if window_steps == config.log_every or state.global_step == epoch_end:
+                    _flush_window(state, window_loss, window_steps, config.batch_size * blocks.shape[1], scheduler,
+                                  logger, bar, tick)
+                    tick = time.perf_counter()
+                    window_loss.zero_()
+                    window_steps = 0
+                if config.interrupt_after_steps and state.global_step == config.interrupt_after_steps:
+                    raise KeyboardInterrupt
+            bar.close()
+            _end_of_epoch(model, tokenizer, masks, eval_tokens, config, density, logger, state, history,
+                          memory, optimizer, scheduler, state_dir, best_dir, best_info, result)
+            if result.stopped_early:
+                break
+    except KeyboardInterrupt:
+        result.interrupted = True
+        logger.info(f"Interrupted at optimizer step {state.global_step}: saving resumable state to {state_dir} ...")
+        state.history = history.to_dict()
+        save_state(state_dir, model, optimizer, scheduler, state)
+        logger.info("Saved. Continue with the same command plus --resume.")
+    result.history, result.state = history, state
+    return result
+
+
+def _flush_window(state: TrainState, window_loss: torch.Tensor, steps: int, tokens_per_step: int, scheduler,
+                  logger: MetricsLogger, bar, tick: float) -> None:
+    """One host sync per `log_every` steps: loss bookkeeping, the NaN check, the log line."""
+    if dist.get_world_size() > 1:
+        dist.all_reduce(window_loss)
+        window_loss /= dist.get_world_size()
+    total = float(window_loss)
+    if not math.isfinite(total):
+        raise TrainingStopped(f"the training loss became {total} by optimizer step {state.global_step}; "
+                              "the best model so far is kept. Lower --lr or use --mixed-precision bf16 "
+                              "instead of fp16")
+    seconds = time.perf_counter() - tick
+    tokens = steps * tokens_per_step
+    state.epoch_tokens += tokens
+    state.epoch_loss_sum += total
+    state.epoch_batches += steps
+    state.epoch_seconds += seconds
+    lr = scheduler.get_last_lr()[0]
+    bar.update(steps, loss=total / steps, lr=lr)
+    logger.log({"event": "train", "step": state.global_step, "epoch": state.epoch, "loss": total / steps, "lr": lr,
+                "seconds": seconds, "tokens_per_second": tokens / seconds if seconds else None},
+               step=state.global_step)
+
+
+def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainConfig, density: float,
+                  logger: MetricsLogger, state: TrainState, history: PerplexityHistory, memory: MemoryTracker,
+                  optimizer, scheduler, state_dir: Path, best_dir: Path, best_info: Callable[[], dict],
+                  result: TrainResult) -> None:
+    epoch = state.epoch
+    violations = masks.violations()
+    measured = sparsity_report(model)
+    if violations:
+        raise TrainingStopped(f"{violations} pruned weights are non-zero after epoch {epoch}: the masks were not "
+                              "kept; this is a bug, please report it")
+    average = state.epoch_loss_sum / max(1, state.epoch_batches)
+    tokens_per_second = state.epoch_tokens / state.epoch_seconds if state.epoch_seconds else float("nan")
+    snapshot = memory.snapshot()
+    logger.info(f"Epoch {epoch} done: average loss {average:.4f} | {state.epoch_batches} batches processed | "
+                f"{tokens_per_second:,.0f} tokens/s | measured {describe_density(measured.density)}")
+    for line in snapshot.lines():
+        logger.info(line)
+    previous_best = history.best
+    evaluation = evaluate_and_log(model, eval_tokens, logger, title=f"Evaluation After Epoch {epoch}",
+                                  token_length=config.token_length, stride=config.stride,
+                                  batch_size=config.eval_batch_size, epoch=epoch, density=density,
+                                  history=history, step=state.global_step)
+    logger.log({"event": "epoch", "epoch": epoch, "average_loss": average, "batches": state.epoch_batches,
+                "tokens_per_second": tokens_per_second, "measured_density": measured.density,
+                "perplexity": evaluation.perplexity, **snapshot.to_dict()}, step=state.global_step)
+    improved = previous_best is None or evaluation.perplexity < previous_best[1]
+    if improved and config.save_best:
+        save_best_model(model, tokenizer, best_dir, {**best_info(), "epoch": epoch,
+                                                     "perplexity": evaluation.perplexity})
+        logger.info(f"Best model so far saved to {best_dir}")
+    state.bad_epochs = 0 if improved else state.bad_epochs + 1
+    if config.patience is not None and state.bad_epochs >= config.patience:
+        logger.info(f"Early stopping: perplexity has not improved for {state.bad_epochs} epoch(s) "
+                    f"(--patience {config.patience})")
+        result.stopped_early = True
+        state.finished = True
+    state.epoch += 1
+    state.epoch_loss_sum, state.epoch_batches, state.epoch_tokens, state.epoch_seconds = 0.0, 0, 0, 0.0
+    if state.epoch > config.epochs:
+        state.finished = True
+    state.history = history.to_dict()
+    save_state(state_dir, model, optimizer, scheduler, state)
