@@ -40,7 +40,10 @@ def _versions() -> dict:
 def _make_accelerator(config):
     from accelerate import Accelerator
     trackers = None if config.report_to == "none" else config.report_to
-    accelerator = Accelerator(cpu=config.cpu, log_with=trackers, project_dir=config.output_dir)
+    # On a machine without a GPU, cpu=True is what makes accelerate join a torchrun/accelerate-launch
+    # group (MULTI_CPU) instead of running every process as a lone main process.
+    accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(), log_with=trackers,
+                              project_dir=config.output_dir)
     init_distributed(accelerator)
     return accelerator
 

@@ -210,6 +210,9 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
     rank, world = dist.get_rank(), dist.get_world_size()
     micro = config.micro_batch_size
     accum = config.batch_size // (micro * world)
+    if accum < 1 or accum * micro * world != config.batch_size:
+        raise ValueError(f"batch size {config.batch_size} is not micro-batch {micro} × {world} processes × "
+                         "a whole number of accumulation steps")
     output = Path(config.output_dir)
     state_dir, best_dir = output / "state", output / "best"
     masks = MaskSet.from_zeros({name: linear.weight for name, linear in prunable_linears(model).items()})

