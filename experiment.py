@@ -44,7 +44,7 @@ def _make_accelerator(config):
     # group (MULTI_CPU) instead of running every process as a lone main process.
     accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(), log_with=trackers,
                               project_dir=config.output_dir)
-    init_distributed(accelerator)
+    init_distributed(accelerator.device)
     return accelerator
 
 

@@ -76,17 +76,17 @@ class TrainState:
 
 # --------------------------------------------------------------------------- setup
 
-def init_distributed(accelerator) -> None:
+def init_distributed(device: torch.device) -> None:
     """accelerate starts the process group under `accelerate launch`; a single process gets a
     world-1 group so that FSDP2 and the evaluation's all-reduce run unchanged."""
     if dist.is_initialized():
         return
-    backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     store = tempfile.NamedTemporaryFile(prefix="extreme-compression-pg-", delete=False)
     store.close()
     os.unlink(store.name)  # FileStore wants a path that does not exist yet
     dist.init_process_group(backend, init_method=f"file://{store.name}", rank=0, world_size=1,
-                            device_id=accelerator.device if backend == "nccl" else None)
+                            device_id=device if backend == "nccl" else None)
 
 
 def shard_model(model: nn.Module, device: torch.device, mixed_precision: str) -> nn.Module:
@@ -138,6 +138,27 @@ class BlockSampler:
     def micro_batch(self, step: int, micro: int, batch_size: int, micro_size: int, rank: int, world: int) -> list[int]:
         first = step * batch_size + micro * micro_size * world + rank * micro_size
         return [self.block(first + i) for i in range(micro_size)]
+
+
+def train_step(model: nn.Module, micro_batches: list[torch.Tensor], optimizer, scheduler, masks: MaskSet | None,
+               device: torch.device, max_grad_norm: float | None) -> torch.Tensor:
+    """One optimizer step over `micro_batches` (gradient accumulation), then the masks.
+    Returns the mean loss as a device tensor (no host sync)."""
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for batch in micro_batches:
+        batch = batch.to(device, non_blocking=True)
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        (loss / len(micro_batches)).backward()
+        total += loss.detach().double() / len(micro_batches)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if masks is not None:
+        masks.apply()
+    return total
 
 
 # --------------------------------------------------------------------------- state on disk
@@ -239,18 +260,10 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
             window_loss = torch.zeros((), device=device, dtype=torch.float64)
             window_steps = 0
             while state.global_step < epoch_end:
-                for index in range(accum):
-                    rows = sampler.micro_batch(state.global_step, index, config.batch_size, micro, rank, world)
-                    batch = blocks[rows].to(device, non_blocking=True)
-                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                    (loss / accum).backward()
-                    window_loss += loss.detach().double() / accum
-                if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                masks.apply()
+                micro_batches = [blocks[sampler.micro_batch(state.global_step, index, config.batch_size, micro,
+                                                            rank, world)] for index in range(accum)]
+                window_loss += train_step(model, micro_batches, optimizer, scheduler, masks, device,
+                                          config.max_grad_norm)
                 state.global_step += 1
                 window_steps += 1
                 if window_steps == config.log_every or state.global_step == epoch_end:

@@ -1,0 +1,60 @@
+"""Evaluation speed on the GPU: full WikiText-2-sized perplexity (287,644 tokens, 2048-token windows).
+
+    python benchmarks/bench_eval.py [--batch-size 8] [--models opt-125m opt-1.3b]
+
+Prints seconds and MFU against this GPU's measured bf16 matmul rate, for evaluate_perplexity in
+fp16 and for the seed lineage's loop (batch 1, fp32, labels passed to the model).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from common import forward_flops_per_token, matmul_tflops, opt_model, timed
+from utils.eval_utils import evaluate_perplexity
+
+TOKENS = 287_644
+
+
+def lineage_loop(model, ids: torch.Tensor, seqlen: int) -> float:
+    """The seed lineage: one window at a time, the model computes the loss from labels."""
+    nsamples = ids.numel() // seqlen
+    nlls = []
+    with torch.no_grad():
+        for i in range(nsamples):
+            batch = ids[i * seqlen:(i + 1) * seqlen].unsqueeze(0).cuda()
+            nlls.append(model(batch, labels=batch).loss.float() * seqlen)
+    return math.exp(torch.stack(nlls).sum().item() / (nsamples * seqlen))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["opt-125m", "opt-1.3b"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--skip-lineage", action="store_true")
+    args = parser.parse_args()
+    peak = matmul_tflops()
+    print(f"GPU: {torch.cuda.get_device_name()} | measured bf16 matmul: {peak:.0f} TFLOP/s")
+    ids = torch.randint(0, 50272, (TOKENS,))
+    rows = []
+    for name in args.models:
+        model = opt_model(name, torch.float16)
+        windows = TOKENS // 2048
+        flops = forward_flops_per_token(model, 2048) * windows * 2048
+        seconds = timed(lambda: evaluate_perplexity(model, ids, 2048, 2048, args.batch_size, progress=False))
+        rows.append((name, f"evaluate_perplexity fp16 batch {args.batch_size}", seconds, flops / seconds / 1e12 / peak))
+        if not args.skip_lineage:
+            model = model.float()
+            seconds = timed(lambda: lineage_loop(model, ids, 2048), repeats=1)
+            rows.append((name, "lineage loop fp32 batch 1", seconds, flops / seconds / 1e12 / peak))
+        del model
+        torch.cuda.empty_cache()
+    print(f"{'model':10} {'loop':36} {'seconds':>8} {'MFU':>6}")
+    for name, loop, seconds, mfu in rows:
+        print(f"{name:10} {loop:36} {seconds:8.3f} {mfu * 100:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
