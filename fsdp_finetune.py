@@ -82,6 +82,8 @@ def init_distributed(device: torch.device) -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     store = tempfile.NamedTemporaryFile(prefix="extreme-compression-pg-", delete=False)
     store.close()
     os.unlink(store.name)  # FileStore wants a path that does not exist yet

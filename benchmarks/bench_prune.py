@@ -50,6 +50,17 @@ def main() -> None:
         model = copy.deepcopy(dense)
         seconds, peak = prune_timed(model, method, 0.5, None, calibration)
         print(f"{'smollm2':10} {method:10} {'50%':>6} {seconds:8.2f} {gib(peak):8.2f}G", flush=True)
+    eager = copy.deepcopy(dense)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    prune_model(eager, "sparsegpt", 0.5, None, calibration=calibration, device="cuda", progress=False, cuda_graphs=False)
+    torch.cuda.synchronize()
+    graphed = copy.deepcopy(dense)
+    prune_model(graphed, "sparsegpt", 0.5, None, calibration=calibration, device="cuda", progress=False)
+    difference = max((a - b).abs().max().item() for a, b in zip(eager.parameters(), graphed.parameters()))
+    print(f"{'smollm2':10} {'sparsegpt':10} {'50%':>6} {time.perf_counter() - start:8.2f}  (no CUDA graphs); "
+          f"largest weight difference to the graphed run: {difference:.2e}", flush=True)
+    del eager, graphed
     if args.opt:
         shaped = opt_model("opt-1.3b", torch.float16, device="cpu")
         random_calibration = torch.randint(0, 50272, (args.nsamples, 2048))

@@ -82,6 +82,17 @@ def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
     return batches
 
 
+def _same_start(batch: list[Window]) -> list[list[int]]:
+    """Runs of consecutive rows that score from the same position: one loss call each."""
+    runs: list[list[int]] = []
+    for row, window in enumerate(batch):
+        if runs and batch[runs[-1][0]].score_from == window.score_from:
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+    return runs
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -121,12 +132,16 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
             weight = 1.0 if index < len(mine) else 0.0
             input_ids = torch.stack([ids[w.begin:w.end] for w in batch]).to(device, non_blocking=True)
             logits = _forward_logits(model, input_ids)
-            for row, window in enumerate(batch):
-                predicted = logits[row, window.score_from - 1:-1].float()  # (scored, vocab)
-                targets = input_ids[row, window.score_from:]
-                totals[0] += weight * F.cross_entropy(predicted, targets, reduction="sum").double()
+            for rows in _same_start(batch):
+                start = batch[rows[0]].score_from
+                scores = logits[rows[0]:rows[-1] + 1, start - 1:-1]  # (rows, scored, vocab), model dtype
+                targets = input_ids[rows[0]:rows[-1] + 1, start:]
+                nll = F.cross_entropy(scores.reshape(-1, scores.shape[-1]).float(), targets.reshape(-1),
+                                      reduction="sum")
+                totals[0] += weight * nll.double()
                 totals[1] += weight * targets.numel()
-                totals[2] += weight * (predicted.argmax(-1) == targets).sum().double()
+                # argmax needs no upcast: widening to float32 is exact
+                totals[2] += weight * (scores.argmax(-1) == targets).sum().double()
             del logits
             bar.update(len(batch) * world if index < len(mine) else 0)
     finally:

@@ -10,6 +10,7 @@ the already-pruned layers before it, and only that layer sits on the accelerator
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -79,12 +80,13 @@ def wanda_keep(weight: torch.Tensor, input_sq_norm: torch.Tensor, density: float
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, density: float, pattern: Pattern = None,
                     row_splits: list[int] | None = None, blocksize: int = 128,
-                    percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                    percdamp: float = 0.01, sweep: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh 2023): prune column blocks with an adaptive mask and
     compensate the error in the columns not yet processed.
 
     weight: (rows, cols), several matrices that share one input may be stacked by rows;
     `row_splits` gives their row counts so the unstructured mask is chosen per matrix.
+    `sweep` runs the column loop of one block (default: `column_sweep`, eagerly).
     Returns (pruned weight in float32 with exact zeros, keep mask).
     """
     rows, cols = weight.shape
@@ -117,23 +119,93 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, density: float,
                     pruned[:, start:start + size] = flat.view_as(part)
                 start += size
         scale = pruned.float() / d.unsqueeze(1)
-        ErrT = torch.empty_like(WT)
-        n, m = pattern or (0, 0)
-        for i in range(i2 - i1):
-            if pattern and i % m == 0:
-                group = WT[i:i + m].square() / d[i:i + m].square().unsqueeze(1)  # (m, rows)
-                low = group.t().topk(m - n, dim=1, largest=False).indices  # (rows, m-n)
-                block = torch.zeros(rows, m, dtype=torch.bool, device=W.device).scatter_(1, low, True)
-                pruned[i:i + m] = block.t()
-                scale[i:i + m] = pruned[i:i + m].float() / d[i:i + m].unsqueeze(1)
-            torch.mul(WT[i], scale[i], out=ErrT[i])  # error of zeroing the pruned entries
-            WT[i:].addr_(Hinv1[i, i:], ErrT[i], alpha=-1)
+        ErrT = torch.zeros_like(WT)
+        (sweep or column_sweep)(WT, Hinv1, d, pruned, scale, ErrT, pattern)
         WT.masked_fill_(pruned, 0.0)
         W[:, i1:i2] = WT.t()
         keep[:, i1:i2] = ~pruned.t()
         W[:, i2:].addmm_(ErrT.t(), Hinv[i1:i2, i2:], alpha=-1)
     W.masked_fill_(~keep, 0.0)
     return W, keep
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def full_fp32_matmul():
+    return float32_matmul_precision("highest")
+
+
+def column_sweep(WT: torch.Tensor, Hinv1: torch.Tensor, d: torch.Tensor, pruned: torch.Tensor, scale: torch.Tensor,
+                 ErrT: torch.Tensor, pattern: Pattern) -> None:
+    """SparseGPT's sequential loop over the columns of one block, in place.
+
+    WT: (count, rows), the block's columns as contiguous rows.  Zeroing column i's pruned entries
+    costs err = w·pruned/d; the columns after i absorb -err ⊗ Hinv1[i, i:].  With N:M the mask of
+    every group of m columns is chosen when the sweep reaches it, from the updated weights."""
+    count, rows = WT.shape
+    n, m = pattern or (0, 0)
+    for i in range(count):
+        if pattern and i % m == 0:
+            group = WT[i:i + m].square() / d[i:i + m].square().unsqueeze(1)  # (m, rows)
+            low = group.t().topk(m - n, dim=1, largest=False).indices  # (rows, m-n)
+            block = torch.zeros(rows, m, dtype=torch.bool, device=WT.device).scatter_(1, low, True)
+            pruned[i:i + m] = block.t()
+            scale[i:i + m] = pruned[i:i + m].float() / d[i:i + m].unsqueeze(1)
+        torch.mul(WT[i], scale[i], out=ErrT[i])
+        WT[i:].addr_(Hinv1[i, i:], ErrT[i], alpha=-1)
+
+
+class GraphedSweeps:
+    """`column_sweep` captured once per block shape as a CUDA graph and replayed.
+
+    The sweep is 2 tiny kernels per column (about 100k columns for SmolLM2): launch-bound from
+    Python, a fraction of that as a graph replay.  Any capture failure falls back to eager."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.graphs: dict[tuple, tuple] = {}
+        self.failed = False
+
+    def __call__(self, WT, Hinv1, d, pruned, scale, ErrT, pattern: Pattern) -> None:
+        key = (tuple(WT.shape), pattern)
+        if not self.failed and key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(WT.shape, pattern)
+            except RuntimeError as error:  # pragma: no cover - depends on the CUDA runtime
+                print(f"CUDA graph capture failed ({error}); running the SparseGPT sweep eagerly")
+                self.failed = True
+        if self.failed:
+            return column_sweep(WT, Hinv1, d, pruned, scale, ErrT, pattern)
+        graph, buffers = self.graphs[key]
+        for static, value in zip(buffers[:5], (WT, Hinv1, d, pruned, scale)):
+            static.copy_(value)
+        graph.replay()
+        WT.copy_(buffers[0])
+        pruned.copy_(buffers[3])
+        ErrT.copy_(buffers[5])
+
+    def _capture(self, shape, pattern: Pattern):
+        count, rows = shape
+        zeros = lambda *size, dtype=torch.float32: torch.zeros(*size, dtype=dtype, device=self.device)  # noqa: E731
+        buffers = (zeros(count, rows), torch.eye(count, device=self.device), torch.ones(count, device=self.device),
+                   zeros(count, rows, dtype=torch.bool), zeros(count, rows), zeros(count, rows))
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            column_sweep(*buffers, pattern)  # capture wants a warmed-up side stream
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            column_sweep(*buffers, pattern)
+        return graph, buffers
 
 
 class InputStats:
@@ -154,7 +226,8 @@ class InputStats:
         self.sq_norm.mul_(ratio).add_(x.square().sum(0) / self.tokens)
         if self.hessian is not None:
             x = x * math.sqrt(2 / self.tokens)
-            self.hessian.mul_(ratio).addmm_(x.t(), x)
+            with full_fp32_matmul():  # the layer forward may run in TF32; the Hessian may not
+                self.hessian.mul_(ratio).addmm_(x.t(), x)
 
     def free(self) -> None:
         self.hessian = self.sq_norm = None
@@ -226,11 +299,13 @@ def capture_layer_inputs(model: nn.Module, calibration: torch.Tensor, device: to
 
 def _group_by_input(layer: nn.Module, linears: dict[str, nn.Linear], first: tuple) -> list[list[str]]:
     """Linears fed the very same tensor (q/k/v, gate/up) share one set of input statistics."""
-    seen: dict[str, int] = {}
+    # Holding the input tensors themselves (not their addresses, which the allocator reuses)
+    # keeps identity checks honest for the length of this one forward.
+    seen: dict[str, torch.Tensor] = {}
 
     def record(name: str):
         def hook(module, inputs, output) -> None:  # returning a value would replace the output
-            seen.setdefault(name, inputs[0].data_ptr())
+            seen.setdefault(name, inputs[0])
         return hook
 
     handles = [linear.register_forward_hook(record(name)) for name, linear in linears.items()]
@@ -240,15 +315,21 @@ def _group_by_input(layer: nn.Module, linears: dict[str, nn.Linear], first: tupl
     finally:
         for handle in handles:
             handle.remove()
-    groups: dict[int, list[str]] = {}
+    groups: list[list[str]] = []
     for name in linears:
-        groups.setdefault(seen.get(name, id(name)), []).append(name)
-    return list(groups.values())
+        for group in groups:
+            if name in seen and seen.get(group[0]) is seen[name]:
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
 
 
 @torch.no_grad()
 def _prune_layer(layer: nn.Module, method: str, density: float, pattern: Pattern,
-                 inputs: list[tuple[torch.Tensor, tuple, dict]], blocksize: int, percdamp: float) -> None:
+                 inputs: list[tuple[torch.Tensor, tuple, dict]], blocksize: int, percdamp: float,
+                 sweep: Callable | None = None) -> None:
     linears = find_linears(layer)
     if method == "magnitude":
         for linear in linears.values():
@@ -277,7 +358,7 @@ def _prune_layer(layer: nn.Module, method: str, density: float, pattern: Pattern
             stacked = torch.cat([w.float() for w in weights])
             pruned, _ = sparsegpt_prune(stacked, stat.hessian, density, pattern,
                                         row_splits=[w.shape[0] for w in weights],
-                                        blocksize=blocksize, percdamp=percdamp)
+                                        blocksize=blocksize, percdamp=percdamp, sweep=sweep)
             for weight, part in zip(weights, pruned.split([w.shape[0] for w in weights])):
                 weight.copy_(part.to(weight.dtype))
         stat.free()
@@ -287,7 +368,8 @@ def _prune_layer(layer: nn.Module, method: str, density: float, pattern: Pattern
 def prune_model(model: nn.Module, method: str, density: float, pattern: Pattern = None,
                 calibration: torch.Tensor | None = None, device: str | torch.device = "cpu",
                 batch_size: int = 8, blocksize: int = 128, percdamp: float = 0.01,
-                progress: bool = True, on_layer: Callable[[int, int], None] | None = None) -> PruneReport:
+                progress: bool = True, on_layer: Callable[[int, int], None] | None = None,
+                cuda_graphs: bool = True) -> PruneReport:
     """Prune every linear of every decoder layer in place (embeddings and LM head untouched)."""
     if method not in METHODS:
         raise ValueError(f"unknown pruning method '{method}'; choose from {', '.join(METHODS)}")
@@ -299,6 +381,18 @@ def prune_model(model: nn.Module, method: str, density: float, pattern: Pattern 
     report = PruneReport(method, density, pattern)
     if density == 1 and pattern is None:
         return report
+    with float32_matmul_precision("high"):  # float32 layer forwards in TF32, as fast as the papers' fp16
+        sweep = GraphedSweeps(device) if cuda_graphs and device.type == "cuda" and method == "sparsegpt" else None
+        _prune_layers(model, prefix, layers, method, density, pattern, calibration, device, batch_size,
+                      blocksize, percdamp, progress, on_layer, report, sweep)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _prune_layers(model, prefix, layers, method, density, pattern, calibration, device, batch_size, blocksize,
+                  percdamp, progress, on_layer, report, sweep) -> None:
     inputs = None
     if method != "magnitude":
         if calibration is None:
@@ -308,7 +402,7 @@ def prune_model(model: nn.Module, method: str, density: float, pattern: Pattern 
         for index, layer in enumerate(layers):
             home = next(layer.parameters()).device
             layer.to(device)
-            _prune_layer(layer, method, density, pattern, inputs or [], blocksize, percdamp)
+            _prune_layer(layer, method, density, pattern, inputs or [], blocksize, percdamp, sweep)
             if inputs is not None and index + 1 < len(layers):
                 # The next layer sees what this pruned layer really produces.
                 inputs = [(_layer_output(layer(h, *a, **k)), a, k) for h, a, k in inputs]
@@ -319,7 +413,3 @@ def prune_model(model: nn.Module, method: str, density: float, pattern: Pattern 
             bar.update(1)
             if on_layer:
                 on_layer(index, len(layers))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    report.seconds = time.perf_counter() - start
-    return report
