@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_finetune import TrainConfig, TrainingStopped, finetune, init_distributed, shard_model
+from fsdp_finetune import TrainConfig, TrainingStopped, finetune, init_distributed, prepare_model
 from utils.checkpoint_utils import (import_lineage_checkpoint, lineage_checkpoint, load_pruned_model,
                                     make_pruned_model, pruned_model_dir)
 from utils.data_utils import calibration_windows, pack_blocks, tokenize_source
@@ -184,7 +184,7 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
     blocks = pack_blocks(train_ids.ids, config.block_size)
     logger.info(f"Training text: {train_ids.ids.numel():,} tokens → {blocks.shape[0]:,} blocks of {config.block_size}")
     mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
-    model = shard_model(model, device, mixed)
+    model, precision = prepare_model(model, device, mixed)
     train_config = TrainConfig(
         epochs=config.epochs, max_step=config.max_step, lr=config.lr, batch_size=config.batch_size,
         micro_batch_size=micro, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
@@ -196,13 +196,14 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
     if not resuming:
         if config.resume:
             logger.info(f"--resume: no saved state in {output / 'state'}; starting from the beginning")
-        baseline = evaluate_and_log(model, eval_tokens, logger, title="Baseline Evaluation (Before Training)",
-                                    density=config.density, **evaluate)
+        with precision():
+            baseline = evaluate_and_log(model, eval_tokens, logger, title="Baseline Evaluation (Before Training)",
+                                        density=config.density, **evaluate)
         history.baseline = baseline.perplexity
     best_info = lambda: {"model": config.model, "density": config.density, "method": config.method,  # noqa: E731
                          "pattern": info.get("pattern"), "pruning": {k: v for k, v in info.items() if k != "layer_density"}}
     result = finetune(model, tokenizer, blocks, eval_tokens, train_config, config.density, logger, device,
-                      history, best_info)
+                      history, best_info, precision)
     history = result.history
     for line in history.summary_lines():
         logger.info(line)

@@ -13,6 +13,7 @@ function of the step and a resumed run continues it exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -104,6 +105,22 @@ def shard_model(model: nn.Module, device: torch.device, mixed_precision: str) ->
     return model
 
 
+def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str) -> tuple[nn.Module, Callable]:
+    """Shard with FSDP2 across several processes; train a single process's model as it is.
+
+    FSDP at world size 1 shards nothing and costs CPU time per module (measured on an H100 with
+    opt-350m, batch 8 × 512: 142 ms a step under fully_shard against 70 ms plain).  Returns the
+    model and a context factory for its compute precision (FSDP's policy casts by itself;
+    the plain module gets autocast)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if dist.get_world_size() > 1:
+        return shard_model(model, device, mixed_precision), contextlib.nullcontext
+    model.to(device)
+    if dtype is None:
+        return model, contextlib.nullcontext
+    return model, lambda: torch.autocast(device.type, dtype=dtype)
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -143,13 +160,15 @@ class BlockSampler:
 
 
 def train_step(model: nn.Module, micro_batches: list[torch.Tensor], optimizer, scheduler, masks: MaskSet | None,
-               device: torch.device, max_grad_norm: float | None) -> torch.Tensor:
+               device: torch.device, max_grad_norm: float | None,
+               precision: Callable = contextlib.nullcontext) -> torch.Tensor:
     """One optimizer step over `micro_batches` (gradient accumulation), then the masks.
     Returns the mean loss as a device tensor (no host sync)."""
     total = torch.zeros((), device=device, dtype=torch.float64)
     for batch in micro_batches:
         batch = batch.to(device, non_blocking=True)
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        with precision():
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         (loss / len(micro_batches)).backward()
         total += loss.detach().double() / len(micro_batches)
     if max_grad_norm:
@@ -228,8 +247,9 @@ class TrainResult:
 
 def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: TokenizedText, config: TrainConfig,
              density: float, logger: MetricsLogger, device: torch.device,
-             history: PerplexityHistory, best_info: Callable[[], dict]) -> TrainResult:
-    """Train the (already sharded) model for `config.epochs` epochs, evaluating after each."""
+             history: PerplexityHistory, best_info: Callable[[], dict],
+             precision: Callable = contextlib.nullcontext) -> TrainResult:
+    """Train the model (from `prepare_model`) for `config.epochs` epochs, evaluating after each."""
     rank, world = dist.get_rank(), dist.get_world_size()
     micro = config.micro_batch_size
     accum = config.batch_size // (micro * world)
@@ -265,7 +285,7 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
                 micro_batches = [blocks[sampler.micro_batch(state.global_step, index, config.batch_size, micro,
                                                             rank, world)] for index in range(accum)]
                 window_loss += train_step(model, micro_batches, optimizer, scheduler, masks, device,
-                                          config.max_grad_norm)
+                                          config.max_grad_norm, precision)
                 state.global_step += 1
                 window_steps += 1
                 if window_steps == config.log_every or state.global_step == epoch_end:
@@ -277,8 +297,9 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
                 if config.interrupt_after_steps and state.global_step == config.interrupt_after_steps:
                     raise KeyboardInterrupt
             bar.close()
-            _end_of_epoch(model, tokenizer, masks, eval_tokens, config, density, logger, state, history,
-                          memory, optimizer, scheduler, state_dir, best_dir, best_info, result)
+            with precision():
+                _end_of_epoch(model, tokenizer, masks, eval_tokens, config, density, logger, state, history,
+                              memory, optimizer, scheduler, state_dir, best_dir, best_info, result)
             if result.stopped_early:
                 break
     except KeyboardInterrupt:

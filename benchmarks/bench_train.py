@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py [--models opt-350m opt-1.3b] [--smollm2 PATH] [--steps 20]
 
 The loop is the tool's own (`fsdp_finetune.train_step` on an FSDP2-sharded model, bf16 compute,
-fp32 master weights, fused AdamW); masks keep 10% of each decoder linear.
+fp32 master weights, fused AdamW; FSDP2 under several processes, the plain module in one); masks keep 10% of each decoder linear.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 import torch
 
 from common import forward_flops_per_token, gib, matmul_tflops, opt_model
-from fsdp_finetune import TrainConfig, init_distributed, make_optimizer, shard_model, train_step
+from fsdp_finetune import TrainConfig, init_distributed, make_optimizer, prepare_model, train_step
 from utils.mask_utils import MaskSet
 from utils.model_utils import load_model, prunable_linears, resolve_model
 from utils.prune_utils import magnitude_keep
@@ -26,18 +26,18 @@ def bench(model, batch: int, block: int, steps: int, masked: bool, peak_tflops: 
             for linear in prunable_linears(model).values():
                 linear.weight.masked_fill_(~magnitude_keep(linear.weight, 0.1), 0.0)
     flops_per_token = 3 * forward_flops_per_token(model, block)
-    model = shard_model(model, device, "bf16")
+    model, precision = prepare_model(model, device, "bf16")
     masks = MaskSet.from_zeros({n: l.weight for n, l in prunable_linears(model).items()}) if masked else None
     optimizer = make_optimizer(model, TrainConfig(), device)
     model.train()
     data = torch.randint(0, model.config.vocab_size, (steps + 3, batch, block))
     for i in range(3):
-        train_step(model, [data[i]], optimizer, None, masks, device, 1.0)
+        train_step(model, [data[i]], optimizer, None, masks, device, 1.0, precision)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for i in range(steps):
-        train_step(model, [data[3 + i]], optimizer, None, masks, device, 1.0)
+        train_step(model, [data[3 + i]], optimizer, None, masks, device, 1.0, precision)
     torch.cuda.synchronize()
     tokens_per_second = steps * batch * block / (time.perf_counter() - start)
     return tokens_per_second, flops_per_token * tokens_per_second / 1e12 / peak_tflops, gib(torch.cuda.max_memory_allocated())
@@ -54,7 +54,7 @@ def main() -> None:
     init_distributed(torch.device("cuda"))
     peak = matmul_tflops()
     print(f"GPU: {torch.cuda.get_device_name()} | measured bf16 matmul: {peak:.0f} TFLOP/s | "
-          f"batch {args.batch_size} × {args.block_size}, bf16, fused AdamW, FSDP2")
+          f"batch {args.batch_size} × {args.block_size}, bf16 autocast, fused AdamW, 1 process")
     makers = {name: (lambda name=name: opt_model(name, torch.float32)) for name in args.models}
     if args.smollm2:
         makers["smollm2-135m"] = lambda: load_model(resolve_model(args.smollm2), dtype=torch.float32)[0].cuda()

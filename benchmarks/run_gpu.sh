@@ -30,7 +30,7 @@ case "${1:-bench}" in
     done ;;
   multi)
     CUDA_VISIBLE_DEVICES=0 main_job 0.5 runs/one-gpu --epochs 1 "${@:2}" 2>&1 | tee "$OUT/one-gpu.log"
-    accelerate launch --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
       extreme_compression_experiment.py --model "$GGUF" --sparsity 0.5 --batch-size 8 --epochs 1 \
       --train-source "$DATA/wiki.valid.raw" --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" \
       --eval-batch-size 8 --output-dir runs/two-gpu "${@:2}" 2>&1 | tee "$OUT/two-gpu.log" ;;
