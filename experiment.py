@@ -128,6 +128,9 @@ def _pruned_model(config, source, tokenizer, accelerator, logger, eval_tokens, e
     folder = pruned_model_dir(config.pruned_dir, source.name, config.density, config.method, config.pattern)
     lineage = lineage_checkpoint(config.pruned_dir, source.name, config.density)
     protocol = f"{config.eval_source}|{config.token_length}|{config.stride}"
+    if config.density == 1 and not config.pattern:  # nothing to prune: the dense model is the baseline
+        model, _ = load_model(source, dtype=dtype)
+        return model, {"method": "none", "density": 1.0}
     with accelerator.main_process_first():
         if (folder / "pruning.json").exists():
             logger.info(f"Loading pruned model from {folder}")
@@ -189,6 +192,7 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
         epochs=config.epochs, max_step=config.max_step, lr=config.lr, batch_size=config.batch_size,
         micro_batch_size=micro, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm, seed=config.seed, mixed_precision=mixed, patience=config.patience,
+        min_delta=config.min_delta,
         token_length=config.token_length, stride=config.stride, eval_batch_size=config.eval_batch_size,
         output_dir=str(output), resume=config.resume, save_best=config.save_best,
         interrupt_after_steps=config.interrupt_after_steps)

@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="calibration windows and data order")
     train.add_argument("--patience", type=_positive_int, default=None,
                        help="stop when perplexity has not improved for this many epochs")
+    train.add_argument("--min-delta", type=float, default=0.0,
+                       help="relative perplexity drop that counts as an improvement for --patience and the best model")
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval-source", default="wikitext2",
@@ -162,6 +164,7 @@ class ExperimentConfig:
     mixed_precision: str
     seed: int
     patience: int | None
+    min_delta: float
     eval_source: str
     token_length: int
     stride: int
@@ -217,7 +220,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr, warmup_steps=warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, block_size=args.block_size,
         train_source=args.train_source, mixed_precision=args.mixed_precision, seed=args.seed,
-        patience=args.patience, eval_source=args.eval_source, token_length=args.token_length, stride=stride,
+        patience=args.patience, min_delta=args.min_delta, eval_source=args.eval_source, token_length=args.token_length, stride=stride,
         eval_batch_size=args.eval_batch_size, skip_dense_eval=args.skip_dense_eval, output_dir=output_dir,
         log_file=args.log_file, resume=args.resume, report_to=args.report_to, save_best=not args.no_save_best,
         interrupt_after_steps=args.interrupt_after_steps)

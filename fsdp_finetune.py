@@ -51,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16
     patience: int | None = None
+    min_delta: float = 0.0  # relative perplexity drop that counts as an improvement
     token_length: int = 2048
     stride: int = 2048
     eval_batch_size: int = 4
@@ -258,7 +259,10 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
                          "a whole number of accumulation steps")
     output = Path(config.output_dir)
     state_dir, best_dir = output / "state", output / "best"
-    masks = MaskSet.from_zeros({name: linear.weight for name, linear in prunable_linears(model).items()})
+    # At density 1 nothing was pruned: weights that happen to be zero (quantized checkpoints have
+    # some) are free to move, and there is nothing to re-apply.
+    masks = MaskSet.from_zeros({name: linear.weight for name, linear in prunable_linears(model).items()}
+                               if density < 1 else {})
     optimizer = make_optimizer(model, config, device)
     total_steps = config.epochs * config.max_step
     scheduler = make_scheduler(optimizer, config.warmup_steps, total_steps)
@@ -361,7 +365,7 @@ def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainCo
     logger.log({"event": "epoch", "epoch": epoch, "average_loss": average, "batches": state.epoch_batches,
                 "tokens_per_second": tokens_per_second, "measured_density": measured.density,
                 "perplexity": evaluation.perplexity, **snapshot.to_dict()}, step=state.global_step)
-    improved = previous_best is None or evaluation.perplexity < previous_best[1]
+    improved = previous_best is None or evaluation.perplexity < previous_best[1] * (1 - config.min_delta)
     if improved and config.save_best:
         save_best_model(model, tokenizer, best_dir, {**best_info(), "epoch": epoch,
                                                      "perplexity": evaluation.perplexity})

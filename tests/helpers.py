@@ -72,3 +72,40 @@ SAMPLE_TEXT = (
     "it is now taller than the Chrysler Building by 5 @.@ 2 metres . Excluding transmitters , "
     "it is the second tallest free @-@ standing structure in France after the Millau Viaduct . \n"
 )
+
+
+class ConstantLogits(torch.nn.Module):
+    """A 'language model' whose logits are fixed: uniform, or a huge bonus on the true next token."""
+
+    def __init__(self, vocab_size: int, next_tokens: torch.Tensor | None = None):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.next_tokens = next_tokens
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+
+    def forward(self, input_ids, use_cache=False):
+        from types import SimpleNamespace
+        logits = torch.zeros(*input_ids.shape, self.vocab_size) + self.anchor
+        if self.next_tokens is not None:  # "oracle": the next token of the stream is certain
+            following = self.next_tokens[input_ids]  # (batch, seq)
+            logits.scatter_(-1, following.unsqueeze(-1), 100.0)
+        return SimpleNamespace(logits=logits)
+
+
+def distributed_eval_worker(rank: int, world: int, store: str, model_dir: str, out: str) -> None:
+    """One rank of a gloo evaluation (spawned by a test)."""
+    import json
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from utils.eval_utils import evaluate_perplexity
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.arange(2000) * 7 % model.config.vocab_size
+    result = evaluate_perplexity(model, ids, token_length=128, stride=96, batch_size=3, progress=False)
+    if rank == 0:
+        with open(out, "w") as handle:
+            json.dump({"perplexity": result.perplexity, "accuracy": result.accuracy,
+                       "scored": result.scored_tokens}, handle)
+    dist.destroy_process_group()

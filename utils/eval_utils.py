@@ -133,12 +133,12 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
             input_ids = torch.stack([ids[w.begin:w.end] for w in batch]).to(device, non_blocking=True)
             logits = _forward_logits(model, input_ids)
             for rows in _same_start(batch):
-                start = batch[rows[0]].score_from
-                scores = logits[rows[0]:rows[-1] + 1, start - 1:-1]  # (rows, scored, vocab), model dtype
-                targets = input_ids[rows[0]:rows[-1] + 1, start:]
+                first = batch[rows[0]].score_from
+                scores = logits[rows[0]:rows[-1] + 1, first - 1:-1]  # (rows, scored, vocab), model dtype
+                targets = input_ids[rows[0]:rows[-1] + 1, first:]
                 nll = F.cross_entropy(scores.reshape(-1, scores.shape[-1]).float(), targets.reshape(-1),
-                                      reduction="sum")
-                totals[0] += weight * nll.double()
+                                      reduction="none")  # per token, summed in float64 below
+                totals[0] += weight * nll.double().sum()
                 totals[1] += weight * targets.numel()
                 # argmax needs no upcast: widening to float32 is exact
                 totals[2] += weight * (scores.argmax(-1) == targets).sum().double()

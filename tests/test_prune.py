@@ -1,0 +1,153 @@
+import pytest
+import torch
+
+from helpers import smollm2_gguf, tiny_model, wikitext_dir
+from utils.mask_utils import sparsity_report
+from utils.model_utils import find_decoder_layers, prunable_linears
+from utils.prune_utils import (InputStats, magnitude_keep, parse_pattern, prune_model, sparsegpt_prune,
+                               wanda_keep)
+
+
+def _correlated_inputs(columns: int, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, columns // 2, generator=generator) @ torch.randn(columns // 2, columns, generator=generator)
+
+
+def _hessian(x: torch.Tensor) -> torch.Tensor:
+    stats = InputStats(x.shape[1], torch.device("cpu"), hessian=True)
+    for part in x.split(512):
+        stats.add_batch(part)
+    return stats.hessian
+
+
+def test_parse_pattern():
+    assert parse_pattern("2:4") == (2, 4) and parse_pattern(None) is None
+    for bad in ("4:2", "2-4", "0:4"):
+        with pytest.raises(ValueError):
+            parse_pattern(bad)
+
+
+def test_magnitude_is_exact_per_matrix_and_keeps_the_largest():
+    weight = torch.randn(48, 80)
+    keep = magnitude_keep(weight, 0.1)
+    assert int(keep.sum()) == round(48 * 80 * 0.1)
+    assert weight.abs()[keep].min() >= weight.abs()[~keep].max()
+
+
+def test_wanda_is_exact_per_row_and_uses_input_norms():
+    weight = torch.ones(8, 20)
+    norms = torch.arange(20, dtype=torch.float32)
+    keep = wanda_keep(weight, norms, 0.25)
+    assert torch.all(keep.sum(1) == 5)
+    assert torch.all(keep[:, 15:]) and not keep[:, :15].any()  # the largest input norms win
+
+
+@pytest.mark.parametrize("pattern", [(2, 4), (4, 8), (1, 4)])
+def test_every_method_keeps_exactly_n_of_every_m(pattern):
+    n, m = pattern
+    weight = torch.randn(16, 64)
+    x = _correlated_inputs(64)
+    masks = {"magnitude": magnitude_keep(weight, n / m, pattern),
+             "wanda": wanda_keep(weight, x.square().sum(0), n / m, pattern),
+             "sparsegpt": sparsegpt_prune(weight, _hessian(x), n / m, pattern)[1]}
+    for method, keep in masks.items():
+        groups = keep.reshape(16, 64 // m, m).sum(-1)
+        assert torch.all(groups == n), method
+
+
+def test_sparsegpt_is_exact_per_block_and_writes_positive_zeros():
+    weight = torch.randn(30, 300)
+    pruned, keep = sparsegpt_prune(weight, _hessian(_correlated_inputs(300)), 0.3, blocksize=128)
+    for start, width in ((0, 128), (128, 128), (256, 44)):
+        assert int(keep[:, start:start + width].sum()) == 30 * width - round(30 * width * 0.7)
+    assert torch.equal(pruned == 0, ~keep | (pruned == 0))
+    zeros = pruned[~keep]
+    assert torch.all(zeros == 0) and not torch.signbit(zeros).any()
+
+
+def _reference_sparsegpt(W, H, prunen, prunem, blocksize=128, percdamp=0.01):
+    """The published algorithm written plainly (N:M branch), column by column."""
+    W, H = W.clone().float(), H.clone()
+    columns = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(columns)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            if i % prunem == 0:
+                tmp = W1[:, i:i + prunem] ** 2 / torch.diag(Hinv1)[i:i + prunem].reshape(1, -1) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W
+
+
+def test_sparsegpt_matches_the_published_algorithm():
+    weight = torch.randn(40, 256)
+    hessian = _hessian(_correlated_inputs(256))
+    ours, _ = sparsegpt_prune(weight, hessian, 0.5, (2, 4))
+    reference = _reference_sparsegpt(weight, hessian, 2, 4)  # prune 2 of 4 = keep 2 of 4
+    assert torch.equal(ours == 0, reference == 0)
+    assert (ours - reference).norm() / reference.norm() < 1e-4
+
+
+def test_sparsegpt_reconstructs_better_than_magnitude():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 128, generator=generator) * torch.linspace(0.1, 3, 128)  # inputs of unequal scale
+    weight = torch.randn(32, 128, generator=generator)
+    pruned, _ = sparsegpt_prune(weight, _hessian(x), 0.3)
+    magnitude = weight * magnitude_keep(weight, 0.3)
+    assert ((weight - pruned) @ x.T).norm() < 0.8 * ((weight - magnitude) @ x.T).norm()
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "opt-350m"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_prune_model_on_tiny_models(family, method):
+    model = tiny_model(family, vocab_size=97)
+    untouched = {n: p.clone() for n, p in model.named_parameters() if "layers" not in n}
+    calibration = torch.randint(0, 97, (6, 32))
+    report = prune_model(model, method, 0.25, calibration=calibration, batch_size=4, progress=False)
+    measured = sparsity_report(model)
+    assert measured.density == pytest.approx(0.25, abs=0.01)
+    assert set(report.layer_density) == {name for name, _, _ in measured.layers}
+    for name, param in model.named_parameters():  # embeddings, norms and the LM head stay as they were
+        if name in untouched:
+            assert torch.equal(param, untouched[name]), name
+    logits = model(torch.randint(0, 97, (1, 16))).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_layers_are_found_by_structure():
+    for family, prefix in [("llama", "model.layers"), ("opt", "model.decoder.layers")]:
+        name, layers = find_decoder_layers(tiny_model(family, 50, layers=3))
+        assert name == prefix and len(layers) == 3
+    assert len(prunable_linears(tiny_model("llama", 50, layers=3))) == 3 * 7
+
+
+def test_sparsegpt_on_three_layers_of_smollm2():
+    from utils.data_utils import calibration_windows, tokenize_source
+    from utils.model_utils import load_model, resolve_model
+    model, tokenizer = load_model(resolve_model(str(smollm2_gguf())), dtype=torch.float32)
+    _, layers = find_decoder_layers(model)
+    del layers[3:]
+    model.config.num_hidden_layers = 3
+    valid = tokenize_source(str(wikitext_dir() / "wiki.valid.raw"), tokenizer, split="train")
+    calibration = calibration_windows(valid.ids, 8, 256, seed=0)
+    prune_model(model, "sparsegpt", 0.5, (2, 4), calibration=calibration, batch_size=4, progress=False)
+    for linear in prunable_linears(model).values():
+        keep = linear.weight != 0
+        assert torch.all(keep.reshape(keep.shape[0], -1, 4).sum(-1) <= 2)
+    assert sparsity_report(model).density == pytest.approx(0.5, abs=0.001)
