@@ -156,7 +156,9 @@ def _prune_now(config, source, tokenizer, device, logger, eval_tokens, evaluate,
     dense = None
     if not config.skip_dense_eval:
         model.to(device)
-        dense = evaluate_and_log(model, eval_tokens, logger, title="Dense Model Evaluation", **evaluate).perplexity
+        # Only this process holds the dense model: the other ranks wait for the pruned one.
+        dense = evaluate_and_log(model, eval_tokens, logger, title="Dense Model Evaluation", distributed=False,
+                                 **evaluate).perplexity
         model.to("cpu")
     calibration, calibration_info = None, {}
     if config.method != "magnitude" and config.density < 1:

@@ -276,6 +276,9 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
     result = TrainResult(history, state)
     logger.info(f"Training: {config.epochs} epochs × {config.max_step} steps, batch {config.batch_size} "
                 f"= {micro} per micro-batch × {accum} accumulation × {world} processes, lr {config.lr:.3g}")
+    tokens_per_step = config.batch_size * blocks.shape[1]
+    window_loss = torch.zeros((), device=device, dtype=torch.float64)  # losses not yet folded into `state`
+    window_steps, bar = 0, None
     try:
         while state.epoch <= config.epochs and not state.finished:
             epoch_end = state.epoch * config.max_step
@@ -283,8 +286,6 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
             bar.update(state.global_step - (state.epoch - 1) * config.max_step)
             model.train()
             tick = time.perf_counter()
-            window_loss = torch.zeros((), device=device, dtype=torch.float64)
-            window_steps = 0
             while state.global_step < epoch_end:
                 micro_batches = [blocks[sampler.micro_batch(state.global_step, index, config.batch_size, micro,
                                                             rank, world)] for index in range(accum)]
@@ -293,8 +294,7 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
                 state.global_step += 1
                 window_steps += 1
                 if window_steps == config.log_every or state.global_step == epoch_end:
-                    _flush_window(state, window_loss, window_steps, config.batch_size * blocks.shape[1], scheduler,
-                                  logger, bar, tick)
+                    _flush_window(state, window_loss, window_steps, tokens_per_step, scheduler, logger, bar, tick)
                     tick = time.perf_counter()
                     window_loss.zero_()
                     window_steps = 0
@@ -308,6 +308,10 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
                 break
     except KeyboardInterrupt:
         result.interrupted = True
+        if bar is not None:
+            bar.close()
+        if window_steps:  # steps finished since the last log line belong to the saved epoch average
+            _flush_window(state, window_loss, window_steps, tokens_per_step, scheduler, logger, None, time.perf_counter())
         logger.info(f"Interrupted at optimizer step {state.global_step}: saving resumable state to {state_dir} ...")
         state.history = history.to_dict()
         save_state(state_dir, model, optimizer, scheduler, state)
@@ -319,7 +323,7 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
 def _flush_window(state: TrainState, window_loss: torch.Tensor, steps: int, tokens_per_step: int, scheduler,
                   logger: MetricsLogger, bar, tick: float) -> None:
     """One host sync per `log_every` steps: loss bookkeeping, the NaN check, the log line."""
-    if dist.get_world_size() > 1:
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(window_loss)
         window_loss /= dist.get_world_size()
     total = float(window_loss)
@@ -334,7 +338,8 @@ def _flush_window(state: TrainState, window_loss: torch.Tensor, steps: int, toke
     state.epoch_batches += steps
     state.epoch_seconds += seconds
     lr = scheduler.get_last_lr()[0]
-    bar.update(steps, loss=total / steps, lr=lr)
+    if bar is not None:
+        bar.update(steps, loss=total / steps, lr=lr)
     logger.log({"event": "train", "step": state.global_step, "epoch": state.epoch, "loss": total / steps, "lr": lr,
                 "seconds": seconds, "tokens_per_second": tokens / seconds if seconds else None},
                step=state.global_step)

@@ -73,7 +73,7 @@ def load_pruned_model(source: ModelSource, folder: str | os.PathLike, dtype: tor
     info = read_info(folder)
     try:
         model, tokenizer = load_model(source, dtype=dtype, weights_from=folder)
-    except (ModelError, OSError, RuntimeError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - safetensors, torch and transformers each raise their own
         raise CheckpointError(f"cannot load the pruned checkpoint {folder}: {error}. "
                               f"Delete it to prune again: rm -r {folder}") from error
     return model, tokenizer, info

@@ -104,19 +104,21 @@ def _forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Te
 @torch.no_grad()
 def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Tensor, token_length: int = 2048,
                         stride: int = 2048, batch_size: int = 1, progress: bool = True,
-                        desc: str = "Computing perplexity") -> PerplexityResult:
+                        desc: str = "Computing perplexity", distributed: bool = True) -> PerplexityResult:
     """Perplexity, bits per byte and next-token accuracy of `model` on `tokens` (see module doc).
 
     Under torch.distributed the batches are dealt round-robin to the ranks and the sums are
     all-reduced; every rank runs the same number of forwards (padding with a zero-weight batch)
-    so that FSDP's collectives stay in step.
+    so that FSDP's collectives stay in step.  `distributed=False` evaluates every window in this
+    process alone (a model only one rank holds, e.g. while the main process prunes).
     """
     ids = tokens.ids if isinstance(tokens, TokenizedText) else tokens
     num_bytes = tokens.num_bytes if isinstance(tokens, TokenizedText) else None
     ids = ids.reshape(-1)
     windows = plan_windows(ids.numel(), token_length, stride)
     batches = _batches(windows, batch_size)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    grouped = distributed and dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
     mine = batches[rank::world]
     rounds = math.ceil(len(batches) / world)
     device = _model_device(model)
@@ -241,10 +243,10 @@ class PerplexityHistory:
 def evaluate_and_log(model: torch.nn.Module, tokens: TokenizedText, logger: MetricsLogger, *, title: str,
                      token_length: int, stride: int, batch_size: int, epoch: int | None = None,
                      density: float | None = None, history: PerplexityHistory | None = None,
-                     step: int | None = None) -> PerplexityResult:
+                     step: int | None = None, distributed: bool = True) -> PerplexityResult:
     """Evaluate, print the block (and the trend when `history` is given), record the event."""
     result = evaluate_perplexity(model, tokens, token_length=token_length, stride=stride,
-                                 batch_size=batch_size, progress=logger.is_main)
+                                 batch_size=batch_size, progress=logger.is_main, distributed=distributed)
     logger.info(_banner(title))
     if epoch is not None:
         logger.info(f"Epoch: {epoch}")

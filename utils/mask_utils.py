@@ -28,6 +28,8 @@ class MaskSet:
 
     def __init__(self, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]):
         self.names = list(params)
+        # Sharded (DTensor) parameters hold a piece each: counts are summed over the ranks.
+        self.sharded = any(hasattr(p, "to_local") for p in params.values())
         self._params = [_local(params[n]) for n in self.names]
         self._masks = [_local(masks[n]) for n in self.names]
 
@@ -46,17 +48,17 @@ class MaskSet:
     def violations(self) -> int:
         """How many pruned positions hold a non-zero value (0 after `apply`), summed over ranks."""
         count = sum(int(((m == 0) & (p != 0)).sum()) for p, m in zip(self._params, self._masks))
-        return int(_all_reduce_sum(torch.tensor([count], dtype=torch.float64))[0])
+        return int(_all_reduce_sum(torch.tensor([count], dtype=torch.float64), self.sharded)[0])
 
     def kept_fraction(self) -> float:
         kept = sum(float(m.sum()) for m in self._masks)
         total = sum(m.numel() for m in self._masks)
-        counts = _all_reduce_sum(torch.tensor([kept, total], dtype=torch.float64))
+        counts = _all_reduce_sum(torch.tensor([kept, total], dtype=torch.float64), self.sharded)
         return float(counts[0] / counts[1]) if counts[1] else 1.0
 
 
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+def _all_reduce_sum(values: torch.Tensor, sharded: bool) -> torch.Tensor:
+    if sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         backend = dist.get_backend()
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         values = values.to(device)
@@ -94,13 +96,16 @@ class SparsityReport:
 
 @torch.no_grad()
 def sparsity_report(model: nn.Module) -> SparsityReport:
-    """Measured non-zero ratio of every decoder layer's linear weights (all ranks combined)."""
+    """Measured non-zero ratio of every decoder layer's linear weights (shards of all ranks combined;
+    a model that is not sharded is counted where it is, with no collective)."""
     prefix, layers = find_decoder_layers(model)
-    counts = []
+    counts, sharded = [], False
     for layer in layers:
-        weights = [_local(linear.weight) for linear in find_linears(layer).values()]
+        weights = [linear.weight for linear in find_linears(layer).values()]
+        sharded = sharded or any(hasattr(w, "to_local") for w in weights)
+        weights = [_local(w) for w in weights]
         counts.append([float(sum(int((w != 0).sum()) for w in weights)), float(sum(w.numel() for w in weights))])
-    totals = _all_reduce_sum(torch.tensor(counts, dtype=torch.float64))
+    totals = _all_reduce_sum(torch.tensor(counts, dtype=torch.float64), sharded)
     return SparsityReport([(f"{prefix}.{i}", int(nz), int(n)) for i, (nz, n) in enumerate(totals.tolist())])
 
 

@@ -1,0 +1,152 @@
+"""The command line: validation, the main job end to end, resume, early stopping, FSDP on 2 processes."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from extreme_compression_experiment import derive_schedule, main
+from helpers import REPO
+
+CLI = str(REPO / "extreme_compression_experiment.py")
+
+
+def run_cli(args, cwd, env=None, timeout=300, launcher=None):
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    command = (launcher or [sys.executable]) + [CLI, *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def job_args(model_dir, text, out, *extra):
+    return [str(a) for a in ["--model", model_dir, "--sparsity", "0.3", "--batch-size", "4", "--max-step", "6", "--epochs", "2",
+            "--block-size", "32", "--token-length", "64", "--eval-batch-size", "4", "--nsamples", "4",
+            "--calibration-length", "64", "--train-source", text, "--eval-source", text,
+            "--calibration-source", text, "--output-dir", out, "--pruned-dir", str(Path(out).parent / "pruned"),
+            *extra]]
+
+
+def test_schedule_table():
+    assert derive_schedule(1) == (10000, 5e-6)
+    assert derive_schedule(4) == (2500, pytest.approx(1e-5))
+    max_step, lr = derive_schedule(8)
+    assert max_step == 1250 and f"{lr:.3g}" == "1.41e-05"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sparsity", "0"], "outside (0, 1]"), (["--sparsity", "1.5"], "outside (0, 1]"),
+    (["--sparsity", "-1"], "outside (0, 1]"), (["--sparsity", "abc"], "'abc' is not a number"),
+    (["--batch-size", "0"], "must be at least 1"), (["--pattern", "4:2"], "0 < N < M"),
+    (["--micro-batch-size", "3", "--batch-size", "8"], "does not divide"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, args, message):
+    result = run_cli(args, tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_inputs_found_later_exit_2_with_one_line(tmp_path, tiny_llama_dir):
+    missing = run_cli(["--eval-only", "--model", tiny_llama_dir, "--eval-source", tmp_path / "nope" / "text.txt"],
+                      tmp_path)
+    unknown = run_cli(["--eval-only", "--model", "not-a-model"], tmp_path)
+    for result, message in ((missing, "text source not found"), (unknown, "unknown model 'not-a-model'")):
+        assert result.returncode == 2, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+
+
+def test_unreachable_hub_says_so_within_seconds(tmp_path):
+    start = time.monotonic()
+    result = run_cli(["--eval-only", "--model", "opt-125m"], tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "facebook/opt-125m" in result.stderr and "Offline? Run with a local model" in result.stderr
+    assert time.monotonic() - start < 30  # imports included; the check itself does not wait on the network
+
+
+def test_main_job_end_to_end(tmp_path, tiny_llama_dir, text_file, capsys):
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out, "--log-file", tmp_path / "log.txt")) == 0
+    printed = capsys.readouterr().out
+    for line in ("density 30% · 70% of weights pruned", "Schedule: batch size 4 → max_step 6 per epoch",
+                 "No pruned model at", "Dense Model Evaluation", "Baseline Evaluation (Before Training)",
+                 "Evaluation After Epoch 1", "Evaluation After Epoch 2", "Epoch 2 done: average loss",
+                 "6 batches processed", "Memory before training", "Peak memory consumed", "Perplexity trend:",
+                 "Final Summary", "Best perplexity:", "Total improvement:", "Non-zero ratio per layer"):
+        assert line in printed, line
+    assert (tmp_path / "log.txt").read_text(encoding="utf-8").count("Final Summary") == 1
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["density"] == 0.3 and run["versions"]["torch"] == torch.__version__
+    results = json.loads((out / "results.json").read_text())
+    assert [e["epoch"] for e in results["epochs"]] == [1, 2] and results["baseline"] > 0
+    assert results["best"]["perplexity"] == min([results["baseline"]] + [e["perplexity"] for e in results["epochs"]])
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"pruning", "evaluation", "train", "epoch"} <= set(events)
+    assert (out / "best" / "model.safetensors").exists() and (out / "state" / "train_state.json").exists()
+    from transformers import AutoModelForCausalLM
+    best = AutoModelForCausalLM.from_pretrained(out / "best")
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned" / f"{Path(tiny_llama_dir).name}-0.3-sparsegpt")
+    for (name, a), (_, b) in zip(best.named_parameters(), pruned.named_parameters()):
+        if "layers" in name and a.ndim == 2:
+            assert torch.all(a[b == 0] == 0), name  # pruned weights are still exactly zero
+    # a second run finds the cached pruned model instead of pruning again
+    assert main(job_args(tiny_llama_dir, text_file, tmp_path / "again", "--epochs", "1")) == 0
+    assert "Loading pruned model from" in capsys.readouterr().out
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_llama_dir, text_file, capsys):
+    assert main(job_args(tiny_llama_dir, text_file, tmp_path / "straight")) == 0
+    assert main(job_args(tiny_llama_dir, text_file, tmp_path / "resumed", "--interrupt-after-steps", "8")) == 130
+    printed = capsys.readouterr().out
+    assert "Interrupted at optimizer step 8" in printed and "--resume" in printed
+    assert main(job_args(tiny_llama_dir, text_file, tmp_path / "resumed", "--resume")) == 0
+    assert "Resumed from" in capsys.readouterr().out
+
+    def epochs(folder):
+        return {e["epoch"]: e for e in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                if e["event"] == "epoch"}
+
+    straight, resumed = epochs(tmp_path / "straight"), epochs(tmp_path / "resumed")
+    assert resumed[2]["average_loss"] == pytest.approx(straight[2]["average_loss"], rel=1e-6)
+    assert resumed[2]["batches"] == straight[2]["batches"] == 6
+    final = [json.loads((tmp_path / name / "results.json").read_text())["final"] for name in ("straight", "resumed")]
+    assert final[1] == pytest.approx(final[0], rel=1e-6)
+
+
+def test_early_stopping(tmp_path, tiny_llama_dir, text_file, capsys):
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "3", "--patience", "1",
+                         "--min-delta", "0.5")) == 0
+    assert "Early stopping" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["stopped_early"] and results["epochs_completed"] == 1
+
+
+def test_two_process_fsdp_on_cpu_keeps_pruned_weights_zero(tmp_path, tiny_opt_dir, text_file):
+    out = tmp_path / "run"
+    result = run_cli(job_args(tiny_opt_dir, text_file, out, "--epochs", "1", "--batch-size", "4"), tmp_path,
+                     launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cpu:0 × 2" in result.stdout and "2 per micro-batch × 1 accumulation × 2 processes" in result.stdout
+    from transformers import AutoModelForCausalLM
+    best = AutoModelForCausalLM.from_pretrained(out / "best")
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned" / f"{Path(tiny_opt_dir).name}-0.3-sparsegpt")
+    changed = 0
+    for (name, a), (_, b) in zip(best.named_parameters(), pruned.named_parameters()):
+        if "layers" in name and a.ndim == 2:
+            assert torch.all(a[b == 0] == 0), name
+            changed += int((a != b).sum())
+    assert changed > 0  # it did train
+
+
+def test_output_survives_an_ascii_console_and_a_pipe(tmp_path, tiny_llama_dir, text_file):
+    result = run_cli(["--prune-only", "--model", tiny_llama_dir, "--sparsity", "0.3", "--method", "magnitude",
+                      "--eval-source", text_file, "--token-length", "64", "--output-dir", tmp_path / "run"],
+                     tmp_path, env={"PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "density 30% - 70% of weights pruned" in result.stdout
+    assert "\r" not in result.stdout
+    assert any(line.startswith("Computing perplexity: ") for line in result.stdout.splitlines())

@@ -1,0 +1,119 @@
+import argparse
+
+import pytest
+import torch.nn.utils.prune  # noqa: F401 - imported for torch.nn.utils.prune below
+import torch
+
+from helpers import tiny_model
+from utils.checkpoint_utils import (CheckpointError, import_lineage_checkpoint, load_pruned_model,
+                                    make_pruned_model, pruned_model_dir)
+from utils.mask_utils import MaskSet, sparsity_report
+from utils.model_utils import prunable_linears, resolve_model
+from utils.prune_utils import prune_model
+
+
+def _pruned_tiny(density=0.2):
+    model = tiny_model("llama", 61)
+    prune_model(model, "magnitude", density, progress=False)
+    return model
+
+
+def test_masks_hold_pruned_weights_at_zero_through_adamw():
+    model = _pruned_tiny()
+    zeros = {n: (l.weight == 0).clone() for n, l in prunable_linears(model).items()}
+    masks = MaskSet.from_zeros({n: l.weight for n, l in prunable_linears(model).items()})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(3):
+        batch = torch.randint(0, 61, (2, 16))
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert masks.violations() > 0  # AdamW really does move pruned weights off zero ...
+        masks.apply()
+        assert masks.violations() == 0  # ... and the masks put them back
+    for name, linear in prunable_linears(model).items():
+        assert torch.all(linear.weight[zeros[name]] == 0)
+        assert torch.all(linear.weight[~zeros[name]] != 0)
+    assert masks.kept_fraction() == pytest.approx(0.2, abs=0.01)
+
+
+def test_sparsity_report_measures():
+    model = _pruned_tiny(0.2)
+    report = sparsity_report(model)
+    assert report.density == pytest.approx(0.2, abs=1e-3)
+    assert report.lines()[0].startswith("Non-zero ratio per layer")
+    assert "model.layers.1: 0.2000" in "\n".join(report.lines())
+
+
+def test_pruned_checkpoint_round_trip_keeps_the_zeros(tmp_path, tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    folder = pruned_model_dir(tmp_path / "pruned_models", "tiny", 0.1, "magnitude", None)
+    assert folder.name == "tiny-0.1-magnitude"
+    assert pruned_model_dir("p", "m", 0.5, "wanda", (2, 4)).name == "m-0.5-wanda-2of4"
+    info = make_pruned_model(model, tokenizer, folder, method="magnitude", density=0.1, pattern=None,
+                             calibration=None, device=torch.device("cpu"), calibration_info={}, progress=False)
+    assert info["measured_density"] == pytest.approx(0.1, abs=1e-3) and info["versions"]["torch"]
+    loaded, _, saved_info = load_pruned_model(resolve_model(str(base)), folder)
+    assert saved_info["method"] == "magnitude"
+    for (name, a), (_, b) in zip(prunable_linears(model).items(), prunable_linears(loaded).items()):
+        assert torch.equal(a.weight == 0, b.weight == 0), name
+        assert torch.equal(a.weight, b.weight)
+
+
+def test_corrupt_checkpoint_names_the_folder(tmp_path, tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    folder = tmp_path / "pruned"
+    make_pruned_model(model, tokenizer, folder, method="magnitude", density=0.5, pattern=None, calibration=None,
+                      device=torch.device("cpu"), calibration_info={}, progress=False)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=str(folder)):
+        load_pruned_model(resolve_model(str(base)), folder)
+    (folder / "pruning.json").unlink()
+    with pytest.raises(CheckpointError, match="pruning.json is missing"):
+        load_pruned_model(resolve_model(str(base)), folder)
+
+
+def test_lineage_state_dicts_plain_and_from_torch_prune(tmp_path):
+    source = _pruned_tiny(0.3)
+    plain = tmp_path / "tiny-0.3.pt"
+    torch.save(source.state_dict(), plain)
+    target = tiny_model("llama", 61, seed=1)
+    import_lineage_checkpoint(target, plain)
+    assert torch.equal(target.model.layers[0].mlp.up_proj.weight, source.model.layers[0].mlp.up_proj.weight)
+
+    reparametrized = tiny_model("llama", 61, seed=2)
+    linear = reparametrized.model.layers[1].self_attn.q_proj
+    torch.nn.utils.prune.l1_unstructured(linear, "weight", amount=0.6)
+    state = reparametrized.state_dict()
+    assert "model.layers.1.self_attn.q_proj.weight_orig" in state
+    path = tmp_path / "pruned-lineage.pt"
+    torch.save(state, path)
+    fresh = tiny_model("llama", 61, seed=3)
+    import_lineage_checkpoint(fresh, path)
+    kept = fresh.model.layers[1].self_attn.q_proj.weight != 0
+    assert kept.float().mean().item() == pytest.approx(0.4, abs=0.01)
+
+
+def test_bad_lineage_files_are_refused_with_the_file_name(tmp_path):
+    model = tiny_model("llama", 61)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="corrupt.pt is not a readable state dict"):
+        import_lineage_checkpoint(model, corrupt)
+    other = tmp_path / "other.pt"
+    torch.save(tiny_model("llama", 61, hidden=32).state_dict(), other)
+    with pytest.raises(CheckpointError, match="other.pt does not match .*another shape"):
+        import_lineage_checkpoint(model, other)
+    pickled = tmp_path / "object.pt"
+    torch.save({"weights": argparse.Namespace(code="would run on unpickling")}, pickled)
+    with pytest.raises(CheckpointError, match="object.pt"):
+        import_lineage_checkpoint(model, pickled)
+    with pytest.raises(CheckpointError, match="not found"):
+        import_lineage_checkpoint(model, tmp_path / "missing.pt")

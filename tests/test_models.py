@@ -1,0 +1,57 @@
+import math
+import os
+import time
+
+import pytest
+import torch
+
+from fsdp_finetune import TrainingStopped, TrainState, _flush_window
+from helpers import smollm2_gguf
+from utils.logging_utils import MetricsLogger, describe_density, safe_text
+from utils.model_utils import ModelError, check_hub_reachable, resolve_model
+
+
+def test_short_names_hub_ids_folders_and_gguf(tmp_path, tiny_llama_dir):
+    assert resolve_model("opt-350m") == resolve_model("OPT-350m")
+    assert resolve_model("opt-1.3b").location == "facebook/opt-1.3b"
+    assert resolve_model("EleutherAI/pythia-70m").kind == "hub"
+    folder = resolve_model(str(tiny_llama_dir))
+    assert folder.kind == "folder" and folder.location == str(tiny_llama_dir)
+    packaged = resolve_model("smollm2-135m")
+    assert packaged.kind == "gguf" and os.path.join(packaged.location, packaged.gguf_file) == str(smollm2_gguf())
+
+
+@pytest.mark.parametrize("spec,message", [("no-such-model", "unknown model"), ("missing/file.gguf", "GGUF file not found")])
+def test_bad_model_names_are_explained(spec, message):
+    with pytest.raises(ModelError, match=message):
+        resolve_model(spec)
+
+
+def test_folder_without_config_is_explained(tmp_path):
+    with pytest.raises(ModelError, match="has no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_offline_hub_fails_fast_with_the_way_out(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(ModelError, match="Offline\\? Run with a local model instead: --model smollm2-135m"):
+        check_hub_reachable("facebook/opt-125m")
+    assert time.monotonic() - start < 2
+
+
+def test_density_is_printed_both_ways():
+    assert describe_density(0.1) == "density 10% · 90% of weights pruned"
+    assert describe_density(0.05) == "density 5% · 95% of weights pruned"
+    assert safe_text("density 10% · 90% ↓", "ascii") == "density 10% - 90% v"
+    assert safe_text("↓5.9%", "cp1252") == "v5.9%"
+
+
+def test_a_nan_loss_stops_with_a_clear_message():
+    class Scheduler:
+        def get_last_lr(self):
+            return [1e-5]
+
+    with pytest.raises(TrainingStopped, match="loss became nan by optimizer step 0; the best model so far is kept"):
+        _flush_window(TrainState(), torch.tensor(math.nan, dtype=torch.float64), 1, 8, Scheduler(),
+                      MetricsLogger(), None, time.perf_counter())
