@@ -150,3 +150,10 @@ def test_output_survives_an_ascii_console_and_a_pipe(tmp_path, tiny_llama_dir, t
     assert "density 30% - 70% of weights pruned" in result.stdout
     assert "\r" not in result.stdout
     assert any(line.startswith("Computing perplexity: ") for line in result.stdout.splitlines())
+
+
+def test_tensorboard_tracker_receives_the_metrics(tmp_path, tiny_llama_dir, text_file):
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--report-to", "tensorboard")) == 0
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events and max(path.stat().st_size for path in events) > 200
