@@ -13,20 +13,26 @@ import time
 import torch
 
 from common import forward_flops_per_token, gib, matmul_tflops, opt_model
-from fsdp_finetune import TrainConfig, init_distributed, make_optimizer, prepare_model, train_step
+import contextlib
+
+from fsdp_finetune import TrainConfig, init_distributed, make_optimizer, prepare_model, shard_model, train_step
 from utils.mask_utils import MaskSet
 from utils.model_utils import load_model, prunable_linears, resolve_model
 from utils.prune_utils import magnitude_keep
 
 
-def bench(model, batch: int, block: int, steps: int, masked: bool, peak_tflops: float) -> tuple[float, float, float]:
+def bench(model, batch: int, block: int, steps: int, masked: bool, peak_tflops: float,
+          fsdp: bool = False) -> tuple[float, float, float]:
     device = torch.device("cuda")
     if masked:
         with torch.no_grad():
             for linear in prunable_linears(model).values():
                 linear.weight.masked_fill_(~magnitude_keep(linear.weight, 0.1), 0.0)
     flops_per_token = 3 * forward_flops_per_token(model, block)
-    model, precision = prepare_model(model, device, "bf16")
+    if fsdp:  # what one process would cost under fully_shard (the tool trains it plain)
+        model, precision = shard_model(model, device, "bf16"), contextlib.nullcontext
+    else:
+        model, precision = prepare_model(model, device, "bf16")
     masks = MaskSet.from_zeros({n: l.weight for n, l in prunable_linears(model).items()}) if masked else None
     optimizer = make_optimizer(model, TrainConfig(), device)
     model.train()
@@ -50,6 +56,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--fsdp", action="store_true", help="shard with fully_shard even in one process")
     args = parser.parse_args()
     init_distributed(torch.device("cuda"))
     peak = matmul_tflops()
@@ -62,7 +69,7 @@ def main() -> None:
     for name, make in makers.items():
         results = {}
         for masked in (False, True):
-            tokens, mfu, memory = bench(make(), args.batch_size, args.block_size, args.steps, masked, peak)
+            tokens, mfu, memory = bench(make(), args.batch_size, args.block_size, args.steps, masked, peak, args.fsdp)
             results[masked] = tokens
             print(f"{name:14} {'on' if masked else 'off':6} {tokens:10,.0f} {mfu * 100:5.1f}% {memory:8.2f}G", flush=True)
             torch.cuda.empty_cache()
