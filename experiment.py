@@ -10,8 +10,6 @@ the others wait for it (`main_process_first`) and then read what it wrote.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import platform
 from pathlib import Path
 

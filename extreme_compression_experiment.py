@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from utils.logging_utils import describe_density, make_console_safe
+from utils.logging_utils import make_console_safe
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -43,24 +43,22 @@ def _density(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+def _positive(kind: type):
+    """An argparse type: a whole number >= 1 (int) or a finite number > 0 (float)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a {'whole ' if kind is int else ''}number") from None
+        if kind is int and value < 1:
+            raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+        if kind is float and (not value > 0 or math.isinf(value)):
+            raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
-    return value
+_positive_int, _positive_float = _positive(int), _positive(float)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +199,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         parser.error("argument --warmup-steps: must be 0 or more")
     if args.report_to == "tensorboard":
         try:
-            import tensorboard  # noqa: F401
+            import tensorboard  # noqa: F401  (only checks that it is installed)
         except ImportError:
             parser.error("argument --report-to tensorboard: the tensorboard package is not installed "
                          "(pip install tensorboard)")
@@ -212,7 +210,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
     mode = "eval" if args.eval_only else "prune" if args.prune_only else "train"
     method_tag = f"{args.method}-{pattern[0]}of{pattern[1]}" if pattern else args.method
     from utils.model_utils import safe_name
-    output_dir = args.output_dir or str(Path("runs") / f"{safe_name(Path(args.model).stem if args.model.endswith('.gguf') else args.model)}-{density:g}-{method_tag}")
+    model_tag = safe_name(Path(args.model).stem if args.model.endswith(".gguf") else args.model)
+    output_dir = args.output_dir or str(Path("runs") / f"{model_tag}-{density:g}-{method_tag}")
     return ExperimentConfig(
         mode=mode, model=args.model, dtype=args.dtype, cpu=args.cpu, density=density, method=args.method,
         pattern=pattern, calibration_source=args.calibration_source, nsamples=args.nsamples,
@@ -220,7 +219,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr, warmup_steps=warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, block_size=args.block_size,
         train_source=args.train_source, mixed_precision=args.mixed_precision, seed=args.seed,
-        patience=args.patience, min_delta=args.min_delta, eval_source=args.eval_source, token_length=args.token_length, stride=stride,
+        patience=args.patience, min_delta=args.min_delta, eval_source=args.eval_source,
+        token_length=args.token_length, stride=stride,
         eval_batch_size=args.eval_batch_size, skip_dense_eval=args.skip_dense_eval, output_dir=output_dir,
         log_file=args.log_file, resume=args.resume, report_to=args.report_to, save_best=not args.no_save_best,
         interrupt_after_steps=args.interrupt_after_steps)

@@ -43,11 +43,11 @@ def main() -> None:
         model = opt_model(name, torch.float16)
         windows = TOKENS // 2048
         flops = forward_flops_per_token(model, 2048) * windows * 2048
-        seconds = timed(lambda: evaluate_perplexity(model, ids, 2048, 2048, args.batch_size, progress=False))
+        seconds = timed(lambda model=model: evaluate_perplexity(model, ids, 2048, 2048, args.batch_size, progress=False))
         rows.append((name, f"evaluate_perplexity fp16 batch {args.batch_size}", seconds, flops / seconds / 1e12 / peak))
         if not args.skip_lineage:
             model = model.float()
-            seconds = timed(lambda: lineage_loop(model, ids, 2048), repeats=1)
+            seconds = timed(lambda model=model: lineage_loop(model, ids, 2048), repeats=1)
             rows.append((name, "lineage loop fp32 batch 1", seconds, flops / seconds / 1e12 / peak))
         del model
         torch.cuda.empty_cache()

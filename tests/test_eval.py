@@ -1,11 +1,9 @@
 import json
 import math
-import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from helpers import ConstantLogits, distributed_eval_worker, smollm2_gguf, wikitext_dir
 from utils.data_utils import DataError, TokenizedText, tokenize_source

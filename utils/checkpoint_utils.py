@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .logging_utils import write_json
-from .model_utils import ModelError, ModelSource, load_model
+from .model_utils import ModelSource, load_model
 
 
 class CheckpointError(ValueError):

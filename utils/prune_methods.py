@@ -1,0 +1,226 @@
+"""Pruning methods as pure functions of tensors: a weight (and statistics of its input) → a
+pruned weight and a keep mask.  No hooks, no devices, no models: `prune_utils` drives these.
+
+    keep = magnitude_keep(weight, density=0.1)                      # per matrix
+    keep = wanda_keep(weight, stats.sq_norm, density=0.5, pattern=(2, 4))
+    pruned, keep = sparsegpt_prune(weight, stats.hessian, density=0.5)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+
+Pattern = tuple[int, int] | None  # (n, m): keep n of every m consecutive inputs of a row
+
+
+def parse_pattern(text: str | None) -> Pattern:
+    """'2:4' → (2, 4): keep 2 of every 4.  None/'' → unstructured."""
+    if not text:
+        return None
+    try:
+        n, m = (int(part) for part in text.split(":"))
+    except ValueError as error:
+        raise ValueError(f"pattern must look like N:M (e.g. 2:4), got '{text}'") from error
+    if not 0 < n < m:
+        raise ValueError(f"pattern N:M needs 0 < N < M, got {text}")
+    return n, m
+
+
+def _prune_count(total: int, density: float) -> int:
+    return total - int(round(total * density))
+
+
+def _nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n highest-scoring of every m consecutive columns in each row."""
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"N:M pattern {n}:{m} needs the input width ({cols}) to be a multiple of {m}")
+    groups = score.reshape(rows, cols // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, groups.topk(n, dim=2).indices, True)
+    return keep.reshape(rows, cols)
+
+
+def magnitude_keep(weight: torch.Tensor, density: float, pattern: Pattern = None) -> torch.Tensor:
+    """Keep the largest |w|: per matrix (unstructured) or per group of m (N:M)."""
+    score = weight.detach().abs().float()
+    if pattern:
+        return _nm_keep(score, *pattern)
+    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    count = _prune_count(score.numel(), density)
+    if count:
+        keep[score.flatten().topk(count, largest=False).indices] = False
+    return keep.view_as(score)
+
+
+def wanda_keep(weight: torch.Tensor, input_sq_norm: torch.Tensor, density: float,
+               pattern: Pattern = None) -> torch.Tensor:
+    """Wanda: score |W_ij|·‖X_j‖₂, ranked within each output row (or each group of m)."""
+    score = weight.detach().abs().float() * input_sq_norm.float().sqrt().reshape(1, -1)
+    if pattern:
+        return _nm_keep(score, *pattern)
+    count = _prune_count(score.shape[1], density)
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if count:
+        keep.scatter_(1, score.topk(count, dim=1, largest=False).indices, False)
+    return keep
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, density: float, pattern: Pattern = None,
+                    row_splits: list[int] | None = None, blocksize: int = 128,
+                    percdamp: float = 0.01, sweep: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT (Frantar & Alistarh 2023): prune column blocks with an adaptive mask and
+    compensate the error in the columns not yet processed.
+
+    weight: (rows, cols), several matrices that share one input may be stacked by rows;
+    `row_splits` gives their row counts so the unstructured mask is chosen per matrix.
+    `sweep` runs the column loop of one block (default: `column_sweep`, eagerly).
+    Returns (pruned weight in float32 with exact zeros, keep mask).
+    """
+    rows, cols = weight.shape
+    row_splits = row_splits or [rows]
+    W = weight.detach().float().clone()
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    keep = torch.ones_like(W, dtype=torch.bool)
+    prune_fraction = 1 - density
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        # Columns are rows here: column i of the block is the contiguous row WT[i].
+        WT = W[:, i1:i2].t().contiguous()  # (count, rows)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        pruned = torch.zeros_like(WT, dtype=torch.bool)
+        if pattern is None:
+            score = WT.square() / d.square().unsqueeze(1)
+            start = 0
+            for size in row_splits:
+                part = score[:, start:start + size]
+                count = int(round(part.numel() * prune_fraction))
+                if count:
+                    flat = torch.zeros(part.numel(), dtype=torch.bool, device=W.device)
+                    flat[part.reshape(-1).topk(count, largest=False).indices] = True
+                    pruned[:, start:start + size] = flat.view_as(part)
+                start += size
+        scale = pruned.float() / d.unsqueeze(1)
+        ErrT = torch.zeros_like(WT)
+        (sweep or column_sweep)(WT, Hinv1, d, pruned, scale, ErrT, pattern)
+        WT.masked_fill_(pruned, 0.0)
+        W[:, i1:i2] = WT.t()
+        keep[:, i1:i2] = ~pruned.t()
+        W[:, i2:].addmm_(ErrT.t(), Hinv[i1:i2, i2:], alpha=-1)
+    W.masked_fill_(~keep, 0.0)
+    return W, keep
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def full_fp32_matmul():
+    return float32_matmul_precision("highest")
+
+
+def column_sweep(WT: torch.Tensor, Hinv1: torch.Tensor, d: torch.Tensor, pruned: torch.Tensor, scale: torch.Tensor,
+                 ErrT: torch.Tensor, pattern: Pattern) -> None:
+    """SparseGPT's sequential loop over the columns of one block, in place.
+
+    WT: (count, rows), the block's columns as contiguous rows.  Zeroing column i's pruned entries
+    costs err = w·pruned/d; the columns after i absorb -err ⊗ Hinv1[i, i:].  With N:M the mask of
+    every group of m columns is chosen when the sweep reaches it, from the updated weights."""
+    count, rows = WT.shape
+    n, m = pattern or (0, 0)
+    for i in range(count):
+        if pattern and i % m == 0:
+            group = WT[i:i + m].square() / d[i:i + m].square().unsqueeze(1)  # (m, rows)
+            low = group.t().topk(m - n, dim=1, largest=False).indices  # (rows, m-n)
+            block = torch.zeros(rows, m, dtype=torch.bool, device=WT.device).scatter_(1, low, True)
+            pruned[i:i + m] = block.t()
+            scale[i:i + m] = pruned[i:i + m].float() / d[i:i + m].unsqueeze(1)
+        torch.mul(WT[i], scale[i], out=ErrT[i])
+        WT[i:].addr_(Hinv1[i, i:], ErrT[i], alpha=-1)
+
+
+class GraphedSweeps:
+    """`column_sweep` captured once per block shape as a CUDA graph and replayed.
+
+    The sweep is 2 tiny kernels per column (about 100k columns for SmolLM2): launch-bound from
+    Python, a fraction of that as a graph replay.  Any capture failure falls back to eager."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.graphs: dict[tuple, tuple] = {}
+        self.failed = False
+
+    def __call__(self, WT, Hinv1, d, pruned, scale, ErrT, pattern: Pattern) -> None:
+        key = (tuple(WT.shape), pattern)
+        if not self.failed and key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(WT.shape, pattern)
+            except RuntimeError as error:  # pragma: no cover - depends on the CUDA runtime
+                print(f"CUDA graph capture failed ({error}); running the SparseGPT sweep eagerly")
+                self.failed = True
+        if self.failed:
+            return column_sweep(WT, Hinv1, d, pruned, scale, ErrT, pattern)
+        graph, buffers = self.graphs[key]
+        for static, value in zip(buffers[:5], (WT, Hinv1, d, pruned, scale)):
+            static.copy_(value)
+        graph.replay()
+        WT.copy_(buffers[0])
+        pruned.copy_(buffers[3])
+        ErrT.copy_(buffers[5])
+
+    def _capture(self, shape, pattern: Pattern):
+        count, rows = shape
+        zeros = lambda *size, dtype=torch.float32: torch.zeros(*size, dtype=dtype, device=self.device)  # noqa: E731
+        buffers = (zeros(count, rows), torch.eye(count, device=self.device), torch.ones(count, device=self.device),
+                   zeros(count, rows, dtype=torch.bool), zeros(count, rows), zeros(count, rows))
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            column_sweep(*buffers, pattern)  # capture wants a warmed-up side stream
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            column_sweep(*buffers, pattern)
+        return graph, buffers
+
+
+class InputStats:
+    """Statistics of one linear input: the Hessian X^T X (SparseGPT) or ‖X_j‖² (Wanda).
+    add_batch → prune → free, as in the reference implementation."""
+
+    def __init__(self, columns: int, device: torch.device, hessian: bool):
+        self.tokens = 0
+        self.hessian = torch.zeros(columns, columns, device=device) if hessian else None
+        self.sq_norm = torch.zeros(columns, device=device)
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).float()  # (tokens, columns)
+        new = x.shape[0]
+        # Running means keep the sums in a sane range over hundreds of thousands of tokens.
+        ratio = self.tokens / (self.tokens + new)
+        self.tokens += new
+        self.sq_norm.mul_(ratio).add_(x.square().sum(0) / self.tokens)
+        if self.hessian is not None:
+            x = x * math.sqrt(2 / self.tokens)
+            with full_fp32_matmul():  # the layer forward may run in TF32; the Hessian may not
+                self.hessian.mul_(ratio).addmm_(x.t(), x)
+
+    def free(self) -> None:
+        self.hessian = self.sq_norm = None
+
+
