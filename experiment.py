@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_finetune import TrainConfig, TrainingStopped, finetune, init_distributed, prepare_model
+from fsdp_finetune import OOM_HELP, TrainConfig, finetune, init_distributed, prepare_model
 from utils.checkpoint_utils import (import_lineage_checkpoint, lineage_checkpoint, load_pruned_model,
                                     make_pruned_model, pruned_model_dir)
 from utils.data_utils import calibration_windows, pack_blocks, tokenize_source
@@ -24,8 +24,6 @@ from utils.logging_utils import MetricsLogger, describe_density, write_json
 from utils.mask_utils import sparsity_report
 from utils.model_utils import count_parameters, load_model, load_tokenizer, parse_dtype, resolve_model
 
-OOM_HELP = ("out of memory: lower --micro-batch-size (gradient accumulation keeps the effective batch), "
-            "--block-size, --eval-batch-size or --token-length, or use more GPUs with accelerate launch")
 
 
 def _versions() -> dict:
@@ -58,13 +56,9 @@ def run(config) -> int:
     logger = MetricsLogger(output, config.log_file, accelerator.is_main_process, tracker_log)
     try:
         return _run(config, accelerator, device, output, logger)
-    except torch.OutOfMemoryError as error:
+    except torch.cuda.OutOfMemoryError as error:
         logger.info(f"error: {OOM_HELP} ({str(error).splitlines()[0]})")
         logger.log({"event": "error", "kind": "out_of_memory", "message": str(error)})
-        return 1
-    except TrainingStopped as error:
-        logger.info(f"error: {error}")
-        logger.log({"event": "error", "kind": "stopped", "message": str(error)})
         return 1
     finally:
         if config.report_to != "none":
@@ -209,11 +203,15 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
     result = finetune(model, tokenizer, blocks, eval_tokens, train_config, config.density, logger, device,
                       history, best_info, precision)
     history = result.history
+    if result.error:
+        logger.info(f"error: {result.error}")
+        logger.log({"event": "error", "message": result.error})
     for line in history.summary_lines():
         logger.info(line)
     if accelerator.is_main_process:
         write_json(output / "results.json", {**history.to_dict(), "density": config.density,
                                              "epochs_completed": result.state.epoch - 1,
                                              "stopped_early": result.stopped_early, "interrupted": result.interrupted,
+                                             "error": result.error,
                                              "pruning": {k: v for k, v in info.items() if k != "layer_density"}})
-    return 130 if result.interrupted else 0
+    return 130 if result.interrupted else 1 if result.error else 0

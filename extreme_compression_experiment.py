@@ -240,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, ModelError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # outside training (which saves its own state): pruning, evaluation, loading
+        print("Interrupted. Finished pruned models and run files are kept (they are written atomically); "
+              "run the same command again to continue.", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

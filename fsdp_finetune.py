@@ -244,6 +244,11 @@ class TrainResult:
     state: TrainState
     stopped_early: bool = False
     interrupted: bool = False
+    error: str | None = None  # why the run stopped short (NaN loss, out of memory); the best model is kept
+
+
+OOM_HELP = ("out of memory: lower --micro-batch-size (gradient accumulation keeps the effective batch), "
+            "--block-size, --eval-batch-size or --token-length, or use more GPUs with accelerate launch")
 
 
 def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: TokenizedText, config: TrainConfig,
@@ -306,6 +311,10 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
                               memory, optimizer, scheduler, state_dir, best_dir, best_info, result)
             if result.stopped_early:
                 break
+    except TrainingStopped as error:  # weights may be NaN: keep the last good state and the best model
+        result.error = str(error)
+    except torch.cuda.OutOfMemoryError as error:
+        result.error = f"{OOM_HELP} ({str(error).splitlines()[0]})"
     except KeyboardInterrupt:
         result.interrupted = True
         if bar is not None:

@@ -157,3 +157,12 @@ def test_tensorboard_tracker_receives_the_metrics(tmp_path, tiny_llama_dir, text
     assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--report-to", "tensorboard")) == 0
     events = list(out.rglob("events.out.tfevents.*"))
     assert events and max(path.stat().st_size for path in events) > 200
+
+
+def test_a_diverging_run_stops_with_a_message_and_keeps_its_results(tmp_path, tiny_llama_dir, text_file, capsys):
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--lr", "1e30",
+                         "--max-grad-norm", "0")) == 1
+    assert "error: the training loss became nan" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert "loss became nan" in results["error"] and results["baseline"] > 0

@@ -16,7 +16,8 @@ def test_wikitext_test_string_is_the_papers_exactly():
 
 
 def test_rows_join_like_hugging_face():
-    assert wikitext_rows_to_text([" = A = \n", " \n", " text\n"]) == " = A = \n\n\n\n text\n"
+    # a blank row becomes "" and rows are joined by "\n\n": row, "\n\n", "", "\n\n", row
+    assert wikitext_rows_to_text([" = A = \n", " \n", " text\n"]) == " = A = \n" + "\n\n" + "\n\n" + " text\n"
 
 
 def test_folder_source_picks_the_split_and_explains_a_missing_one(tmp_path):
