@@ -80,3 +80,13 @@ def test_blocks_and_calibration_windows():
     assert torch.equal(a, b) and a.shape == (8, 100)
     assert torch.all(a[:, 1:] - a[:, :-1] == 1)  # contiguous windows of the stream
     assert not torch.equal(a, calibration_windows(ids, 8, 100, seed=1))
+
+
+def test_hugging_face_dataset_sources_go_through_datasets(tmp_path):
+    """The `hf:` path is the real `datasets.load_dataset` call; here on a local folder (no network)."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    (folder / "train.csv").write_text("text,label\nfirst row,0\nsecond row,1\n", encoding="utf-8")
+    assert load_text(f"hf:{folder}::train:text") == "first row\n\nsecond row"
+    with pytest.raises(DataError, match="could not load dataset .* Offline\\?"):
+        load_text("hf:no-such-user/no-such-dataset::train:text")

@@ -96,10 +96,11 @@ def _load_hf_text(name: str, config: str | None, split: str, column: str) -> str
     except ImportError as error:  # pragma: no cover - datasets is a core dependency
         raise DataError("the 'datasets' package is needed for hub text sources: pip install datasets") from error
     from .model_utils import ModelError, check_hub_reachable
-    try:
-        check_hub_reachable(f"datasets/{name}", timeout=3.0)
-    except ModelError:
-        datasets.config.HF_HUB_OFFLINE = True  # read the local datasets cache only; no minutes of retries
+    if not Path(name).exists():  # a local dataset folder needs no hub
+        try:
+            check_hub_reachable(f"datasets/{name}", timeout=3.0)
+        except ModelError:
+            datasets.config.HF_HUB_OFFLINE = True  # read the local datasets cache only; no minutes of retries
     try:
         rows = datasets.load_dataset(name, config, split=split)[column]
     except Exception as error:  # noqa: BLE001 - datasets raises many types for one cause
