@@ -83,14 +83,14 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger) -> in
     with accelerator.main_process_first():
         tokenizer = load_tokenizer(source)
         eval_tokens = tokenize_source(config.eval_source, tokenizer, split="test")
-    eval_dtype = parse_dtype(config.dtype, device) if config.dtype != "auto" or device.type == "cpu" else torch.float16
+    eval_dtype = parse_dtype(config.dtype, device)
     evaluate = dict(token_length=config.token_length, stride=config.stride, batch_size=config.eval_batch_size)
     history = PerplexityHistory()
 
     if config.mode == "eval":
         model, _ = load_model(source, dtype=eval_dtype)
         model.to(device)
-        logger.info(f"{count_parameters(model):,} parameters, {eval_dtype}")
+        logger.info(f"{count_parameters(model):,} parameters, {model.dtype}")
         result = evaluate_and_log(model, eval_tokens, logger, title="Perplexity", **evaluate)
         if accelerator.is_main_process:
             write_json(output / "results.json", {"model": config.model, "eval_source": config.eval_source,

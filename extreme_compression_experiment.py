@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="opt-125m|opt-350m|opt-1.3b|opt-2.7b|opt-6.7b, smollm2-135m (pip package), a hub id, "
                             "a local folder or a .gguf file")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                       help="weights for evaluation and pruning (auto: float32 on CPU, float16 on GPU); "
+                       help="weights for evaluation and pruning (auto: float32 on CPU, the checkpoint's own "
+                            "dtype on GPU, float16 for OPT); "
                             "training keeps float32 master weights")
     model.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
 

@@ -89,7 +89,7 @@ def init_distributed(device: torch.device) -> None:
     store = tempfile.NamedTemporaryFile(prefix="extreme-compression-pg-", delete=False)
     store.close()
     os.unlink(store.name)  # FileStore wants a path that does not exist yet
-    dist.init_process_group(backend, init_method=f"file://{store.name}", rank=0, world_size=1,
+    dist.init_process_group(backend, init_method=Path(store.name).as_uri(), rank=0, world_size=1,
                             device_id=device if backend == "nccl" else None)
 
 

@@ -161,12 +161,19 @@ def strip_quantization_config(model: nn.Module) -> None:
             pass
 
 
-def load_tokenizer(source: ModelSource):
-    from transformers import AutoTokenizer
-    location = str(_convert_gguf(source)) if source.kind == "gguf" else source.location
+def _loadable_location(source: ModelSource) -> str:
+    """What from_pretrained reads: the hub id (checked reachable or cached), the folder, or the
+    GGUF's converted folder."""
     if source.kind == "hub":
         check_hub_reachable(source.location)
-    tokenizer = AutoTokenizer.from_pretrained(location)
+    return str(_convert_gguf(source)) if source.kind == "gguf" else source.location
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(_loadable_location(source))
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
@@ -174,9 +181,7 @@ def load_model(source: ModelSource, dtype: torch.dtype | None = None, weights_fr
     """(model, tokenizer) in eval mode on the CPU.  `weights_from` loads another folder's weights
     (a pruned checkpoint) with the same architecture."""
     from transformers import AutoModelForCausalLM
-    if source.kind == "hub":
-        check_hub_reachable(source.location)
-    location = str(_convert_gguf(source)) if source.kind == "gguf" else source.location
+    location = _loadable_location(source)
     tokenizer = load_tokenizer(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(weights_from or location, dtype=dtype or "auto")
@@ -187,8 +192,6 @@ def load_model(source: ModelSource, dtype: torch.dtype | None = None, weights_fr
                          f"{error}") from error
     strip_quantization_config(model)
     model.eval()
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
@@ -229,8 +232,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def parse_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is float32 on the CPU (exact numbers) and bfloat16 on accelerators."""
+def parse_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """'auto' is float32 on the CPU and, on an accelerator, None: the checkpoint's own dtype
+    (float16 for OPT, as the papers evaluate it)."""
     if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return torch.float32 if device.type == "cpu" else None
     return DTYPES[name]
