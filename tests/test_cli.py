@@ -125,11 +125,22 @@ def test_early_stopping(tmp_path, tiny_llama_dir, text_file, capsys):
     assert results["stopped_early"] and results["epochs_completed"] == 1
 
 
-def test_two_process_fsdp_on_cpu_keeps_pruned_weights_zero(tmp_path, tiny_opt_dir, text_file):
+def test_two_process_fsdp_on_cpu_keeps_pruned_weights_zero_and_resumes(tmp_path, tiny_opt_dir, text_file):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    # 5 windows a batch: an odd number of evaluation batches, so one rank pads with a zero-weight batch
+    args = ("--epochs", "1", "--batch-size", "4", "--eval-batch-size", "5")
     out = tmp_path / "run"
-    result = run_cli(job_args(tiny_opt_dir, text_file, out, "--epochs", "1", "--batch-size", "4"), tmp_path,
-                     launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], timeout=600)
+    result = run_cli(job_args(tiny_opt_dir, text_file, out, *args), tmp_path, launcher=torchrun, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    first = run_cli(job_args(tiny_opt_dir, text_file, resumed, *args, "--interrupt-after-steps", "3"), tmp_path,
+                    launcher=torchrun, timeout=600)
+    assert first.returncode != 0 and "Saved. Continue with the same command plus --resume" in first.stdout
+    second = run_cli(job_args(tiny_opt_dir, text_file, resumed, *args, "--resume"), tmp_path, launcher=torchrun,
+                     timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    finals = [json.loads((folder / "results.json").read_text())["final"] for folder in (out, resumed)]
+    assert finals[1] == pytest.approx(finals[0], rel=1e-6)
     assert "cpu:0 × 2" in result.stdout and "2 per micro-batch × 1 accumulation × 2 processes" in result.stdout
     from transformers import AutoModelForCausalLM
     best = AutoModelForCausalLM.from_pretrained(out / "best")
