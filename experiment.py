@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_finetune import OOM_HELP, TrainConfig, finetune, init_distributed, prepare_model
+from fsdp_finetune import TrainConfig, out_of_memory_message, finetune, init_distributed, prepare_model
 from utils.checkpoint_utils import (import_lineage_checkpoint, lineage_checkpoint, load_pruned_model,
                                     make_pruned_model, pruned_model_dir)
 from utils.data_utils import calibration_windows, pack_blocks, tokenize_source
@@ -57,7 +57,7 @@ def run(config) -> int:
     try:
         return _run(config, accelerator, device, output, logger)
     except torch.cuda.OutOfMemoryError as error:
-        logger.info(f"error: {OOM_HELP} ({str(error).splitlines()[0]})")
+        logger.info(f"error: {out_of_memory_message(error)}")
         logger.log({"event": "error", "kind": "out_of_memory", "message": str(error)})
         return 1
     finally:

@@ -93,10 +93,15 @@ def init_distributed(device: torch.device) -> None:
                             device_id=device if backend == "nccl" else None)
 
 
+def compute_dtype(mixed_precision: str) -> torch.dtype | None:
+    """'bf16'/'fp16' → the compute dtype; 'no' → None (float32 throughout)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+
+
 def shard_model(model: nn.Module, device: torch.device, mixed_precision: str) -> nn.Module:
     """FSDP2: shard each decoder layer, then the root (embeddings, norms, LM head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    dtype = compute_dtype(mixed_precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     model.to(device)
     _, layers = find_decoder_layers(model)
@@ -113,7 +118,7 @@ def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str) 
     opt-350m, batch 8 × 512: 142 ms a step under fully_shard against 70 ms plain).  Returns the
     model and a context factory for its compute precision (FSDP's policy casts by itself;
     the plain module gets autocast)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    dtype = compute_dtype(mixed_precision)
     if dist.get_world_size() > 1:
         return shard_model(model, device, mixed_precision), contextlib.nullcontext
     model.to(device)
@@ -247,8 +252,11 @@ class TrainResult:
     error: str | None = None  # why the run stopped short (NaN loss, out of memory); the best model is kept
 
 
-OOM_HELP = ("out of memory: lower --micro-batch-size (gradient accumulation keeps the effective batch), "
-            "--block-size, --eval-batch-size or --token-length, or use more GPUs with accelerate launch")
+def out_of_memory_message(error: BaseException) -> str:
+    """What to do about an out-of-memory error, with the first line of the error itself."""
+    return ("out of memory: lower --micro-batch-size (gradient accumulation keeps the effective batch), "
+            "--block-size, --eval-batch-size or --token-length, or use more GPUs with accelerate launch "
+            f"({str(error).splitlines()[0] if str(error) else type(error).__name__})")
 
 
 def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: TokenizedText, config: TrainConfig,
@@ -314,7 +322,7 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
     except TrainingStopped as error:  # weights may be NaN: keep the last good state and the best model
         result.error = str(error)
     except torch.cuda.OutOfMemoryError as error:
-        result.error = f"{OOM_HELP} ({str(error).splitlines()[0]})"
+        result.error = out_of_memory_message(error)
     except KeyboardInterrupt:
         result.interrupted = True
         if bar is not None:

@@ -29,6 +29,20 @@ def job_args(model_dir, text, out, *extra):
             *extra]]
 
 
+def assert_pruned_weights_stayed_zero(best_dir: Path, pruned_dir: Path) -> int:
+    """Every weight zero in the pruned checkpoint is zero in the trained one; returns how many
+    decoder weights changed in training."""
+    from transformers import AutoModelForCausalLM
+    best = AutoModelForCausalLM.from_pretrained(best_dir)
+    pruned = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    changed = 0
+    for (name, a), (_, b) in zip(best.named_parameters(), pruned.named_parameters()):
+        if "layers" in name and a.ndim == 2:
+            assert torch.all(a[b == 0] == 0), name
+            changed += int((a != b).sum())
+    return changed
+
+
 def test_schedule_table():
     assert derive_schedule(1) == (10000, 5e-6)
     assert derive_schedule(4) == (2500, pytest.approx(1e-5))
@@ -86,12 +100,8 @@ def test_main_job_end_to_end(tmp_path, tiny_llama_dir, text_file, capsys):
     events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"pruning", "evaluation", "train", "epoch"} <= set(events)
     assert (out / "best" / "model.safetensors").exists() and (out / "state" / "train_state.json").exists()
-    from transformers import AutoModelForCausalLM
-    best = AutoModelForCausalLM.from_pretrained(out / "best")
-    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned" / f"{Path(tiny_llama_dir).name}-0.3-sparsegpt")
-    for (name, a), (_, b) in zip(best.named_parameters(), pruned.named_parameters()):
-        if "layers" in name and a.ndim == 2:
-            assert torch.all(a[b == 0] == 0), name  # pruned weights are still exactly zero
+    # pruned weights are still exactly zero
+    assert_pruned_weights_stayed_zero(out / "best", tmp_path / "pruned" / f"{Path(tiny_llama_dir).name}-0.3-sparsegpt")
     # a second run finds the cached pruned model instead of pruning again
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "again", "--epochs", "1")) == 0
     assert "Loading pruned model from" in capsys.readouterr().out
@@ -142,14 +152,8 @@ def test_two_process_fsdp_on_cpu_keeps_pruned_weights_zero_and_resumes(tmp_path,
     finals = [json.loads((folder / "results.json").read_text())["final"] for folder in (out, resumed)]
     assert finals[1] == pytest.approx(finals[0], rel=1e-6)
     assert "cpu:0 × 2" in result.stdout and "2 per micro-batch × 1 accumulation × 2 processes" in result.stdout
-    from transformers import AutoModelForCausalLM
-    best = AutoModelForCausalLM.from_pretrained(out / "best")
-    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned" / f"{Path(tiny_opt_dir).name}-0.3-sparsegpt")
-    changed = 0
-    for (name, a), (_, b) in zip(best.named_parameters(), pruned.named_parameters()):
-        if "layers" in name and a.ndim == 2:
-            assert torch.all(a[b == 0] == 0), name
-            changed += int((a != b).sum())
+    changed = assert_pruned_weights_stayed_zero(out / "best",
+                                                tmp_path / "pruned" / f"{Path(tiny_opt_dir).name}-0.3-sparsegpt")
     assert changed > 0  # it did train
 
 
