@@ -19,11 +19,7 @@ from pathlib import Path
 
 from utils.logging_utils import make_console_safe
 
-EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
-
-
-class CliError(Exception):
-    """Bad input found after parsing (a missing file, an unknown model): exit 2, one line."""
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -238,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.model_utils import ModelError
     try:
         return run(config)
-    except (CliError, ModelError, DataError, CheckpointError) as error:
+    except (ModelError, DataError, CheckpointError) as error:  # bad input found after parsing
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # outside training (which saves its own state): pruning, evaluation, loading

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TextIO
+from typing import Any, Callable, TextIO
 
 from tqdm.auto import tqdm
 
@@ -187,13 +187,6 @@ class MetricsLogger:
             self._log_file = None
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
-
-
 def percent(fraction: float) -> str:
     """0.1 -> '10%', 0.05 -> '5%', 0.125 -> '12.5%'."""
     return f"{fraction * 100:.4g}%"
@@ -202,14 +195,3 @@ def percent(fraction: float) -> str:
 def describe_density(density: float) -> str:
     """The one sentence every run prints: 'density 10% · 90% of weights pruned'."""
     return f"density {percent(density)} · {percent(1 - density)} of weights pruned"
-
-
-def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -107,8 +107,3 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         counts.append([float(sum(int((w != 0).sum()) for w in weights)), float(sum(w.numel() for w in weights))])
     totals = _all_reduce_sum(torch.tensor(counts, dtype=torch.float64), sharded)
     return SparsityReport([(f"{prefix}.{i}", int(nz), int(n)) for i, (nz, n) in enumerate(totals.tolist())])
-
-
-def zero_pruned(weight: torch.Tensor, keep: torch.Tensor) -> None:
-    """Write exact +0.0 where `keep` is False (a multiply would leave -0.0 behind negative weights)."""
-    weight.masked_fill_(~keep, 0.0)
