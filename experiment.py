@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from fsdp_finetune import TrainConfig, out_of_memory_message, finetune, init_distributed, prepare_model
+from fsdp_finetune import (TrainConfig, finetune, init_distributed, out_of_memory_message, prepare_model,
+                           resolve_compile_mode)
 from utils.checkpoint_utils import (import_lineage_checkpoint, lineage_checkpoint, load_pruned_model,
                                     make_pruned_model, pruned_model_dir)
 from utils.data_utils import calibration_windows, pack_blocks, tokenize_source
@@ -181,11 +182,14 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
     blocks = pack_blocks(train_ids.ids, config.block_size)
     logger.info(f"Training text: {train_ids.ids.numel():,} tokens → {blocks.shape[0]:,} blocks of {config.block_size}")
     mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
-    model, precision = prepare_model(model, device, mixed)
+    compile_mode, compile_note = resolve_compile_mode(config.compile, device, world)
+    logger.info(f"Precision: {mixed} | torch.compile: {compile_note}")
+    model, precision = prepare_model(model, device, mixed, compile_mode)
     train_config = TrainConfig(
         epochs=config.epochs, max_step=config.max_step, lr=config.lr, batch_size=config.batch_size,
         micro_batch_size=micro, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm, seed=config.seed, mixed_precision=mixed, patience=config.patience,
+        max_grad_norm=config.max_grad_norm, seed=config.seed, mixed_precision=mixed, compile_mode=compile_mode,
+        patience=config.patience,
         min_delta=config.min_delta,
         token_length=config.token_length, stride=config.stride, eval_batch_size=config.eval_batch_size,
         output_dir=str(output), resume=config.resume, save_best=config.save_best,
@@ -196,7 +200,7 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
             logger.info(f"--resume: no saved state in {output / 'state'}; starting from the beginning")
         with precision():
             baseline = evaluate_and_log(model, eval_tokens, logger, title="Baseline Evaluation (Before Training)",
-                                        density=config.density, **evaluate)
+                                        density=config.density, compile=compile_mode is not None, **evaluate)
         history.baseline = baseline.perplexity
     best_info = lambda: {"model": config.model, "density": config.density, "method": config.method,  # noqa: E731
                          "pattern": info.get("pattern"), "pruning": {k: v for k, v in info.items() if k != "layer_density"}}

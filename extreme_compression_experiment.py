@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training text: wikitext2 (hub, train split), a file/folder, or hf:NAME:CONFIG:SPLIT:COLUMN")
     train.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                        help="compute precision of training (auto: bf16 on GPU, no on CPU)")
+    train.add_argument("--compile", default="auto", choices=["auto", "off", "default", "reduce-overhead",
+                                                              "max-autotune", "max-autotune-no-cudagraphs"],
+                       help="torch.compile the model for training and its evaluations (auto: reduce-overhead, "
+                            "i.e. CUDA graphs, on one GPU; default under FSDP; off on the CPU). Compiling takes "
+                            "about a minute at the start")
     train.add_argument("--seed", type=int, default=0, help="calibration windows and data order")
     train.add_argument("--patience", type=_positive_int, default=None,
                        help="stop when perplexity has not improved for this many epochs")
@@ -157,6 +162,7 @@ class ExperimentConfig:
     block_size: int
     train_source: str
     mixed_precision: str
+    compile: str
     seed: int
     patience: int | None
     min_delta: float
@@ -215,7 +221,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         calibration_length=args.calibration_length, pruned_dir=args.pruned_dir, batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr, warmup_steps=warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, block_size=args.block_size,
-        train_source=args.train_source, mixed_precision=args.mixed_precision, seed=args.seed,
+        train_source=args.train_source, mixed_precision=args.mixed_precision, compile=args.compile,
+        seed=args.seed,
         patience=args.patience, min_delta=args.min_delta, eval_source=args.eval_source,
         token_length=args.token_length, stride=stride,
         eval_batch_size=args.eval_batch_size, skip_dense_eval=args.skip_dense_eval, output_dir=output_dir,

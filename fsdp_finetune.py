@@ -49,7 +49,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 gets dynamic loss scaling)
+    compile_mode: str | None = None  # torch.compile mode the model was prepared with (None = eager)
     patience: int | None = None
     min_delta: float = 0.0  # relative perplexity drop that counts as an improvement
     token_length: int = 2048
@@ -93,6 +94,26 @@ def init_distributed(device: torch.device) -> None:
                             device_id=device if backend == "nccl" else None)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def resolve_compile_mode(requested: str, device: torch.device, world: int) -> tuple[str | None, str]:
+    """--compile → (torch.compile mode or None, why).  auto: CUDA graphs in one GPU process (the
+    loop is launch-bound otherwise), plain compilation under FSDP (its hooks and collectives stay
+    outside the graphs, so CUDA graphs cannot hold a whole step), eager on the CPU."""
+    if requested == "off":
+        return None, "off"
+    if requested == "auto":
+        if device.type != "cuda":
+            return None, "off (auto: eager on the CPU)"
+        requested = "reduce-overhead" if world == 1 else "default"
+        return requested, f"{requested} (auto)"
+    if world > 1 and requested in ("reduce-overhead", "max-autotune"):
+        fallback = "default" if requested == "reduce-overhead" else "max-autotune-no-cudagraphs"
+        return fallback, f"{fallback} ({requested} uses CUDA graphs, which FSDP's collectives cannot join)"
+    return requested, requested
+
+
 def compute_dtype(mixed_precision: str) -> torch.dtype | None:
     """'bf16'/'fp16' → the compute dtype; 'no' → None (float32 throughout)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
@@ -111,17 +132,26 @@ def shard_model(model: nn.Module, device: torch.device, mixed_precision: str) ->
     return model
 
 
-def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str) -> tuple[nn.Module, Callable]:
+def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str,
+                  compile_mode: str | None = None) -> tuple[nn.Module, Callable]:
     """Shard with FSDP2 across several processes; train a single process's model as it is.
 
     FSDP at world size 1 shards nothing and costs CPU time per module (measured on an H100 with
-    opt-350m, batch 8 × 512: 142 ms a step under fully_shard against 70 ms plain).  Returns the
-    model and a context factory for its compute precision (FSDP's policy casts by itself;
-    the plain module gets autocast)."""
+    opt-350m, batch 8 × 512: 142 ms a step under fully_shard against 70 ms plain).  With
+    `compile_mode` (a torch.compile mode) the model is compiled in place: the whole model in one
+    process, each decoder layer under FSDP (its hooks stay outside the compiled graphs); state
+    dict keys do not change.  Returns the model and a context factory for its compute precision
+    (FSDP's policy casts by itself; the plain module gets autocast)."""
     dtype = compute_dtype(mixed_precision)
     if dist.get_world_size() > 1:
-        return shard_model(model, device, mixed_precision), contextlib.nullcontext
+        model = shard_model(model, device, mixed_precision)
+        if compile_mode:
+            for layer in find_decoder_layers(model)[1]:
+                layer.compile(mode=compile_mode)
+        return model, contextlib.nullcontext
     model.to(device)
+    if compile_mode:
+        model.compile(mode=compile_mode)
     if dtype is None:
         return model, contextlib.nullcontext
     return model, lambda: torch.autocast(device.type, dtype=dtype)
@@ -165,23 +195,58 @@ class BlockSampler:
         return [self.block(first + i) for i in range(micro_size)]
 
 
-def train_step(model: nn.Module, micro_batches: list[torch.Tensor], optimizer, scheduler, masks: MaskSet | None,
-               device: torch.device, max_grad_norm: float | None,
+@dataclass
+class Optimization:
+    """What an optimizer step changes besides the weights; saved and restored as one."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+
+    @classmethod
+    def create(cls, model: nn.Module, config: "TrainConfig", device: torch.device) -> "Optimization":
+        optimizer = make_optimizer(model, config, device)
+        scheduler = make_scheduler(optimizer, config.warmup_steps, config.epochs * config.max_step)
+        # fp16 gradients underflow without loss scaling; GradScaler takes DTensors, so it serves
+        # FSDP2 too.  bf16 and float32 need none.
+        scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
+        return cls(optimizer, scheduler, scaler)
+
+    def extra_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.scheduler.load_state_dict(extra["scheduler"])
+        if self.scaler is not None and extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
+
+
+def train_step(model: nn.Module, micro_batches: list[torch.Tensor], optimization: Optimization,
+               masks: MaskSet | None, device: torch.device, max_grad_norm: float | None,
                precision: Callable = contextlib.nullcontext) -> torch.Tensor:
     """One optimizer step over `micro_batches` (gradient accumulation), then the masks.
-    Returns the mean loss as a device tensor (no host sync)."""
+    With a GradScaler a step whose gradients overflowed is skipped and the scale lowered.
+    Returns the mean loss as a device tensor (no host sync without a scaler)."""
+    optimizer, scheduler, scaler = optimization.optimizer, optimization.scheduler, optimization.scaler
     total = torch.zeros((), device=device, dtype=torch.float64)
     for batch in micro_batches:
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph trees: last step's outputs are done
         batch = batch.to(device, non_blocking=True)
         with precision():
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        (loss / len(micro_batches)).backward()
+        scaled = loss / len(micro_batches)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach().double() / len(micro_batches)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if masks is not None:
         masks.apply()
@@ -190,7 +255,7 @@ def train_step(model: nn.Module, micro_batches: list[torch.Tensor], optimizer, s
 
 # --------------------------------------------------------------------------- state on disk
 
-def save_state(folder: Path, model: nn.Module, optimizer, scheduler, state: TrainState) -> None:
+def save_state(folder: Path, model: nn.Module, optimization: Optimization, state: TrainState) -> None:
     """Resumable state (sharded model + optimizer through torch.distributed.checkpoint),
     written beside the previous one and swapped in only when complete."""
     import torch.distributed.checkpoint as dcp
@@ -201,10 +266,10 @@ def save_state(folder: Path, model: nn.Module, optimizer, scheduler, state: Trai
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimization.optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
     if rank == 0:
-        torch.save({"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}, tmp / "extra.pt")
+        torch.save({**optimization.extra_state(), "rng": torch.get_rng_state()}, tmp / "extra.pt")
         write_json(tmp / "train_state.json", asdict(state))
         import shutil
         if folder.exists():
@@ -215,17 +280,18 @@ def save_state(folder: Path, model: nn.Module, optimizer, scheduler, state: Trai
     dist.barrier()
 
 
-def load_state(folder: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
+def load_state(folder: Path, model: nn.Module, optimization: Optimization) -> TrainState:
     import json
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimization.optimizer)
     saved = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(saved, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
+    set_state_dict(model, optimization.optimizer, model_state_dict=saved["model"],
+                   optim_state_dict=saved["optimizer"])
     extra = torch.load(folder / "extra.pt", weights_only=True)
-    scheduler.load_state_dict(extra["scheduler"])
+    optimization.load_extra_state(extra)
     torch.set_rng_state(extra["rng"])
     return TrainState(**json.loads((folder / "train_state.json").read_text(encoding="utf-8")))
 
@@ -276,12 +342,11 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
     # some) are free to move, and there is nothing to re-apply.
     masks = MaskSet.from_zeros({name: linear.weight for name, linear in prunable_linears(model).items()}
                                if density < 1 else {})
-    optimizer = make_optimizer(model, config, device)
+    optimization = Optimization.create(model, config, device)
     total_steps = config.epochs * config.max_step
-    scheduler = make_scheduler(optimizer, config.warmup_steps, total_steps)
     state = TrainState(history=history.to_dict())
     if config.resume and (state_dir / "train_state.json").exists():
-        state = load_state(state_dir, model, optimizer, scheduler)
+        state = load_state(state_dir, model, optimization)
         history = PerplexityHistory.from_dict(state.history)
         logger.info(f"Resumed from {state_dir}: epoch {state.epoch}, optimizer step {state.global_step} of {total_steps}")
     sampler = BlockSampler(blocks.shape[0], config.seed)
@@ -302,12 +367,12 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
             while state.global_step < epoch_end:
                 micro_batches = [blocks[sampler.micro_batch(state.global_step, index, config.batch_size, micro,
                                                             rank, world)] for index in range(accum)]
-                window_loss += train_step(model, micro_batches, optimizer, scheduler, masks, device,
+                window_loss += train_step(model, micro_batches, optimization, masks, device,
                                           config.max_grad_norm, precision)
                 state.global_step += 1
                 window_steps += 1
                 if window_steps == config.log_every or state.global_step == epoch_end:
-                    _flush_window(state, window_loss, window_steps, tokens_per_step, scheduler, logger, bar, tick)
+                    _flush_window(state, window_loss, window_steps, tokens_per_step, optimization.scheduler, logger, bar, tick)
                     tick = time.perf_counter()
                     window_loss.zero_()
                     window_steps = 0
@@ -316,7 +381,7 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
             bar.close()
             with precision():
                 _end_of_epoch(model, tokenizer, masks, eval_tokens, config, density, logger, state, history,
-                              memory, optimizer, scheduler, state_dir, best_dir, best_info, result)
+                              memory, optimization, state_dir, best_dir, best_info, result)
             if result.stopped_early:
                 break
     except TrainingStopped as error:  # weights may be NaN: keep the last good state and the best model
@@ -328,10 +393,11 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
         if bar is not None:
             bar.close()
         if window_steps:  # steps finished since the last log line belong to the saved epoch average
-            _flush_window(state, window_loss, window_steps, tokens_per_step, scheduler, logger, None, time.perf_counter())
+            _flush_window(state, window_loss, window_steps, tokens_per_step, optimization.scheduler, logger, None,
+                          time.perf_counter())
         logger.info(f"Interrupted at optimizer step {state.global_step}: saving resumable state to {state_dir} ...")
         state.history = history.to_dict()
-        save_state(state_dir, model, optimizer, scheduler, state)
+        save_state(state_dir, model, optimization, state)
         logger.info("Saved. Continue with the same command plus --resume.")
     result.history, result.state = history, state
     return result
@@ -364,7 +430,7 @@ def _flush_window(state: TrainState, window_loss: torch.Tensor, steps: int, toke
 
 def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainConfig, density: float,
                   logger: MetricsLogger, state: TrainState, history: PerplexityHistory, memory: MemoryTracker,
-                  optimizer, scheduler, state_dir: Path, best_dir: Path, best_info: Callable[[], dict],
+                  optimization: Optimization, state_dir: Path, best_dir: Path, best_info: Callable[[], dict],
                   result: TrainResult) -> None:
     epoch = state.epoch
     violations = masks.violations()
@@ -383,7 +449,7 @@ def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainCo
     evaluation = evaluate_and_log(model, eval_tokens, logger, title=f"Evaluation After Epoch {epoch}",
                                   token_length=config.token_length, stride=config.stride,
                                   batch_size=config.eval_batch_size, epoch=epoch, density=density,
-                                  history=history, step=state.global_step)
+                                  history=history, step=state.global_step, compile=config.compile_mode is not None)
     logger.log({"event": "epoch", "epoch": epoch, "average_loss": average, "batches": state.epoch_batches,
                 "tokens_per_second": tokens_per_second, "measured_density": measured.density,
                 "perplexity": evaluation.perplexity, **snapshot.to_dict()}, step=state.global_step)
@@ -403,4 +469,4 @@ def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainCo
     if state.epoch > config.epochs:
         state.finished = True
     state.history = history.to_dict()
-    save_state(state_dir, model, optimizer, scheduler, state)
+    save_state(state_dir, model, optimization, state)

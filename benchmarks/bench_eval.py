@@ -1,9 +1,9 @@
 """Evaluation speed on the GPU: full WikiText-2-sized perplexity (287,644 tokens, 2048-token windows).
 
-    python benchmarks/bench_eval.py [--batch-size 8] [--models opt-125m opt-1.3b]
+    python benchmarks/bench_eval.py [--batch-size 8] [--models opt-125m opt-1.3b] [--compile]
 
 Prints seconds and MFU against this GPU's measured bf16 matmul rate, for evaluate_perplexity in
-fp16 and for the seed lineage's loop (batch 1, fp32, labels passed to the model).
+fp16 (eager, and with --compile also compiled: model.compile() + compile=True) and for the seed lineage's loop (batch 1, fp32, labels passed to the model).
 """
 from __future__ import annotations
 
@@ -34,26 +34,35 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["opt-125m", "opt-1.3b"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--skip-lineage", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled model and scoring")
     args = parser.parse_args()
     peak = matmul_tflops()
     print(f"GPU: {torch.cuda.get_device_name()} | measured bf16 matmul: {peak:.0f} TFLOP/s")
     ids = torch.randint(0, 50272, (TOKENS,))
-    rows = []
+    print(f"{'model':10} {'loop':36} {'seconds':>8} {'MFU':>6}")
+
+    def report(name: str, loop: str, seconds: float) -> None:
+        print(f"{name:10} {loop:36} {seconds:8.3f} {flops / seconds / 1e12 / peak * 100:5.1f}%", flush=True)
+
     for name in args.models:
         model = opt_model(name, torch.float16)
         windows = TOKENS // 2048
         flops = forward_flops_per_token(model, 2048) * windows * 2048
         seconds = timed(lambda model=model: evaluate_perplexity(model, ids, 2048, 2048, args.batch_size, progress=False))
-        rows.append((name, f"evaluate_perplexity fp16 batch {args.batch_size}", seconds, flops / seconds / 1e12 / peak))
+        report(name, f"evaluate_perplexity fp16 batch {args.batch_size}", seconds)
+        if args.compile:
+            compiled = opt_model(name, torch.float16)
+            compiled.compile()
+            seconds = timed(lambda: evaluate_perplexity(compiled, ids, 2048, 2048, args.batch_size,
+                                                        progress=False, compile=True))
+            report(name, "  compiled", seconds)
+            del compiled
         if not args.skip_lineage:
             model = model.float()
             seconds = timed(lambda model=model: lineage_loop(model, ids, 2048), repeats=1)
-            rows.append((name, "lineage loop fp32 batch 1", seconds, flops / seconds / 1e12 / peak))
+            report(name, "lineage loop fp32 batch 1", seconds)
         del model
         torch.cuda.empty_cache()
-    print(f"{'model':10} {'loop':36} {'seconds':>8} {'MFU':>6}")
-    for name, loop, seconds, mfu in rows:
-        print(f"{name:10} {loop:36} {seconds:8.3f} {mfu * 100:5.1f}%")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Masked fine-tuning speed on the GPU: tokens/s, MFU and peak memory, with masks on and off.
 
-    python benchmarks/bench_train.py [--models opt-350m opt-1.3b] [--smollm2 PATH] [--steps 20]
+    python benchmarks/bench_train.py [--models opt-350m opt-1.3b smollm2-shape] [--smollm2 PATH] [--steps 20]
+                                     [--compile MODE] [--profile]
 
-The loop is the tool's own (`fsdp_finetune.train_step` on an FSDP2-sharded model, bf16 compute,
-fp32 master weights, fused AdamW; FSDP2 under several processes, the plain module in one); masks keep 10% of each decoder linear.
+The loop is the tool's own (`fsdp_finetune.train_step`: bf16 compute, fp32 master weights, fused
+AdamW, the plain module in one process, FSDP2 with --fsdp); masks keep 10% of each decoder linear.
+--compile MODE compiles the model as the CLI's --compile does (the CLI's auto = reduce-overhead here).
 """
 from __future__ import annotations
 
@@ -12,17 +14,17 @@ import time
 
 import torch
 
-from common import forward_flops_per_token, gib, matmul_tflops, opt_model
+from common import bench_model, forward_flops_per_token, gib, matmul_tflops
 import contextlib
 
-from fsdp_finetune import TrainConfig, init_distributed, make_optimizer, prepare_model, shard_model, train_step
+from fsdp_finetune import Optimization, TrainConfig, init_distributed, prepare_model, shard_model, train_step
 from utils.mask_utils import MaskSet
 from utils.model_utils import load_model, prunable_linears, resolve_model
 from utils.prune_utils import magnitude_keep
 
 
 def bench(model, batch: int, block: int, steps: int, masked: bool, peak_tflops: float,
-          fsdp: bool = False) -> tuple[float, float, float]:
+          fsdp: bool = False, compile_mode: str | None = None, profile: bool = False) -> tuple[float, float, float]:
     device = torch.device("cuda")
     if masked:
         with torch.no_grad():
@@ -32,48 +34,73 @@ def bench(model, batch: int, block: int, steps: int, masked: bool, peak_tflops: 
     if fsdp:  # what one process would cost under fully_shard (the tool trains it plain)
         model, precision = shard_model(model, device, "bf16"), contextlib.nullcontext
     else:
-        model, precision = prepare_model(model, device, "bf16")
+        model, precision = prepare_model(model, device, "bf16", compile_mode)
     masks = MaskSet.from_zeros({n: l.weight for n, l in prunable_linears(model).items()}) if masked else None
-    optimizer = make_optimizer(model, TrainConfig(), device)
+    optimization = Optimization.create(model, TrainConfig(), device)
     model.train()
     data = torch.randint(0, model.config.vocab_size, (steps + 3, batch, block))
-    for i in range(3):
-        train_step(model, [data[i]], optimizer, None, masks, device, 1.0, precision)
+    for i in range(3):  # warm-up (and compilation)
+        train_step(model, [data[i]], optimization, masks, device, 1.0, precision)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for i in range(steps):
-        train_step(model, [data[3 + i]], optimizer, None, masks, device, 1.0, precision)
+        train_step(model, [data[3 + i]], optimization, masks, device, 1.0, precision)
     torch.cuda.synchronize()
     tokens_per_second = steps * batch * block / (time.perf_counter() - start)
+    if profile:
+        print_profile(lambda i: train_step(model, [data[i % steps]], optimization, masks, device, 1.0, precision))
     return tokens_per_second, flops_per_token * tokens_per_second / 1e12 / peak_tflops, gib(torch.cuda.max_memory_allocated())
+
+
+def print_profile(step, steps: int = 5) -> None:
+    """Where a step's time goes: wall time against GPU-busy time, and the top operators."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 1e3 / steps
+    print(f"  profile: {wall * 1e3:.1f} ms a step wall, {gpu:.1f} ms of GPU kernels")
+    print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", default=["opt-350m", "opt-1.3b"])
+    parser.add_argument("--models", nargs="*", default=["opt-350m", "opt-1.3b", "smollm2-shape"])
     parser.add_argument("--smollm2", default=None, help="also the real SmolLM2 (--model syntax)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--fsdp", action="store_true", help="shard with fully_shard even in one process")
+    parser.add_argument("--compile", default=None, help="torch.compile mode for the model (default, max-autotune, ...)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table (masks on)")
+    parser.add_argument("--masks", choices=["both", "on", "off"], default="both")
     args = parser.parse_args()
     init_distributed(torch.device("cuda"))
     peak = matmul_tflops()
     print(f"GPU: {torch.cuda.get_device_name()} | measured bf16 matmul: {peak:.0f} TFLOP/s | "
-          f"batch {args.batch_size} × {args.block_size}, bf16 autocast, fused AdamW, 1 process")
-    makers = {name: (lambda name=name: opt_model(name, torch.float32)) for name in args.models}
+          f"batch {args.batch_size} × {args.block_size}, bf16 autocast, fused AdamW, 1 process, "
+          f"compile {args.compile or 'off'}")
+    makers = {name: (lambda name=name: bench_model(name, torch.float32)) for name in args.models}
     if args.smollm2:
         makers["smollm2-135m"] = lambda: load_model(resolve_model(args.smollm2), dtype=torch.float32)[0].cuda()
     print(f"{'model':14} {'masks':6} {'tokens/s':>10} {'MFU':>6} {'peak mem':>9}")
     for name, make in makers.items():
         results = {}
-        for masked in (False, True):
-            tokens, mfu, memory = bench(make(), args.batch_size, args.block_size, args.steps, masked, peak, args.fsdp)
+        for masked in {"both": (False, True), "on": (True,), "off": (False,)}[args.masks]:
+            tokens, mfu, memory = bench(make(), args.batch_size, args.block_size, args.steps, masked, peak, args.fsdp,
+                                        args.compile, args.profile and masked)
             results[masked] = tokens
             print(f"{name:14} {'on' if masked else 'off':6} {tokens:10,.0f} {mfu * 100:5.1f}% {memory:8.2f}G", flush=True)
             torch.cuda.empty_cache()
-        print(f"{name:14} mask overhead: {(results[False] / results[True] - 1) * 100:+.1f}%")
+        if len(results) == 2:
+            print(f"{name:14} mask overhead: {(results[False] / results[True] - 1) * 100:+.1f}%")
 
 
 if __name__ == "__main__":

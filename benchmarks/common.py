@@ -26,6 +26,26 @@ def opt_model(name: str, dtype: torch.dtype, device: str = "cuda"):
     return model.to(dtype).eval()
 
 
+# SmolLM2-135M (Llama): hidden 576, 30 layers, 9 query / 3 key-value heads, MLP 1536, tied 49152 vocabulary.
+SMOLLM2_SHAPE = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                     intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                     rope_theta=100000.0, tie_word_embeddings=True)
+
+
+def smollm2_shaped(dtype: torch.dtype, device: str = "cuda"):
+    """Random-weight Llama with SmolLM2-135M's shape (the real GGUF needs two transfers to the GPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
+    return model.to(dtype).eval()
+
+
+def bench_model(name: str, dtype: torch.dtype, device: str = "cuda"):
+    """An OPT shape by name, or 'smollm2-shape'."""
+    return smollm2_shaped(dtype, device) if name == "smollm2-shape" else opt_model(name, dtype, device)
+
+
 def matmul_tflops(dtype: torch.dtype = torch.bfloat16, size: int = 8192, repeats: int = 20) -> float:
     """The GPU's measured dense matmul rate: the ceiling MFU is reported against."""
     a = torch.randn(size, size, device="cuda", dtype=dtype)

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .data_utils import DataError, TokenizedText
 from .logging_utils import MetricsLogger, Progress, describe_density
@@ -101,16 +100,40 @@ def _forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Te
     return model(input_ids=input_ids, use_cache=False).logits  # (batch, seq, vocab)
 
 
+def _token_stats(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL (float32) and whether the argmax is the target, for (..., vocab) scores in
+    the model's dtype.  logsumexp − target logit is cross-entropy without writing log-probs;
+    compiled, it reads the logits twice and writes nothing of their size."""
+    wide = scores.float()
+    nll = torch.logsumexp(wide, dim=-1) - wide.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return nll, scores.argmax(-1) == targets  # argmax needs no upcast: widening to float32 is exact
+
+
+_compiled_token_stats = None
+
+
+def _stats_function(compile: bool):
+    global _compiled_token_stats
+    if not compile:
+        return _token_stats
+    if _compiled_token_stats is None:
+        _compiled_token_stats = torch.compile(_token_stats, dynamic=False)
+    return _compiled_token_stats
+
+
 @torch.no_grad()
 def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Tensor, token_length: int = 2048,
                         stride: int = 2048, batch_size: int = 1, progress: bool = True,
-                        desc: str = "Computing perplexity", distributed: bool = True) -> PerplexityResult:
+                        desc: str = "Computing perplexity", distributed: bool = True,
+                        compile: bool = False) -> PerplexityResult:
     """Perplexity, bits per byte and next-token accuracy of `model` on `tokens` (see module doc).
 
     Under torch.distributed the batches are dealt round-robin to the ranks and the sums are
     all-reduced; every rank runs the same number of forwards (padding with a zero-weight batch)
     so that FSDP's collectives stay in step.  `distributed=False` evaluates every window in this
     process alone (a model only one rank holds, e.g. while the main process prunes).
+    `compile=True` scores the logits with a torch.compile'd kernel; compiling the model itself is
+    its owner's choice (`model.compile()`, the CLI's --compile).
     """
     ids = tokens.ids if isinstance(tokens, TokenizedText) else tokens
     num_bytes = tokens.num_bytes if isinstance(tokens, TokenizedText) else None
@@ -122,6 +145,7 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
     mine = batches[rank::world]
     rounds = math.ceil(len(batches) / world)
     device = _model_device(model)
+    token_stats = _stats_function(compile)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -133,17 +157,17 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
             batch = mine[index] if index < len(mine) else batches[0]
             weight = 1.0 if index < len(mine) else 0.0
             input_ids = torch.stack([ids[w.begin:w.end] for w in batch]).to(device, non_blocking=True)
+            if compile:  # the last batch's logits are consumed: CUDA-graph trees may reuse them
+                torch.compiler.cudagraph_mark_step_begin()
             logits = _forward_logits(model, input_ids)
             for rows in _same_start(batch):
                 first = batch[rows[0]].score_from
                 scores = logits[rows[0]:rows[-1] + 1, first - 1:-1]  # (rows, scored, vocab), model dtype
                 targets = input_ids[rows[0]:rows[-1] + 1, first:]
-                nll = F.cross_entropy(scores.reshape(-1, scores.shape[-1]).float(), targets.reshape(-1),
-                                      reduction="none")  # per token, summed in float64 below
+                nll, correct = token_stats(scores, targets)  # per token, summed in float64 here
                 totals[0] += weight * nll.double().sum()
                 totals[1] += weight * targets.numel()
-                # argmax needs no upcast: widening to float32 is exact
-                totals[2] += weight * (scores.argmax(-1) == targets).sum().double()
+                totals[2] += weight * correct.sum().double()
             del logits
             bar.update(len(batch) * world if index < len(mine) else 0)
     finally:
@@ -243,10 +267,11 @@ class PerplexityHistory:
 def evaluate_and_log(model: torch.nn.Module, tokens: TokenizedText, logger: MetricsLogger, *, title: str,
                      token_length: int, stride: int, batch_size: int, epoch: int | None = None,
                      density: float | None = None, history: PerplexityHistory | None = None,
-                     step: int | None = None, distributed: bool = True) -> PerplexityResult:
+                     step: int | None = None, distributed: bool = True, compile: bool = False) -> PerplexityResult:
     """Evaluate, print the block (and the trend when `history` is given), record the event."""
     result = evaluate_perplexity(model, tokens, token_length=token_length, stride=stride,
-                                 batch_size=batch_size, progress=logger.is_main, distributed=distributed)
+                                 batch_size=batch_size, progress=logger.is_main, distributed=distributed,
+                                 compile=compile)
     logger.info(_banner(title))
     if epoch is not None:
         logger.info(f"Epoch: {epoch}")

@@ -1,0 +1,54 @@
+"""The training step's precision and compilation options."""
+import json
+
+import pytest
+import torch
+
+from extreme_compression_experiment import main
+from fsdp_finetune import Optimization, TrainConfig, init_distributed, prepare_model, resolve_compile_mode, train_step
+from helpers import tiny_model
+from test_cli import job_args
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps_and_recovers():
+    device = torch.device("cpu")
+    init_distributed(device)
+    model, precision = prepare_model(tiny_model("llama", 300), device, "fp16")
+    optimization = Optimization.create(model, TrainConfig(mixed_precision="fp16", lr=1e-3, warmup_steps=0), device)
+    assert optimization.scaler is not None
+    model.train()
+    batch = torch.arange(64).reshape(2, 32) * 7 % 300
+    optimization.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)  # fp16 gradients of this overflow
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = train_step(model, [batch], optimization, None, device, 1.0, precision)
+    assert torch.isfinite(loss)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), "an overflowing step was applied"
+    assert optimization.scaler.get_scale() < 2.0 ** 40
+    for _ in range(40):  # the scale comes down until steps go through
+        train_step(model, [batch], optimization, None, device, 1.0, precision)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert Optimization.create(model, TrainConfig(mixed_precision="bf16"), device).scaler is None
+
+
+def test_compile_modes():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile_mode("auto", cpu, 1)[0] is None
+    assert resolve_compile_mode("auto", gpu, 1)[0] == "reduce-overhead"
+    assert resolve_compile_mode("auto", gpu, 2)[0] == "default"
+    assert resolve_compile_mode("reduce-overhead", gpu, 2)[0] == "default"  # no CUDA graphs under FSDP
+    assert resolve_compile_mode("max-autotune", gpu, 4)[0] == "max-autotune-no-cudagraphs"
+    assert resolve_compile_mode("off", gpu, 1)[0] is None
+    assert resolve_compile_mode("default", cpu, 1)[0] == "default"
+
+
+def test_compiled_training_and_evaluation_match_eager(tmp_path, tiny_llama_dir, text_file, capsys):
+    results = {}
+    for mode in ("off", "default"):
+        out = tmp_path / mode
+        assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--compile", mode)) == 0
+        results[mode] = json.loads((out / "results.json").read_text())
+    assert "torch.compile: default" in capsys.readouterr().out
+    assert results["default"]["baseline"] == pytest.approx(results["off"]["baseline"], rel=1e-4)
+    assert results["default"]["final"] == pytest.approx(results["off"]["final"], rel=1e-3)
+    assert results["default"]["final"] != results["default"]["baseline"]  # it trained
