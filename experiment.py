@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from fsdp_finetune import (TrainConfig, finetune, init_distributed, out_of_memory_message, prepare_model,
-                           resolve_compile_mode)
+from fsdp_finetune import (STOPPING_ERRORS, TrainConfig, finetune, init_distributed, prepare_model,
+                           resolve_compile_mode, stop_message)
 from utils.checkpoint_utils import (import_lineage_checkpoint, lineage_checkpoint, load_pruned_model,
                                     make_pruned_model, pruned_model_dir)
 from utils.data_utils import calibration_windows, pack_blocks, tokenize_source
@@ -57,9 +57,9 @@ def run(config) -> int:
     logger = MetricsLogger(output, config.log_file, accelerator.is_main_process, tracker_log)
     try:
         return _run(config, accelerator, device, output, logger)
-    except torch.cuda.OutOfMemoryError as error:
-        logger.info(f"error: {out_of_memory_message(error)}")
-        logger.log({"event": "error", "kind": "out_of_memory", "message": str(error)})
+    except STOPPING_ERRORS as error:
+        logger.info(f"error: {stop_message(error)}")
+        logger.log({"event": "error", "kind": type(error).__name__, "message": str(error)})
         return 1
     finally:
         if config.report_to != "none":
@@ -184,7 +184,7 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
     mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
     compile_mode, compile_note = resolve_compile_mode(config.compile, device, world)
     logger.info(f"Precision: {mixed} | torch.compile: {compile_note}")
-    model, precision = prepare_model(model, device, mixed, compile_mode)
+    prepared = prepare_model(model, device, mixed, compile_mode)
     train_config = TrainConfig(
         epochs=config.epochs, max_step=config.max_step, lr=config.lr, batch_size=config.batch_size,
         micro_batch_size=micro, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
@@ -198,14 +198,17 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
     if not resuming:
         if config.resume:
             logger.info(f"--resume: no saved state in {output / 'state'}; starting from the beginning")
-        with precision():
-            baseline = evaluate_and_log(model, eval_tokens, logger, title="Baseline Evaluation (Before Training)",
+        with prepared.precision():
+            baseline = evaluate_and_log(prepared.module, eval_tokens, logger, title="Baseline Evaluation (Before Training)",
                                         density=config.density, compile=compile_mode is not None, **evaluate)
         history.baseline = baseline.perplexity
     best_info = lambda: {"model": config.model, "density": config.density, "method": config.method,  # noqa: E731
                          "pattern": info.get("pattern"), "pruning": {k: v for k, v in info.items() if k != "layer_density"}}
-    result = finetune(model, tokenizer, blocks, eval_tokens, train_config, config.density, logger, device,
-                      history, best_info, precision)
+    if compile_mode:
+        logger.info("The first training steps compile the model (minutes on a cold compile cache, seconds when "
+                    "cached); --compile off skips it")
+    result = finetune(prepared, tokenizer, blocks, eval_tokens, train_config, config.density, logger, device,
+                      history, best_info)
     history = result.history
     if result.error:
         logger.info(f"error: {result.error}")

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._dynamo.exc import TorchDynamoException
 
 from utils.data_utils import TokenizedText
 from utils.eval_utils import PerplexityHistory, evaluate_and_log
@@ -132,29 +133,40 @@ def shard_model(model: nn.Module, device: torch.device, mixed_precision: str) ->
     return model
 
 
+@dataclass
+class Prepared:
+    """A model ready to train: the module itself (state dicts, evaluation, masks), the callable
+    that runs its training forwards (the module, or its torch.compile'd wrapper), and a context
+    factory for its compute precision."""
+    module: nn.Module
+    forward: Callable
+    precision: Callable = contextlib.nullcontext
+
+
 def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str,
-                  compile_mode: str | None = None) -> tuple[nn.Module, Callable]:
+                  compile_mode: str | None = None) -> Prepared:
     """Shard with FSDP2 across several processes; train a single process's model as it is.
 
     FSDP at world size 1 shards nothing and costs CPU time per module (measured on an H100 with
-    opt-350m, batch 8 × 512: 142 ms a step under fully_shard against 70 ms plain).  With
-    `compile_mode` (a torch.compile mode) the model is compiled in place: the whole model in one
-    process, each decoder layer under FSDP (its hooks stay outside the compiled graphs); state
-    dict keys do not change.  Returns the model and a context factory for its compute precision
-    (FSDP's policy casts by itself; the plain module gets autocast)."""
+    opt-350m, batch 8 × 512: 142 ms a step under fully_shard against 70 ms plain).  FSDP's policy
+    casts to the compute dtype by itself; the plain module gets autocast.
+
+    `compile_mode` (a torch.compile mode): in one process the training forward goes through
+    `torch.compile(model)` while evaluation keeps the eager module (compiling the evaluation
+    shapes too cost 90 s on a cold cache, more than it saves); under FSDP each decoder layer is
+    compiled in place, its hooks and collectives staying outside the graphs.  Parameters and
+    state dict keys are the module's own either way."""
     dtype = compute_dtype(mixed_precision)
     if dist.get_world_size() > 1:
         model = shard_model(model, device, mixed_precision)
         if compile_mode:
             for layer in find_decoder_layers(model)[1]:
                 layer.compile(mode=compile_mode)
-        return model, contextlib.nullcontext
+        return Prepared(model, model)
     model.to(device)
-    if compile_mode:
-        model.compile(mode=compile_mode)
-    if dtype is None:
-        return model, contextlib.nullcontext
-    return model, lambda: torch.autocast(device.type, dtype=dtype)
+    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+    precision = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+    return Prepared(model, forward, precision)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -221,9 +233,8 @@ class Optimization:
             self.scaler.load_state_dict(extra["scaler"])
 
 
-def train_step(model: nn.Module, micro_batches: list[torch.Tensor], optimization: Optimization,
-               masks: MaskSet | None, device: torch.device, max_grad_norm: float | None,
-               precision: Callable = contextlib.nullcontext) -> torch.Tensor:
+def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimization: Optimization,
+               masks: MaskSet | None, device: torch.device, max_grad_norm: float | None) -> torch.Tensor:
     """One optimizer step over `micro_batches` (gradient accumulation), then the masks.
     With a GradScaler a step whose gradients overflowed is skipped and the scale lowered.
     Returns the mean loss as a device tensor (no host sync without a scaler)."""
@@ -232,15 +243,15 @@ def train_step(model: nn.Module, micro_batches: list[torch.Tensor], optimization
     for batch in micro_batches:
         torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph trees: last step's outputs are done
         batch = batch.to(device, non_blocking=True)
-        with precision():
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        with prepared.precision():
+            loss = prepared.forward(input_ids=batch, labels=batch, use_cache=False).loss
         scaled = loss / len(micro_batches)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach().double() / len(micro_batches)
     if scaler is not None:
         scaler.unscale_(optimizer)
     if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(prepared.module.parameters(), max_grad_norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -318,18 +329,26 @@ class TrainResult:
     error: str | None = None  # why the run stopped short (NaN loss, out of memory); the best model is kept
 
 
-def out_of_memory_message(error: BaseException) -> str:
-    """What to do about an out-of-memory error, with the first line of the error itself."""
-    return ("out of memory: lower --micro-batch-size (gradient accumulation keeps the effective batch), "
-            "--block-size, --eval-batch-size or --token-length, or use more GPUs with accelerate launch "
-            f"({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+# Errors that end a run with a message and its results kept, instead of a traceback.
+STOPPING_ERRORS = (torch.cuda.OutOfMemoryError, TorchDynamoException)
 
 
-def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: TokenizedText, config: TrainConfig,
+def stop_message(error: BaseException) -> str:
+    """What went wrong and what to do about it, with the first line of the error itself."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return ("out of memory: lower --micro-batch-size (gradient accumulation keeps the effective batch), "
+                "--block-size, --eval-batch-size or --token-length, or use more GPUs with accelerate launch "
+                f"({first})")
+    return (f"torch.compile failed ({type(error).__name__}: {first}); run again with --compile off "
+            "(add --resume to continue from the last finished epoch)")
+
+
+def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: TokenizedText, config: TrainConfig,
              density: float, logger: MetricsLogger, device: torch.device,
-             history: PerplexityHistory, best_info: Callable[[], dict],
-             precision: Callable = contextlib.nullcontext) -> TrainResult:
+             history: PerplexityHistory, best_info: Callable[[], dict]) -> TrainResult:
     """Train the model (from `prepare_model`) for `config.epochs` epochs, evaluating after each."""
+    model = prepared.module
     rank, world = dist.get_rank(), dist.get_world_size()
     micro = config.micro_batch_size
     accum = config.batch_size // (micro * world)
@@ -367,8 +386,8 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
             while state.global_step < epoch_end:
                 micro_batches = [blocks[sampler.micro_batch(state.global_step, index, config.batch_size, micro,
                                                             rank, world)] for index in range(accum)]
-                window_loss += train_step(model, micro_batches, optimization, masks, device,
-                                          config.max_grad_norm, precision)
+                window_loss += train_step(prepared, micro_batches, optimization, masks, device,
+                                          config.max_grad_norm)
                 state.global_step += 1
                 window_steps += 1
                 if window_steps == config.log_every or state.global_step == epoch_end:
@@ -379,15 +398,15 @@ def finetune(model: nn.Module, tokenizer, blocks: torch.Tensor, eval_tokens: Tok
                 if config.interrupt_after_steps and state.global_step == config.interrupt_after_steps:
                     raise KeyboardInterrupt
             bar.close()
-            with precision():
+            with prepared.precision():
                 _end_of_epoch(model, tokenizer, masks, eval_tokens, config, density, logger, state, history,
                               memory, optimization, state_dir, best_dir, best_info, result)
             if result.stopped_early:
                 break
     except TrainingStopped as error:  # weights may be NaN: keep the last good state and the best model
         result.error = str(error)
-    except torch.cuda.OutOfMemoryError as error:
-        result.error = out_of_memory_message(error)
+    except STOPPING_ERRORS as error:
+        result.error = stop_message(error)
     except KeyboardInterrupt:
         result.interrupted = True
         if bar is not None:

@@ -15,9 +15,8 @@ import time
 import torch
 
 from common import bench_model, forward_flops_per_token, gib, matmul_tflops
-import contextlib
 
-from fsdp_finetune import Optimization, TrainConfig, init_distributed, prepare_model, shard_model, train_step
+from fsdp_finetune import Optimization, Prepared, TrainConfig, init_distributed, prepare_model, shard_model, train_step
 from utils.mask_utils import MaskSet
 from utils.model_utils import load_model, prunable_linears, resolve_model
 from utils.prune_utils import magnitude_keep
@@ -32,24 +31,25 @@ def bench(model, batch: int, block: int, steps: int, masked: bool, peak_tflops: 
                 linear.weight.masked_fill_(~magnitude_keep(linear.weight, 0.1), 0.0)
     flops_per_token = 3 * forward_flops_per_token(model, block)
     if fsdp:  # what one process would cost under fully_shard (the tool trains it plain)
-        model, precision = shard_model(model, device, "bf16"), contextlib.nullcontext
+        model = shard_model(model, device, "bf16")
+        prepared = Prepared(model, model)
     else:
-        model, precision = prepare_model(model, device, "bf16", compile_mode)
+        prepared = prepare_model(model, device, "bf16", compile_mode)
     masks = MaskSet.from_zeros({n: l.weight for n, l in prunable_linears(model).items()}) if masked else None
     optimization = Optimization.create(model, TrainConfig(), device)
     model.train()
     data = torch.randint(0, model.config.vocab_size, (steps + 3, batch, block))
     for i in range(3):  # warm-up (and compilation)
-        train_step(model, [data[i]], optimization, masks, device, 1.0, precision)
+        train_step(prepared, [data[i]], optimization, masks, device, 1.0)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for i in range(steps):
-        train_step(model, [data[3 + i]], optimization, masks, device, 1.0, precision)
+        train_step(prepared, [data[3 + i]], optimization, masks, device, 1.0)
     torch.cuda.synchronize()
     tokens_per_second = steps * batch * block / (time.perf_counter() - start)
     if profile:
-        print_profile(lambda i: train_step(model, [data[i % steps]], optimization, masks, device, 1.0, precision))
+        print_profile(lambda i: train_step(prepared, [data[i % steps]], optimization, masks, device, 1.0))
     return tokens_per_second, flops_per_token * tokens_per_second / 1e12 / peak_tflops, gib(torch.cuda.max_memory_allocated())
 
 

@@ -3,7 +3,7 @@
 # getting the SmolLM2 GGUF there as /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf and WikiText into .data/).
 #   bash benchmarks/run_gpu.sh bench     # evaluation, training and pruning speed
 #   bash benchmarks/run_gpu.sh quality   # SmolLM2 pruning table
-#   bash benchmarks/run_gpu.sh recover   # SmolLM2 main job at density 1.0, 0.5, 0.1
+#   bash benchmarks/run_gpu.sh recover   # SmolLM2 main job at density 1.0, 0.5, 0.1 (DENSITIES="0.1" for one)
 #   bash benchmarks/run_gpu.sh multi     # the same main job on 1 and 2 GPUs
 set -u
 GGUF=${GGUF:-/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -25,7 +25,7 @@ case "${1:-bench}" in
   quality)
     python3 benchmarks/bench_prune.py --smollm2 "$GGUF" --data "$DATA" --quality 2>&1 | tee "$OUT/quality.log" ;;
   recover)
-    for density in 1.0 0.5 0.1; do
+    for density in ${DENSITIES:-1.0 0.5 0.1}; do
       main_job "$density" "runs/smollm2-$density" "${@:2}" 2>&1 | tee "$OUT/recover-$density.log"
     done ;;
   multi)

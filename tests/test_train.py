@@ -13,19 +13,20 @@ from test_cli import job_args
 def test_fp16_loss_scaling_skips_overflowing_steps_and_recovers():
     device = torch.device("cpu")
     init_distributed(device)
-    model, precision = prepare_model(tiny_model("llama", 300), device, "fp16")
+    prepared = prepare_model(tiny_model("llama", 300), device, "fp16")
+    model = prepared.module
     optimization = Optimization.create(model, TrainConfig(mixed_precision="fp16", lr=1e-3, warmup_steps=0), device)
     assert optimization.scaler is not None
     model.train()
     batch = torch.arange(64).reshape(2, 32) * 7 % 300
     optimization.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)  # fp16 gradients of this overflow
     before = [p.detach().clone() for p in model.parameters()]
-    loss = train_step(model, [batch], optimization, None, device, 1.0, precision)
+    loss = train_step(prepared, [batch], optimization, None, device, 1.0)
     assert torch.isfinite(loss)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), "an overflowing step was applied"
     assert optimization.scaler.get_scale() < 2.0 ** 40
     for _ in range(40):  # the scale comes down until steps go through
-        train_step(model, [batch], optimization, None, device, 1.0, precision)
+        train_step(prepared, [batch], optimization, None, device, 1.0)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert Optimization.create(model, TrainConfig(mixed_precision="bf16"), device).scaler is None
@@ -52,3 +53,22 @@ def test_compiled_training_and_evaluation_match_eager(tmp_path, tiny_llama_dir, 
     assert results["default"]["baseline"] == pytest.approx(results["off"]["baseline"], rel=1e-4)
     assert results["default"]["final"] == pytest.approx(results["off"]["final"], rel=1e-3)
     assert results["default"]["final"] != results["default"]["baseline"]  # it trained
+
+
+def test_a_failing_compiler_stops_with_the_way_out_and_keeps_the_results(tmp_path, tiny_llama_dir, text_file, capsys,
+                                                                         monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config as inductor
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-compiler-here",))
+    torch._dynamo.reset()
+    try:
+        out = tmp_path / "run"
+        with pytest.warns(UserWarning, match="compiled scoring failed"):  # evaluation falls back to eager
+            assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--compile", "default")) == 1
+    finally:
+        torch._dynamo.reset()
+    printed = capsys.readouterr().out
+    assert "error: torch.compile failed" in printed and "--compile off" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert "torch.compile failed" in results["error"] and results["baseline"] > 0

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.exc import TorchDynamoException
 
 from .data_utils import DataError, TokenizedText
 from .logging_utils import MetricsLogger, Progress, describe_density
@@ -117,7 +119,7 @@ def _stats_function(compile: bool):
     if not compile:
         return _token_stats
     if _compiled_token_stats is None:
-        _compiled_token_stats = torch.compile(_token_stats, dynamic=False)
+        _compiled_token_stats = torch.compile(_token_stats)
     return _compiled_token_stats
 
 
@@ -164,7 +166,14 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
                 first = batch[rows[0]].score_from
                 scores = logits[rows[0]:rows[-1] + 1, first - 1:-1]  # (rows, scored, vocab), model dtype
                 targets = input_ids[rows[0]:rows[-1] + 1, first:]
-                nll, correct = token_stats(scores, targets)  # per token, summed in float64 here
+                try:
+                    nll, correct = token_stats(scores, targets)  # per token, summed in float64 here
+                except TorchDynamoException as error:  # compiling is an optimization: score eagerly
+                    if token_stats is _token_stats:
+                        raise
+                    warnings.warn(f"compiled scoring failed ({type(error).__name__}); scoring eagerly", stacklevel=2)
+                    token_stats = _token_stats
+                    nll, correct = token_stats(scores, targets)
                 totals[0] += weight * nll.double().sum()
                 totals[1] += weight * targets.numel()
                 totals[2] += weight * correct.sum().double()
