@@ -3,10 +3,11 @@
     python extreme_compression_experiment.py --sparsity 0.1 --model opt-350m --batch-size 8   # 1 process
     accelerate launch --num_processes 2 extreme_compression_experiment.py ...                  # 2 GPUs
 
-One code path for every process count: a single process joins a world-1 process group, so the
-model is always sharded by `fully_shard` (a no-op split at world size 1) and masks are always
-DTensor shards.  After every optimizer step the keep-masks are re-applied: gradient hooks alone
-do not fire on FSDP's flat buffers, and AdamW's moments would walk pruned weights off zero.
+Every process count joins a process group (a single process a world-1 one), so evaluation,
+checkpoints and masks run one code path; the model is sharded by `fully_shard` only across
+processes (`prepare_model`), and on a GPU its training forward is compiled (`--compile`).
+After every optimizer step the keep-masks are re-applied: gradient hooks alone do not fire on
+FSDP's sharded parameters, and AdamW's moments would walk pruned weights off zero.
 Each epoch is `max_step` optimizer steps of `batch_size` packed blocks; sample g of the run is
 block perm_p[g mod n] with perm_p a seeded permutation per pass p, so the data order is a pure
 function of the step and a resumed run continues it exactly.
@@ -93,9 +94,6 @@ def init_distributed(device: torch.device) -> None:
     os.unlink(store.name)  # FileStore wants a path that does not exist yet
     dist.init_process_group(backend, init_method=Path(store.name).as_uri(), rank=0, world_size=1,
                             device_id=device if backend == "nccl" else None)
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def resolve_compile_mode(requested: str, device: torch.device, world: int) -> tuple[str | None, str]:
@@ -326,7 +324,7 @@ class TrainResult:
     state: TrainState
     stopped_early: bool = False
     interrupted: bool = False
-    error: str | None = None  # why the run stopped short (NaN loss, out of memory); the best model is kept
+    error: str | None = None  # why the run stopped short (NaN loss, out of memory, compilation); best model kept
 
 
 # Errors that end a run with a message and its results kept, instead of a traceback.
