@@ -15,6 +15,7 @@ function of the step and a resumed run continues it exactly.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import tempfile
@@ -105,6 +106,8 @@ def resolve_compile_mode(requested: str, device: torch.device, world: int) -> tu
     if requested == "auto":
         if device.type != "cuda":
             return None, "off (auto: eager on the CPU)"
+        if importlib.util.find_spec("triton") is None:  # e.g. Windows builds of torch
+            return None, "off (auto: Triton, which compiles GPU kernels, is not installed)"
         requested = "reduce-overhead" if world == 1 else "default"
         return requested, f"{requested} (auto)"
     if world > 1 and requested in ("reduce-overhead", "max-autotune"):

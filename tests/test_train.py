@@ -33,8 +33,17 @@ def test_fp16_loss_scaling_skips_overflowing_steps_and_recovers():
     assert Optimization.create(model, TrainConfig(mixed_precision="bf16"), device).scaler is None
 
 
-def test_compile_modes():
+def test_compile_modes(monkeypatch):
+    import importlib.util
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    find_spec = importlib.util.find_spec
+
+    def triton(installed: bool) -> None:  # auto compiles GPU kernels only where Triton is installed
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: (find_spec("torch") if installed else None) if name == "triton"
+                            else find_spec(name, *a))
+
+    triton(True)
     assert resolve_compile_mode("auto", cpu, 1)[0] is None
     assert resolve_compile_mode("auto", gpu, 1)[0] == "reduce-overhead"
     assert resolve_compile_mode("auto", gpu, 2)[0] == "default"
@@ -42,6 +51,9 @@ def test_compile_modes():
     assert resolve_compile_mode("max-autotune", gpu, 4)[0] == "max-autotune-no-cudagraphs"
     assert resolve_compile_mode("off", gpu, 1)[0] is None
     assert resolve_compile_mode("default", cpu, 1)[0] == "default"
+    triton(False)
+    mode, why = resolve_compile_mode("auto", gpu, 1)
+    assert mode is None and "Triton" in why
 
 
 def test_compiled_training_and_evaluation_match_eager(tmp_path, tiny_llama_dir, text_file, capsys):
