@@ -75,6 +75,8 @@ class TrainState:
     epoch_batches: int = 0
     epoch_tokens: int = 0
     epoch_seconds: float = 0.0
+    epoch_compile_steps: int = 0  # steps of the first log window after compiling (not the steady rate)
+    epoch_compile_seconds: float = 0.0
     bad_epochs: int = 0
     history: dict = field(default_factory=dict)
     finished: bool = False
@@ -377,6 +379,7 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
     tokens_per_step = config.batch_size * blocks.shape[1]
     window_loss = torch.zeros((), device=device, dtype=torch.float64)  # losses not yet folded into `state`
     window_steps, bar = 0, None
+    compiling = config.compile_mode is not None  # this process's first log window compiles the model
     try:
         while state.epoch <= config.epochs and not state.finished:
             epoch_end = state.epoch * config.max_step
@@ -392,7 +395,9 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
                 state.global_step += 1
                 window_steps += 1
                 if window_steps == config.log_every or state.global_step == epoch_end:
-                    _flush_window(state, window_loss, window_steps, tokens_per_step, optimization.scheduler, logger, bar, tick)
+                    _flush_window(state, window_loss, window_steps, tokens_per_step, optimization.scheduler, logger,
+                                  bar, tick, compiling)
+                    compiling = False
                     tick = time.perf_counter()
                     window_loss.zero_()
                     window_steps = 0
@@ -424,7 +429,7 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
 
 
 def _flush_window(state: TrainState, window_loss: torch.Tensor, steps: int, tokens_per_step: int, scheduler,
-                  logger: MetricsLogger, bar, tick: float) -> None:
+                  logger: MetricsLogger, bar, tick: float, compiling: bool = False) -> None:
     """One host sync per `log_every` steps: loss bookkeeping, the NaN check, the log line."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(window_loss)
@@ -440,12 +445,23 @@ def _flush_window(state: TrainState, window_loss: torch.Tensor, steps: int, toke
     state.epoch_loss_sum += total
     state.epoch_batches += steps
     state.epoch_seconds += seconds
+    if compiling:
+        state.epoch_compile_steps += steps
+        state.epoch_compile_seconds += seconds
     lr = scheduler.get_last_lr()[0]
     if bar is not None:
         bar.update(steps, loss=total / steps, lr=lr)
     logger.log({"event": "train", "step": state.global_step, "epoch": state.epoch, "loss": total / steps, "lr": lr,
                 "seconds": seconds, "tokens_per_second": tokens / seconds if seconds else None},
                step=state.global_step)
+
+
+def _steady_rate(state: TrainState) -> float | None:
+    """Tokens/s of the epoch without the window that compiled the model; None if none did."""
+    steps, seconds = state.epoch_batches - state.epoch_compile_steps, state.epoch_seconds - state.epoch_compile_seconds
+    if not state.epoch_compile_steps or steps <= 0 or seconds <= 0:
+        return None
+    return state.epoch_tokens * steps / state.epoch_batches / seconds
 
 
 def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainConfig, density: float,
@@ -460,9 +476,12 @@ def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainCo
                               "kept; this is a bug, please report it")
     average = state.epoch_loss_sum / max(1, state.epoch_batches)
     tokens_per_second = state.epoch_tokens / state.epoch_seconds if state.epoch_seconds else float("nan")
+    steady = _steady_rate(state)
+    rate = f"{tokens_per_second:,.0f} tokens/s" + (
+        f" ({steady:,.0f} after the first {state.epoch_compile_steps} steps, which compiled)" if steady else "")
     snapshot = memory.snapshot()
     logger.info(f"Epoch {epoch} done: average loss {average:.4f} | {state.epoch_batches} batches processed | "
-                f"{tokens_per_second:,.0f} tokens/s | measured {describe_density(measured.density)}")
+                f"{rate} | measured {describe_density(measured.density)}")
     for line in snapshot.lines():
         logger.info(line)
     previous_best = history.best
@@ -471,7 +490,8 @@ def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainCo
                                   batch_size=config.eval_batch_size, epoch=epoch, density=density,
                                   history=history, step=state.global_step, compile=config.compile_mode is not None)
     logger.log({"event": "epoch", "epoch": epoch, "average_loss": average, "batches": state.epoch_batches,
-                "tokens_per_second": tokens_per_second, "measured_density": measured.density,
+                "tokens_per_second": tokens_per_second, "steady_tokens_per_second": steady or tokens_per_second,
+                "measured_density": measured.density,
                 "perplexity": evaluation.perplexity, **snapshot.to_dict()}, step=state.global_step)
     improved = previous_best is None or evaluation.perplexity < previous_best[1] * (1 - config.min_delta)
     if improved and config.save_best:
@@ -486,6 +506,7 @@ def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainCo
         state.finished = True
     state.epoch += 1
     state.epoch_loss_sum, state.epoch_batches, state.epoch_tokens, state.epoch_seconds = 0.0, 0, 0, 0.0
+    state.epoch_compile_steps, state.epoch_compile_seconds = 0, 0.0
     if state.epoch > config.epochs:
         state.finished = True
     state.history = history.to_dict()

@@ -60,9 +60,14 @@ def test_compiled_training_and_evaluation_match_eager(tmp_path, tiny_llama_dir, 
     results = {}
     for mode in ("off", "default"):
         out = tmp_path / mode
-        assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--compile", mode)) == 0
+        # 12 steps: the first log window (10 steps) compiles, the rest is the steady rate
+        assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--max-step", "12", "--compile", mode)) == 0
         results[mode] = json.loads((out / "results.json").read_text())
-    assert "torch.compile: default" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "torch.compile: default" in printed and "after the first 10 steps, which compiled)" in printed
+    epoch = [json.loads(line) for line in (tmp_path / "default" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "epoch"][0]
+    assert epoch["steady_tokens_per_second"] > epoch["tokens_per_second"]  # compiling is slower than a step
     assert results["default"]["baseline"] == pytest.approx(results["off"]["baseline"], rel=1e-4)
     assert results["default"]["final"] == pytest.approx(results["off"]["final"], rel=1e-3)
     assert results["default"]["final"] != results["default"]["baseline"]  # it trained
