@@ -182,7 +182,8 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
     blocks = pack_blocks(train_ids.ids, config.block_size)
     logger.info(f"Training text: {train_ids.ids.numel():,} tokens → {blocks.shape[0]:,} blocks of {config.block_size}")
     mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
-    compile_mode, compile_note = resolve_compile_mode(config.compile, device, world)
+    compile_mode, compile_note = resolve_compile_mode(config.compile, device, world,
+                                                      accumulation=config.batch_size // (micro * world))
     logger.info(f"Precision: {mixed} | torch.compile: {compile_note}")
     prepared = prepare_model(model, device, mixed, compile_mode)
     train_config = TrainConfig(

@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute precision of training (auto: bf16 on GPU, no on CPU)")
     train.add_argument("--compile", default="auto", choices=["auto", "off", "default", "reduce-overhead",
                                                               "max-autotune", "max-autotune-no-cudagraphs"],
-                       help="torch.compile the model for training and its evaluations (auto: reduce-overhead, "
-                            "i.e. CUDA graphs, on one GPU; default under FSDP; off on the CPU). Compiling takes "
-                            "about a minute at the start")
+                       help="torch.compile the training forward (auto: reduce-overhead, i.e. CUDA graphs, on one "
+                            "GPU without gradient accumulation; default under FSDP or with accumulation; off on "
+                            "the CPU or without Triton). The first steps compile: minutes on a cold cache")
     train.add_argument("--seed", type=int, default=0, help="calibration windows and data order")
     train.add_argument("--patience", type=_positive_int, default=None,
                        help="stop when perplexity has not improved for this many epochs")

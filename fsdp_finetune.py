@@ -99,10 +99,13 @@ def init_distributed(device: torch.device) -> None:
                             device_id=device if backend == "nccl" else None)
 
 
-def resolve_compile_mode(requested: str, device: torch.device, world: int) -> tuple[str | None, str]:
+def resolve_compile_mode(requested: str, device: torch.device, world: int,
+                         accumulation: int = 1) -> tuple[str | None, str]:
     """--compile → (torch.compile mode or None, why).  auto: CUDA graphs in one GPU process (the
     loop is launch-bound otherwise), plain compilation under FSDP (its hooks and collectives stay
-    outside the graphs, so CUDA graphs cannot hold a whole step), eager on the CPU."""
+    outside the graphs, so CUDA graphs cannot hold a whole step) and with gradient accumulation
+    (gradients accumulated across graph replays are a known CUDA-graph-trees hazard, pytorch
+    #169545), eager on the CPU or without Triton."""
     if requested == "off":
         return None, "off"
     if requested == "auto":
@@ -110,8 +113,11 @@ def resolve_compile_mode(requested: str, device: torch.device, world: int) -> tu
             return None, "off (auto: eager on the CPU)"
         if importlib.util.find_spec("triton") is None:  # e.g. Windows builds of torch
             return None, "off (auto: Triton, which compiles GPU kernels, is not installed)"
-        requested = "reduce-overhead" if world == 1 else "default"
-        return requested, f"{requested} (auto)"
+        if world > 1:
+            return "default", "default (auto: FSDP across processes)"
+        if accumulation > 1:
+            return "default", "default (auto: no CUDA graphs with gradient accumulation)"
+        return "reduce-overhead", "reduce-overhead (auto)"
     if world > 1 and requested in ("reduce-overhead", "max-autotune"):
         fallback = "default" if requested == "reduce-overhead" else "max-autotune-no-cudagraphs"
         return fallback, f"{fallback} ({requested} uses CUDA graphs, which FSDP's collectives cannot join)"
@@ -243,8 +249,10 @@ def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimizati
     Returns the mean loss as a device tensor (no host sync without a scaler)."""
     optimizer, scheduler, scaler = optimization.optimizer, optimization.scheduler, optimization.scaler
     total = torch.zeros((), device=device, dtype=torch.float64)
+    # CUDA-graph trees: the last step's graph outputs are done with.  Once per optimizer step, not
+    # per micro-batch: gradients accumulating in .grad are outputs of the first backward's graph.
+    torch.compiler.cudagraph_mark_step_begin()
     for batch in micro_batches:
-        torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph trees: last step's outputs are done
         batch = batch.to(device, non_blocking=True)
         with prepared.precision():
             loss = prepared.forward(input_ids=batch, labels=batch, use_cache=False).loss

@@ -47,6 +47,7 @@ def test_compile_modes(monkeypatch):
     assert resolve_compile_mode("auto", cpu, 1)[0] is None
     assert resolve_compile_mode("auto", gpu, 1)[0] == "reduce-overhead"
     assert resolve_compile_mode("auto", gpu, 2)[0] == "default"
+    assert resolve_compile_mode("auto", gpu, 1, accumulation=2)[0] == "default"  # no CUDA graphs across micro-batches
     assert resolve_compile_mode("reduce-overhead", gpu, 2)[0] == "default"  # no CUDA graphs under FSDP
     assert resolve_compile_mode("max-autotune", gpu, 4)[0] == "max-autotune-no-cudagraphs"
     assert resolve_compile_mode("off", gpu, 1)[0] is None
@@ -60,8 +61,9 @@ def test_compiled_training_and_evaluation_match_eager(tmp_path, tiny_llama_dir, 
     results = {}
     for mode in ("off", "default"):
         out = tmp_path / mode
-        # 12 steps: the first log window (10 steps) compiles, the rest is the steady rate
-        assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--max-step", "12", "--compile", mode)) == 0
+        # 12 steps: the first log window (10 steps) compiles, the rest is the steady rate; 2 micro-batches a step
+        assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--max-step", "12", "--micro-batch-size",
+                             "2", "--compile", mode)) == 0
         results[mode] = json.loads((out / "results.json").read_text())
     printed = capsys.readouterr().out
     assert "torch.compile: default" in printed and "after the first 10 steps, which compiled)" in printed
