@@ -13,6 +13,7 @@ from extreme_compression_experiment import derive_schedule, main
 from helpers import REPO
 
 CLI = str(REPO / "extreme_compression_experiment.py")
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]  # 2 CPU processes (gloo)
 
 
 def run_cli(args, cwd, env=None, timeout=300, launcher=None):
@@ -136,17 +137,16 @@ def test_early_stopping(tmp_path, tiny_llama_dir, text_file, capsys):
 
 
 def test_two_process_fsdp_on_cpu_keeps_pruned_weights_zero_and_resumes(tmp_path, tiny_opt_dir, text_file):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     # 5 windows a batch: an odd number of evaluation batches, so one rank pads with a zero-weight batch
     args = ("--epochs", "1", "--batch-size", "4", "--eval-batch-size", "5")
     out = tmp_path / "run"
-    result = run_cli(job_args(tiny_opt_dir, text_file, out, *args), tmp_path, launcher=torchrun, timeout=600)
+    result = run_cli(job_args(tiny_opt_dir, text_file, out, *args), tmp_path, launcher=TORCHRUN_2, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = tmp_path / "resumed"
     first = run_cli(job_args(tiny_opt_dir, text_file, resumed, *args, "--interrupt-after-steps", "3"), tmp_path,
-                    launcher=torchrun, timeout=600)
+                    launcher=TORCHRUN_2, timeout=600)
     assert first.returncode != 0 and "Saved. Continue with the same command plus --resume" in first.stdout
-    second = run_cli(job_args(tiny_opt_dir, text_file, resumed, *args, "--resume"), tmp_path, launcher=torchrun,
+    second = run_cli(job_args(tiny_opt_dir, text_file, resumed, *args, "--resume"), tmp_path, launcher=TORCHRUN_2,
                      timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     finals = [json.loads((folder / "results.json").read_text())["final"] for folder in (out, resumed)]

@@ -22,14 +22,18 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def _any_sharded(tensors) -> bool:
+    """Whether any is an FSDP2 shard (a DTensor), whose counts must be summed over the ranks."""
+    return any(hasattr(t, "to_local") for t in tensors)
+
+
 class MaskSet:
     """Keep-masks (1 = kept, 0 = pruned) for named weights, stored in the weight's dtype so that
     re-applying them is one fused multiply over all tensors."""
 
     def __init__(self, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]):
         self.names = list(params)
-        # Sharded (DTensor) parameters hold a piece each: counts are summed over the ranks.
-        self.sharded = any(hasattr(p, "to_local") for p in params.values())
+        self.sharded = _any_sharded(params.values())
         self._params = [_local(params[n]) for n in self.names]
         self._masks = [_local(masks[n]) for n in self.names]
 
@@ -102,7 +106,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     counts, sharded = [], False
     for layer in layers:
         weights = [linear.weight for linear in find_linears(layer).values()]
-        sharded = sharded or any(hasattr(w, "to_local") for w in weights)
+        sharded = sharded or _any_sharded(weights)
         weights = [_local(w) for w in weights]
         counts.append([float(sum(int((w != 0).sum()) for w in weights)), float(sum(w.numel() for w in weights))])
     totals = _all_reduce_sum(torch.tensor(counts, dtype=torch.float64), sharded)
