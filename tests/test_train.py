@@ -1,6 +1,5 @@
 """The training step's precision and compilation options."""
 import json
-import sys
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch
 from extreme_compression_experiment import main
 from fsdp_finetune import Optimization, TrainConfig, init_distributed, prepare_model, resolve_compile_mode, train_step
 from helpers import tiny_model
-from test_cli import job_args, run_cli
+from test_cli import TORCHRUN_2, job_args, run_cli
 
 
 def test_fp16_loss_scaling_skips_overflowing_steps_and_recovers():
@@ -95,24 +94,31 @@ def test_a_failing_compiler_stops_with_the_way_out_and_keeps_the_results(tmp_pat
 
 
 def test_fp16_run_resumes_with_its_loss_scale(tmp_path, tiny_llama_dir, text_file, capsys):
+    import shutil
     fp16 = ("--mixed-precision", "fp16", "--compile", "off")
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "straight", *fp16)) == 0
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "resumed", *fp16, "--interrupt-after-steps", "8")) == 130
     extra = torch.load(tmp_path / "resumed" / "state" / "extra.pt", weights_only=True)
     assert extra["scaler"]["scale"] > 0  # the loss scale is part of the resumable state
+    # A copy whose saved scale differs from a fresh scaler's: the resumed run must carry it on.
+    shutil.copytree(tmp_path / "resumed", tmp_path / "rescaled")
+    extra["scaler"]["scale"] = 1024.0
+    torch.save(extra, tmp_path / "rescaled" / "state" / "extra.pt")
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "resumed", *fp16, "--resume")) == 0
     assert "Precision: fp16" in capsys.readouterr().out
     final = [json.loads((tmp_path / name / "results.json").read_text())["final"] for name in ("straight", "resumed")]
     assert final[1] == pytest.approx(final[0], rel=1e-6)
+    assert main(job_args(tiny_llama_dir, text_file, tmp_path / "rescaled", *fp16, "--resume")) == 0
+    # 4 more steps without overflow do not grow it (growth waits 2000 clean steps)
+    assert torch.load(tmp_path / "rescaled" / "state" / "extra.pt", weights_only=True)["scaler"]["scale"] == 1024.0
 
 
 def test_two_process_fsdp_with_compiled_layers_matches_eager(tmp_path, tiny_opt_dir, text_file):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     args = ("--epochs", "1", "--batch-size", "4", "--eval-batch-size", "5")
     finals = {}
     for mode in ("off", "default"):
         result = run_cli(job_args(tiny_opt_dir, text_file, tmp_path / mode, *args, "--compile", mode), tmp_path,
-                         launcher=torchrun, timeout=900)
+                         launcher=TORCHRUN_2, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
         finals[mode] = json.loads((tmp_path / mode / "results.json").read_text())["final"]
     assert "torch.compile: default" in result.stdout and "× 2 processes" in result.stdout
