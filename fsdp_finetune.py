@@ -6,8 +6,10 @@
 Every process count joins a process group (a single process a world-1 one), so evaluation,
 checkpoints and masks run one code path; the model is sharded by `fully_shard` only across
 processes (`prepare_model`), and on a GPU its training forward is compiled (`--compile`).
-After every optimizer step the keep-masks are re-applied: gradient hooks alone do not fire on
-FSDP's sharded parameters, and AdamW's moments would walk pruned weights off zero.
+Pruned weights stay exactly zero because their gradients are masked before clipping and the
+optimizer step (AdamW keeps a zero weight with zero gradient at zero; see utils/mask_utils.py):
+in one compiled process inside the forward graph, otherwise on the gradients after backward
+(gradient hooks alone do not fire on FSDP's sharded parameters).  Every epoch checks it.
 Each epoch is `max_step` optimizer steps of `batch_size` packed blocks; sample g of the run is
 block perm_p[g mod n] with perm_p a seeded permutation per pass p, so the data order is a pure
 function of the step and a resumed run continues it exactly.
@@ -20,7 +22,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +36,7 @@ from utils.eval_utils import PerplexityHistory, evaluate_and_log
 from utils.logging_utils import MetricsLogger, describe_density, write_json
 from utils.mask_utils import MaskSet, sparsity_report
 from utils.memory_utils import MemoryTracker
-from utils.model_utils import find_decoder_layers, prunable_linears
+from utils.model_utils import find_decoder_layers
 
 
 class TrainingStopped(RuntimeError):
@@ -150,6 +152,17 @@ class Prepared:
     module: nn.Module
     forward: Callable
     precision: Callable = contextlib.nullcontext
+    compile_mode: str | None = None  # how one process compiles `forward` (None: eager, or FSDP's layers)
+    masks_in_forward: bool = False  # the forward multiplies the masks in, so its gradients come out masked
+
+    def with_masks(self, masks: MaskSet) -> "Prepared":
+        """Where one process compiles the training forward the masks go inside it (the multiply
+        fuses into the weights' cast to the compute dtype); elsewhere `train_step` masks the
+        gradients, a pass over them."""
+        if not len(masks) or self.compile_mode is None:
+            return self
+        forward = torch.compile(masks.masked_forward(self.module), mode=self.compile_mode)
+        return replace(self, forward=forward, masks_in_forward=True)
 
 
 def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str,
@@ -175,7 +188,7 @@ def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str,
     model.to(device)
     forward = torch.compile(model, mode=compile_mode) if compile_mode else model
     precision = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
-    return Prepared(model, forward, precision)
+    return Prepared(model, forward, precision, compile_mode)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -244,9 +257,9 @@ class Optimization:
 
 def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimization: Optimization,
                masks: MaskSet | None, device: torch.device, max_grad_norm: float | None) -> torch.Tensor:
-    """One optimizer step over `micro_batches` (gradient accumulation), then the masks.
-    With a GradScaler a step whose gradients overflowed is skipped and the scale lowered.
-    Returns the mean loss as a device tensor (no host sync without a scaler)."""
+    """One optimizer step over `micro_batches` (gradient accumulation), the pruned weights'
+    gradients masked before clipping (unless the forward did it).  With a GradScaler a step whose
+    gradients overflowed is skipped and the scale lowered.  Returns the mean loss as a device tensor (no host sync without a scaler)."""
     optimizer, scheduler, scaler = optimization.optimizer, optimization.scheduler, optimization.scaler
     total = torch.zeros((), device=device, dtype=torch.float64)
     # CUDA-graph trees: the last step's graph outputs are done with.  Once per optimizer step, not
@@ -261,6 +274,8 @@ def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimizati
         total += loss.detach().double() / len(micro_batches)
     if scaler is not None:
         scaler.unscale_(optimizer)
+    if masks is not None and not prepared.masks_in_forward:
+        masks.mask_gradients()
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(prepared.module.parameters(), max_grad_norm)
     if scaler is not None:
@@ -270,8 +285,6 @@ def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimizati
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    if masks is not None:
-        masks.apply()
     return total
 
 
@@ -370,8 +383,8 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
     state_dir, best_dir = output / "state", output / "best"
     # At density 1 nothing was pruned: weights that happen to be zero (quantized checkpoints have
     # some) are free to move, and there is nothing to re-apply.
-    masks = MaskSet.from_zeros({name: linear.weight for name, linear in prunable_linears(model).items()}
-                               if density < 1 else {})
+    masks = MaskSet.for_model(model) if density < 1 else MaskSet({}, {})
+    prepared = prepared.with_masks(masks)
     optimization = Optimization.create(model, config, device)
     total_steps = config.epochs * config.max_step
     state = TrainState(history=history.to_dict())

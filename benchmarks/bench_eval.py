@@ -1,10 +1,11 @@
 """Evaluation speed on the GPU: full WikiText-2-sized perplexity (287,644 tokens, 2048-token windows).
 
-    python benchmarks/bench_eval.py [--batch-size 8] [--models opt-125m opt-1.3b] [--compile]
+    python benchmarks/bench_eval.py [--batch-size 8] [--models opt-125m opt-1.3b] [--compile] [--profile]
 
 Prints seconds and MFU against this GPU's measured bf16 matmul rate, for evaluate_perplexity in
-fp16 (eager; with --compile also the scoring compiled, compile=True, and the model compiled too) and for the seed
-lineage's loop (batch 1, fp32, labels passed to the model).
+fp16 (eager; with --compile also compile="scoring" and compile="layers") and for the seed
+lineage's loop (batch 1, fp32, labels passed to the model).  --profile prints where the GPU time
+of the last variant goes.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import math
 
 import torch
 
-from common import forward_flops_per_token, matmul_tflops, opt_model, timed
+from common import forward_flops_per_token, matmul_tflops, opt_model, print_profile, timed
 from utils.eval_utils import evaluate_perplexity
 
 TOKENS = 287_644
@@ -35,7 +36,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["opt-125m", "opt-1.3b"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--skip-lineage", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="also time the compiled model and scoring")
+    parser.add_argument("--compile", action="store_true", help="also time compile='scoring' and compile='layers'")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of the last variant")
     args = parser.parse_args()
     peak = matmul_tflops()
     print(f"GPU: {torch.cuda.get_device_name()} | measured bf16 matmul: {peak:.0f} TFLOP/s")
@@ -51,16 +53,14 @@ def main() -> None:
         flops = forward_flops_per_token(model, 2048) * windows * 2048
         seconds = timed(lambda model=model: evaluate_perplexity(model, ids, 2048, 2048, args.batch_size, progress=False))
         report(name, f"evaluate_perplexity fp16 batch {args.batch_size}", seconds)
-        if args.compile:
-            seconds = timed(lambda model=model: evaluate_perplexity(model, ids, 2048, 2048, args.batch_size,
-                                                                    progress=False, compile=True))
-            report(name, "  scoring compiled", seconds)
-            compiled = opt_model(name, torch.float16)
-            compiled.compile()
-            seconds = timed(lambda: evaluate_perplexity(compiled, ids, 2048, 2048, args.batch_size,
-                                                        progress=False, compile=True))
-            report(name, "  model and scoring compiled", seconds)
-            del compiled
+        levels = ["off", "scoring", "layers"] if args.compile else ["off"]
+        for level in levels[1:]:
+            seconds = timed(lambda model=model, level=level: evaluate_perplexity(
+                model, ids, 2048, 2048, args.batch_size, progress=False, compile=level))
+            report(name, f"  compile={level}", seconds)
+        if args.profile:
+            print_profile(lambda _, model=model: evaluate_perplexity(model, ids, 2048, 2048, args.batch_size,
+                                                                     progress=False, compile=levels[-1]), steps=1)
         if not args.skip_lineage:
             model = model.float()
             seconds = timed(lambda model=model: lineage_loop(model, ids, 2048), repeats=1)

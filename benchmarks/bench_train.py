@@ -1,7 +1,7 @@
 """Masked fine-tuning speed on the GPU: tokens/s, MFU and peak memory, with masks on and off.
 
     python benchmarks/bench_train.py [--models opt-350m opt-1.3b smollm2-shape] [--smollm2 PATH] [--steps 20]
-                                     [--compile MODE] [--profile]
+                                     [--compile MODE] [--profile] [--masks-in auto|gradients] [--rounds 3]
 
 The loop is the tool's own (`fsdp_finetune.train_step`: bf16 compute, fp32 master weights, fused
 AdamW, the plain module in one process, FSDP2 with --fsdp); masks keep 10% of each decoder linear.
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import bench_model, forward_flops_per_token, gib, matmul_tflops
+from common import bench_model, forward_flops_per_token, gib, matmul_tflops, print_profile
 
 from fsdp_finetune import Optimization, Prepared, TrainConfig, init_distributed, prepare_model, shard_model, train_step
 from utils.mask_utils import MaskSet
@@ -22,8 +22,9 @@ from utils.model_utils import load_model, prunable_linears, resolve_model
 from utils.prune_utils import magnitude_keep
 
 
-def bench(model, batch: int, block: int, steps: int, masked: bool, peak_tflops: float,
-          fsdp: bool = False, compile_mode: str | None = None, profile: bool = False) -> tuple[float, float, float]:
+def bench(model, batch: int, block: int, steps: int, masked: bool, peak_tflops: float, fsdp: bool = False,
+          compile_mode: str | None = None, profile: bool = False, masks_in: str = "auto",
+          rounds: int = 3) -> tuple[float, float, float]:
     device = torch.device("cuda")
     if masked:
         with torch.no_grad():
@@ -35,7 +36,9 @@ def bench(model, batch: int, block: int, steps: int, masked: bool, peak_tflops: 
         prepared = Prepared(model, model)
     else:
         prepared = prepare_model(model, device, "bf16", compile_mode)
-    masks = MaskSet.from_zeros({n: l.weight for n, l in prunable_linears(model).items()}) if masked else None
+    masks = MaskSet.for_model(model) if masked else None
+    if masks is not None and masks_in == "auto":  # what the tool does: inside the compiled forward, if any
+        prepared = prepared.with_masks(masks)
     optimization = Optimization.create(model, TrainConfig(), device)
     model.train()
     data = torch.randint(0, model.config.vocab_size, (steps + 3, batch, block))
@@ -43,31 +46,19 @@ def bench(model, batch: int, block: int, steps: int, masked: bool, peak_tflops: 
         train_step(prepared, [data[i]], optimization, masks, device, 1.0)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for i in range(steps):
-        train_step(prepared, [data[3 + i]], optimization, masks, device, 1.0)
-    torch.cuda.synchronize()
-    tokens_per_second = steps * batch * block / (time.perf_counter() - start)
+    rates = []
+    for _ in range(rounds):  # the median round: one slow round (a clock dip, a neighbour) does not decide
+        start = time.perf_counter()
+        for i in range(steps):
+            train_step(prepared, [data[3 + i]], optimization, masks, device, 1.0)
+        torch.cuda.synchronize()
+        rates.append(steps * batch * block / (time.perf_counter() - start))
+    tokens_per_second = sorted(rates)[len(rates) // 2]
+    if masks is not None:
+        assert masks.violations() == 0, "pruned weights moved off zero"
     if profile:
         print_profile(lambda i: train_step(prepared, [data[i % steps]], optimization, masks, device, 1.0))
     return tokens_per_second, flops_per_token * tokens_per_second / 1e12 / peak_tflops, gib(torch.cuda.max_memory_allocated())
-
-
-def print_profile(step, steps: int = 5) -> None:
-    """Where a step's time goes: wall time against GPU-busy time, and the top operators."""
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        for i in range(steps):
-            step(i)
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) / steps
-    events = prof.key_averages()
-    gpu = sum(e.self_device_time_total for e in events) / 1e3 / steps
-    print(f"  profile: {wall * 1e3:.1f} ms a step wall, {gpu:.1f} ms of GPU kernels")
-    print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
-    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
 def main() -> None:
@@ -81,12 +72,17 @@ def main() -> None:
     parser.add_argument("--compile", default=None, help="torch.compile mode for the model (default, max-autotune, ...)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table (masks on)")
     parser.add_argument("--masks", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--masks-in", choices=["auto", "gradients"], default="auto",
+                        help="auto: as the tool (inside a compiled forward, else on the gradients); gradients: always "
+                             "a pass over the gradients")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of --steps steps; the median is printed")
     args = parser.parse_args()
     init_distributed(torch.device("cuda"))
     peak = matmul_tflops()
     print(f"GPU: {torch.cuda.get_device_name()} | measured bf16 matmul: {peak:.0f} TFLOP/s | "
           f"batch {args.batch_size} × {args.block_size}, bf16 autocast, fused AdamW, 1 process, "
-          f"compile {args.compile or 'off'}")
+          f"compile {args.compile or 'off'} | masks in {args.masks_in} | median of {args.rounds} rounds × "
+          f"{args.steps} steps")
     makers = {name: (lambda name=name: bench_model(name, torch.float32)) for name in args.models}
     if args.smollm2:
         makers["smollm2-135m"] = lambda: load_model(resolve_model(args.smollm2), dtype=torch.float32)[0].cuda()
@@ -95,7 +91,7 @@ def main() -> None:
         results = {}
         for masked in {"both": (False, True), "on": (True,), "off": (False,)}[args.masks]:
             tokens, mfu, memory = bench(make(), args.batch_size, args.block_size, args.steps, masked, peak, args.fsdp,
-                                        args.compile, args.profile and masked)
+                                        args.compile, args.profile and masked, args.masks_in, args.rounds)
             results[masked] = tokens
             print(f"{name:14} {'on' if masked else 'off':6} {tokens:10,.0f} {mfu * 100:5.1f}% {memory:8.2f}G", flush=True)
             torch.cuda.empty_cache()

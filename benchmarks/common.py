@@ -86,3 +86,20 @@ def timed(fn, repeats: int = 3) -> float:
 
 def gib(num_bytes: int) -> float:
     return num_bytes / 1024 ** 3
+
+
+def print_profile(step, steps: int = 5) -> None:
+    """Where a step's time goes: wall time against GPU-busy time, and the top operators."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 1e3 / steps
+    print(f"  profile: {wall * 1e3:.1f} ms a step wall, {gpu:.1f} ms of GPU kernels")
+    print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import ConstantLogits, distributed_eval_worker, smollm2_gguf, wikitext_dir
+from helpers import ConstantLogits, distributed_eval_worker, smollm2_gguf, tiny_model, wikitext_dir
 from utils.data_utils import DataError, TokenizedText, tokenize_source
 from utils.eval_utils import PerplexityHistory, evaluate_perplexity, plan_windows
 
@@ -61,6 +61,25 @@ def test_batching_does_not_change_the_result_and_mode_is_restored(tiny_llama_dir
     many = evaluate_perplexity(model, ids, 128, 100, batch_size=5, progress=False)
     assert many.perplexity == pytest.approx(one.perplexity, rel=1e-5)
     assert many.accuracy == one.accuracy and many.scored_tokens == one.scored_tokens == 1499
+
+
+def test_compiled_layers_and_scoring_equal_eager_and_leave_the_model_as_it_was():
+    from torch._dynamo.utils import counters
+    model = tiny_model("opt", 300, layers=6)
+    ids = torch.arange(1500) * 13 % model.config.vocab_size
+    eager = evaluate_perplexity(model, ids, 128, 128, batch_size=4, progress=False)
+    graphs = counters["stats"]["unique_graphs"]
+    for level in ("scoring", "layers", "layers"):  # the second "layers" reuses what the first compiled
+        compiled = evaluate_perplexity(model, ids, 128, 128, batch_size=4, progress=False, compile=level)
+        assert compiled.perplexity == pytest.approx(eager.perplexity, rel=1e-5)
+        assert compiled.accuracy == eager.accuracy
+    layers = model.model.decoder.layers
+    assert all("forward" not in vars(layer) for layer in layers)  # nothing left on the model
+    # 11 windows in batches of 4: two shapes of the layer (4 and 3 windows) and of the scoring,
+    # once for all layers, not once a layer
+    assert counters["stats"]["unique_graphs"] - graphs <= 4 < len(layers) * 2
+    with pytest.raises(ValueError, match="compile must be one of"):
+        evaluate_perplexity(model, ids, 128, 128, compile="model")
 
 
 def test_two_gloo_processes_equal_one(tmp_path, tiny_llama_dir):

@@ -1,4 +1,5 @@
 import argparse
+import copy
 
 import pytest
 import torch.nn.utils.prune  # noqa: F401 - imported for torch.nn.utils.prune below
@@ -18,24 +19,52 @@ def _pruned_tiny(density=0.2):
     return model
 
 
-def test_masks_hold_pruned_weights_at_zero_through_adamw():
+@pytest.mark.parametrize("fused", [False, True])
+def test_masked_gradients_hold_pruned_weights_at_exactly_zero_through_adamw(fused):
     model = _pruned_tiny()
     zeros = {n: (l.weight == 0).clone() for n, l in prunable_linears(model).items()}
-    masks = MaskSet.from_zeros({n: l.weight for n, l in prunable_linears(model).items()})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    model.train()
+    masks = MaskSet.for_model(model)
+    assert masks.names[0].endswith(".weight") and masks._masks[0].dtype == torch.bool
+    unmasked = copy.deepcopy(model)
+    model.train(), unmasked.train()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=fused) for m in (model, unmasked)]
     for _ in range(3):
         batch = torch.randint(0, 61, (2, 16))
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        assert masks.violations() > 0  # AdamW really does move pruned weights off zero ...
-        masks.apply()
-        assert masks.violations() == 0  # ... and the masks put them back
+        for m, optimizer, masked in ((model, optimizers[0], True), (unmasked, optimizers[1], False)):
+            m(input_ids=batch, labels=batch).loss.backward()
+            if masked:
+                masks.mask_gradients()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert masks.violations() == 0  # a zero weight with zero gradient stays exactly zero ...
+    assert MaskSet.for_model(unmasked).kept_fraction() > 0.9  # ... and unmasked, AdamW moves them all
     for name, linear in prunable_linears(model).items():
         assert torch.all(linear.weight[zeros[name]] == 0)
         assert torch.all(linear.weight[~zeros[name]] != 0)
     assert masks.kept_fraction() == pytest.approx(0.2, abs=0.01)
+    with torch.no_grad():  # apply() zeroes weights that were moved by something else
+        for linear in prunable_linears(model).values():
+            linear.weight.add_(1.0)
+    assert masks.violations() > 0
+    masks.apply()
+    assert masks.violations() == 0 and masks.kept_fraction() == pytest.approx(0.2, abs=0.01)
+
+
+def test_masked_forward_equals_the_model_and_masks_its_gradients():
+    model = _pruned_tiny()
+    masks = MaskSet.for_model(model)
+    batch = torch.randint(0, 61, (2, 16))
+    pruned = {name: linear.weight == 0 for name, linear in prunable_linears(model).items()}
+    with torch.no_grad():  # pruned weights moved off zero: the masked forward still computes the pruned model
+        reference = float(model(input_ids=batch, labels=batch).loss)
+        for name, linear in prunable_linears(model).items():
+            linear.weight.add_(0.05 * pruned[name])
+        assert float(model(input_ids=batch, labels=batch).loss) != pytest.approx(reference, rel=1e-4)
+    loss = masks.masked_forward(model)(input_ids=batch, labels=batch).loss
+    assert float(loss.detach()) == pytest.approx(reference, rel=1e-6)
+    loss.backward()
+    for name, linear in prunable_linears(model).items():
+        assert torch.all(linear.weight.grad[pruned[name]] == 0) and linear.weight.grad.abs().sum() > 0
 
 
 def test_sparsity_report_measures():

@@ -13,6 +13,8 @@ windows that is exp(mean of per-window mean losses), the papers' formula.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
 import warnings
@@ -24,6 +26,9 @@ from torch._dynamo.exc import TorchDynamoException
 
 from .data_utils import DataError, TokenizedText
 from .logging_utils import MetricsLogger, Progress, describe_density
+from .model_utils import ModelError, find_decoder_layers
+
+COMPILE_LEVELS = ("off", "scoring", "layers")
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ def _token_stats(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
 
 
 _compiled_token_stats = None
+_compiled_layer_forwards: dict[type, object] = {}
 
 
 def _stats_function(compile: bool):
@@ -123,19 +129,44 @@ def _stats_function(compile: bool):
     return _compiled_token_stats
 
 
+@contextlib.contextmanager
+def _compiled_layers(model: torch.nn.Module):
+    """Run every decoder layer through one torch.compile'd forward per layer class while inside
+    (regional compilation: the layers share the compiled code, so 24 layers compile once; the
+    causal mask is still made eagerly outside, which keeps SDPA on its flash kernel).  Nothing
+    stays on the model.  A model whose layers FSDP compiled already, or with no layer list, runs as it is."""
+    try:
+        _, layers = find_decoder_layers(model)
+    except ModelError:
+        layers = []
+    if hasattr(model, "reshard") or any(getattr(layer, "_compiled_call_impl", None) for layer in layers):
+        layers = []
+    for layer in layers:
+        kind = type(layer)
+        if kind not in _compiled_layer_forwards:
+            _compiled_layer_forwards[kind] = torch.compile(kind.forward, dynamic=False)
+        layer.forward = functools.partial(_compiled_layer_forwards[kind], layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 @torch.no_grad()
 def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Tensor, token_length: int = 2048,
                         stride: int = 2048, batch_size: int = 1, progress: bool = True,
                         desc: str = "Computing perplexity", distributed: bool = True,
-                        compile: bool = False) -> PerplexityResult:
+                        compile: bool | str = "off") -> PerplexityResult:
     """Perplexity, bits per byte and next-token accuracy of `model` on `tokens` (see module doc).
 
     Under torch.distributed the batches are dealt round-robin to the ranks and the sums are
     all-reduced; every rank runs the same number of forwards (padding with a zero-weight batch)
     so that FSDP's collectives stay in step.  `distributed=False` evaluates every window in this
     process alone (a model only one rank holds, e.g. while the main process prunes).
-    `compile=True` scores the logits with a torch.compile'd kernel; compiling the model itself is
-    its owner's choice (`model.compile()`, the CLI's --compile).
+    `compile`: "off"; "scoring" (or True) scores the logits with a torch.compile'd kernel; "layers"
+    also runs the decoder layers compiled (once per layer class and window shape; worth it for
+    large models evaluated often).  Compiling the whole model is its owner's choice.
     """
     ids = tokens.ids if isinstance(tokens, TokenizedText) else tokens
     num_bytes = tokens.num_bytes if isinstance(tokens, TokenizedText) else None
@@ -147,38 +178,44 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
     mine = batches[rank::world]
     rounds = math.ceil(len(batches) / world)
     device = _model_device(model)
-    token_stats = _stats_function(compile)
+    level = {True: "scoring", False: "off"}.get(compile, compile)
+    if level not in COMPILE_LEVELS:
+        raise ValueError(f"compile must be one of {COMPILE_LEVELS}, got {compile!r}")
+    token_stats = _stats_function(level != "off")
+    layers = _compiled_layers(model) if level == "layers" else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     # float64 sums: 300k token losses summed in float32 lose the 4th significant digit.
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, scored tokens, correct
     bar = Progress(len(windows), desc, enabled=progress and rank == 0)
+    on_device = ids.to(device)  # once; each batch is then a slice on the device
     try:
-        for index in range(rounds):
-            batch = mine[index] if index < len(mine) else batches[0]
-            weight = 1.0 if index < len(mine) else 0.0
-            input_ids = torch.stack([ids[w.begin:w.end] for w in batch]).to(device, non_blocking=True)
-            if compile:  # the last batch's logits are consumed: CUDA-graph trees may reuse them
+        with layers:
+            for index in range(rounds):
+                batch = mine[index] if index < len(mine) else batches[0]
+                weight = 1.0 if index < len(mine) else 0.0
+                input_ids = torch.stack([on_device[w.begin:w.end] for w in batch])
+                # The last batch's logits are consumed: a model its owner compiled with CUDA graphs may reuse them.
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = _forward_logits(model, input_ids)
-            for rows in _same_start(batch):
-                first = batch[rows[0]].score_from
-                scores = logits[rows[0]:rows[-1] + 1, first - 1:-1]  # (rows, scored, vocab), model dtype
-                targets = input_ids[rows[0]:rows[-1] + 1, first:]
-                try:
-                    nll, correct = token_stats(scores, targets)  # per token, summed in float64 here
-                except TorchDynamoException as error:  # compiling is an optimization: score eagerly
-                    if token_stats is _token_stats:
-                        raise
-                    warnings.warn(f"compiled scoring failed ({type(error).__name__}); scoring eagerly", stacklevel=2)
-                    token_stats = _token_stats
-                    nll, correct = token_stats(scores, targets)
-                totals[0] += weight * nll.double().sum()
-                totals[1] += weight * targets.numel()
-                totals[2] += weight * correct.sum().double()
-            del logits
-            bar.update(len(batch) * world if index < len(mine) else 0)
+                logits = _forward_logits(model, input_ids)
+                for rows in _same_start(batch):
+                    first = batch[rows[0]].score_from
+                    scores = logits[rows[0]:rows[-1] + 1, first - 1:-1]  # (rows, scored, vocab), model dtype
+                    targets = input_ids[rows[0]:rows[-1] + 1, first:]
+                    try:
+                        nll, correct = token_stats(scores, targets)  # per token, summed in float64 here
+                    except TorchDynamoException as error:  # compiling is an optimization: score eagerly
+                        if token_stats is _token_stats:
+                            raise
+                        warnings.warn(f"compiled scoring failed ({type(error).__name__}); scoring eagerly", stacklevel=2)
+                        token_stats = _token_stats
+                        nll, correct = token_stats(scores, targets)
+                    totals[0] += weight * nll.double().sum()
+                    totals[1] += weight * targets.numel()
+                    totals[2] += weight * correct.sum().double()
+                del logits
+                bar.update(len(batch) * world if index < len(mine) else 0)
     finally:
         bar.close()
         model.train(was_training)
@@ -276,7 +313,7 @@ class PerplexityHistory:
 def evaluate_and_log(model: torch.nn.Module, tokens: TokenizedText, logger: MetricsLogger, *, title: str,
                      token_length: int, stride: int, batch_size: int, epoch: int | None = None,
                      density: float | None = None, history: PerplexityHistory | None = None,
-                     step: int | None = None, distributed: bool = True, compile: bool = False) -> PerplexityResult:
+                     step: int | None = None, distributed: bool = True, compile: bool | str = "off") -> PerplexityResult:
     """Evaluate, print the block (and the trend when `history` is given), record the event."""
     result = evaluate_perplexity(model, tokens, token_length=token_length, stride=stride,
                                  batch_size=batch_size, progress=logger.is_main, distributed=distributed,

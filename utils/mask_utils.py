@@ -1,21 +1,32 @@
-"""Masks as explicit state: derived from the zeros, re-applied after every optimizer step, measured.
+"""Masks as explicit state: derived from the zeros, applied to every gradient, measured.
 
-    masks = MaskSet.from_zeros(prunable_linears(model))   # after pruning or loading a checkpoint
-    optimizer.step(); masks.apply()                        # pruned weights stay exactly 0
-    report = sparsity_report(model)                        # measured, never assumed
+    masks = MaskSet.for_model(model)        # after pruning or loading a checkpoint
+    loss.backward(); masks.mask_gradients() # before clipping: the norm is that of the kept weights
+    optimizer.step()                        # AdamW keeps a weight that is 0 with gradient 0 at exactly 0
+    report = sparsity_report(model)         # measured, never assumed
 
-Works on plain tensors and on FSDP2's sharded DTensor parameters alike: a mask is computed from
-the parameter itself, so it is sharded exactly like the parameter and `apply` is local.
+A pruned weight whose gradient is always 0 stays exactly 0 under AdamW: its moments stay 0, its
+update is 0 / (0 + eps) and decoupled weight decay scales 0.  So masking the gradients is enough,
+and it is also what makes gradient clipping see the gradient of the sparse model rather than one
+dominated by the 90% of positions that are thrown away.  `violations()` checks the invariant.
+Where one process compiles the training forward, `masked_forward` puts the mask into the graph
+instead (weight × mask, fused into the cast to the compute dtype; its gradient comes out masked),
+which costs about a byte per weight a step instead of a pass over weights or gradients.
+
+Masks are bool (a quarter of float32's memory) and work on plain tensors and on FSDP2's sharded
+DTensor parameters alike: a mask is computed from the parameter itself, so it is sharded exactly
+like the parameter, and masking is local.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .model_utils import find_decoder_layers, find_linears
+from .model_utils import find_decoder_layers, find_linears, prunable_linears
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -28,30 +39,59 @@ def _any_sharded(tensors) -> bool:
 
 
 class MaskSet:
-    """Keep-masks (1 = kept, 0 = pruned) for named weights, stored in the weight's dtype so that
-    re-applying them is one fused multiply over all tensors."""
+    """Keep-masks (True = kept, False = pruned) for named weights, by parameter name."""
 
     def __init__(self, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]):
         self.names = list(params)
         self.sharded = _any_sharded(params.values())
-        self._params = [_local(params[n]) for n in self.names]
-        self._masks = [_local(masks[n]) for n in self.names]
+        self._params = [params[n] for n in self.names]  # the parameters themselves: their .grad is what is masked
+        self._local = [_local(p) for p in self._params]
+        self._masks = [_local(masks[n]).bool() for n in self.names]
 
     @classmethod
     @torch.no_grad()
     def from_zeros(cls, weights: dict[str, torch.Tensor]) -> "MaskSet":
-        masks = {name: (weight != 0).to(weight.dtype) for name, weight in weights.items()}
-        return cls(weights, masks)
+        return cls(weights, {name: weight != 0 for name, weight in weights.items()})
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "MaskSet":
+        """Masks of the decoder linears' zeros, keyed by parameter name (`...q_proj.weight`)."""
+        return cls.from_zeros({f"{name}.weight": linear.weight for name, linear in prunable_linears(model).items()})
+
+    def __len__(self) -> int:
+        return len(self.names)
 
     @torch.no_grad()
     def apply(self) -> None:
-        if self._params:
-            torch._foreach_mul_(self._params, self._masks)
+        """Zero the pruned weights themselves (after loading weights from elsewhere)."""
+        if self._local:
+            torch._foreach_mul_(self._local, self._masks)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the pruned weights' gradients: call after backward, before clipping and the step."""
+        pairs = [(_local(p.grad), m) for p, m in zip(self._params, self._masks) if p.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+    def masked_forward(self, model: nn.Module) -> Callable:
+        """`model(**kwargs)` with every masked weight multiplied by its mask inside the call, for
+        torch.compile to fuse (one process, unsharded weights only)."""
+        if self.sharded:
+            raise ValueError("masked_forward needs unsharded weights; mask the gradients under FSDP")
+        names, params, masks = self.names, self._params, self._masks
+        for tensor in params + masks:  # CUDA graphs read them in place instead of copying them in every replay
+            torch._dynamo.mark_static_address(tensor)
+
+        def forward(**kwargs):
+            weights = {name: param * mask for name, param, mask in zip(names, params, masks)}
+            return torch.func.functional_call(model, weights, (), kwargs, strict=False)
+        return forward
 
     @torch.no_grad()
     def violations(self) -> int:
-        """How many pruned positions hold a non-zero value (0 after `apply`), summed over ranks."""
-        count = sum(int(((m == 0) & (p != 0)).sum()) for p, m in zip(self._params, self._masks))
+        """How many pruned positions hold a non-zero value (0 while training is right), summed over ranks."""
+        count = sum(int(torch.count_nonzero((p != 0) & ~m)) for p, m in zip(self._local, self._masks))
         return int(_all_reduce_sum(torch.tensor([count], dtype=torch.float64), self.sharded)[0])
 
     def kept_fraction(self) -> float:
