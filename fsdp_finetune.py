@@ -390,6 +390,7 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
     state = TrainState(history=history.to_dict())
     if config.resume and (state_dir / "train_state.json").exists():
         state = load_state(state_dir, model, optimization)
+        masks.mask_optimizer_state(optimization.optimizer)  # state saved by an older version may hold pruned moments
         history = PerplexityHistory.from_dict(state.history)
         logger.info(f"Resumed from {state_dir}: epoch {state.epoch}, optimizer step {state.global_step} of {total_steps}")
     sampler = BlockSampler(blocks.shape[0], config.seed)

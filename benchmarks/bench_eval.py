@@ -31,6 +31,21 @@ def lineage_loop(model, ids: torch.Tensor, seqlen: int) -> float:
     return math.exp(torch.stack(nlls).sum().item() / (nsamples * seqlen))
 
 
+def argmax_token_stats(scores: torch.Tensor, targets: torch.Tensor):
+    """The scoring as it was before (argmax for the accuracy), to compare against."""
+    wide = scores.float()
+    nll = torch.logsumexp(wide, dim=-1) - wide.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return nll, scores.argmax(-1) == targets
+
+
+def scoring_milliseconds(fn, batch: int, vocab: int = 50272) -> float:
+    """One batch's scoring alone: (batch, 2047, vocab) fp16 logits, compiled."""
+    scores = torch.randn(batch, 2047, vocab, device="cuda", dtype=torch.float16)
+    targets = torch.randint(0, vocab, (batch, 2047), device="cuda")
+    compiled = torch.compile(fn)
+    return timed(lambda: [compiled(scores, targets) for _ in range(10)]) * 100
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["opt-125m", "opt-1.3b"])
@@ -47,6 +62,11 @@ def main() -> None:
     def report(name: str, loop: str, seconds: float) -> None:
         print(f"{name:10} {loop:36} {seconds:8.3f} {flops / seconds / 1e12 / peak * 100:5.1f}%", flush=True)
 
+    if args.compile:
+        from utils.eval_utils import _token_stats
+        print(f"scoring one batch of {args.batch_size} × 2047 × 50272 fp16 logits, compiled: "
+              f"{scoring_milliseconds(_token_stats, args.batch_size):.2f} ms (top score) against "
+              f"{scoring_milliseconds(argmax_token_stats, args.batch_size):.2f} ms (argmax)", flush=True)
     for name in args.models:
         model = opt_model(name, torch.float16)
         windows = TOKENS // 2048

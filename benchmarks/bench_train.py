@@ -22,43 +22,55 @@ from utils.model_utils import load_model, prunable_linears, resolve_model
 from utils.prune_utils import magnitude_keep
 
 
-def bench(model, batch: int, block: int, steps: int, masked: bool, peak_tflops: float, fsdp: bool = False,
-          compile_mode: str | None = None, profile: bool = False, masks_in: str = "auto",
-          rounds: int = 3) -> tuple[float, float, float]:
-    device = torch.device("cuda")
-    if masked:
+def bench(model, batch: int, block: int, steps: int, variants: tuple[str, ...], peak_tflops: float,
+          fsdp: bool = False, compile_mode: str | None = None, profile: bool = False, masks_in: str = "auto",
+          rounds: int = 3) -> tuple[dict[str, float], float]:
+    """Tokens/s of each variant ("off": no masks, "on": masks as the tool applies them) on one model,
+    their timed rounds interleaved so that clocks, neighbours and memory layout hit both alike;
+    returns the median rate of each and the peak memory of the whole run."""
+    device = next(model.parameters()).device
+    if "on" in variants:
         with torch.no_grad():
             for linear in prunable_linears(model).values():
                 linear.weight.masked_fill_(~magnitude_keep(linear.weight, 0.1), 0.0)
-    flops_per_token = 3 * forward_flops_per_token(model, block)
     if fsdp:  # what one process would cost under fully_shard (the tool trains it plain)
         model = shard_model(model, device, "bf16")
         prepared = Prepared(model, model)
     else:
         prepared = prepare_model(model, device, "bf16", compile_mode)
-    masks = MaskSet.for_model(model) if masked else None
-    if masks is not None and masks_in == "auto":  # what the tool does: inside the compiled forward, if any
-        prepared = prepared.with_masks(masks)
+    masks = MaskSet.for_model(model) if "on" in variants else None
+    loops = {"off": (prepared, None),  # what the tool does with masks: inside a compiled forward, if any
+             "on": (prepared.with_masks(masks) if masks is not None and masks_in == "auto" else prepared, masks)}
     optimization = Optimization.create(model, TrainConfig(), device)
     model.train()
     data = torch.randint(0, model.config.vocab_size, (steps + 3, batch, block))
-    for i in range(3):  # warm-up (and compilation)
-        train_step(prepared, [data[i]], optimization, masks, device, 1.0)
+
+    def run(variant: str, first: int, count: int) -> None:
+        loop, loop_masks = loops[variant]
+        if loop_masks is not None:  # the "off" rounds moved pruned weights and their moments
+            loop_masks.apply()
+            loop_masks.mask_optimizer_state(optimization.optimizer)
+        for i in range(first, first + count):
+            train_step(loop, [data[i]], optimization, loop_masks, device, 1.0)
+
+    for variant in variants:  # warm-up (and compilation)
+        run(variant, 0, 3)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    rates = []
-    for _ in range(rounds):  # the median round: one slow round (a clock dip, a neighbour) does not decide
-        start = time.perf_counter()
-        for i in range(steps):
-            train_step(prepared, [data[3 + i]], optimization, masks, device, 1.0)
-        torch.cuda.synchronize()
-        rates.append(steps * batch * block / (time.perf_counter() - start))
-    tokens_per_second = sorted(rates)[len(rates) // 2]
-    if masks is not None:
-        assert masks.violations() == 0, "pruned weights moved off zero"
+    rates: dict[str, list[float]] = {variant: [] for variant in variants}
+    for _ in range(rounds):
+        for variant in variants:
+            start = time.perf_counter()
+            run(variant, 3, steps)
+            torch.cuda.synchronize()
+            rates[variant].append(steps * batch * block / (time.perf_counter() - start))
+            if variant == "on":
+                assert masks.violations() == 0, "pruned weights moved off zero"
     if profile:
-        print_profile(lambda i: train_step(prepared, [data[i % steps]], optimization, masks, device, 1.0))
-    return tokens_per_second, flops_per_token * tokens_per_second / 1e12 / peak_tflops, gib(torch.cuda.max_memory_allocated())
+        loop, loop_masks = loops[variants[-1]]
+        print_profile(lambda i: train_step(loop, [data[i % steps]], optimization, loop_masks, device, 1.0))
+    median = {variant: sorted(r)[len(r) // 2] for variant, r in rates.items()}
+    return median, gib(torch.cuda.max_memory_allocated())
 
 
 def main() -> None:
@@ -88,15 +100,19 @@ def main() -> None:
         makers["smollm2-135m"] = lambda: load_model(resolve_model(args.smollm2), dtype=torch.float32)[0].cuda()
     print(f"{'model':14} {'masks':6} {'tokens/s':>10} {'MFU':>6} {'peak mem':>9}")
     for name, make in makers.items():
-        results = {}
-        for masked in {"both": (False, True), "on": (True,), "off": (False,)}[args.masks]:
-            tokens, mfu, memory = bench(make(), args.batch_size, args.block_size, args.steps, masked, peak, args.fsdp,
-                                        args.compile, args.profile and masked, args.masks_in, args.rounds)
-            results[masked] = tokens
-            print(f"{name:14} {'on' if masked else 'off':6} {tokens:10,.0f} {mfu * 100:5.1f}% {memory:8.2f}G", flush=True)
-            torch.cuda.empty_cache()
-        if len(results) == 2:
-            print(f"{name:14} mask overhead: {(results[False] / results[True] - 1) * 100:+.1f}%")
+        variants = {"both": ("off", "on"), "on": ("on",), "off": ("off",)}[args.masks]
+        model = make()
+        flops_per_token = 3 * forward_flops_per_token(model, args.block_size)
+        rates, memory = bench(model, args.batch_size, args.block_size, args.steps, variants, peak, args.fsdp,
+                              args.compile, args.profile, args.masks_in, args.rounds)
+        for variant, tokens in rates.items():
+            mfu = flops_per_token * tokens / 1e12 / peak
+            print(f"{name:14} {variant:6} {tokens:10,.0f} {mfu * 100:5.1f}% {memory:8.2f}G", flush=True)
+        if len(rates) == 2:
+            print(f"{name:14} mask overhead: {(rates['off'] / rates['on'] - 1) * 100:+.1f}% "
+                  "(same model and run, rounds interleaved; peak memory is the run's)")
+        del model
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

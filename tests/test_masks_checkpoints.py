@@ -50,6 +50,30 @@ def test_masked_gradients_hold_pruned_weights_at_exactly_zero_through_adamw(fuse
     assert masks.violations() == 0 and masks.kept_fraction() == pytest.approx(0.2, abs=0.01)
 
 
+def test_stale_moments_move_pruned_weights_until_the_optimizer_state_is_masked():
+    model = _pruned_tiny()
+    masks = MaskSet.for_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = torch.randint(0, 61, (2, 16))
+
+    def step(masked: bool) -> None:
+        model(input_ids=batch, labels=batch).loss.backward()
+        if masked:
+            masks.mask_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step(masked=False)  # moments at pruned positions, as state saved by an unmasked run has them
+    masks.apply()
+    step(masked=True)
+    assert masks.violations() > 0
+    masks.apply()
+    masks.mask_optimizer_state(optimizer)
+    for _ in range(3):
+        step(masked=True)
+        assert masks.violations() == 0
+
+
 def test_masked_forward_equals_the_model_and_masks_its_gradients():
     model = _pruned_tiny()
     masks = MaskSet.for_model(model)

@@ -108,12 +108,13 @@ def _forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Te
 
 
 def _token_stats(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token NLL (float32) and whether the argmax is the target, for (..., vocab) scores in
-    the model's dtype.  logsumexp − target logit is cross-entropy without writing log-probs;
-    compiled, it reads the logits twice and writes nothing of their size."""
+    """Per-token NLL (float32) and whether the target has the top score (the argmax, but for exact
+    ties), for (..., vocab) scores in the model's dtype.  logsumexp − target logit is cross-entropy
+    without writing log-probs; compiled, the maximum that logsumexp needs anyway answers the
+    accuracy too, so the logits are read in one pass and nothing of their size is written."""
     wide = scores.float()
-    nll = torch.logsumexp(wide, dim=-1) - wide.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return nll, scores.argmax(-1) == targets  # argmax needs no upcast: widening to float32 is exact
+    target = wide.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.logsumexp(wide, dim=-1) - target, target == wide.amax(-1)
 
 
 _compiled_token_stats = None

@@ -74,6 +74,16 @@ class MaskSet:
         if pairs:
             torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
+    @torch.no_grad()
+    def mask_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the optimizer's per-weight state (AdamW's moments) at pruned positions: with it
+        zero, masked gradients keep pruned weights at zero (state from a run that did not mask its
+        gradients has it non-zero there)."""
+        for param, mask in zip(self._params, self._masks):
+            for value in optimizer.state.get(param, {}).values():
+                if torch.is_tensor(value) and _local(value).shape == mask.shape:
+                    _local(value).mul_(mask)
+
     def masked_forward(self, model: nn.Module) -> Callable:
         """`model(**kwargs)` with every masked weight multiplied by its mask inside the call, for
         torch.compile to fuse (one process, unsharded weights only)."""
