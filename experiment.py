@@ -182,10 +182,15 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
     blocks = pack_blocks(train_ids.ids, config.block_size)
     logger.info(f"Training text: {train_ids.ids.numel():,} tokens → {blocks.shape[0]:,} blocks of {config.block_size}")
     mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
-    compile_mode, compile_note = resolve_compile_mode(config.compile, device, world,
+    shards = world if config.parallel == "fsdp" else 1
+    compile_mode, compile_note = resolve_compile_mode(config.compile, device, shards,
                                                       accumulation=config.batch_size // (micro * world))
-    logger.info(f"Precision: {mixed} | torch.compile: {compile_note}")
-    prepared = prepare_model(model, device, mixed, compile_mode)
+    parallel = f" | parallel: {config.parallel} × {world} processes" if world > 1 else ""
+    logger.info(f"Precision: {mixed} | torch.compile: {compile_note}{parallel}")
+    if shards > 1 and device.type == "cuda":
+        logger.info("Note: FSDP steps run without CUDA graphs; a model that fits one GPU may train faster with "
+                    "--parallel ddp (a whole copy per process, CUDA graphs kept) or on one GPU (BENCHMARKS.md)")
+    prepared = prepare_model(model, device, mixed, compile_mode, config.parallel)
     train_config = TrainConfig(
         epochs=config.epochs, max_step=config.max_step, lr=config.lr, batch_size=config.batch_size,
         micro_batch_size=micro, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the training forward (auto: reduce-overhead, i.e. CUDA graphs, on one "
                             "GPU without gradient accumulation; default under FSDP or with accumulation; off on "
                             "the CPU or without Triton). The first steps compile: minutes on a cold cache")
+    train.add_argument("--parallel", default="fsdp", choices=["fsdp", "ddp"],
+                       help="how the processes of accelerate launch share the work: fsdp shards weights, gradients "
+                            "and optimizer state (models larger than one GPU); ddp gives each a whole copy and "
+                            "averages gradients after backward, so a process keeps CUDA graphs (models that fit)")
     train.add_argument("--seed", type=int, default=0, help="calibration windows and data order")
     train.add_argument("--patience", type=_positive_int, default=None,
                        help="stop when perplexity has not improved for this many epochs")
@@ -163,6 +167,7 @@ class ExperimentConfig:
     train_source: str
     mixed_precision: str
     compile: str
+    parallel: str
     seed: int
     patience: int | None
     min_delta: float
@@ -222,7 +227,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr, warmup_steps=warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, block_size=args.block_size,
         train_source=args.train_source, mixed_precision=args.mixed_precision, compile=args.compile,
-        seed=args.seed,
+        parallel=args.parallel, seed=args.seed,
         patience=args.patience, min_delta=args.min_delta, eval_source=args.eval_source,
         token_length=args.token_length, stride=stride,
         eval_batch_size=args.eval_batch_size, skip_dense_eval=args.skip_dense_eval, output_dir=output_dir,

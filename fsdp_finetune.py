@@ -7,9 +7,9 @@ Every process count joins a process group (a single process a world-1 one), so e
 checkpoints and masks run one code path; the model is sharded by `fully_shard` only across
 processes (`prepare_model`), and on a GPU its training forward is compiled (`--compile`).
 Pruned weights stay exactly zero because their gradients are masked before clipping and the
-optimizer step (AdamW keeps a zero weight with zero gradient at zero; see utils/mask_utils.py):
-in one compiled process inside the forward graph, otherwise on the gradients after backward
-(gradient hooks alone do not fire on FSDP's sharded parameters).  Every epoch checks it.
+optimizer step (AdamW keeps a zero weight with zero gradient at zero; see utils/mask_utils.py),
+after backward (gradient hooks alone do not fire on FSDP's sharded parameters).  Every epoch
+checks it.
 Each epoch is `max_step` optimizer steps of `batch_size` packed blocks; sample g of the run is
 block perm_p[g mod n] with perm_p a seeded permutation per pass p, so the data order is a pure
 function of the step and a resumed run continues it exactly.
@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -101,13 +101,14 @@ def init_distributed(device: torch.device) -> None:
                             device_id=device if backend == "nccl" else None)
 
 
-def resolve_compile_mode(requested: str, device: torch.device, world: int,
+def resolve_compile_mode(requested: str, device: torch.device, shards: int,
                          accumulation: int = 1) -> tuple[str | None, str]:
     """--compile → (torch.compile mode or None, why).  auto: CUDA graphs in one GPU process (the
     loop is launch-bound otherwise), plain compilation under FSDP (its hooks and collectives stay
     outside the graphs, so CUDA graphs cannot hold a whole step) and with gradient accumulation
     (gradients accumulated across graph replays are a known CUDA-graph-trees hazard, pytorch
-    #169545), eager on the CPU or without Triton."""
+    #169545), eager on the CPU or without Triton.  `shards`: processes FSDP shards the model over
+    (1 for a plain module, one process or --parallel ddp's copies)."""
     if requested == "off":
         return None, "off"
     if requested == "auto":
@@ -115,12 +116,12 @@ def resolve_compile_mode(requested: str, device: torch.device, world: int,
             return None, "off (auto: eager on the CPU)"
         if importlib.util.find_spec("triton") is None:  # e.g. Windows builds of torch
             return None, "off (auto: Triton, which compiles GPU kernels, is not installed)"
-        if world > 1:
+        if shards > 1:
             return "default", "default (auto: FSDP across processes)"
         if accumulation > 1:
             return "default", "default (auto: no CUDA graphs with gradient accumulation)"
         return "reduce-overhead", "reduce-overhead (auto)"
-    if world > 1 and requested in ("reduce-overhead", "max-autotune"):
+    if shards > 1 and requested in ("reduce-overhead", "max-autotune"):
         fallback = "default" if requested == "reduce-overhead" else "max-autotune-no-cudagraphs"
         return fallback, f"{fallback} ({requested} uses CUDA graphs, which FSDP's collectives cannot join)"
     return requested, requested
@@ -153,33 +154,27 @@ class Prepared:
     forward: Callable
     precision: Callable = contextlib.nullcontext
     compile_mode: str | None = None  # how one process compiles `forward` (None: eager, or FSDP's layers)
-    masks_in_forward: bool = False  # the forward multiplies the masks in, so its gradients come out masked
-
-    def with_masks(self, masks: MaskSet) -> "Prepared":
-        """Where one process compiles the training forward the masks go inside it (the multiply
-        fuses into the weights' cast to the compute dtype); elsewhere `train_step` masks the
-        gradients, a pass over them."""
-        if not len(masks) or self.compile_mode is None:
-            return self
-        forward = torch.compile(masks.masked_forward(self.module), mode=self.compile_mode)
-        return replace(self, forward=forward, masks_in_forward=True)
+    replicas: int = 1  # processes holding a whole copy each (--parallel ddp): gradients are averaged over them
 
 
 def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str,
-                  compile_mode: str | None = None) -> Prepared:
-    """Shard with FSDP2 across several processes; train a single process's model as it is.
+                  compile_mode: str | None = None, parallel: str = "fsdp") -> Prepared:
+    """Shard with FSDP2 across several processes (`parallel="fsdp"`); otherwise train the module as
+    it is: in one process, or with a whole copy in each (`"ddp"`, gradients averaged by `train_step`).
 
     FSDP at world size 1 shards nothing and costs CPU time per module (measured on an H100 with
     opt-350m, batch 8 × 512: 142 ms a step under fully_shard against 70 ms plain).  FSDP's policy
     casts to the compute dtype by itself; the plain module gets autocast.
 
-    `compile_mode` (a torch.compile mode): in one process the training forward goes through
-    `torch.compile(model)` while evaluation keeps the eager module (compiling the evaluation
-    shapes too cost 90 s on a cold cache, more than it saves); under FSDP each decoder layer is
-    compiled in place, its hooks and collectives staying outside the graphs.  Parameters and
-    state dict keys are the module's own either way."""
+    `compile_mode` (a torch.compile mode): for a plain module the training forward goes through
+    `torch.compile(model)` (CUDA graphs with reduce-overhead; the gradient exchange of ddp runs
+    after it, outside the graphs) while evaluation keeps the eager module (compiling the
+    evaluation shapes too cost 90 s on a cold cache, more than it saves); under FSDP each decoder
+    layer is compiled in place, its hooks and collectives staying outside the graphs.  Parameters
+    and state dict keys are the module's own either way."""
     dtype = compute_dtype(mixed_precision)
-    if dist.get_world_size() > 1:
+    world = dist.get_world_size()
+    if world > 1 and parallel == "fsdp":
         model = shard_model(model, device, mixed_precision)
         if compile_mode:
             for layer in find_decoder_layers(model)[1]:
@@ -188,7 +183,33 @@ def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str,
     model.to(device)
     forward = torch.compile(model, mode=compile_mode) if compile_mode else model
     precision = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
-    return Prepared(model, forward, precision, compile_mode)
+    return Prepared(model, forward, precision, compile_mode, replicas=world)
+
+
+def average_gradients(module: nn.Module, bucket_elements: int = 1 << 26) -> None:
+    """--parallel ddp's exchange after backward: every gradient summed over the processes in flat
+    buckets (one collective per 64M values, not one per tensor), then divided by their number."""
+    world = dist.get_world_size()
+    for bucket in _buckets([p.grad for p in module.parameters() if p.grad is not None], bucket_elements):
+        flat = torch.cat([grad.reshape(-1) for grad in bucket])
+        dist.all_reduce(flat)  # SUM: gloo has no AVG
+        flat.div_(world)
+        torch._foreach_copy_(bucket, [part.view_as(grad) for part, grad in
+                                      zip(flat.split([grad.numel() for grad in bucket]), bucket)])
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int):
+    """Consecutive runs of one dtype and at most `limit` values (a larger tensor alone)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for tensor in tensors:
+        if bucket and (size + tensor.numel() > limit or tensor.dtype != bucket[0].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(tensor)
+        size += tensor.numel()
+    if bucket:
+        yield bucket
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -258,7 +279,7 @@ class Optimization:
 def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimization: Optimization,
                masks: MaskSet | None, device: torch.device, max_grad_norm: float | None) -> torch.Tensor:
     """One optimizer step over `micro_batches` (gradient accumulation), the pruned weights'
-    gradients masked before clipping (unless the forward did it).  With a GradScaler a step whose
+    gradients masked before clipping.  With a GradScaler a step whose
     gradients overflowed is skipped and the scale lowered.  Returns the mean loss as a device tensor (no host sync without a scaler)."""
     optimizer, scheduler, scaler = optimization.optimizer, optimization.scheduler, optimization.scaler
     total = torch.zeros((), device=device, dtype=torch.float64)
@@ -272,10 +293,12 @@ def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimizati
         scaled = loss / len(micro_batches)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach().double() / len(micro_batches)
+    if prepared.replicas > 1:
+        average_gradients(prepared.module)
     if scaler is not None:
         scaler.unscale_(optimizer)
-    if masks is not None and not prepared.masks_in_forward:
-        masks.mask_gradients()
+    if masks is not None:
+        masks.mask_gradients(compiled=prepared.compile_mode is not None)
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(prepared.module.parameters(), max_grad_norm)
     if scaler is not None:
@@ -384,7 +407,6 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
     # At density 1 nothing was pruned: weights that happen to be zero (quantized checkpoints have
     # some) are free to move, and there is nothing to re-apply.
     masks = MaskSet.for_model(model) if density < 1 else MaskSet({}, {})
-    prepared = prepared.with_masks(masks)
     optimization = Optimization.create(model, config, device)
     total_steps = config.epochs * config.max_step
     state = TrainState(history=history.to_dict())

@@ -4,7 +4,7 @@
 #   bash benchmarks/run_gpu.sh bench     # evaluation, training and pruning speed
 #   bash benchmarks/run_gpu.sh quality   # SmolLM2 pruning table
 #   bash benchmarks/run_gpu.sh recover   # SmolLM2 main job at density 1.0, 0.5, 0.1 (DENSITIES="0.1" for one)
-#   bash benchmarks/run_gpu.sh multi     # the same main job on 1 and 2 GPUs
+#   bash benchmarks/run_gpu.sh multi     # the same main job on 1 GPU and on 2 (--parallel fsdp, ddp)
 set -u
 GGUF=${GGUF:-/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf}
 DATA=${DATA:-.data}
@@ -30,8 +30,11 @@ case "${1:-bench}" in
     done ;;
   multi)
     CUDA_VISIBLE_DEVICES=0 main_job 0.5 runs/one-gpu --epochs 1 "${@:2}" 2>&1 | tee "$OUT/one-gpu.log"
-    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
-      extreme_compression_experiment.py --model "$GGUF" --sparsity 0.5 --batch-size 8 --epochs 1 \
-      --train-source "$DATA/wiki.valid.raw" --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" \
-      --eval-batch-size 8 --output-dir runs/two-gpu "${@:2}" 2>&1 | tee "$OUT/two-gpu.log" ;;
+    for parallel in ${PARALLEL:-fsdp ddp}; do  # compare the epoch events' steady_tokens_per_second
+      accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+        extreme_compression_experiment.py --model "$GGUF" --sparsity 0.5 --batch-size 8 --epochs 1 \
+        --train-source "$DATA/wiki.valid.raw" --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" \
+        --eval-batch-size 8 --parallel "$parallel" --output-dir "runs/two-gpu-$parallel" "${@:2}" 2>&1 \
+        | tee "$OUT/two-gpu-$parallel.log"
+    done ;;
 esac

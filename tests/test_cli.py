@@ -157,6 +157,29 @@ def test_two_process_fsdp_on_cpu_keeps_pruned_weights_zero_and_resumes(tmp_path,
     assert changed > 0  # it did train
 
 
+def test_two_process_ddp_equals_one_process_keeps_pruned_weights_zero_and_resumes(tmp_path, tiny_llama_dir,
+                                                                                     text_file):
+    args = ("--epochs", "1", "--batch-size", "4", "--eval-batch-size", "5", "--parallel", "ddp")
+    assert main(job_args(tiny_llama_dir, text_file, tmp_path / "one", *args)) == 0
+    out, resumed = tmp_path / "two", tmp_path / "resumed"
+    result = run_cli(job_args(tiny_llama_dir, text_file, out, *args), tmp_path, launcher=TORCHRUN_2, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "parallel: ddp × 2 processes" in result.stdout and "2 per micro-batch × 1 accumulation × 2" in result.stdout
+    first = run_cli(job_args(tiny_llama_dir, text_file, resumed, *args, "--interrupt-after-steps", "3"), tmp_path,
+                    launcher=TORCHRUN_2, timeout=600)
+    assert first.returncode != 0 and "Saved. Continue with the same command plus --resume" in first.stdout
+    second = run_cli(job_args(tiny_llama_dir, text_file, resumed, *args, "--resume"), tmp_path, launcher=TORCHRUN_2,
+                     timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    one, two, again = (json.loads((folder / "results.json").read_text())["final"] for folder in ("one", "two", "resumed")
+                       for folder in [tmp_path / folder])
+    assert two == pytest.approx(one, rel=1e-5)  # averaged gradients of 2 × 2 blocks = the gradient of 4
+    assert again == pytest.approx(two, rel=1e-6)
+    changed = assert_pruned_weights_stayed_zero(out / "best",
+                                                tmp_path / "pruned" / f"{Path(tiny_llama_dir).name}-0.3-sparsegpt")
+    assert changed > 0
+
+
 def test_output_survives_an_ascii_console_and_a_pipe(tmp_path, tiny_llama_dir, text_file):
     result = run_cli(["--prune-only", "--model", tiny_llama_dir, "--sparsity", "0.3", "--method", "magnitude",
                       "--eval-source", text_file, "--token-length", "64", "--output-dir", tmp_path / "run"],

@@ -9,9 +9,8 @@ A pruned weight whose gradient is always 0 stays exactly 0 under AdamW: its mome
 update is 0 / (0 + eps) and decoupled weight decay scales 0.  So masking the gradients is enough,
 and it is also what makes gradient clipping see the gradient of the sparse model rather than one
 dominated by the 90% of positions that are thrown away.  `violations()` checks the invariant.
-Where one process compiles the training forward, `masked_forward` puts the mask into the graph
-instead (weight × mask, fused into the cast to the compute dtype; its gradient comes out masked),
-which costs about a byte per weight a step instead of a pass over weights or gradients.
+Where the model is compiled, the multiply is compiled too: a few fused kernels read the bool
+masks (a byte per weight) with the gradients.
 
 Masks are bool (a quarter of float32's memory) and work on plain tensors and on FSDP2's sharded
 DTensor parameters alike: a mask is computed from the parameter itself, so it is sharded exactly
@@ -20,7 +19,6 @@ like the parameter, and masking is local.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -68,11 +66,14 @@ class MaskSet:
             torch._foreach_mul_(self._local, self._masks)
 
     @torch.no_grad()
-    def mask_gradients(self) -> None:
-        """Zero the pruned weights' gradients: call after backward, before clipping and the step."""
+    def mask_gradients(self, compiled: bool = False) -> None:
+        """Zero the pruned weights' gradients: call after backward, before clipping and the step.
+        `compiled`: one torch.compile'd multiply over all of them (a few fused kernels; eagerly,
+        float32 gradients times bool masks launch a kernel per tensor, which a GPU step of a small
+        model feels)."""
         pairs = [(_local(p.grad), m) for p, m in zip(self._params, self._masks) if p.grad is not None]
         if pairs:
-            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+            (_compiled_multiply() if compiled else _multiply)([g for g, _ in pairs], [m for _, m in pairs])
 
     @torch.no_grad()
     def mask_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
@@ -83,20 +84,6 @@ class MaskSet:
             for value in optimizer.state.get(param, {}).values():
                 if torch.is_tensor(value) and _local(value).shape == mask.shape:
                     _local(value).mul_(mask)
-
-    def masked_forward(self, model: nn.Module) -> Callable:
-        """`model(**kwargs)` with every masked weight multiplied by its mask inside the call, for
-        torch.compile to fuse (one process, unsharded weights only)."""
-        if self.sharded:
-            raise ValueError("masked_forward needs unsharded weights; mask the gradients under FSDP")
-        names, params, masks = self.names, self._params, self._masks
-        for tensor in params + masks:  # CUDA graphs read them in place instead of copying them in every replay
-            torch._dynamo.mark_static_address(tensor)
-
-        def forward(**kwargs):
-            weights = {name: param * mask for name, param, mask in zip(names, params, masks)}
-            return torch.func.functional_call(model, weights, (), kwargs, strict=False)
-        return forward
 
     @torch.no_grad()
     def violations(self) -> int:
@@ -109,6 +96,20 @@ class MaskSet:
         total = sum(m.numel() for m in self._masks)
         counts = _all_reduce_sum(torch.tensor([kept, total], dtype=torch.float64), self.sharded)
         return float(counts[0] / counts[1]) if counts[1] else 1.0
+
+
+def _multiply(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    torch._foreach_mul_(tensors, masks)
+
+
+_compiled = None
+
+
+def _compiled_multiply():
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_multiply)
+    return _compiled
 
 
 def _all_reduce_sum(values: torch.Tensor, sharded: bool) -> torch.Tensor:
