@@ -5,12 +5,12 @@
 
 Every process count joins a process group (a single process a world-1 one), so evaluation,
 checkpoints and masks run one code path; the model is sharded by `fully_shard` only across
-processes (`prepare_model`), and on a GPU its training forward is compiled (`--compile`).
+processes (`prepare_model`; `--parallel ddp` instead keeps a whole copy per process and averages
+gradients after backward), and on a GPU its training forward is compiled (`--compile`).
 Pruned weights stay exactly zero because their gradients are masked before clipping and the
 optimizer step (AdamW keeps a zero weight with zero gradient at zero; see utils/mask_utils.py),
 after backward (gradient hooks alone do not fire on FSDP's sharded parameters).  Every epoch
-checks it.
-Each epoch is `max_step` optimizer steps of `batch_size` packed blocks; sample g of the run is
+checks it.  Each epoch is `max_step` optimizer steps of `batch_size` packed blocks; sample g of the run is
 block perm_p[g mod n] with perm_p a seeded permutation per pass p, so the data order is a pure
 function of the step and a resumed run continues it exactly.
 """

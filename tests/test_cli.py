@@ -136,48 +136,42 @@ def test_early_stopping(tmp_path, tiny_llama_dir, text_file, capsys):
     assert results["stopped_early"] and results["epochs_completed"] == 1
 
 
+def two_processes_straight_and_resumed(model_dir, text_file, tmp_path: Path, args) -> tuple[str, float, float]:
+    """Run the job in 2 gloo processes, and again interrupted after step 3 then resumed: (the
+    straight run's stdout, its final perplexity, the resumed run's)."""
+    out, resumed = tmp_path / "run", tmp_path / "resumed"
+    result = run_cli(job_args(model_dir, text_file, out, *args), tmp_path, launcher=TORCHRUN_2, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = run_cli(job_args(model_dir, text_file, resumed, *args, "--interrupt-after-steps", "3"), tmp_path,
+                    launcher=TORCHRUN_2, timeout=600)
+    assert first.returncode != 0 and "Saved. Continue with the same command plus --resume" in first.stdout
+    second = run_cli(job_args(model_dir, text_file, resumed, *args, "--resume"), tmp_path, launcher=TORCHRUN_2,
+                     timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    straight, again = (json.loads((folder / "results.json").read_text())["final"] for folder in (out, resumed))
+    changed = assert_pruned_weights_stayed_zero(out / "best",
+                                                tmp_path / "pruned" / f"{Path(model_dir).name}-0.3-sparsegpt")
+    assert changed > 0  # it did train
+    return result.stdout, straight, again
+
+
 def test_two_process_fsdp_on_cpu_keeps_pruned_weights_zero_and_resumes(tmp_path, tiny_opt_dir, text_file):
     # 5 windows a batch: an odd number of evaluation batches, so one rank pads with a zero-weight batch
     args = ("--epochs", "1", "--batch-size", "4", "--eval-batch-size", "5")
-    out = tmp_path / "run"
-    result = run_cli(job_args(tiny_opt_dir, text_file, out, *args), tmp_path, launcher=TORCHRUN_2, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    resumed = tmp_path / "resumed"
-    first = run_cli(job_args(tiny_opt_dir, text_file, resumed, *args, "--interrupt-after-steps", "3"), tmp_path,
-                    launcher=TORCHRUN_2, timeout=600)
-    assert first.returncode != 0 and "Saved. Continue with the same command plus --resume" in first.stdout
-    second = run_cli(job_args(tiny_opt_dir, text_file, resumed, *args, "--resume"), tmp_path, launcher=TORCHRUN_2,
-                     timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    finals = [json.loads((folder / "results.json").read_text())["final"] for folder in (out, resumed)]
-    assert finals[1] == pytest.approx(finals[0], rel=1e-6)
-    assert "cpu:0 × 2" in result.stdout and "2 per micro-batch × 1 accumulation × 2 processes" in result.stdout
-    changed = assert_pruned_weights_stayed_zero(out / "best",
-                                                tmp_path / "pruned" / f"{Path(tiny_opt_dir).name}-0.3-sparsegpt")
-    assert changed > 0  # it did train
+    stdout, straight, resumed = two_processes_straight_and_resumed(tiny_opt_dir, text_file, tmp_path, args)
+    assert resumed == pytest.approx(straight, rel=1e-6)
+    assert "cpu:0 × 2" in stdout and "2 per micro-batch × 1 accumulation × 2 processes" in stdout
 
 
 def test_two_process_ddp_equals_one_process_keeps_pruned_weights_zero_and_resumes(tmp_path, tiny_llama_dir,
                                                                                      text_file):
     args = ("--epochs", "1", "--batch-size", "4", "--eval-batch-size", "5", "--parallel", "ddp")
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "one", *args)) == 0
-    out, resumed = tmp_path / "two", tmp_path / "resumed"
-    result = run_cli(job_args(tiny_llama_dir, text_file, out, *args), tmp_path, launcher=TORCHRUN_2, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "parallel: ddp × 2 processes" in result.stdout and "2 per micro-batch × 1 accumulation × 2" in result.stdout
-    first = run_cli(job_args(tiny_llama_dir, text_file, resumed, *args, "--interrupt-after-steps", "3"), tmp_path,
-                    launcher=TORCHRUN_2, timeout=600)
-    assert first.returncode != 0 and "Saved. Continue with the same command plus --resume" in first.stdout
-    second = run_cli(job_args(tiny_llama_dir, text_file, resumed, *args, "--resume"), tmp_path, launcher=TORCHRUN_2,
-                     timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    one, two, again = (json.loads((folder / "results.json").read_text())["final"] for folder in ("one", "two", "resumed")
-                       for folder in [tmp_path / folder])
-    assert two == pytest.approx(one, rel=1e-5)  # averaged gradients of 2 × 2 blocks = the gradient of 4
-    assert again == pytest.approx(two, rel=1e-6)
-    changed = assert_pruned_weights_stayed_zero(out / "best",
-                                                tmp_path / "pruned" / f"{Path(tiny_llama_dir).name}-0.3-sparsegpt")
-    assert changed > 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["final"]
+    stdout, straight, resumed = two_processes_straight_and_resumed(tiny_llama_dir, text_file, tmp_path, args)
+    assert "parallel: ddp × 2 processes" in stdout
+    assert straight == pytest.approx(one, rel=1e-5)  # averaged gradients of 2 × 2 blocks = the gradient of 4
+    assert resumed == pytest.approx(straight, rel=1e-6)
 
 
 def test_output_survives_an_ascii_console_and_a_pipe(tmp_path, tiny_llama_dir, text_file):
