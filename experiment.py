@@ -85,7 +85,9 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger) -> in
         tokenizer = load_tokenizer(source)
         eval_tokens = tokenize_source(config.eval_source, tokenizer, split="test")
     eval_dtype = parse_dtype(config.dtype, device)
-    evaluate = dict(token_length=config.token_length, stride=config.stride, batch_size=config.eval_batch_size)
+    # auto: compile nothing for the evaluations before training (one each; compiling costs more than it saves)
+    evaluate = dict(token_length=config.token_length, stride=config.stride, batch_size=config.eval_batch_size,
+                    compile="off" if config.eval_compile == "auto" else config.eval_compile)
     history = PerplexityHistory()
 
     if config.mode == "eval":
@@ -191,10 +193,13 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
         logger.info("Note: FSDP steps run without CUDA graphs; a model that fits one GPU may train faster with "
                     "--parallel ddp (a whole copy per process, CUDA graphs kept) or on one GPU (BENCHMARKS.md)")
     prepared = prepare_model(model, device, mixed, compile_mode, config.parallel)
+    if config.eval_compile == "auto":  # evaluated every epoch: the scoring kernel pays off once training compiles
+        evaluate = {**evaluate, "compile": "scoring" if compile_mode else "off"}
     train_config = TrainConfig(
         epochs=config.epochs, max_step=config.max_step, lr=config.lr, batch_size=config.batch_size,
         micro_batch_size=micro, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm, seed=config.seed, mixed_precision=mixed, compile_mode=compile_mode,
+        eval_compile=evaluate["compile"],
         patience=config.patience,
         min_delta=config.min_delta,
         token_length=config.token_length, stride=config.stride, eval_batch_size=config.eval_batch_size,
@@ -206,7 +211,7 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
             logger.info(f"--resume: no saved state in {output / 'state'}; starting from the beginning")
         with prepared.precision():
             baseline = evaluate_and_log(prepared.module, eval_tokens, logger, title="Baseline Evaluation (Before Training)",
-                                        density=config.density, compile=compile_mode is not None, **evaluate)
+                                        density=config.density, **evaluate)
         history.baseline = baseline.perplexity
     best_info = lambda: {"model": config.model, "density": config.density, "method": config.method,  # noqa: E731
                          "pattern": info.get("pattern"), "pruning": {k: v for k, v in info.items() if k != "layer_density"}}

@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--stride", type=_positive_int, default=None,
                             help="tokens between window starts (default: --token-length, the papers' protocol)")
     evaluation.add_argument("--eval-batch-size", type=_positive_int, default=4, help="windows per forward")
+    evaluation.add_argument("--eval-compile", default="auto", choices=["auto", "off", "scoring", "layers"],
+                            help="torch.compile in evaluation: scoring = the loss/accuracy kernel over the logits; "
+                                 "layers = also the decoder layers (pays off over several evaluations of a large "
+                                 "model); auto = scoring when training compiles, else off")
     evaluation.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the dense model")
 
     output = parser.add_argument_group("output")
@@ -175,6 +179,7 @@ class ExperimentConfig:
     token_length: int
     stride: int
     eval_batch_size: int
+    eval_compile: str
     skip_dense_eval: bool
     output_dir: str
     log_file: str | None
@@ -230,7 +235,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         parallel=args.parallel, seed=args.seed,
         patience=args.patience, min_delta=args.min_delta, eval_source=args.eval_source,
         token_length=args.token_length, stride=stride,
-        eval_batch_size=args.eval_batch_size, skip_dense_eval=args.skip_dense_eval, output_dir=output_dir,
+        eval_batch_size=args.eval_batch_size, eval_compile=args.eval_compile, skip_dense_eval=args.skip_dense_eval,
+        output_dir=output_dir,
         log_file=args.log_file, resume=args.resume, report_to=args.report_to, save_best=not args.no_save_best,
         interrupt_after_steps=args.interrupt_after_steps)
 

@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 gets dynamic loss scaling)
     compile_mode: str | None = None  # torch.compile mode the model was prepared with (None = eager)
+    eval_compile: str = "off"  # evaluate_perplexity's compile level for the per-epoch evaluations
     patience: int | None = None
     min_delta: float = 0.0  # relative perplexity drop that counts as an improvement
     token_length: int = 2048
@@ -280,7 +281,8 @@ def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimizati
                masks: MaskSet | None, device: torch.device, max_grad_norm: float | None) -> torch.Tensor:
     """One optimizer step over `micro_batches` (gradient accumulation), the pruned weights'
     gradients masked before clipping.  With a GradScaler a step whose
-    gradients overflowed is skipped and the scale lowered.  Returns the mean loss as a device tensor (no host sync without a scaler)."""
+    gradients overflowed is skipped and the scale lowered.  Returns the mean loss as a device
+    tensor (no host sync without a scaler)."""
     optimizer, scheduler, scaler = optimization.optimizer, optimization.scheduler, optimization.scaler
     total = torch.zeros((), device=device, dtype=torch.float64)
     # CUDA-graph trees: the last step's graph outputs are done with.  Once per optimizer step, not
@@ -532,7 +534,7 @@ def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainCo
     evaluation = evaluate_and_log(model, eval_tokens, logger, title=f"Evaluation After Epoch {epoch}",
                                   token_length=config.token_length, stride=config.stride,
                                   batch_size=config.eval_batch_size, epoch=epoch, density=density,
-                                  history=history, step=state.global_step, compile=config.compile_mode is not None)
+                                  history=history, step=state.global_step, compile=config.eval_compile)
     logger.log({"event": "epoch", "epoch": epoch, "average_loss": average, "batches": state.epoch_batches,
                 "tokens_per_second": tokens_per_second, "steady_tokens_per_second": steady or tokens_per_second,
                 "measured_density": measured.density,

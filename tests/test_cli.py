@@ -82,6 +82,17 @@ def test_unreachable_hub_says_so_within_seconds(tmp_path):
     assert time.monotonic() - start < 30  # imports included; the check itself does not wait on the network
 
 
+def test_eval_only_with_compiled_layers_equals_eager(tmp_path, tiny_llama_dir, text_file, capsys):
+    perplexity = {}
+    for level in ("off", "layers"):
+        out = tmp_path / level
+        assert main(["--eval-only", "--model", str(tiny_llama_dir), "--eval-source", str(text_file),
+                     "--token-length", "64", "--eval-compile", level, "--output-dir", str(out)]) == 0
+        perplexity[level] = json.loads((out / "results.json").read_text())["perplexity"]
+    assert perplexity["layers"] == pytest.approx(perplexity["off"], rel=1e-5)
+    assert "Perplexity: " in capsys.readouterr().out
+
+
 def test_main_job_end_to_end(tmp_path, tiny_llama_dir, text_file, capsys):
     out = tmp_path / "run"
     assert main(job_args(tiny_llama_dir, text_file, out, "--log-file", tmp_path / "log.txt")) == 0

@@ -183,7 +183,9 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
     if level not in COMPILE_LEVELS:
         raise ValueError(f"compile must be one of {COMPILE_LEVELS}, got {compile!r}")
     token_stats = _stats_function(level != "off")
-    layers = _compiled_layers(model) if level == "layers" else contextlib.nullcontext()
+    layers = contextlib.ExitStack()  # holds the compiled decoder layers while evaluating; closing restores them
+    if level == "layers":
+        layers.enter_context(_compiled_layers(model))
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -192,32 +194,41 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
     bar = Progress(len(windows), desc, enabled=progress and rank == 0)
     on_device = ids.to(device)  # once; each batch is then a slice on the device
     try:
-        with layers:
-            for index in range(rounds):
-                batch = mine[index] if index < len(mine) else batches[0]
-                weight = 1.0 if index < len(mine) else 0.0
-                input_ids = torch.stack([on_device[w.begin:w.end] for w in batch])
-                # The last batch's logits are consumed: a model its owner compiled with CUDA graphs may reuse them.
-                torch.compiler.cudagraph_mark_step_begin()
+        for index in range(rounds):
+            batch = mine[index] if index < len(mine) else batches[0]
+            weight = 1.0 if index < len(mine) else 0.0
+            input_ids = torch.stack([on_device[w.begin:w.end] for w in batch])
+            # The last batch's logits are consumed: a model its owner compiled with CUDA graphs may reuse them.
+            torch.compiler.cudagraph_mark_step_begin()
+            try:
                 logits = _forward_logits(model, input_ids)
-                for rows in _same_start(batch):
-                    first = batch[rows[0]].score_from
-                    scores = logits[rows[0]:rows[-1] + 1, first - 1:-1]  # (rows, scored, vocab), model dtype
-                    targets = input_ids[rows[0]:rows[-1] + 1, first:]
-                    try:
-                        nll, correct = token_stats(scores, targets)  # per token, summed in float64 here
-                    except TorchDynamoException as error:  # compiling is an optimization: score eagerly
-                        if token_stats is _token_stats:
-                            raise
-                        warnings.warn(f"compiled scoring failed ({type(error).__name__}); scoring eagerly", stacklevel=2)
-                        token_stats = _token_stats
-                        nll, correct = token_stats(scores, targets)
-                    totals[0] += weight * nll.double().sum()
-                    totals[1] += weight * targets.numel()
-                    totals[2] += weight * correct.sum().double()
-                del logits
-                bar.update(len(batch) * world if index < len(mine) else 0)
+            except TorchDynamoException as error:  # compiling is an optimization: evaluate eagerly
+                if level != "layers":
+                    raise
+                warnings.warn(f"compiled decoder layers failed ({type(error).__name__}); evaluating eagerly",
+                              stacklevel=2)
+                layers.close()
+                level = "scoring"
+                logits = _forward_logits(model, input_ids)
+            for rows in _same_start(batch):
+                first = batch[rows[0]].score_from
+                scores = logits[rows[0]:rows[-1] + 1, first - 1:-1]  # (rows, scored, vocab), model dtype
+                targets = input_ids[rows[0]:rows[-1] + 1, first:]
+                try:
+                    nll, correct = token_stats(scores, targets)  # per token, summed in float64 here
+                except TorchDynamoException as error:  # compiling is an optimization: score eagerly
+                    if token_stats is _token_stats:
+                        raise
+                    warnings.warn(f"compiled scoring failed ({type(error).__name__}); scoring eagerly", stacklevel=2)
+                    token_stats = _token_stats
+                    nll, correct = token_stats(scores, targets)
+                totals[0] += weight * nll.double().sum()
+                totals[1] += weight * targets.numel()
+                totals[2] += weight * correct.sum().double()
+            del logits
+            bar.update(len(batch) * world if index < len(mine) else 0)
     finally:
+        layers.close()
         bar.close()
         model.train(was_training)
         if hasattr(model, "reshard"):
