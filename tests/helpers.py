@@ -1,6 +1,7 @@
 """Test helpers: where the shared data and the real model are, and tiny models built from a config."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -109,3 +110,19 @@ def distributed_eval_worker(rank: int, world: int, store: str, model_dir: str, o
             json.dump({"perplexity": result.perplexity, "accuracy": result.accuracy,
                        "scored": result.scored_tokens}, handle)
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def broken_cpp_compiler():
+    """Inductor with a C++ compiler that does not exist and no graph cache: every compilation on
+    the CPU fails.  Through inductor's own config.patch, which restores the settings (pytest's
+    monkeypatch, from 9.2 on, deletes module attributes it did not find in the module's __dict__,
+    and deleting an inductor setting hides it for the rest of the process)."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+    torch._dynamo.reset()
+    try:
+        with inductor.patch({"fx_graph_cache": False, "cpp.cxx": ("no-such-compiler-here",)}):
+            yield
+    finally:
+        torch._dynamo.reset()

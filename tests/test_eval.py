@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import ConstantLogits, distributed_eval_worker, smollm2_gguf, tiny_model, wikitext_dir
+from helpers import (ConstantLogits, broken_cpp_compiler, distributed_eval_worker, smollm2_gguf, tiny_model,
+                     wikitext_dir)
 from utils.data_utils import DataError, TokenizedText, tokenize_source
 from utils.eval_utils import PerplexityHistory, evaluate_perplexity, plan_windows
 
@@ -82,24 +83,18 @@ def test_compiled_layers_and_scoring_equal_eager_and_leave_the_model_as_it_was()
         evaluate_perplexity(model, ids, 128, 128, compile="model")
 
 
-def test_a_failing_compiler_falls_back_to_eager_evaluation(monkeypatch):
-    import torch._dynamo
-    import torch._inductor.config as inductor
+def test_a_failing_compiler_falls_back_to_eager_evaluation():
     model = tiny_model("llama", 300)
     ids = torch.arange(700) * 13 % 300
     eager = evaluate_perplexity(model, ids, 128, 128, batch_size=2, progress=False)
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)
-    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-compiler-here",))
-    torch._dynamo.reset()
-    try:
-        with pytest.warns(UserWarning) as warned:
-            result = evaluate_perplexity(model, ids, 128, 128, batch_size=2, progress=False, compile="layers")
-    finally:
-        torch._dynamo.reset()
+    with broken_cpp_compiler(), pytest.warns(UserWarning) as warned:
+        result = evaluate_perplexity(model, ids, 128, 128, batch_size=2, progress=False, compile="layers")
     messages = " ".join(str(w.message) for w in warned)
     assert "compiled decoder layers failed" in messages and "compiled scoring failed" in messages
     assert result.perplexity == pytest.approx(eager.perplexity, rel=1e-6)
     assert all("forward" not in vars(layer) for layer in model.model.layers)
+    import torch._inductor.config as inductor
+    assert inductor.fx_graph_cache is not False and inductor.cpp.cxx != ("no-such-compiler-here",)  # restored
 
 
 def test_two_gloo_processes_equal_one(tmp_path, tiny_llama_dir):

@@ -6,7 +6,7 @@ import torch
 
 from extreme_compression_experiment import main
 from fsdp_finetune import Optimization, TrainConfig, init_distributed, prepare_model, resolve_compile_mode, train_step
-from helpers import tiny_model
+from helpers import broken_cpp_compiler, tiny_model
 from test_cli import TORCHRUN_2, job_args, run_cli
 
 
@@ -74,19 +74,10 @@ def test_compiled_training_and_evaluation_match_eager(tmp_path, tiny_llama_dir, 
     assert results["default"]["final"] != results["default"]["baseline"]  # it trained
 
 
-def test_a_failing_compiler_stops_with_the_way_out_and_keeps_the_results(tmp_path, tiny_llama_dir, text_file, capsys,
-                                                                         monkeypatch):
-    import torch._dynamo
-    import torch._inductor.config as inductor
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)
-    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-compiler-here",))
-    torch._dynamo.reset()
-    try:
-        out = tmp_path / "run"
-        with pytest.warns(UserWarning, match="compiled scoring failed"):  # evaluation falls back to eager
-            assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--compile", "default")) == 1
-    finally:
-        torch._dynamo.reset()
+def test_a_failing_compiler_stops_with_the_way_out_and_keeps_the_results(tmp_path, tiny_llama_dir, text_file, capsys):
+    out = tmp_path / "run"
+    with broken_cpp_compiler(), pytest.warns(UserWarning, match="compiled scoring failed"):  # evaluation: eager
+        assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--compile", "default")) == 1
     printed = capsys.readouterr().out
     assert "error: torch.compile failed" in printed and "--compile off" in printed
     results = json.loads((out / "results.json").read_text())
