@@ -104,8 +104,11 @@ def test_fp16_run_resumes_with_its_loss_scale(tmp_path, tiny_llama_dir, text_fil
     assert torch.load(tmp_path / "rescaled" / "state" / "extra.pt", weights_only=True)["scaler"]["scale"] == 1024.0
 
 
-def test_two_process_fsdp_with_compiled_layers_matches_eager(tmp_path, tiny_opt_dir, text_file):
-    args = ("--epochs", "1", "--batch-size", "4", "--eval-batch-size", "5")
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_two_processes_compiled_match_eager(tmp_path, tiny_opt_dir, text_file, parallel):
+    """fsdp: each decoder layer compiled under FSDP2; ddp: the whole model compiled in each process,
+    gradients averaged outside the graph and masked by the compiled multiply."""
+    args = ("--epochs", "1", "--batch-size", "4", "--eval-batch-size", "5", "--parallel", parallel)
     finals = {}
     for mode in ("off", "default"):
         result = run_cli(job_args(tiny_opt_dir, text_file, tmp_path / mode, *args, "--compile", mode), tmp_path,
