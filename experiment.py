@@ -85,9 +85,8 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger) -> in
         tokenizer = load_tokenizer(source)
         eval_tokens = tokenize_source(config.eval_source, tokenizer, split="test")
     eval_dtype = parse_dtype(config.dtype, device)
-    # auto: compile nothing for the evaluations before training (one each; compiling costs more than it saves)
     evaluate = dict(token_length=config.token_length, stride=config.stride, batch_size=config.eval_batch_size,
-                    compile="off" if config.eval_compile == "auto" else config.eval_compile)
+                    compile=_eval_compile(config.eval_compile, training_compiles=False))
     history = PerplexityHistory()
 
     if config.mode == "eval":
@@ -172,6 +171,15 @@ def _prune_now(config, source, tokenizer, device, logger, eval_tokens, evaluate,
     return model, info
 
 
+def _eval_compile(requested: str, training_compiles: bool) -> str:
+    """--eval-compile → evaluate_perplexity's level.  auto compiles the scoring only for the
+    evaluations of a compiled training run (every epoch); a single evaluation before training pays
+    more to compile than it saves."""
+    if requested != "auto":
+        return requested
+    return "scoring" if training_compiles else "off"
+
+
 def _train(config, model, tokenizer, accelerator, device, output, logger, eval_tokens, evaluate, history, info) -> int:
     world = accelerator.num_processes
     micro = config.micro_batch_size or max(1, config.batch_size // world)
@@ -193,8 +201,7 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
         logger.info("Note: FSDP steps run without CUDA graphs; a model that fits one GPU may train faster with "
                     "--parallel ddp (a whole copy per process, CUDA graphs kept) or on one GPU (BENCHMARKS.md)")
     prepared = prepare_model(model, device, mixed, compile_mode, config.parallel)
-    if config.eval_compile == "auto":  # evaluated every epoch: the scoring kernel pays off once training compiles
-        evaluate = {**evaluate, "compile": "scoring" if compile_mode else "off"}
+    evaluate = {**evaluate, "compile": _eval_compile(config.eval_compile, compile_mode is not None)}
     train_config = TrainConfig(
         epochs=config.epochs, max_step=config.max_step, lr=config.lr, batch_size=config.batch_size,
         micro_batch_size=micro, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,

@@ -10,7 +10,8 @@ gradients after backward), and on a GPU its training forward is compiled (`--com
 Pruned weights stay exactly zero because their gradients are masked before clipping and the
 optimizer step (AdamW keeps a zero weight with zero gradient at zero; see utils/mask_utils.py),
 after backward (gradient hooks alone do not fire on FSDP's sharded parameters).  Every epoch
-checks it.  Each epoch is `max_step` optimizer steps of `batch_size` packed blocks; sample g of the run is
+checks it.
+Each epoch is `max_step` optimizer steps of `batch_size` packed blocks; sample g of the run is
 block perm_p[g mod n] with perm_p a seeded permutation per pass p, so the data order is a pure
 function of the step and a resumed run continues it exactly.
 """
