@@ -8,9 +8,9 @@ checkpoints and masks run one code path; the model is sharded by `fully_shard` o
 processes (`prepare_model`; `--parallel ddp` instead keeps a whole copy per process and averages
 gradients after backward), and on a GPU its training forward is compiled (`--compile`).
 Pruned weights stay exactly zero because their gradients are masked before clipping and the
-optimizer step (AdamW keeps a zero weight with zero gradient at zero; see utils/mask_utils.py),
-after backward (gradient hooks alone do not fire on FSDP's sharded parameters).  Every epoch
-checks it.
+optimizer step (AdamW keeps a zero weight with zero gradient at zero; see utils/mask_utils.py):
+inside the compiled backward where the plain module is compiled, otherwise after backward
+(gradient hooks alone do not fire on FSDP's sharded parameters).  Every epoch checks it.
 Each epoch is `max_step` optimizer steps of `batch_size` packed blocks; sample g of the run is
 block perm_p[g mod n] with perm_p a seeded permutation per pass p, so the data order is a pure
 function of the step and a resumed run continues it exactly.
@@ -301,8 +301,9 @@ def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimizati
     if scaler is not None:
         scaler.unscale_(optimizer)
     if masks is not None:
-        masks.mask_gradients(compiled=prepared.compile_mode is not None)
-    if max_grad_norm:
+        masks.mask_and_clip_gradients(prepared.module.parameters(), max_grad_norm,
+                                      compiled=prepared.compile_mode is not None)
+    elif max_grad_norm:
         torch.nn.utils.clip_grad_norm_(prepared.module.parameters(), max_grad_norm)
     if scaler is not None:
         scaler.step(optimizer)
@@ -410,6 +411,8 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
     # At density 1 nothing was pruned: weights that happen to be zero (quantized checkpoints have
     # some) are free to move, and there is nothing to re-apply.
     masks = MaskSet.for_model(model) if density < 1 else MaskSet({}, {})
+    if prepared.compile_mode is not None:  # the masks join the compiled backward (released at the end)
+        masks.mask_in_backward()
     optimization = Optimization.create(model, config, device)
     total_steps = config.epochs * config.max_step
     state = TrainState(history=history.to_dict())
@@ -471,6 +474,8 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
         state.history = history.to_dict()
         save_state(state_dir, model, optimization, state)
         logger.info("Saved. Continue with the same command plus --resume.")
+    finally:
+        masks.release()
     result.history, result.state = history, state
     return result
 

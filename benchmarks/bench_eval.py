@@ -3,7 +3,8 @@
     python benchmarks/bench_eval.py [--batch-size 8] [--models opt-125m opt-1.3b] [--compile] [--profile]
 
 Prints seconds and MFU against this GPU's measured bf16 matmul rate, for evaluate_perplexity in
-fp16 (eager; with --compile also compile="scoring" and compile="layers") and for the seed
+fp16 (eager; with --compile also compile="scoring" and compile="layers", the latter with and
+without the ReLU in the GEMM's epilogue) and for the seed
 lineage's loop (batch 1, fp32, labels passed to the model).  --profile prints where the GPU time
 of the last variant goes.
 """
@@ -15,6 +16,7 @@ import math
 import torch
 
 from common import forward_flops_per_token, matmul_tflops, opt_model, print_profile, timed
+from utils import eval_utils
 from utils.eval_utils import evaluate_perplexity
 
 TOKENS = 287_644
@@ -73,11 +75,12 @@ def main() -> None:
         flops = forward_flops_per_token(model, 2048) * windows * 2048
         seconds = timed(lambda model=model: evaluate_perplexity(model, ids, 2048, 2048, args.batch_size, progress=False))
         report(name, f"evaluate_perplexity fp16 batch {args.batch_size}", seconds)
-        levels = ["off", "scoring", "layers"] if args.compile else ["off"]
+        levels = ["off", "scoring", "layers-unfused", "layers"] if args.compile else ["off"]
         for level in levels[1:]:
-            seconds = timed(lambda model=model, level=level: evaluate_perplexity(
+            eval_utils.FUSE_LINEAR_RELU = level != "layers-unfused"
+            seconds = timed(lambda model=model, level=level.split("-")[0]: evaluate_perplexity(
                 model, ids, 2048, 2048, args.batch_size, progress=False, compile=level))
-            report(name, f"  compile={level}", seconds)
+            report(name, f"  compile={level.split('-')[0]}" + (" (ReLU not fused)" if "-" in level else ""), seconds)
         if args.profile:
             print_profile(lambda _, model=model: evaluate_perplexity(model, ids, 2048, 2048, args.batch_size,
                                                                      progress=False, compile=levels[-1]), steps=1)

@@ -1,7 +1,7 @@
 """Masked fine-tuning speed on the GPU: tokens/s, MFU and peak memory, with masks on and off.
 
     python benchmarks/bench_train.py [--models opt-350m opt-1.3b smollm2-shape] [--smollm2 PATH] [--steps 20]
-                                     [--compile MODE] [--profile] [--masks-in auto|eager] [--rounds 3]
+                                     [--compile MODE] [--profile] [--variants off on separate eager] [--rounds 3]
 
 The loop is the tool's own (`fsdp_finetune.train_step`: bf16 compute, fp32 master weights, fused
 AdamW, the plain module in one process, FSDP2 with --fsdp); masks keep 10% of each decoder linear.
@@ -10,6 +10,7 @@ AdamW, the plain module in one process, FSDP2 with --fsdp); masks keep 10% of ea
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from dataclasses import replace
 
@@ -23,36 +24,59 @@ from utils.model_utils import load_model, prunable_linears, resolve_model
 from utils.prune_utils import magnitude_keep
 
 
+VARIANTS = {"off": "no masks", "on": "masks as the tool applies them (in the compiled backward where the model is compiled)",
+            "separate": "a compiled mask pass of its own after backward", "eager": "an eager mask pass after backward"}
+
+
 def bench(model, batch: int, block: int, steps: int, variants: tuple[str, ...], peak_tflops: float,
-          fsdp: bool = False, compile_mode: str | None = None, profile: bool = False, masks_in: str = "auto",
+          fsdp: bool = False, compile_mode: str | None = None, profile: bool = False,
           rounds: int = 3) -> tuple[dict[str, float], float]:
-    """Tokens/s of each variant ("off": no masks, "on": masks as the tool applies them) on one model,
-    their timed rounds interleaved so that clocks, neighbours and memory layout hit both alike;
-    returns the median rate of each and the peak memory of the whole run."""
+    """Tokens/s of each variant (VARIANTS) of one model, their timed rounds interleaved so that
+    clocks and neighbours hit all alike; returns the median rate of each and the peak memory of
+    the whole run (with a compiled "on", two copies of the model and optimizer state)."""
     device = next(model.parameters()).device
-    if "on" in variants:
+    masked = [variant for variant in variants if variant != "off"]
+    if masked:
         with torch.no_grad():
             for linear in prunable_linears(model).values():
                 linear.weight.masked_fill_(~magnitude_keep(linear.weight, 0.1), 0.0)
-    if fsdp:  # what one process would cost under fully_shard (the tool trains it plain)
-        model = shard_model(model, device, "bf16")
-        prepared = Prepared(model, model)
-    else:
-        prepared = prepare_model(model, device, "bf16", compile_mode)
-    masks = MaskSet.for_model(model) if "on" in variants else None
-    compiled_masks = prepared.compile_mode if masks_in == "auto" else None  # what the tool does
-    loops = {"off": (prepared, None), "on": (replace(prepared, compile_mode=compiled_masks), masks)}
-    optimization = Optimization.create(model, TrainConfig(), device)
-    model.train()
+
+    def prepare(model):
+        if fsdp:  # what one process would cost under fully_shard (the tool trains it plain)
+            model = shard_model(model, device, "bf16")
+            return Prepared(model, model)
+        return prepare_model(model, device, "bf16", compile_mode)
+
+    # The tool puts the masks into the compiled backward before the model is first traced; the
+    # variant doing that gets a copy of its own, compiled as such (switching one compiled model's
+    # linears back and forth relies on guards torch.compile does not promise to keep).
+    in_graph = "on" in variants and compile_mode is not None and not fsdp
+    own_copy = copy.deepcopy(model) if in_graph else None
+    prepared = prepare(model)
+    loops = {"off": (prepared, None, Optimization.create(model, TrainConfig(), device))}
+    for variant in masked:
+        if variant == "on" and in_graph:
+            masks = MaskSet.for_model(own_copy)
+            masks.mask_in_backward()
+            loops[variant] = prepare(own_copy), masks, Optimization.create(own_copy, TrainConfig(), device)
+        else:
+            loops[variant] = (replace(prepared, compile_mode=None) if variant == "eager" else prepared,
+                              MaskSet.for_model(prepared.module), loops["off"][2])
+    for loop, _, _ in loops.values():
+        loop.module.train()
     data = torch.randint(0, model.config.vocab_size, (steps + 3, batch, block))
 
-    def run(variant: str, first: int, count: int) -> None:
-        loop, loop_masks = loops[variant]
+    def step_function(variant: str):
+        loop, loop_masks, optimization = loops[variant]
         if loop_masks is not None:  # the "off" rounds moved pruned weights and their moments
             loop_masks.apply()
             loop_masks.mask_optimizer_state(optimization.optimizer)
+        return lambda i: train_step(loop, [data[i]], optimization, loop_masks, device, 1.0)
+
+    def run(variant: str, first: int, count: int) -> None:
+        step = step_function(variant)
         for i in range(first, first + count):
-            train_step(loop, [data[i]], optimization, loop_masks, device, 1.0)
+            step(i)
 
     for variant in variants:  # warm-up (and compilation)
         run(variant, 0, 3)
@@ -65,11 +89,11 @@ def bench(model, batch: int, block: int, steps: int, variants: tuple[str, ...], 
             run(variant, 3, steps)
             torch.cuda.synchronize()
             rates[variant].append(steps * batch * block / (time.perf_counter() - start))
-            if variant == "on":
-                assert masks.violations() == 0, "pruned weights moved off zero"
+            if variant != "off":
+                assert loops[variant][1].violations() == 0, "pruned weights moved off zero"
     if profile:
-        loop, loop_masks = loops[variants[-1]]
-        print_profile(lambda i: train_step(loop, [data[i % steps]], optimization, loop_masks, device, 1.0))
+        step = step_function(variants[-1])
+        print_profile(lambda i: step(i % steps))
     median = {variant: sorted(r)[len(r) // 2] for variant, r in rates.items()}
     return median, gib(torch.cuda.max_memory_allocated())
 
@@ -84,32 +108,30 @@ def main() -> None:
     parser.add_argument("--fsdp", action="store_true", help="shard with fully_shard even in one process")
     parser.add_argument("--compile", default=None, help="torch.compile mode for the model (default, max-autotune, ...)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table (masks on)")
-    parser.add_argument("--masks", choices=["both", "on", "off"], default="both")
-    parser.add_argument("--masks-in", choices=["auto", "eager"], default="auto",
-                        help="auto: as the tool (the gradient masking compiled where the model is); eager: not compiled")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["off", "on"],
+                        help="; ".join(f"{name}: {what}" for name, what in VARIANTS.items()))
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of --steps steps; the median is printed")
     args = parser.parse_args()
     init_distributed(torch.device("cuda"))
     peak = matmul_tflops()
     print(f"GPU: {torch.cuda.get_device_name()} | measured bf16 matmul: {peak:.0f} TFLOP/s | "
           f"batch {args.batch_size} × {args.block_size}, bf16 autocast, fused AdamW, 1 process, "
-          f"compile {args.compile or 'off'} | masks in {args.masks_in} | median of {args.rounds} rounds × "
+          f"compile {args.compile or 'off'} | median of {args.rounds} rounds × "
           f"{args.steps} steps")
     makers = {name: (lambda name=name: bench_model(name, torch.float32)) for name in args.models}
     if args.smollm2:
         makers["smollm2-135m"] = lambda: load_model(resolve_model(args.smollm2), dtype=torch.float32)[0].cuda()
     print(f"{'model':14} {'masks':6} {'tokens/s':>10} {'MFU':>6} {'peak mem':>9}")
     for name, make in makers.items():
-        variants = {"both": ("off", "on"), "on": ("on",), "off": ("off",)}[args.masks]
         model = make()
         flops_per_token = 3 * forward_flops_per_token(model, args.block_size)
-        rates, memory = bench(model, args.batch_size, args.block_size, args.steps, variants, peak, args.fsdp,
-                              args.compile, args.profile, args.masks_in, args.rounds)
+        rates, memory = bench(model, args.batch_size, args.block_size, args.steps, tuple(args.variants), peak,
+                              args.fsdp, args.compile, args.profile, args.rounds)
         for variant, tokens in rates.items():
             mfu = flops_per_token * tokens / 1e12 / peak
             print(f"{name:14} {variant:6} {tokens:10,.0f} {mfu * 100:5.1f}% {memory:8.2f}G", flush=True)
-        if len(rates) == 2:
-            print(f"{name:14} mask overhead: {(rates['off'] / rates['on'] - 1) * 100:+.1f}% "
+        for variant in [variant for variant in rates if variant != "off" and "off" in rates]:
+            print(f"{name:14} mask overhead ({variant}): {(rates['off'] / rates[variant] - 1) * 100:+.1f}% "
                   "(same model and run, rounds interleaved; peak memory is the run's)")
         del model
         torch.cuda.empty_cache()

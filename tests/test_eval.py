@@ -83,6 +83,30 @@ def test_compiled_layers_and_scoring_equal_eager_and_leave_the_model_as_it_was()
         evaluate_perplexity(model, ids, 128, 128, compile="model")
 
 
+def test_linear_relu_fusion_pass_moves_bias_and_relu_into_the_matmul_and_keeps_the_values():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from utils.eval_utils import FuseLinearReLU
+    aten = torch.ops.aten
+    fc, other = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def block(x):  # OPT's fc1 (2-D), a 3-D linear, and an addmm whose output is used twice (left alone)
+        flat = torch.relu(fc(x.reshape(-1, 8)))
+        deep = torch.relu(fc(x))
+        shared = fc(x.reshape(-1, 8))
+        return other(flat).sum() + other(deep).sum() + torch.relu(shared).sum() + shared.sum()
+
+    x = torch.randn(2, 5, 8)
+    graph = make_fx(block)(x)
+    targets = [node.target for node in graph.graph.nodes]
+    assert targets.count(aten.relu.default) == 3 and aten._addmm_activation.default not in targets
+    FuseLinearReLU()(graph.graph)
+    graph.recompile()
+    targets = [node.target for node in graph.graph.nodes]
+    assert targets.count(aten._addmm_activation.default) == 2 and targets.count(aten.relu.default) == 1
+    torch.testing.assert_close(graph(x), block(x))
+
+
 def test_a_failing_compiler_falls_back_to_eager_evaluation():
     model = tiny_model("llama", 300)
     ids = torch.arange(700) * 13 % 300

@@ -74,18 +74,56 @@ def test_stale_moments_move_pruned_weights_until_the_optimizer_state_is_masked()
         assert masks.violations() == 0
 
 
-def test_compiled_gradient_masking_equals_eager():
+def test_compiled_gradient_masking_and_clipping_equal_eager():
     model = _pruned_tiny()
     masks = MaskSet.for_model(model)
     batch = torch.randint(0, 61, (2, 16))
-    grads = {}
+    results = {}
     for compiled in (False, True):
         model.zero_grad()
         model(input_ids=batch, labels=batch).loss.backward()
         masks.mask_gradients(compiled=compiled)
-        grads[compiled] = [p.grad.clone() for p in masks._params]
-    for eager, compiled, mask in zip(grads[False], grads[True], masks._masks):
+        masked = [p.grad.clone() for p in masks._params]
+        model.zero_grad()
+        model(input_ids=batch, labels=batch).loss.backward()
+        unclipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad * m) for p, m in zip(
+            masks._params, masks._masks)] + [torch.linalg.vector_norm(p.grad) for n, p in model.named_parameters()
+                                             if n not in masks.names]))
+        masks.mask_and_clip_gradients(model.parameters(), max_norm=float(unclipped) / 4, compiled=compiled)
+        clipped = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[compiled] = masked, clipped, float(unclipped)
+    (masked, clipped, unclipped), (masked_c, clipped_c, _) = results[False], results[True]
+    for eager, compiled, mask in zip(masked, masked_c, masks._masks):
         assert torch.equal(eager, compiled) and torch.all(eager[~mask] == 0) and eager.abs().sum() > 0
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped_c.values()]))
+    assert float(total) == pytest.approx(unclipped / 4, rel=1e-5)  # the norm of the masked gradients was clipped
+    for name, eager in clipped.items():
+        torch.testing.assert_close(clipped_c[name], eager, rtol=1e-5, atol=1e-9)
+    for name, mask in zip(masks.names, masks._masks):
+        assert torch.all(clipped_c[name][~mask] == 0) and torch.equal(clipped_c[name] != 0, masked_c[
+            masks.names.index(name)] != 0)
+
+
+def test_masks_in_the_compiled_backward_equal_masking_after_it_and_leave_the_model_as_it_was():
+    model = _pruned_tiny()
+    reference = copy.deepcopy(model)
+    masks, reference_masks = MaskSet.for_model(model), MaskSet.for_model(reference)
+    keys = list(model.state_dict())
+    assert masks.mask_in_backward() and masks.in_backward
+    assert list(model.state_dict()) == keys  # the mask buffers are not saved
+    batch = torch.randint(0, 61, (2, 16))
+    torch.compile(model)(input_ids=batch, labels=batch).loss.backward()
+    reference(input_ids=batch, labels=batch).loss.backward()
+    assert any(torch.any(p.grad[~m] != 0) for p, m in zip(reference_masks._params, reference_masks._masks))
+    reference_masks.mask_and_clip_gradients(reference.parameters(), None)
+    masks.mask_and_clip_gradients(model.parameters(), None)  # masked in backward already: nothing to do
+    for param, expected, mask in zip(masks._params, reference_masks._params, masks._masks):
+        assert torch.all(param.grad[~mask] == 0) and param.grad.abs().sum() > 0
+        torch.testing.assert_close(param.grad, expected.grad, rtol=1e-4, atol=1e-6)
+    masks.release()
+    assert not masks.in_backward and all(type(linear) is torch.nn.Linear and "gradient_mask" not in linear._buffers
+                                         for linear in prunable_linears(model).values())
+    assert not MaskSet({"w": torch.ones(2)}, {"w": torch.ones(2)}).mask_in_backward()  # no linear to put it in
 
 
 def test_sparsity_report_measures():
