@@ -411,8 +411,8 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
     # At density 1 nothing was pruned: weights that happen to be zero (quantized checkpoints have
     # some) are free to move, and there is nothing to re-apply.
     masks = MaskSet.for_model(model) if density < 1 else MaskSet({}, {})
-    if prepared.compile_mode is not None:  # the masks join the compiled backward (released at the end)
-        masks.mask_in_backward()
+    if prepared.compile_mode is not None and masks.mask_in_backward():  # released at the end
+        logger.info("Gradient masks: in the compiled backward (each weight gradient comes out masked)")
     optimization = Optimization.create(model, config, device)
     total_steps = config.epochs * config.max_step
     state = TrainState(history=history.to_dict())

@@ -60,12 +60,14 @@ def test_compiled_training_and_evaluation_match_eager(tmp_path, tiny_llama_dir, 
     results = {}
     for mode in ("off", "default"):
         out = tmp_path / mode
-        # 12 steps: the first log window (10 steps) compiles, the rest is the steady rate; 2 micro-batches a step
+        # 12 steps: the first log window (10 steps) compiles, the rest is the steady rate; 2 micro-batches a
+        # step; compiled: the gradient masks in the backward graph, the evaluations' decoder layers compiled
         assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--max-step", "12", "--micro-batch-size",
-                             "2", "--compile", mode)) == 0
+                             "2", "--compile", mode, "--eval-compile", "layers" if mode == "default" else "off")) == 0
         results[mode] = json.loads((out / "results.json").read_text())
     printed = capsys.readouterr().out
     assert "torch.compile: default" in printed and "after the first 10 steps, which compiled)" in printed
+    assert printed.count("Gradient masks: in the compiled backward") == 1
     epoch = [json.loads(line) for line in (tmp_path / "default" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "epoch"][0]
     assert epoch["steady_tokens_per_second"] > epoch["tokens_per_second"]  # compiling is slower than a step
