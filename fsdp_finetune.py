@@ -301,9 +301,8 @@ def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimizati
     if scaler is not None:
         scaler.unscale_(optimizer)
     if masks is not None:
-        masks.mask_and_clip_gradients(prepared.module.parameters(), max_grad_norm,
-                                      compiled=prepared.compile_mode is not None)
-    elif max_grad_norm:
+        masks.mask_gradients(compiled=prepared.compile_mode is not None)
+    if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(prepared.module.parameters(), max_grad_norm)
     if scaler is not None:
         scaler.step(optimizer)

@@ -75,15 +75,17 @@ def main() -> None:
         flops = forward_flops_per_token(model, 2048) * windows * 2048
         seconds = timed(lambda model=model: evaluate_perplexity(model, ids, 2048, 2048, args.batch_size, progress=False))
         report(name, f"evaluate_perplexity fp16 batch {args.batch_size}", seconds)
-        levels = ["off", "scoring", "layers-unfused", "layers"] if args.compile else ["off"]
-        for level in levels[1:]:
-            eval_utils.FUSE_LINEAR_RELU = level != "layers-unfused"
-            seconds = timed(lambda model=model, level=level.split("-")[0]: evaluate_perplexity(
+        # (compile level, ReLU fused into the GEMM) beyond eager; --profile looks at the last
+        variants = [("scoring", True), ("layers", False), ("layers", True)] if args.compile else []
+        for level, fused in variants:
+            eval_utils.FUSE_LINEAR_RELU = fused
+            seconds = timed(lambda model=model, level=level: evaluate_perplexity(
                 model, ids, 2048, 2048, args.batch_size, progress=False, compile=level))
-            report(name, f"  compile={level.split('-')[0]}" + (" (ReLU not fused)" if "-" in level else ""), seconds)
+            report(name, f"  compile={level}" + ("" if fused else " (ReLU not fused)"), seconds)
         if args.profile:
+            profiled = variants[-1][0] if variants else "off"
             print_profile(lambda _, model=model: evaluate_perplexity(model, ids, 2048, 2048, args.batch_size,
-                                                                     progress=False, compile=levels[-1]), steps=1)
+                                                                     progress=False, compile=profiled), steps=1)
         if not args.skip_lineage:
             model = model.float()
             seconds = timed(lambda model=model: lineage_loop(model, ids, 2048), repeats=1)

@@ -89,7 +89,8 @@ def test_compiled_gradient_masking_and_clipping_equal_eager():
         unclipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad * m) for p, m in zip(
             masks._params, masks._masks)] + [torch.linalg.vector_norm(p.grad) for n, p in model.named_parameters()
                                              if n not in masks.names]))
-        masks.mask_and_clip_gradients(model.parameters(), max_norm=float(unclipped) / 4, compiled=compiled)
+        masks.mask_gradients(compiled=compiled)  # then clipping, as train_step does
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=float(unclipped) / 4)
         clipped = {n: p.grad.clone() for n, p in model.named_parameters()}
         results[compiled] = masked, clipped, float(unclipped)
     (masked, clipped, unclipped), (masked_c, clipped_c, _) = results[False], results[True]
@@ -115,8 +116,8 @@ def test_masks_in_the_compiled_backward_equal_masking_after_it_and_leave_the_mod
     torch.compile(model)(input_ids=batch, labels=batch).loss.backward()
     reference(input_ids=batch, labels=batch).loss.backward()
     assert any(torch.any(p.grad[~m] != 0) for p, m in zip(reference_masks._params, reference_masks._masks))
-    reference_masks.mask_and_clip_gradients(reference.parameters(), None)
-    masks.mask_and_clip_gradients(model.parameters(), None)  # masked in backward already: nothing to do
+    reference_masks.mask_gradients()
+    masks.mask_gradients()  # masked in backward already: nothing to do
     for param, expected, mask in zip(masks._params, reference_masks._params, masks._masks):
         assert torch.all(param.grad[~mask] == 0) and param.grad.abs().sum() > 0
         torch.testing.assert_close(param.grad, expected.grad, rtol=1e-4, atol=1e-6)

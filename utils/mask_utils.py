@@ -2,8 +2,7 @@
 
     masks = MaskSet.for_model(model)        # after pruning or loading a checkpoint
     masks.mask_in_backward()                # optional: before torch.compile traces the model
-    loss.backward()
-    masks.mask_and_clip_gradients(model.parameters(), max_norm=1.0)  # clipping sees the kept weights only
+    loss.backward(); masks.mask_gradients() # before clipping: the norm is that of the kept weights
     optimizer.step()                        # AdamW keeps a weight that is 0 with gradient 0 at exactly 0
     report = sparsity_report(model)         # measured, never assumed
 
@@ -79,7 +78,9 @@ class MaskSet:
         """Zero the pruned weights' gradients: call after backward, before clipping and the step.
         `compiled`: one torch.compile'd multiply over all of them (a few fused kernels; eagerly,
         float32 gradients times bool masks launch a kernel per tensor, which a GPU step of a small
-        model feels)."""
+        model feels).  Nothing to do where `mask_in_backward` holds: the backward masked them."""
+        if self.in_backward:
+            return
         pairs = [(_local(p.grad), m) for p, m in zip(self._params, self._masks) if p.grad is not None]
         if pairs:
             (_compiled_multiply() if compiled else _multiply)([g for g, _ in pairs], [m for _, m in pairs])
@@ -106,14 +107,6 @@ class MaskSet:
                 linear.__class__ = nn.Linear
                 del linear.gradient_mask
         self.in_backward = False
-
-    def mask_and_clip_gradients(self, parameters, max_norm: float | None, compiled: bool = False) -> None:
-        """What a step needs after backward: the gradients masked (unless the backward did it) and
-        all `parameters`' gradients clipped to total norm `max_norm` (None or 0: not clipped)."""
-        if not self.in_backward:
-            self.mask_gradients(compiled)
-        if max_norm:
-            torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
     @torch.no_grad()
     def mask_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
