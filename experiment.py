@@ -15,15 +15,21 @@ from pathlib import Path
 
 import torch
 
-from fsdp_finetune import (STOPPING_ERRORS, TrainConfig, finetune, init_distributed, prepare_model,
+from fsdp_finetune import (STOPPING_ERRORS, TrainConfig, compute_dtype, finetune, init_distributed, prepare_model,
                            resolve_compile_mode, stop_message)
-from utils.checkpoint_utils import (import_lineage_checkpoint, lineage_checkpoint, load_pruned_model,
-                                    make_pruned_model, pruned_model_dir)
+from utils.checkpoint_utils import (check_density, check_pruned_info, import_lineage_checkpoint,
+                                    lineage_checkpoint, load_pruned_model, make_pruned_model, pruned_model_dir)
 from utils.data_utils import calibration_windows, pack_blocks, tokenize_source
 from utils.eval_utils import PerplexityHistory, evaluate_and_log
-from utils.logging_utils import MetricsLogger, describe_density, write_json
+from utils.logging_utils import MetricsLogger, describe_density, quiet_transformers_progress, write_json
+from utils.losses import LossSpec
 from utils.mask_utils import sparsity_report
-from utils.model_utils import count_parameters, load_model, load_tokenizer, parse_dtype, resolve_model
+from utils.model_utils import (ModelError, check_prunable, count_parameters, load_config, load_model,
+                               load_tokenizer, model_identity, parse_dtype, position_limit, resolve_model)
+from utils.prune_utils import check_feasible_density
+from utils.run_folder import (RunFolder, RunFolderError, check_file_writable, check_writable, drop_events_after,
+                              resume_differences)
+from utils.state_utils import read_meta
 
 
 
@@ -45,18 +51,51 @@ def _make_accelerator(config):
     return accelerator
 
 
+def _claim_output(config, accelerator) -> RunFolder:
+    """Check every path the run will write before any work (nothing computed is lost to a bad
+    path later), take the output folder's lock; the main process decides and tells the others."""
+    folder = RunFolder(Path(config.output_dir), resume=config.resume, overwrite=config.overwrite)
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            folder.claim(training=config.mode == "train")
+            if config.log_file:
+                check_file_writable(Path(config.log_file), "--log-file")
+            if config.mode != "eval":
+                check_writable(Path(config.pruned_dir), "--pruned-dir")
+        except RunFolderError as error:
+            folder.release()
+            problem = str(error)
+    if accelerator.num_processes > 1:
+        shared = [problem]
+        torch.distributed.broadcast_object_list(shared, src=0)  # in memory between processes, not from disk
+        problem = shared[0]
+    if problem:
+        raise RunFolderError(problem)
+    return folder
+
+
 def run(config) -> int:
     """Run the experiment described by an ExperimentConfig; returns the process exit status."""
     accelerator = _make_accelerator(config)
     device = accelerator.device
     output = Path(config.output_dir)
+    folder = _claim_output(config, accelerator)
+    try:
+        return _run_claimed(config, accelerator, device, output, folder)
+    finally:
+        folder.release()
+
+
+def _run_claimed(config, accelerator, device, output: Path, folder: RunFolder) -> int:
     tracker_log = None
     if config.report_to != "none":
         accelerator.init_trackers("extreme-compression", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
         tracker_log = lambda values, step: accelerator.log(values, step=step)  # noqa: E731
     logger = MetricsLogger(output, config.log_file, accelerator.is_main_process, tracker_log)
+    quiet_transformers_progress(logger.stream)
     try:
-        return _run(config, accelerator, device, output, logger)
+        return _run(config, accelerator, device, output, logger, folder)
     except STOPPING_ERRORS as error:
         logger.info(f"error: {stop_message(error)}")
         logger.log({"event": "error", "kind": type(error).__name__, "message": str(error)})
@@ -67,7 +106,50 @@ def run(config) -> int:
         logger.close()
 
 
-def _run(config, accelerator, device, output: Path, logger: MetricsLogger) -> int:
+def _check_lengths(config, model_config) -> None:
+    """Lengths the model's positions cannot hold fail now, not after pruning."""
+    limit = position_limit(model_config)
+    if limit is None:
+        return
+    asked = [("--token-length", config.token_length)]
+    if config.mode == "train":
+        asked.append(("--block-size", config.block_size))
+    for flag, value in asked:
+        if value > limit:
+            raise ModelError(f"{flag} {value} is longer than the {limit} positions {config.model} supports; "
+                             f"use {flag} {limit} or less")
+
+
+def run_identity(config, model: dict) -> dict:
+    """What a run is: a --resume must match it (utils/run_folder.py lists what may change)."""
+    return {"model_fingerprint": model["fingerprint"], "density": config.density, "method": config.method,
+            "pattern": list(config.pattern) if config.pattern else None, "layer_density": "uniform",
+            "batch_size": config.batch_size, "max_step": config.max_step, "epochs": config.epochs, "lr": config.lr,
+            "warmup_steps": config.warmup_steps, "weight_decay": config.weight_decay,
+            "max_grad_norm": config.max_grad_norm, "block_size": config.block_size,
+            "train_source": config.train_source, "holdout": config.holdout, "seed": config.seed,
+            "mixed_precision": config.mixed_precision, "loss": config.loss,
+            "kd_temperature": config.kd_temperature if config.loss != "ce" else None,
+            "kd_weight": config.kd_weight if config.loss != "ce" else None,
+            "ce_weight": config.ce_weight if config.loss != "kd" else None,
+            "calibration": [config.calibration_source, config.nsamples, config.calibration_length]
+            if config.method != "magnitude" else None}
+
+
+def _check_resume(config, folder: RunFolder, identity: dict, logger: MetricsLogger) -> dict | None:
+    """The saved state's meta when --resume continues this very run; refuses one that would mix two."""
+    if not config.resume or not (folder.state_dir / "train_state.json").exists():
+        return None
+    meta = read_meta(folder.state_dir)
+    differences = resume_differences(meta.get("identity", {}), identity)
+    if differences:
+        raise RunFolderError(f"--resume would mix two runs in {folder.path}: " + ", ".join(differences)
+                             + ". Resume with the saved settings (its run.json), or start a new run with another "
+                               "--output-dir (a longer schedule is a new run: --model its best/ folder)")
+    return meta
+
+
+def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folder: RunFolder) -> int:
     world = accelerator.num_processes
     pruning = "" if config.mode == "eval" else (
         f" | {describe_density(config.density)}" + (f" ({config.pattern[0]}:{config.pattern[1]})" if config.pattern else "")
@@ -76,11 +158,27 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger) -> in
     if config.mode == "train":
         logger.info(f"Schedule: batch size {config.batch_size} → max_step {config.max_step} per epoch, "
                     f"lr {config.lr:.3g}, {config.epochs} epochs")
-    if accelerator.is_main_process:
-        write_json(output / "run.json", {"config": dataclasses.asdict(config), "versions": _versions(),
-                                         "device": str(device), "processes": world,
-                                         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None})
     source = resolve_model(config.model)
+    _check_lengths(config, load_config(source))
+    identity = model_identity(source)
+    run = run_identity(config, identity)
+    meta = _check_resume(config, folder, run, logger)
+    if meta is not None and meta["train_state"].get("finished"):
+        logger.info(f"The run in {output} is already finished; its summary:")
+        for line in PerplexityHistory.from_dict(meta["train_state"]["history"]).summary_lines():
+            logger.info(line)
+        return 0
+    if accelerator.is_main_process:
+        if meta is None:
+            write_json(output / "run.json", {"config": dataclasses.asdict(config), "identity": run,
+                                             "model": identity, "versions": _versions(), "device": str(device),
+                                             "processes": world,
+                                             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None})
+        else:
+            state = meta["train_state"]
+            dropped = drop_events_after(output / "metrics.jsonl", state["global_step"], state["epoch"])
+            logger.log({"event": "resume", "step": state["global_step"], "epoch": state["epoch"],
+                        "dropped_events": dropped})
     with accelerator.main_process_first():
         tokenizer = load_tokenizer(source)
         eval_tokens = tokenize_source(config.eval_source, tokenizer, split="test")
@@ -99,7 +197,7 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger) -> in
                                                  **dataclasses.asdict(result)})
         return 0
 
-    model, info = _pruned_model(config, source, tokenizer, accelerator, logger, eval_tokens, evaluate,
+    model, info = _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval_tokens, evaluate,
                                 dtype=eval_dtype if config.mode == "prune" else torch.float32)
     history.dense = info.get("dense_perplexity")
     for line in sparsity_report(model).lines():
@@ -114,12 +212,15 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger) -> in
         if accelerator.is_main_process:
             write_json(output / "results.json", {**history.to_dict(), "pruning": info})
         return 0
-    return _train(config, model, tokenizer, accelerator, device, output, logger, eval_tokens, evaluate, history, info)
+    return _train(config, source, model, tokenizer, accelerator, device, output, logger, eval_tokens, evaluate,
+                  history, info, run, resuming=meta is not None)
 
 
-def _pruned_model(config, source, tokenizer, accelerator, logger, eval_tokens, evaluate, dtype):
-    """Load the cached pruned model for (model, density, method, pattern), or make it now."""
-    folder = pruned_model_dir(config.pruned_dir, source.name, config.density, config.method, config.pattern)
+def _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval_tokens, evaluate, dtype):
+    """Load the cached pruned model for (model identity, density, method, pattern), or make it now;
+    whatever is loaded is checked against the model and its density measured."""
+    folder = pruned_model_dir(config.pruned_dir, source.name, config.density, config.method, config.pattern,
+                              identity["fingerprint"])
     lineage = lineage_checkpoint(config.pruned_dir, source.name, config.density)
     protocol = f"{config.eval_source}|{config.token_length}|{config.stride}"
     if config.density == 1 and not config.pattern:  # nothing to prune: the dense model is the baseline
@@ -129,24 +230,30 @@ def _pruned_model(config, source, tokenizer, accelerator, logger, eval_tokens, e
         if (folder / "pruning.json").exists():
             logger.info(f"Loading pruned model from {folder}")
             model, _, info = load_pruned_model(source, folder, dtype=dtype)
+            check_pruned_info(info, folder, identity)
+            check_density(sparsity_report(model).density, config.density, config.pattern, str(folder))
         elif lineage.exists() and not config.pattern:
             logger.info(f"Importing the seed lineage's pruned state dict {lineage}")
             model, _ = load_model(source, dtype=dtype)
             import_lineage_checkpoint(model, lineage)
+            check_density(sparsity_report(model).density, config.density, config.pattern, str(lineage))
             info = {"method": "lineage", "density": config.density, "source": str(lineage)}
         else:
             if not accelerator.is_main_process:  # pragma: no cover - the main process failed first
                 raise RuntimeError(f"the main process did not write {folder}")
-            model, info = _prune_now(config, source, tokenizer, accelerator.device, logger, eval_tokens, evaluate,
-                                     folder, dtype)
+            model, info = _prune_now(config, source, identity, tokenizer, accelerator.device, logger, eval_tokens,
+                                     evaluate, folder, dtype)
     if info.get("dense_protocol") != protocol and not config.skip_dense_eval:
         info["dense_perplexity"] = None  # measured on other text; not comparable
     return model, info
 
 
-def _prune_now(config, source, tokenizer, device, logger, eval_tokens, evaluate, folder, dtype):
+def _prune_now(config, source, identity, tokenizer, device, logger, eval_tokens, evaluate, folder, dtype):
     logger.info(f"No pruned model at {folder}: pruning now with {config.method} ({describe_density(config.density)})")
     model, _ = load_model(source, dtype=dtype)
+    check_prunable(model)
+    if not config.pattern:
+        check_feasible_density(model, config.density)
     dense = None
     if not config.skip_dense_eval:
         model.to(device)
@@ -164,7 +271,7 @@ def _prune_now(config, source, tokenizer, device, logger, eval_tokens, evaluate,
     info = make_pruned_model(model, tokenizer, folder, method=config.method, density=config.density,
                              pattern=config.pattern, calibration=calibration, device=device,
                              calibration_info=calibration_info,
-                             extra_info={"model": config.model, "dense_perplexity": dense,
+                             extra_info={"model": config.model, "model_identity": identity, "dense_perplexity": dense,
                                          "dense_protocol": f"{config.eval_source}|{config.token_length}|{config.stride}"})
     logger.info(f"Pruned in {info['seconds']:.1f} s; saved to {folder}")
     logger.log({"event": "pruning", **{k: v for k, v in info.items() if k != "layer_density"}})
@@ -180,17 +287,62 @@ def _eval_compile(requested: str, training_compiles: bool) -> str:
     return "scoring" if training_compiles else "off"
 
 
-def _train(config, model, tokenizer, accelerator, device, output, logger, eval_tokens, evaluate, history, info) -> int:
+MEMORIZATION_PASSES = 4  # above this many passes over the training text, warn before training
+
+
+def split_holdout(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training blocks, held-out blocks): the last `fraction` of the blocks, at least one, kept
+    out of training (the tail of the text: other documents, not neighbours of training blocks)."""
+    count = round(blocks.shape[0] * fraction) if fraction > 0 else 0
+    if count == 0 and fraction > 0 and blocks.shape[0] >= 2:
+        count = 1
+    if count == 0:
+        return blocks, None
+    return blocks[:-count], blocks[-count:]
+
+
+def _training_text(config, tokenizer, accelerator, logger):
+    with accelerator.main_process_first():
+        train_ids = tokenize_source(config.train_source, tokenizer, split="train")
+    blocks, holdout = split_holdout(pack_blocks(train_ids.ids, config.block_size), config.holdout)
+    held = f"; {holdout.shape[0]:,} held out ({config.holdout:.0%}), evaluated every epoch" if holdout is not None else ""
+    logger.info(f"Training text: {train_ids.ids.numel():,} tokens → {blocks.shape[0]:,} blocks of "
+                f"{config.block_size}{held}")
+    per_epoch = config.max_step * config.batch_size / blocks.shape[0]
+    total = per_epoch * config.epochs
+    logger.info(f"Budget: {config.epochs} epochs × {config.max_step} steps × {config.batch_size} blocks = "
+                f"{config.epochs * config.max_step * config.batch_size * config.block_size / 1e6:.1f}M tokens = "
+                f"{per_epoch:.1f} passes over the training text per epoch, {total:.1f} in all")
+    logger.log({"event": "budget", "train_tokens": int(blocks.numel()), "passes_per_epoch": per_epoch,
+                "passes": total, "holdout_tokens": int(holdout.numel()) if holdout is not None else 0})
+    if total > MEMORIZATION_PASSES:
+        logger.info(f"Warning: {total:.0f} passes over {blocks.numel():,} tokens; models trained this long on this "
+                    "little text memorize it (its training loss falls while perplexity elsewhere rises). Add text "
+                    "(--train-source a.txt,b.raw,folder/), lower --max-step or --epochs, or distill (--loss kd), "
+                    "and watch the held-out loss")
+    return blocks, holdout
+
+
+def _teacher(config, source, mixed: str, logger):
+    """The dense model the run started from, frozen, in the compute precision (distillation only)."""
+    spec = LossSpec(config.loss, config.kd_temperature, config.ce_weight, config.kd_weight)
+    logger.info(f"Loss: {spec.describe()}")
+    if not spec.needs_teacher:
+        return spec, None
+    teacher, _ = load_model(source, dtype=compute_dtype(mixed) or torch.float32)
+    logger.info(f"Teacher: the dense {config.model} ({count_parameters(teacher):,} parameters, {teacher.dtype}), frozen")
+    return spec, teacher
+
+
+def _train(config, source, model, tokenizer, accelerator, device, output, logger, eval_tokens, evaluate, history,
+           info, identity: dict, resuming: bool) -> int:
     world = accelerator.num_processes
     micro = config.micro_batch_size or max(1, config.batch_size // world)
     if config.batch_size % (micro * world):
         logger.info(f"error: --batch-size {config.batch_size} is not a multiple of micro-batch {micro} × "
                     f"{world} processes; pick --micro-batch-size so that it is")
         return 2
-    with accelerator.main_process_first():
-        train_ids = tokenize_source(config.train_source, tokenizer, split="train")
-    blocks = pack_blocks(train_ids.ids, config.block_size)
-    logger.info(f"Training text: {train_ids.ids.numel():,} tokens → {blocks.shape[0]:,} blocks of {config.block_size}")
+    blocks, holdout = _training_text(config, tokenizer, accelerator, logger)
     mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
     shards = world if config.parallel == "fsdp" else 1
     compile_mode, compile_note = resolve_compile_mode(config.compile, device, shards,
@@ -200,19 +352,18 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
     if shards > 1 and device.type == "cuda":
         logger.info("Note: FSDP steps run without CUDA graphs; a model that fits one GPU may train faster with "
                     "--parallel ddp (a whole copy per process, CUDA graphs kept) or on one GPU (BENCHMARKS.md)")
-    prepared = prepare_model(model, device, mixed, compile_mode, config.parallel)
+    loss, teacher = _teacher(config, source, mixed, logger)
+    prepared = prepare_model(model, device, mixed, compile_mode, config.parallel, teacher=teacher, loss=loss)
     evaluate = {**evaluate, "compile": _eval_compile(config.eval_compile, compile_mode is not None)}
     train_config = TrainConfig(
         epochs=config.epochs, max_step=config.max_step, lr=config.lr, batch_size=config.batch_size,
         micro_batch_size=micro, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm, seed=config.seed, mixed_precision=mixed, compile_mode=compile_mode,
-        eval_compile=evaluate["compile"],
-        patience=config.patience,
-        min_delta=config.min_delta,
+        eval_compile=evaluate["compile"], patience=config.patience, min_delta=config.min_delta,
         token_length=config.token_length, stride=config.stride, eval_batch_size=config.eval_batch_size,
-        output_dir=str(output), resume=config.resume, save_best=config.save_best,
-        interrupt_after_steps=config.interrupt_after_steps)
-    resuming = config.resume and (output / "state" / "train_state.json").exists()
+        output_dir=str(output), resume=resuming, save_best=config.save_best,
+        interrupt_after_steps=config.interrupt_after_steps, interrupt_signal=config.interrupt_signal,
+        identity=identity, loss=config.loss)
     if not resuming:
         if config.resume:
             logger.info(f"--resume: no saved state in {output / 'state'}; starting from the beginning")
@@ -221,12 +372,13 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
                                         density=config.density, **evaluate)
         history.baseline = baseline.perplexity
     best_info = lambda: {"model": config.model, "density": config.density, "method": config.method,  # noqa: E731
-                         "pattern": info.get("pattern"), "pruning": {k: v for k, v in info.items() if k != "layer_density"}}
+                         "pattern": info.get("pattern"), "loss": loss.to_dict(),
+                         "pruning": {k: v for k, v in info.items() if k != "layer_density"}}
     if compile_mode:
         logger.info("The first training steps compile the model (minutes on a cold compile cache, seconds when "
                     "cached); --compile off skips it")
     result = finetune(prepared, tokenizer, blocks, eval_tokens, train_config, config.density, logger, device,
-                      history, best_info)
+                      history, best_info, holdout=holdout)
     history = result.history
     if result.error:
         logger.info(f"error: {result.error}")
@@ -234,7 +386,7 @@ def _train(config, model, tokenizer, accelerator, device, output, logger, eval_t
     for line in history.summary_lines():
         logger.info(line)
     if accelerator.is_main_process:
-        write_json(output / "results.json", {**history.to_dict(), "density": config.density,
+        write_json(output / "results.json", {**history.to_dict(), "density": config.density, "loss": loss.to_dict(),
                                              "epochs_completed": result.state.epoch - 1,
                                              "stopped_early": result.stopped_early, "interrupted": result.interrupted,
                                              "error": result.error,

@@ -12,14 +12,19 @@ called `density`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from utils.logging_utils import make_console_safe
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+# The loss the plain command trains with (the best measured recipe; BENCHMARKS.md, "Recovery recipes").
+DEFAULT_LOSS = "kd"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,7 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
     train.add_argument("--block-size", type=_positive_int, default=512, help="tokens per packed training block")
     train.add_argument("--train-source", default="wikitext2",
-                       help="training text: wikitext2 (hub, train split), a file/folder, or hf:NAME:CONFIG:SPLIT:COLUMN")
+                       help="training text: wikitext2 (hub, train split), a file/folder, or hf:NAME:CONFIG:SPLIT:COLUMN; "
+                            "several mixed with commas (a.txt,b.raw,folder/)")
+    train.add_argument("--holdout", type=float, default=0.05,
+                       help="fraction of the training text held out (its last blocks) and evaluated every epoch, "
+                            "to show memorization without the test set; 0 = off")
+    train.add_argument("--loss", default=DEFAULT_LOSS, choices=["ce", "kd", "ce+kd"],
+                       help="ce: cross-entropy on the training text; kd: distillation from the dense --model "
+                            "(KL divergence of the next-token distributions); ce+kd: both, weighted")
+    train.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (> 0)")
+    train.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation term")
+    train.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy term")
     train.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                        help="compute precision of training (auto: bf16 on GPU, no on CPU)")
     train.add_argument("--compile", default="auto", choices=["auto", "off", "default", "reduce-overhead",
@@ -138,11 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", default=None, help="run folder (default: runs/{model}-{sparsity}-{method})")
     output.add_argument("--log-file", default=None, help="also write the console output to this file")
-    output.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its saved state")
+    output.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir from its saved state (the run's settings must match)")
+    output.add_argument("--overwrite", action="store_true",
+                        help="start over in an --output-dir that holds another run (its files are deleted)")
     output.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
                         help="experiment tracker, through accelerate")
     output.add_argument("--no-save-best", action="store_true", help="do not save the best-perplexity model")
     output.add_argument("--interrupt-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    output.add_argument("--interrupt-signal", default="int", choices=["int", "term"], help=argparse.SUPPRESS)
     return parser
 
 
@@ -169,6 +188,11 @@ class ExperimentConfig:
     max_grad_norm: float | None
     block_size: int
     train_source: str
+    holdout: float
+    loss: str
+    kd_temperature: float
+    kd_weight: float
+    ce_weight: float
     mixed_precision: str
     compile: str
     parallel: str
@@ -184,9 +208,11 @@ class ExperimentConfig:
     output_dir: str
     log_file: str | None
     resume: bool
+    overwrite: bool
     report_to: str
     save_best: bool
     interrupt_after_steps: int | None
+    interrupt_signal: str = "int"
 
 
 def derive_schedule(batch_size: int, base_samples: int = 10000, base_lr: float = 5e-6) -> tuple[int, float]:
@@ -195,27 +221,61 @@ def derive_schedule(batch_size: int, base_samples: int = 10000, base_lr: float =
     return max(1, base_samples // batch_size), base_lr * math.sqrt(batch_size)
 
 
+def _problems(args: argparse.Namespace) -> list[str]:
+    """Every value that parses but makes no sense, found at once (one line lists them all)."""
+    problems = []
+
+    def finite(name: str, value: float | None, low: float, high: float = math.inf, low_open: bool = False,
+               high_open: bool = True, what: str = "") -> None:
+        if value is None:
+            return
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if math.isnan(value) or math.isinf(value) or too_low or too_high:
+            problems.append(f"argument {name}: {value:g} is not {what}")
+
+    finite("--max-grad-norm", args.max_grad_norm, 0, what="a finite number >= 0 (0 turns clipping off)")
+    finite("--weight-decay", args.weight_decay, 0, what="a finite number >= 0")
+    finite("--min-delta", args.min_delta, 0, 1, what="a fraction in [0, 1) (relative perplexity drop)")
+    finite("--holdout", args.holdout, 0, 0.5, what="a fraction in [0, 0.5) of the training text (0 = off)")
+    finite("--kd-temperature", args.kd_temperature, 0, low_open=True, what="a finite number > 0")
+    finite("--kd-weight", args.kd_weight, 0, what="a finite number >= 0")
+    finite("--ce-weight", args.ce_weight, 0, what="a finite number >= 0")
+    if args.loss == "ce+kd" and args.kd_weight == 0 and args.ce_weight == 0:
+        problems.append("arguments --ce-weight and --kd-weight: both are 0, so nothing would be trained")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        problems.append("argument --warmup-steps: must be 0 or more")
+    if args.seed < 0:
+        problems.append(f"argument --seed: {args.seed} must be 0 or more")
+    if args.interrupt_after_steps is not None and args.interrupt_after_steps < 1:
+        problems.append("argument --interrupt-after-steps: must be at least 1")
+    if args.resume and args.overwrite:
+        problems.append("arguments --resume and --overwrite: choose one (continue the run, or start it over)")
+    stride = args.stride or args.token_length
+    if stride > args.token_length:
+        problems.append(f"argument --stride: {stride} is larger than --token-length {args.token_length}")
+    if args.micro_batch_size and args.batch_size % args.micro_batch_size:
+        problems.append(f"argument --micro-batch-size: {args.micro_batch_size} does not divide --batch-size "
+                        f"{args.batch_size}")
+    for tracker, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if args.report_to == tracker and importlib.util.find_spec(package) is None:
+            problems.append(f"argument --report-to {tracker}: the {package} package is not installed "
+                            f"(pip install {package})")
+    return problems
+
+
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ExperimentConfig:
     from utils.prune_utils import parse_pattern
+    problems = _problems(args)
     try:
         pattern = parse_pattern(args.pattern)
     except ValueError as error:
-        parser.error(f"argument --pattern: {error}")
+        problems.insert(0, f"argument --pattern: {error}")
+        pattern = None
+    if problems:
+        parser.error("; ".join(problems))
     density = pattern[0] / pattern[1] if pattern else args.sparsity
     stride = args.stride or args.token_length
-    if stride > args.token_length:
-        parser.error(f"argument --stride: {stride} is larger than --token-length {args.token_length}")
-    if args.micro_batch_size and args.batch_size % args.micro_batch_size:
-        parser.error(f"argument --micro-batch-size: {args.micro_batch_size} does not divide --batch-size "
-                     f"{args.batch_size}")
-    if args.warmup_steps is not None and args.warmup_steps < 0:
-        parser.error("argument --warmup-steps: must be 0 or more")
-    if args.report_to == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401  (only checks that it is installed)
-        except ImportError:
-            parser.error("argument --report-to tensorboard: the tensorboard package is not installed "
-                         "(pip install tensorboard)")
     max_step, lr = derive_schedule(args.batch_size, args.base_samples, args.base_lr)
     max_step, lr = args.max_step or max_step, args.lr or lr
     total = max_step * args.epochs
@@ -231,14 +291,15 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         calibration_length=args.calibration_length, pruned_dir=args.pruned_dir, batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr, warmup_steps=warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, block_size=args.block_size,
-        train_source=args.train_source, mixed_precision=args.mixed_precision, compile=args.compile,
-        parallel=args.parallel, seed=args.seed,
+        train_source=args.train_source, holdout=args.holdout, loss=args.loss, kd_temperature=args.kd_temperature,
+        kd_weight=args.kd_weight, ce_weight=args.ce_weight, mixed_precision=args.mixed_precision,
+        compile=args.compile, parallel=args.parallel, seed=args.seed,
         patience=args.patience, min_delta=args.min_delta, eval_source=args.eval_source,
         token_length=args.token_length, stride=stride,
         eval_batch_size=args.eval_batch_size, eval_compile=args.eval_compile, skip_dense_eval=args.skip_dense_eval,
-        output_dir=output_dir,
-        log_file=args.log_file, resume=args.resume, report_to=args.report_to, save_best=not args.no_save_best,
-        interrupt_after_steps=args.interrupt_after_steps)
+        output_dir=output_dir, log_file=args.log_file, resume=args.resume, overwrite=args.overwrite,
+        report_to=args.report_to, save_best=not args.no_save_best,
+        interrupt_after_steps=args.interrupt_after_steps, interrupt_signal=args.interrupt_signal)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     from utils.checkpoint_utils import CheckpointError
     from utils.data_utils import DataError
     from utils.model_utils import ModelError
+    # SIGTERM (what a cluster scheduler sends before it kills a job) is handled like Ctrl-C:
+    # training saves its resumable state, anything else stops cleanly.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         return run(config)
     except (ModelError, DataError, CheckpointError) as error:  # bad input found after parsing
@@ -259,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         print("Interrupted. Finished pruned models and run files are kept (they are written atomically); "
               "run the same command again to continue.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ from torch._dynamo.exc import TorchDynamoException
 from utils.data_utils import TokenizedText
 from utils.eval_utils import PerplexityHistory, evaluate_and_log
 from utils.logging_utils import MetricsLogger, describe_density, write_json
+from utils.losses import LossSpec, TrainingObjective
 from utils.mask_utils import MaskSet, sparsity_report
+from utils.state_utils import load_training_state, save_training_state
 from utils.memory_utils import MemoryTracker
 from utils.model_utils import find_decoder_layers
 
@@ -67,7 +69,10 @@ class TrainConfig:
     output_dir: str = "runs/latest"
     resume: bool = False
     save_best: bool = True
-    interrupt_after_steps: int | None = None  # testing: behave as if Ctrl-C came after this step
+    interrupt_after_steps: int | None = None  # testing: send this process `interrupt_signal` after this step
+    interrupt_signal: str = "int"  # int (Ctrl-C) | term (what cluster schedulers send)
+    identity: dict = field(default_factory=dict)  # what the run is (checked by --resume), saved with its state
+    loss: str = "ce"  # the loss's name, for the log lines
 
 
 @dataclass
@@ -153,37 +158,44 @@ class Prepared:
     that runs its training forwards (the module, or its torch.compile'd wrapper), and a context
     factory for its compute precision."""
     module: nn.Module
-    forward: Callable
+    forward: Callable  # batch (input_ids) → loss: the TrainingObjective, or its torch.compile'd wrapper
     precision: Callable = contextlib.nullcontext
     compile_mode: str | None = None  # how one process compiles `forward` (None: eager, or FSDP's layers)
     replicas: int = 1  # processes holding a whole copy each (--parallel ddp): gradients are averaged over them
 
 
 def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str,
-                  compile_mode: str | None = None, parallel: str = "fsdp") -> Prepared:
+                  compile_mode: str | None = None, parallel: str = "fsdp", teacher: nn.Module | None = None,
+                  loss: LossSpec = LossSpec()) -> Prepared:
     """Shard with FSDP2 across several processes (`parallel="fsdp"`); otherwise train the module as
     it is: in one process, or with a whole copy in each (`"ddp"`, gradients averaged by `train_step`).
+    A distillation `teacher` (frozen) is placed the same way: sharded too, or a copy per process.
 
     FSDP at world size 1 shards nothing and costs CPU time per module (measured on an H100 with
     opt-350m, batch 8 × 512: 142 ms a step under fully_shard against 70 ms plain).  FSDP's policy
     casts to the compute dtype by itself; the plain module gets autocast.
 
-    `compile_mode` (a torch.compile mode): for a plain module the training forward goes through
-    `torch.compile(model)` (CUDA graphs with reduce-overhead; the gradient exchange of ddp runs
-    after it, outside the graphs) while evaluation keeps the eager module (compiling the
-    evaluation shapes too cost 90 s on a cold cache, more than it saves); under FSDP each decoder
-    layer is compiled in place, its hooks and collectives staying outside the graphs.  Parameters
-    and state dict keys are the module's own either way."""
+    `compile_mode` (a torch.compile mode): for a plain module the training objective (teacher
+    forward, student forward, loss) goes through `torch.compile` as one graph (CUDA graphs with
+    reduce-overhead; the gradient exchange of ddp runs after it, outside the graphs) while
+    evaluation keeps the eager module (compiling the evaluation shapes too cost 90 s on a cold
+    cache, more than it saves); under FSDP each decoder layer is compiled in place, its hooks and
+    collectives staying outside the graphs.  Parameters and state dict keys are the module's own."""
     dtype = compute_dtype(mixed_precision)
     world = dist.get_world_size()
     if world > 1 and parallel == "fsdp":
         model = shard_model(model, device, mixed_precision)
+        teacher = shard_model(teacher, device, mixed_precision) if teacher is not None else None
         if compile_mode:
-            for layer in find_decoder_layers(model)[1]:
-                layer.compile(mode=compile_mode)
-        return Prepared(model, model)
+            for network in (model, teacher):
+                for layer in (find_decoder_layers(network)[1] if network is not None else []):
+                    layer.compile(mode=compile_mode)
+        return Prepared(model, TrainingObjective(model, teacher, loss))
     model.to(device)
-    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+    if teacher is not None:
+        teacher.to(device)
+    objective = TrainingObjective(model, teacher, loss)
+    forward = torch.compile(objective, mode=compile_mode) if compile_mode else objective
     precision = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
     return Prepared(model, forward, precision, compile_mode, replicas=world)
 
@@ -225,12 +237,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Linear warmup to the peak lr, then linear decay to zero at the last step."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """Linear warmup from 0 to the peak lr over `warmup_steps`, then linear decay to zero at the
+    last step (transformers' own schedule, the one its Trainer uses)."""
+    from transformers import get_linear_schedule_with_warmup
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
 
 class BlockSampler:
@@ -269,6 +279,7 @@ class Optimization:
         return cls(optimizer, scheduler, scaler)
 
     def extra_state(self) -> dict:
+        """Plain JSON values (no tensors): the schedule's position and the fp16 loss scale."""
         return {"scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
@@ -292,7 +303,7 @@ def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimizati
     for batch in micro_batches:
         batch = batch.to(device, non_blocking=True)
         with prepared.precision():
-            loss = prepared.forward(input_ids=batch, labels=batch, use_cache=False).loss
+            loss = prepared.forward(batch)  # the TrainingObjective: CE and/or distillation
         scaled = loss / len(micro_batches)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach().double() / len(micro_batches)
@@ -316,45 +327,18 @@ def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimizati
 
 # --------------------------------------------------------------------------- state on disk
 
-def save_state(folder: Path, model: nn.Module, optimization: Optimization, state: TrainState) -> None:
-    """Resumable state (sharded model + optimizer through torch.distributed.checkpoint),
-    written beside the previous one and swapped in only when complete."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    rank = dist.get_rank()
-    if rank == 0:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimization.optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
-    if rank == 0:
-        torch.save({**optimization.extra_state(), "rng": torch.get_rng_state()}, tmp / "extra.pt")
-        write_json(tmp / "train_state.json", asdict(state))
-        import shutil
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+def save_state(folder: Path, model: nn.Module, optimization: Optimization, state: TrainState,
+               identity: dict) -> None:
+    """Resumable state (utils/state_utils.py: safetensors + JSON, nothing pickled), written beside
+    the previous one and swapped in only when complete."""
+    save_training_state(folder, model, optimization.optimizer,
+                        {"train_state": asdict(state), **optimization.extra_state(), "identity": identity})
 
 
 def load_state(folder: Path, model: nn.Module, optimization: Optimization) -> TrainState:
-    import json
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_sd, optim_sd = get_state_dict(model, optimization.optimizer)
-    saved = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(saved, checkpoint_id=str(folder))
-    set_state_dict(model, optimization.optimizer, model_state_dict=saved["model"],
-                   optim_state_dict=saved["optimizer"])
-    extra = torch.load(folder / "extra.pt", weights_only=True)
-    optimization.load_extra_state(extra)
-    torch.set_rng_state(extra["rng"])
-    return TrainState(**json.loads((folder / "train_state.json").read_text(encoding="utf-8")))
+    meta = load_training_state(folder, model, optimization.optimizer)
+    optimization.load_extra_state(meta)
+    return TrainState(**meta["train_state"])
 
 
 def save_best_model(model: nn.Module, tokenizer, folder: Path, info: dict) -> None:
@@ -396,8 +380,10 @@ def stop_message(error: BaseException) -> str:
 
 def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: TokenizedText, config: TrainConfig,
              density: float, logger: MetricsLogger, device: torch.device,
-             history: PerplexityHistory, best_info: Callable[[], dict]) -> TrainResult:
-    """Train the model (from `prepare_model`) for `config.epochs` epochs, evaluating after each."""
+             history: PerplexityHistory, best_info: Callable[[], dict],
+             holdout: torch.Tensor | None = None) -> TrainResult:
+    """Train the model (from `prepare_model`) for `config.epochs` epochs, evaluating after each
+    on `eval_tokens` and, when given, on `holdout` (blocks of the training text it never trains on)."""
     model = prepared.module
     rank, world = dist.get_rank(), dist.get_world_size()
     micro = config.micro_batch_size
@@ -429,6 +415,7 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
     window_loss = torch.zeros((), device=device, dtype=torch.float64)  # losses not yet folded into `state`
     window_steps, bar = 0, None
     compiling = config.compile_mode is not None  # this process's first log window compiles the model
+    stop = StopRequests()
     try:
         while state.epoch <= config.epochs and not state.finished:
             epoch_end = state.epoch * config.max_step
@@ -443,17 +430,22 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
                                           config.max_grad_norm)
                 state.global_step += 1
                 window_steps += 1
+                if config.interrupt_after_steps and state.global_step == config.interrupt_after_steps:
+                    _send_signal(config.interrupt_signal)
+                stopping = stop.requested and world == 1  # several processes agree at the window's end
                 if window_steps == config.log_every or state.global_step == epoch_end:
-                    _flush_window(state, window_loss, window_steps, tokens_per_step, optimization.scheduler, logger,
-                                  bar, tick, compiling)
+                    stopping = _flush_window(state, window_loss, window_steps, tokens_per_step,
+                                             optimization.scheduler, logger, bar, tick, compiling, stop.requested)
                     compiling = False
                     tick = time.perf_counter()
                     window_loss.zero_()
                     window_steps = 0
-                if config.interrupt_after_steps and state.global_step == config.interrupt_after_steps:
+                if stopping:
                     raise KeyboardInterrupt
             bar.close()
             with prepared.precision():
+                if holdout is not None:
+                    _evaluate_holdout(model, holdout, config, logger, state, blocks.shape[0])
                 _end_of_epoch(model, tokenizer, masks, eval_tokens, config, density, logger, state, history,
                               memory, optimization, state_dir, best_dir, best_info, result)
             if result.stopped_early:
@@ -462,6 +454,9 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
         result.error = str(error)
     except STOPPING_ERRORS as error:
         result.error = stop_message(error)
+    except OSError as error:  # a full disk or a folder gone while saving state or the best model
+        result.error = (f"could not write to {output}: {error.strerror or error} ({error.filename or ''}); "
+                        "results.json and the last complete state are kept. Free space, then add --resume")
     except KeyboardInterrupt:
         result.interrupted = True
         if bar is not None:
@@ -471,20 +466,54 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
                           time.perf_counter())
         logger.info(f"Interrupted at optimizer step {state.global_step}: saving resumable state to {state_dir} ...")
         state.history = history.to_dict()
-        save_state(state_dir, model, optimization, state)
+        save_state(state_dir, model, optimization, state, config.identity)
         logger.info("Saved. Continue with the same command plus --resume.")
     finally:
+        stop.close()
         masks.release()
     result.history, result.state = history, state
     return result
 
 
+def _send_signal(name: str) -> None:
+    """Testing hook: interrupt this process as a user (SIGINT) or a scheduler (SIGTERM) would."""
+    import signal
+    os.kill(os.getpid(), {"int": signal.SIGINT, "term": signal.SIGTERM}[name])
+
+
+class StopRequests:
+    """While training, Ctrl-C and SIGTERM (what cluster schedulers send before a kill) only raise
+    a flag; the loop stops at the end of a whole optimizer step (several processes: at the end of
+    a log window, agreed through its all-reduce), so the saved state is that of a step boundary
+    on every rank and a resumed run continues exactly."""
+
+    def __init__(self):
+        import signal
+        import threading
+        self.requested = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._request)
+
+    def _request(self, number, frame) -> None:
+        self.requested = True
+
+    def close(self) -> None:
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 def _flush_window(state: TrainState, window_loss: torch.Tensor, steps: int, tokens_per_step: int, scheduler,
-                  logger: MetricsLogger, bar, tick: float, compiling: bool = False) -> None:
-    """One host sync per `log_every` steps: loss bookkeeping, the NaN check, the log line."""
+                  logger: MetricsLogger, bar, tick: float, compiling: bool = False, stop: bool = False) -> bool:
+    """One host sync per `log_every` steps: loss bookkeeping, the NaN check, the log line.
+    Returns whether any process asked to stop (one all-reduce carries the loss and that vote)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(window_loss)
-        window_loss /= dist.get_world_size()
+        packed = torch.stack([window_loss, torch.full_like(window_loss, float(stop))])
+        dist.all_reduce(packed)
+        window_loss, stop = packed[0] / dist.get_world_size(), bool(packed[1] > 0)
     total = float(window_loss)
     if not math.isfinite(total):
         raise TrainingStopped(f"the training loss became {total} by optimizer step {state.global_step}; "
@@ -505,6 +534,7 @@ def _flush_window(state: TrainState, window_loss: torch.Tensor, steps: int, toke
     logger.log({"event": "train", "step": state.global_step, "epoch": state.epoch, "loss": total / steps, "lr": lr,
                 "seconds": seconds, "tokens_per_second": tokens / seconds if seconds else None},
                step=state.global_step)
+    return stop
 
 
 def _steady_rate(state: TrainState) -> float | None:
@@ -513,6 +543,24 @@ def _steady_rate(state: TrainState) -> float | None:
     if not state.epoch_compile_steps or steps <= 0 or seconds <= 0:
         return None
     return state.epoch_tokens * steps / state.epoch_batches / seconds
+
+
+def _evaluate_holdout(model: nn.Module, holdout: torch.Tensor, config: TrainConfig, logger: MetricsLogger,
+                      state: TrainState, train_blocks: int) -> None:
+    """Loss on the held-out slice of the training text beside the training loss, and the passes
+    made over the training text so far: a falling training loss with a rising held-out loss is
+    memorization, seen without looking at the test set."""
+    from utils.eval_utils import evaluate_perplexity
+    block = holdout.shape[1]
+    result = evaluate_perplexity(model, holdout.reshape(-1), token_length=block, stride=block,
+                                 batch_size=config.eval_batch_size, progress=False)
+    train_loss = state.epoch_loss_sum / max(1, state.epoch_batches)
+    passes = state.global_step * config.batch_size / train_blocks
+    logger.info(f"Held-out training text ({holdout.numel():,} tokens): loss {result.mean_nll:.4f} "
+                f"(perplexity {result.perplexity:.2f}) | training loss ({config.loss}) {train_loss:.4f} | "
+                f"{passes:.1f} passes over the training text so far")
+    logger.log({"event": "holdout", "epoch": state.epoch, "loss": result.mean_nll, "perplexity": result.perplexity,
+                "train_loss": train_loss, "passes": passes}, step=state.global_step)
 
 
 def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainConfig, density: float,
@@ -561,4 +609,4 @@ def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainCo
     if state.epoch > config.epochs:
         state.finished = True
     state.history = history.to_dict()
-    save_state(state_dir, model, optimization, state)
+    save_state(state_dir, model, optimization, state, config.identity)

@@ -30,6 +30,13 @@ def job_args(model_dir, text, out, *extra):
             *extra]]
 
 
+def pruned_folder(root: Path, model_dir, density: float = 0.3, method: str = "sparsegpt") -> Path:
+    """The one cache folder of (model, density, method) under `root` (its name ends in the model's fingerprint)."""
+    found = sorted(Path(root).glob(f"{Path(model_dir).name}-{density:g}-{method}-*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
 def assert_pruned_weights_stayed_zero(best_dir: Path, pruned_dir: Path) -> int:
     """Every weight zero in the pruned checkpoint is zero in the trained one; returns how many
     decoder weights changed in training."""
@@ -65,8 +72,8 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, args, message):
 
 
 def test_bad_inputs_found_later_exit_2_with_one_line(tmp_path, tiny_llama_dir):
-    missing = run_cli(["--eval-only", "--model", tiny_llama_dir, "--eval-source", tmp_path / "nope" / "text.txt"],
-                      tmp_path)
+    missing = run_cli(["--eval-only", "--model", tiny_llama_dir, "--eval-source", tmp_path / "nope" / "text.txt",
+                       "--token-length", "64"], tmp_path)
     unknown = run_cli(["--eval-only", "--model", "not-a-model"], tmp_path)
     for result, message in ((missing, "text source not found"), (unknown, "unknown model 'not-a-model'")):
         assert result.returncode == 2, result.stderr
@@ -113,7 +120,7 @@ def test_main_job_end_to_end(tmp_path, tiny_llama_dir, text_file, capsys):
     assert {"pruning", "evaluation", "train", "epoch"} <= set(events)
     assert (out / "best" / "model.safetensors").exists() and (out / "state" / "train_state.json").exists()
     # pruned weights are still exactly zero
-    assert_pruned_weights_stayed_zero(out / "best", tmp_path / "pruned" / f"{Path(tiny_llama_dir).name}-0.3-sparsegpt")
+    assert_pruned_weights_stayed_zero(out / "best", pruned_folder(tmp_path / "pruned", tiny_llama_dir))
     # a second run finds the cached pruned model instead of pruning again
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "again", "--epochs", "1")) == 0
     assert "Loading pruned model from" in capsys.readouterr().out
@@ -160,8 +167,7 @@ def two_processes_straight_and_resumed(model_dir, text_file, tmp_path: Path, arg
                      timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     straight, again = (json.loads((folder / "results.json").read_text())["final"] for folder in (out, resumed))
-    changed = assert_pruned_weights_stayed_zero(out / "best",
-                                                tmp_path / "pruned" / f"{Path(model_dir).name}-0.3-sparsegpt")
+    changed = assert_pruned_weights_stayed_zero(out / "best", pruned_folder(tmp_path / "pruned", model_dir))
     assert changed > 0  # it did train
     return result.stdout, straight, again
 

@@ -140,9 +140,9 @@ def test_pruned_checkpoint_round_trip_keeps_the_zeros(tmp_path, tokenizer):
     base = tmp_path / "base"
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
-    folder = pruned_model_dir(tmp_path / "pruned_models", "tiny", 0.1, "magnitude", None)
-    assert folder.name == "tiny-0.1-magnitude"
-    assert pruned_model_dir("p", "m", 0.5, "wanda", (2, 4)).name == "m-0.5-wanda-2of4"
+    folder = pruned_model_dir(tmp_path / "pruned_models", "tiny", 0.1, "magnitude", None, "0123456789abcdef")
+    assert folder.name == "tiny-0.1-magnitude-0123456789"
+    assert pruned_model_dir("p", "m", 0.5, "wanda", (2, 4), "ffffffffffff").name == "m-0.5-wanda-2of4-ffffffffff"
     info = make_pruned_model(model, tokenizer, folder, method="magnitude", density=0.1, pattern=None,
                              calibration=None, device=torch.device("cpu"), calibration_info={}, progress=False)
     assert info["measured_density"] == pytest.approx(0.1, abs=1e-3) and info["versions"]["torch"]

@@ -91,19 +91,23 @@ def test_fp16_run_resumes_with_its_loss_scale(tmp_path, tiny_llama_dir, text_fil
     fp16 = ("--mixed-precision", "fp16", "--compile", "off")
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "straight", *fp16)) == 0
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "resumed", *fp16, "--interrupt-after-steps", "8")) == 130
-    extra = torch.load(tmp_path / "resumed" / "state" / "extra.pt", weights_only=True)
+    def saved_state(run: str) -> dict:
+        return json.loads((tmp_path / run / "state" / "train_state.json").read_text())
+
+    extra = saved_state("resumed")
     assert extra["scaler"]["scale"] > 0  # the loss scale is part of the resumable state
     # A copy whose saved scale differs from a fresh scaler's: the resumed run must carry it on.
     shutil.copytree(tmp_path / "resumed", tmp_path / "rescaled")
+    (tmp_path / "rescaled" / ".lock").unlink(missing_ok=True)
     extra["scaler"]["scale"] = 1024.0
-    torch.save(extra, tmp_path / "rescaled" / "state" / "extra.pt")
+    (tmp_path / "rescaled" / "state" / "train_state.json").write_text(json.dumps(extra))
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "resumed", *fp16, "--resume")) == 0
     assert "Precision: fp16" in capsys.readouterr().out
     final = [json.loads((tmp_path / name / "results.json").read_text())["final"] for name in ("straight", "resumed")]
     assert final[1] == pytest.approx(final[0], rel=1e-6)
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "rescaled", *fp16, "--resume")) == 0
     # 4 more steps without overflow do not grow it (growth waits 2000 clean steps)
-    assert torch.load(tmp_path / "rescaled" / "state" / "extra.pt", weights_only=True)["scaler"]["scale"] == 1024.0
+    assert saved_state("rescaled")["scaler"]["scale"] == 1024.0
 
 
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])

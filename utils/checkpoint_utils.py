@@ -25,9 +25,28 @@ class CheckpointError(ValueError):
 
 
 def pruned_model_dir(root: str | os.PathLike, model_name: str, density: float, method: str,
-                     pattern: tuple[int, int] | None) -> Path:
+                     pattern: tuple[int, int] | None, fingerprint: str, variant: str = "") -> Path:
+    """The cache folder of one pruning: readable name, then the dense model's fingerprint (two
+    models whose folders share a base name never share an entry) and `variant`, a digest of any
+    other setting that changes the result (e.g. a per-layer density profile)."""
     suffix = f"-{pattern[0]}of{pattern[1]}" if pattern else ""
-    return Path(root) / f"{model_name}-{density:g}-{method}{suffix}"
+    return Path(root) / f"{model_name}-{density:g}-{method}{suffix}{variant}-{fingerprint[:10]}"
+
+
+def check_pruned_info(info: dict, folder: Path, identity: dict) -> None:
+    """Refuse a cached pruned model made from another model than the one being run."""
+    saved = (info.get("model_identity") or {}).get("fingerprint")
+    if saved != identity["fingerprint"]:
+        raise CheckpointError(f"{folder} was pruned from another model (fingerprint {saved}, this model "
+                              f"{identity['fingerprint']}); delete it to prune again: rm -r {folder}")
+
+
+def check_density(measured: float, density: float, pattern: tuple[int, int] | None, where: str) -> None:
+    """Refuse a loaded model whose measured density is not the requested one (beyond per-matrix rounding)."""
+    wanted = pattern[0] / pattern[1] if pattern else density
+    if abs(measured - wanted) > 1e-3:
+        raise CheckpointError(f"{where} holds density {measured:.4f}, not the requested {wanted:g}; "
+                              f"run with --sparsity {measured:.4g}, or delete it to prune again")
 
 
 def lineage_checkpoint(root: str | os.PathLike, model_name: str, density: float) -> Path:
@@ -40,14 +59,27 @@ def save_pretrained_atomic(model: nn.Module, tokenizer, folder: str | os.PathLik
     """save_pretrained (safetensors) into a temporary folder, then swap it in: a crash mid-write
     leaves the previous folder intact."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_tmp(folder)
     model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if info is not None:
         write_json(tmp / "pruning.json", info)
+    return swap_in(tmp, folder)
+
+
+def fresh_tmp(folder: Path) -> Path:
+    """An empty sibling folder to write `folder`'s next version into."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def swap_in(tmp: Path, folder: Path) -> Path:
+    """Replace `folder` by the finished `tmp`: a crash at any point leaves one whole version
+    (the previous one, as `folder` or `folder.old`, until the new one is in place)."""
+    old = folder.with_name(folder.name + ".old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)

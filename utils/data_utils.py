@@ -22,10 +22,11 @@ from typing import Sequence
 
 import torch
 
+from .hub_utils import ModelError, check_hub_reachable, default_cache_dir
+
 WIKITEXT_SPLIT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "valid": "wiki.valid.raw",
                         "test": "wiki.test.raw"}
 TEXT_SUFFIXES = {".txt", ".raw", ".text", ".md"}
-CACHE_ENV = "EXTREME_COMPRESSION_CACHE"
 
 
 class DataError(ValueError):
@@ -37,10 +38,6 @@ class TokenizedText:
     ids: torch.Tensor  # (num_tokens,) int64
     num_bytes: int  # UTF-8 bytes of the text, for bits per byte
     source: str
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "extreme-compression"))
 
 
 def wikitext_rows_to_text(lines: Sequence[str]) -> str:
@@ -95,7 +92,6 @@ def _load_hf_text(name: str, config: str | None, split: str, column: str) -> str
         import datasets
     except ImportError as error:  # pragma: no cover - datasets is a core dependency
         raise DataError("the 'datasets' package is needed for hub text sources: pip install datasets") from error
-    from .model_utils import ModelError, check_hub_reachable
     if not Path(name).exists():  # a local dataset folder needs no hub
         try:
             check_hub_reachable(f"datasets/{name}", timeout=3.0)

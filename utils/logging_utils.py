@@ -90,8 +90,11 @@ class Progress:
     def _write_line(self) -> None:
         extra = " ".join(f"{k}={_fmt(v)}" for k, v in self.postfix.items())
         line = f"{self.desc}: {self.count}/{self.total}" + (f" {extra}" if extra else "")
-        self.stream.write(safe_text(line, getattr(self.stream, "encoding", None)) + "\n")
-        self.stream.flush()
+        try:
+            self.stream.write(safe_text(line, getattr(self.stream, "encoding", None)) + "\n")
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):  # the reader of a pipe went away: stop writing, keep running
+            self.enabled = False
 
     def close(self) -> None:
         if self._bar is not None:
@@ -158,8 +161,12 @@ class MetricsLogger:
     def info(self, message: str = "") -> None:
         if not self.is_main:
             return
-        self.stream.write(safe_text(message, getattr(self.stream, "encoding", None)) + "\n")
-        self.stream.flush()
+        if self.stream is not None:
+            try:
+                self.stream.write(safe_text(message, getattr(self.stream, "encoding", None)) + "\n")
+                self.stream.flush()
+            except (BrokenPipeError, ValueError):  # `| head` closed the pipe: the run goes on, recorded
+                self.stream = None
         if self._log_file:
             self._log_file.write(message + "\n")
             self._log_file.flush()
@@ -179,12 +186,20 @@ class MetricsLogger:
                 self.tracker_log(numeric, step)
 
     def progress(self, total: int, desc: str, every: float = 10.0) -> Progress:
-        return Progress(total, desc, enabled=self.is_main, every=every, stream=self.stream)
+        return Progress(total, desc, enabled=self.is_main and self.stream is not None, every=every,
+                        stream=self.stream)
 
     def close(self) -> None:
         if self._log_file:
             self._log_file.close()
             self._log_file = None
+
+
+def quiet_transformers_progress(stream: TextIO | None) -> None:
+    """transformers' own carriage-return bars (loading shards, ...) stay off unless on a terminal."""
+    if not is_interactive(stream):
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
 
 
 def percent(fraction: float) -> str:

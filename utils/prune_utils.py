@@ -22,7 +22,8 @@ from .model_utils import find_decoder_layers, find_linears
 from .prune_methods import (GraphedSweeps, InputStats, Pattern, float32_matmul_precision, magnitude_keep,
                             parse_pattern, sparsegpt_prune, wanda_keep)
 
-__all__ = ["METHODS", "InputStats", "Pattern", "PruneReport", "capture_layer_inputs", "magnitude_keep",
+__all__ = ["METHODS", "InputStats", "Pattern", "PruneReport", "capture_layer_inputs", "check_feasible_density",
+           "magnitude_keep",
            "parse_pattern", "prune_model", "sparsegpt_prune", "wanda_keep"]
 
 
@@ -155,6 +156,18 @@ def _prune_layer(layer: nn.Module, method: str, density: float, pattern: Pattern
             for weight, part in zip(weights, pruned.split([w.shape[0] for w in weights])):
                 weight.copy_(part.to(weight.dtype))
         stat.free()
+
+
+def check_feasible_density(model: nn.Module, density: float) -> None:
+    """Refuse a density so small that some decoder linear would keep no weight at all."""
+    from .model_utils import ModelError, prunable_linears
+    if density >= 1:
+        return
+    sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
+    name, smallest = min(sizes.items(), key=lambda item: item[1])
+    if round(smallest * density) < 1:
+        raise ModelError(f"--sparsity {density:g} keeps no weight of {name} ({smallest:,} weights); the smallest "
+                         f"density that keeps one weight in every layer is {1 / smallest:.2g}")
 
 
 @torch.no_grad()

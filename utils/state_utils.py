@@ -1,0 +1,188 @@
+"""Resumable training state without pickle: safetensors for tensors, JSON for everything else.
+
+    save_training_state(folder, model, optimizer, meta={...})     # every process calls it
+    meta = load_training_state(folder, model, optimizer)           # every process calls it
+
+`torch.distributed.checkpoint` keeps its metadata as a pickle, so a tampered `state/.metadata`
+would run code on `--resume`; `torch.load` would unpickle too.  Nothing here is unpickled.
+
+    state/weights-rank{r}.safetensors   parameters and optimizer tensors (rank r's shards under
+                                        FSDP; one file, rank 0's, when every process holds a copy)
+    state/rng-rank{r}.safetensors       rank r's CPU and CUDA generator states
+    state/train_state.json              `meta`: loop position, history, schedule, scaler, run
+                                        identity, and the optimizer's hyperparameters
+
+A save writes a new folder beside the old one and swaps it in when complete; Ctrl-C and
+SIGTERM arriving meanwhile are held until the folder is whole.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint_utils import CheckpointError, fresh_tmp, swap_in
+from .logging_utils import write_json
+
+META_FILE = "train_state.json"
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _sharded(model: nn.Module) -> bool:
+    return any(hasattr(p, "to_local") for p in model.parameters())
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends, then raise KeyboardInterrupt if one came:
+    a second Ctrl-C while state is written must not leave half a folder."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda number, frame: received.append(number))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _tensors_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """({key: local tensor}, {parameter name: non-tensor optimizer state}) of this process."""
+    tensors, scalars = {}, {}
+    for name, param in model.named_parameters():
+        tensors[f"model::{name}"] = _local(param.detach()).contiguous()
+        for key, value in optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"optim::{name}::{key}"] = _local(value.detach()).contiguous()
+            else:
+                scalars.setdefault(name, {})[key] = value
+    return {k: v.cpu() for k, v in tensors.items()}, scalars
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    """Write every process's part of the state into a new folder and swap it in (a collective)."""
+    from safetensors.torch import save_file
+    rank, world = _rank_world()
+    sharded = _sharded(model)
+    tmp = folder.with_name(folder.name + ".tmp")
+    with signals_deferred():
+        if rank == 0:
+            fresh_tmp(folder)
+        _barrier()
+        tensors, scalars = _tensors_of(model, optimizer)
+        if sharded or rank == 0:
+            save_file(tensors, str(tmp / f"weights-rank{rank}.safetensors"))
+        save_file(_rng_state(), str(tmp / f"rng-rank{rank}.safetensors"))
+        _barrier()
+        if rank == 0:
+            groups = [{k: v for k, v in group.items() if k != "params"}
+                      for group in optimizer.state_dict()["param_groups"]]
+            write_json(tmp / META_FILE, {**meta, "optimizer": {"param_groups": groups, "scalars": scalars},
+                                         "layout": {"sharded": sharded, "processes": world}})
+            swap_in(tmp, folder)
+        _barrier()
+
+
+def read_meta(folder: Path) -> dict:
+    path = folder / META_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {folder} holds no finished resumable state; "
+                              "start again without --resume (or delete the folder)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is damaged ({error}); start again without --resume, "
+                              f"or delete {folder}") from error
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the resumable state is incomplete or was saved by "
+                              "another number of processes") from None
+    except Exception as error:  # noqa: BLE001 - safetensors reports damage with its own types
+        raise CheckpointError(f"{path} is damaged ({type(error).__name__}: {error}); start again without "
+                              "--resume, or delete the state folder") from error
+
+
+def _like(param: torch.Tensor, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`value` as optimizer state of `param`: a DTensor shard like the parameter where it is one."""
+    value = value.to(device)
+    if hasattr(param, "to_local") and value.shape == _local(param).shape:
+        from torch.distributed.tensor import DTensor
+        return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
+    return value
+
+
+@torch.no_grad()
+def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore parameters, optimizer state and this rank's RNG; return the saved `meta`."""
+    rank, world = _rank_world()
+    meta = read_meta(folder)
+    layout = meta.get("layout", {})
+    sharded = _sharded(model)
+    if bool(layout.get("sharded")) != sharded or (sharded and layout.get("processes") != world):
+        raise CheckpointError(f"{folder} was saved by {layout.get('processes')} processes "
+                              f"({'sharded' if layout.get('sharded') else 'whole copies'}); resume with the same "
+                              "number of processes and --parallel")
+    tensors = _read_tensors(folder / f"weights-rank{rank if sharded else 0}.safetensors")
+    scalars = meta["optimizer"]["scalars"]
+    flags = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    for name, param in model.named_parameters():
+        saved = tensors.get(f"model::{name}")
+        if saved is None or saved.shape != _local(param).shape:
+            raise CheckpointError(f"{folder}: the saved state has no parameter {name} of shape "
+                                  f"{tuple(_local(param).shape)}; it belongs to another model or layout")
+        _local(param).copy_(saved)
+        prefix = f"optim::{name}::"
+        state = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        if state or name in scalars:
+            group = flags[id(param)]
+            step_device = _local(param).device if group.get("fused") or group.get("capturable") else torch.device("cpu")
+            optimizer.state[param] = {
+                **{key: _like(param, value, step_device if key == "step" else _local(param).device)
+                   for key, value in state.items()},
+                **scalars.get(name, {})}
+    for group, saved in zip(optimizer.param_groups, meta["optimizer"]["param_groups"]):
+        for key, value in saved.items():
+            group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+    rng = _read_tensors(folder / f"rng-rank{rank}.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return meta
