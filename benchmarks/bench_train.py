@@ -19,13 +19,15 @@ import torch
 from common import bench_model, forward_flops_per_token, gib, matmul_tflops, print_profile
 
 from fsdp_finetune import Optimization, Prepared, TrainConfig, init_distributed, prepare_model, shard_model, train_step
+from utils.losses import LossSpec, TrainingObjective
 from utils.mask_utils import MaskSet
 from utils.model_utils import load_model, prunable_linears, resolve_model
 from utils.prune_utils import magnitude_keep
 
 
 VARIANTS = {"off": "no masks", "on": "masks as the tool applies them (in the compiled backward where the model is compiled)",
-            "separate": "a compiled mask pass of its own after backward", "eager": "an eager mask pass after backward"}
+            "separate": "a compiled mask pass of its own after backward", "eager": "an eager mask pass after backward",
+            "kd": "masks as the tool applies them, distillation loss (a frozen bf16 dense teacher, KL), as --loss kd"}
 
 
 def bench(model, batch: int, block: int, steps: int, variants: tuple[str, ...], peak_tflops: float,
@@ -36,16 +38,19 @@ def bench(model, batch: int, block: int, steps: int, variants: tuple[str, ...], 
     the whole run (with a compiled "on", two copies of the model and optimizer state)."""
     device = next(model.parameters()).device
     masked = [variant for variant in variants if variant != "off"]
+    teacher = copy.deepcopy(model).to(torch.bfloat16) if "kd" in variants else None  # dense, before pruning
     if masked:
         with torch.no_grad():
             for linear in prunable_linears(model).values():
                 linear.weight.masked_fill_(~magnitude_keep(linear.weight, 0.1), 0.0)
 
-    def prepare(model):
+    def prepare(model, teacher=None):
+        loss = LossSpec("kd" if teacher is not None else "ce")
         if fsdp:  # what one process would cost under fully_shard (the tool trains it plain)
             model = shard_model(model, device, "bf16")
-            return Prepared(model, model)
-        return prepare_model(model, device, "bf16", compile_mode)
+            teacher = shard_model(teacher, device, "bf16") if teacher is not None else None
+            return Prepared(model, TrainingObjective(model, teacher, loss))
+        return prepare_model(model, device, "bf16", compile_mode, teacher=teacher, loss=loss)
 
     # The tool puts the masks into the compiled backward before the model is first traced; the
     # variant doing that gets a copy of its own, compiled as such (switching one compiled model's
@@ -55,7 +60,13 @@ def bench(model, batch: int, block: int, steps: int, variants: tuple[str, ...], 
     prepared = prepare(model)
     loops = {"off": (prepared, None, Optimization.create(model, TrainConfig(), device))}
     for variant in masked:
-        if variant == "on" and in_graph:
+        if variant == "kd":
+            student = copy.deepcopy(model)
+            masks = MaskSet.for_model(student)
+            if compile_mode is not None and not fsdp:
+                masks.mask_in_backward()
+            loops[variant] = prepare(student, teacher), masks, Optimization.create(student, TrainConfig(), device)
+        elif variant == "on" and in_graph:
             masks = MaskSet.for_model(own_copy)
             masks.mask_in_backward()
             loops[variant] = prepare(own_copy), masks, Optimization.create(own_copy, TrainConfig(), device)
@@ -130,9 +141,11 @@ def main() -> None:
         for variant, tokens in rates.items():
             mfu = flops_per_token * tokens / 1e12 / peak
             print(f"{name:14} {variant:6} {tokens:10,.0f} {mfu * 100:5.1f}% {memory:8.2f}G", flush=True)
-        for variant in [variant for variant in rates if variant != "off" and "off" in rates]:
+        for variant in [variant for variant in rates if variant not in ("off", "kd") and "off" in rates]:
             print(f"{name:14} mask overhead ({variant}): {(rates['off'] / rates[variant] - 1) * 100:+.1f}% "
                   "(same model and run, rounds interleaved; peak memory is the run's)")
+        if "kd" in rates and "on" in rates:
+            print(f"{name:14} KD step cost: {rates['on'] / rates['kd']:.2f}× a cross-entropy step (both masked)")
         del model
         torch.cuda.empty_cache()
 

@@ -5,6 +5,7 @@
 #   bash benchmarks/run_gpu.sh quality   # SmolLM2 pruning table
 #   bash benchmarks/run_gpu.sh recover   # SmolLM2 main job at density 1.0, 0.5, 0.1 (DENSITIES="0.1" for one)
 #   bash benchmarks/run_gpu.sh multi     # the same main job on 1 GPU and on 2 (--parallel fsdp, ddp)
+#   bash benchmarks/run_gpu.sh recipes "today@0.1 kd@0.1"   # recovery recipes at the user's budget, in parallel
 set -u
 GGUF=${GGUF:-/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf}
 DATA=${DATA:-.data}
@@ -17,7 +18,30 @@ main_job() {  # $1 density, $2 output dir, rest: extra flags
     --train-source "$DATA/wiki.valid.raw" --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" \
     --eval-batch-size 8 --output-dir "$out" "$@"
 }
+MIX="$DATA/wiki.valid.raw,$DATA/fallback-train"  # WikiText-2 valid + the public-domain fallback text (~2.3M tokens)
+declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (batch 8 × 1250 steps × 5 epochs = 25.6M tokens)
+  [today]="--loss ce --train-source $DATA/wiki.valid.raw --holdout 0"  # the recipe before this change
+  [ce]="--loss ce --train-source $MIX"
+  [kd]="--loss kd --train-source $MIX"
+  [cekd]="--loss ce+kd --train-source $MIX"
+  [kd-lr1e-4]="--loss kd --train-source $MIX --lr 1e-4"
+  [cekd-lr1e-4]="--loss ce+kd --train-source $MIX --lr 1e-4"
+)
+recipe() {  # $1 name, $2 density
+  python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "$2" --batch-size 8 --epochs 5 \
+    --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" --pruned-dir "${PRUNED:-/tmp/pruned}" \
+    --eval-batch-size 8 --output-dir "runs/$1-$2" ${RECIPE[$1]}
+}
 case "${1:-bench}" in
+  recipes)  # each NAME@DENSITY of $2 at once on one GPU (pruned first, one density at a time)
+    for density in $(for run in $2; do echo "${run#*@}"; done | sort -u); do
+      python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "$density" --prune-only \
+        --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" --pruned-dir "${PRUNED:-/tmp/pruned}" \
+        --eval-batch-size 8 --output-dir "runs/prune-$density" 2>&1 | tee "$OUT/prune-$density.log"
+    done
+    for run in $2; do recipe "${run%@*}" "${run#*@}" > "$OUT/$run.log" 2>&1 & done
+    wait
+    for run in $2; do python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'baseline', r['baseline'], 'epochs', [round(e['perplexity'],2) for e in r['epochs']], 'best', r['best'])" "runs/${run%@*}-${run#*@}/results.json" "$run"; done | tee -a "$OUT/summary.txt" ;;
   bench)
     python3 benchmarks/bench_eval.py 2>&1 | tee "$OUT/bench_eval.log"
     python3 benchmarks/bench_train.py --smollm2 "$GGUF" 2>&1 | tee "$OUT/bench_train.log"
