@@ -19,13 +19,13 @@ from fsdp_finetune import (STOPPING_ERRORS, TrainConfig, compute_dtype, finetune
                            resolve_compile_mode, stop_message)
 from utils.checkpoint_utils import (check_density, check_pruned_info, import_lineage_checkpoint,
                                     lineage_checkpoint, load_pruned_model, make_pruned_model, pruned_model_dir)
-from utils.data_utils import calibration_windows, pack_blocks, tokenize_source
+from utils.data_utils import calibration_windows, pack_blocks, tokenize_source, with_bos
 from utils.eval_utils import PerplexityHistory, evaluate_and_log
 from utils.logging_utils import MetricsLogger, describe_density, quiet_transformers_progress, write_json
 from utils.losses import LossSpec
 from utils.mask_utils import sparsity_report
-from utils.model_utils import (ModelError, check_prunable, count_parameters, load_config, load_model,
-                               load_tokenizer, model_identity, parse_dtype, position_limit, resolve_model)
+from utils.model_utils import (ModelError, bos_per_window, check_prunable, count_parameters, load_config,
+                               load_model, load_tokenizer, model_identity, parse_dtype, position_limit, resolve_model)
 from utils.prune_utils import check_feasible_density
 from utils.run_folder import (RunFolder, RunFolderError, check_file_writable, check_writable, drop_events_after,
                               resume_differences)
@@ -159,9 +159,13 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
         logger.info(f"Schedule: batch size {config.batch_size} → max_step {config.max_step} per epoch, "
                     f"lr {config.lr:.3g}, {config.epochs} epochs")
     source = resolve_model(config.model)
-    _check_lengths(config, load_config(source))
+    model_config = load_config(source)
+    _check_lengths(config, model_config)
     identity = model_identity(source)
-    run = run_identity(config, identity)
+    with accelerator.main_process_first():
+        tokenizer = load_tokenizer(source)
+    bos = bos_per_window(config.bos_per_window, model_config, tokenizer)
+    run = {**run_identity(config, identity), "bos_per_window": bos is not None}
     meta = _check_resume(config, folder, run, logger)
     if meta is not None and meta["train_state"].get("finished"):
         logger.info(f"The run in {output} is already finished; its summary:")
@@ -179,12 +183,14 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
             dropped = drop_events_after(output / "metrics.jsonl", state["global_step"], state["epoch"])
             logger.log({"event": "resume", "step": state["global_step"], "epoch": state["epoch"],
                         "dropped_events": dropped})
+    if bos is not None:
+        logger.info("Every evaluation window, calibration window and training block starts with the BOS token "
+                    f"({config.bos_per_window}: this model family needs it)")
     with accelerator.main_process_first():
-        tokenizer = load_tokenizer(source)
         eval_tokens = tokenize_source(config.eval_source, tokenizer, split="test")
     eval_dtype = parse_dtype(config.dtype, device)
     evaluate = dict(token_length=config.token_length, stride=config.stride, batch_size=config.eval_batch_size,
-                    compile=_eval_compile(config.eval_compile, training_compiles=False))
+                    compile=_eval_compile(config.eval_compile, training_compiles=False), bos_id=bos)
     history = PerplexityHistory()
 
     if config.mode == "eval":
@@ -194,11 +200,11 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
         result = evaluate_and_log(model, eval_tokens, logger, title="Perplexity", **evaluate)
         if accelerator.is_main_process:
             write_json(output / "results.json", {"model": config.model, "eval_source": config.eval_source,
-                                                 **dataclasses.asdict(result)})
+                                                 "bos_per_window": bos is not None, **dataclasses.asdict(result)})
         return 0
 
     model, info = _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval_tokens, evaluate,
-                                dtype=eval_dtype if config.mode == "prune" else torch.float32)
+                                dtype=eval_dtype if config.mode == "prune" else torch.float32, bos=bos)
     history.dense = info.get("dense_perplexity")
     for line in sparsity_report(model).lines():
         logger.info(line)
@@ -210,19 +216,20 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
         for line in history.summary_lines()[1:3]:
             logger.info(line)
         if accelerator.is_main_process:
-            write_json(output / "results.json", {**history.to_dict(), "pruning": info})
+            write_json(output / "results.json", {**history.to_dict(), "bos_per_window": bos is not None,
+                                                 "pruning": info})
         return 0
     return _train(config, source, model, tokenizer, accelerator, device, output, logger, eval_tokens, evaluate,
-                  history, info, run, resuming=meta is not None)
+                  history, info, run, resuming=meta is not None, bos=bos)
 
 
-def _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval_tokens, evaluate, dtype):
+def _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval_tokens, evaluate, dtype, bos=None):
     """Load the cached pruned model for (model identity, density, method, pattern), or make it now;
     whatever is loaded is checked against the model and its density measured."""
     folder = pruned_model_dir(config.pruned_dir, source.name, config.density, config.method, config.pattern,
-                              identity["fingerprint"])
+                              identity["fingerprint"], variant="-bos" if bos is not None else "")
     lineage = lineage_checkpoint(config.pruned_dir, source.name, config.density)
-    protocol = f"{config.eval_source}|{config.token_length}|{config.stride}"
+    protocol = f"{config.eval_source}|{config.token_length}|{config.stride}|{bos}"
     if config.density == 1 and not config.pattern:  # nothing to prune: the dense model is the baseline
         model, _ = load_model(source, dtype=dtype)
         return model, {"method": "none", "density": 1.0}
@@ -242,18 +249,18 @@ def _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval
             if not accelerator.is_main_process:  # pragma: no cover - the main process failed first
                 raise RuntimeError(f"the main process did not write {folder}")
             model, info = _prune_now(config, source, identity, tokenizer, accelerator.device, logger, eval_tokens,
-                                     evaluate, folder, dtype)
+                                     evaluate, folder, dtype, bos)
+    check_prunable(model)  # also a cached or lineage model: fused expert tensors would hide from the density
     if info.get("dense_protocol") != protocol and not config.skip_dense_eval:
         info["dense_perplexity"] = None  # measured on other text; not comparable
     return model, info
 
 
-def _prune_now(config, source, identity, tokenizer, device, logger, eval_tokens, evaluate, folder, dtype):
+def _prune_now(config, source, identity, tokenizer, device, logger, eval_tokens, evaluate, folder, dtype, bos):
     logger.info(f"No pruned model at {folder}: pruning now with {config.method} ({describe_density(config.density)})")
     model, _ = load_model(source, dtype=dtype)
     check_prunable(model)
-    if not config.pattern:
-        check_feasible_density(model, config.density)
+    check_feasible_density(model, config.density, config.pattern)
     dense = None
     if not config.skip_dense_eval:
         model.to(device)
@@ -265,14 +272,15 @@ def _prune_now(config, source, identity, tokenizer, device, logger, eval_tokens,
     if config.method != "magnitude" and config.density < 1:
         length = min(config.calibration_length, getattr(model.config, "max_position_embeddings", None) or 10 ** 9)
         ids = tokenize_source(config.calibration_source, tokenizer, split="train")
-        calibration = calibration_windows(ids.ids, config.nsamples, length, config.seed)
+        text_length = length - 1 if bos is not None else length
+        calibration = with_bos(calibration_windows(ids.ids, config.nsamples, text_length, config.seed), bos)
         calibration_info = {"source": config.calibration_source, "nsamples": config.nsamples, "length": length,
-                            "seed": config.seed}
+                            "seed": config.seed, "bos_per_window": bos is not None}
     info = make_pruned_model(model, tokenizer, folder, method=config.method, density=config.density,
                              pattern=config.pattern, calibration=calibration, device=device,
                              calibration_info=calibration_info,
                              extra_info={"model": config.model, "model_identity": identity, "dense_perplexity": dense,
-                                         "dense_protocol": f"{config.eval_source}|{config.token_length}|{config.stride}"})
+                                         "dense_protocol": f"{config.eval_source}|{config.token_length}|{config.stride}|{bos}"})
     logger.info(f"Pruned in {info['seconds']:.1f} s; saved to {folder}")
     logger.log({"event": "pruning", **{k: v for k, v in info.items() if k != "layer_density"}})
     return model, info
@@ -301,10 +309,11 @@ def split_holdout(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, 
     return blocks[:-count], blocks[-count:]
 
 
-def _training_text(config, tokenizer, accelerator, logger):
+def _training_text(config, tokenizer, accelerator, logger, bos: int | None = None):
     with accelerator.main_process_first():
         train_ids = tokenize_source(config.train_source, tokenizer, split="train")
-    blocks, holdout = split_holdout(pack_blocks(train_ids.ids, config.block_size), config.holdout)
+    text_block = config.block_size - 1 if bos is not None else config.block_size
+    blocks, holdout = split_holdout(with_bos(pack_blocks(train_ids.ids, text_block), bos), config.holdout)
     held = f"; {holdout.shape[0]:,} held out ({config.holdout:.0%}), evaluated every epoch" if holdout is not None else ""
     logger.info(f"Training text: {train_ids.ids.numel():,} tokens → {blocks.shape[0]:,} blocks of "
                 f"{config.block_size}{held}")
@@ -335,14 +344,14 @@ def _teacher(config, source, mixed: str, logger):
 
 
 def _train(config, source, model, tokenizer, accelerator, device, output, logger, eval_tokens, evaluate, history,
-           info, identity: dict, resuming: bool) -> int:
+           info, identity: dict, resuming: bool, bos: int | None = None) -> int:
     world = accelerator.num_processes
     micro = config.micro_batch_size or max(1, config.batch_size // world)
     if config.batch_size % (micro * world):
         logger.info(f"error: --batch-size {config.batch_size} is not a multiple of micro-batch {micro} × "
                     f"{world} processes; pick --micro-batch-size so that it is")
         return 2
-    blocks, holdout = _training_text(config, tokenizer, accelerator, logger)
+    blocks, holdout = _training_text(config, tokenizer, accelerator, logger, bos)
     mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
     shards = world if config.parallel == "fsdp" else 1
     compile_mode, compile_note = resolve_compile_mode(config.compile, device, shards,
@@ -363,7 +372,7 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
         token_length=config.token_length, stride=config.stride, eval_batch_size=config.eval_batch_size,
         output_dir=str(output), resume=resuming, save_best=config.save_best,
         interrupt_after_steps=config.interrupt_after_steps, interrupt_signal=config.interrupt_signal,
-        identity=identity, loss=config.loss)
+        identity=identity, loss=config.loss, bos_id=bos)
     if not resuming:
         if config.resume:
             logger.info(f"--resume: no saved state in {output / 'state'}; starting from the beginning")
@@ -387,6 +396,7 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
         logger.info(line)
     if accelerator.is_main_process:
         write_json(output / "results.json", {**history.to_dict(), "density": config.density, "loss": loss.to_dict(),
+                                             "bos_per_window": bos is not None,
                                              "epochs_completed": result.state.epoch - 1,
                                              "stopped_early": result.stopped_early, "interrupted": result.interrupted,
                                              "error": result.error,

@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "layers = also the decoder layers (pays off over several evaluations of a large "
                                  "model); auto = scoring when training compiles, else off")
     evaluation.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the dense model")
+    evaluation.add_argument("--bos-per-window", default="auto", choices=["auto", "on", "off"],
+                            help="start every evaluation window, calibration window and training block with the "
+                                 "BOS token (auto: for families that need it, e.g. Gemma; off: the papers' protocol, "
+                                 "one BOS for the whole text)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", default=None, help="run folder (default: runs/{model}-{sparsity}-{method})")
@@ -205,6 +209,7 @@ class ExperimentConfig:
     eval_batch_size: int
     eval_compile: str
     skip_dense_eval: bool
+    bos_per_window: str
     output_dir: str
     log_file: str | None
     resume: bool
@@ -297,7 +302,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         patience=args.patience, min_delta=args.min_delta, eval_source=args.eval_source,
         token_length=args.token_length, stride=stride,
         eval_batch_size=args.eval_batch_size, eval_compile=args.eval_compile, skip_dense_eval=args.skip_dense_eval,
-        output_dir=output_dir, log_file=args.log_file, resume=args.resume, overwrite=args.overwrite,
+        bos_per_window=args.bos_per_window, output_dir=output_dir, log_file=args.log_file, resume=args.resume, overwrite=args.overwrite,
         report_to=args.report_to, save_best=not args.no_save_best,
         interrupt_after_steps=args.interrupt_after_steps, interrupt_signal=args.interrupt_signal)
 

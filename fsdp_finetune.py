@@ -34,7 +34,7 @@ from torch._dynamo.exc import TorchDynamoException
 
 from utils.data_utils import TokenizedText
 from utils.eval_utils import PerplexityHistory, evaluate_and_log
-from utils.logging_utils import MetricsLogger, describe_density, write_json
+from utils.logging_utils import MetricsLogger, describe_density
 from utils.losses import LossSpec, TrainingObjective
 from utils.mask_utils import MaskSet, sparsity_report
 from utils.state_utils import load_training_state, save_training_state
@@ -73,6 +73,7 @@ class TrainConfig:
     interrupt_signal: str = "int"  # int (Ctrl-C) | term (what cluster schedulers send)
     identity: dict = field(default_factory=dict)  # what the run is (checked by --resume), saved with its state
     loss: str = "ce"  # the loss's name, for the log lines
+    bos_id: int | None = None  # every evaluation window starts with this token (--bos-per-window)
 
 
 @dataclass
@@ -401,6 +402,9 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
     optimization = Optimization.create(model, config, device)
     total_steps = config.epochs * config.max_step
     state = TrainState(history=history.to_dict())
+    # Dropout draws from the global generators: start them from the run's seed (what ran before in
+    # this process, pruning or another run, must not decide them); a resumed run restores them.
+    torch.manual_seed(config.seed * 1_000_003 + rank)
     if config.resume and (state_dir / "train_state.json").exists():
         state = load_state(state_dir, model, optimization)
         masks.mask_optimizer_state(optimization.optimizer)  # state saved by an older version may hold pruned moments
@@ -478,7 +482,7 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
 def _send_signal(name: str) -> None:
     """Testing hook: interrupt this process as a user (SIGINT) or a scheduler (SIGTERM) would."""
     import signal
-    os.kill(os.getpid(), {"int": signal.SIGINT, "term": signal.SIGTERM}[name])
+    signal.raise_signal({"int": signal.SIGINT, "term": signal.SIGTERM}[name])  # handled before it returns
 
 
 class StopRequests:
@@ -587,7 +591,8 @@ def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainCo
     evaluation = evaluate_and_log(model, eval_tokens, logger, title=f"Evaluation After Epoch {epoch}",
                                   token_length=config.token_length, stride=config.stride,
                                   batch_size=config.eval_batch_size, epoch=epoch, density=density,
-                                  history=history, step=state.global_step, compile=config.eval_compile)
+                                  history=history, step=state.global_step, compile=config.eval_compile,
+                                  bos_id=config.bos_id)
     logger.log({"event": "epoch", "epoch": epoch, "average_loss": average, "batches": state.epoch_batches,
                 "tokens_per_second": tokens_per_second, "steady_tokens_per_second": steady or tokens_per_second,
                 "measured_density": measured.density,

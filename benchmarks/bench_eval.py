@@ -16,7 +16,6 @@ import math
 import torch
 
 from common import forward_flops_per_token, matmul_tflops, opt_model, print_profile, timed
-from utils import eval_utils
 from utils.eval_utils import evaluate_perplexity
 
 TOKENS = 287_644
@@ -78,9 +77,8 @@ def main() -> None:
         # (compile level, ReLU fused into the GEMM) beyond eager; --profile looks at the last
         variants = [("scoring", True), ("layers", False), ("layers", True)] if args.compile else []
         for level, fused in variants:
-            eval_utils.FUSE_LINEAR_RELU = fused
-            seconds = timed(lambda model=model, level=level: evaluate_perplexity(
-                model, ids, 2048, 2048, args.batch_size, progress=False, compile=level))
+            seconds = timed(lambda model=model, level=level, fused=fused: evaluate_perplexity(
+                model, ids, 2048, 2048, args.batch_size, progress=False, compile=level, fuse_relu=fused))
             report(name, f"  compile={level}" + ("" if fused else " (ReLU not fused)"), seconds)
         if args.profile:
             profiled = variants[-1][0] if variants else "off"

@@ -39,7 +39,7 @@ case "${1:-bench}" in
         --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" --pruned-dir "${PRUNED:-/tmp/pruned}" \
         --eval-batch-size 8 --output-dir "runs/prune-$density" 2>&1 | tee "$OUT/prune-$density.log"
     done
-    for run in $2; do recipe "${run%@*}" "${run#*@}" > "$OUT/$run.log" 2>&1 & done
+    for run in $2; do recipe "${run%@*}" "${run#*@}" > "$OUT/${run/@/_}.log" 2>&1 & done
     wait
     for run in $2; do python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'baseline', r['baseline'], 'epochs', [round(e['perplexity'],2) for e in r['epochs']], 'best', r['best'])" "runs/${run%@*}-${run#*@}/results.json" "$run"; done | tee -a "$OUT/summary.txt" ;;
   bench)

@@ -49,8 +49,12 @@ def train_tokenizer(text: str, vocab_size: int = 300):
 
 
 def tiny_model(family: str, vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
     torch.manual_seed(seed)
+    if family == "gpt2":  # Conv1D layers: weights stored transposed, (in, out)
+        config = GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel(config).eval()
     if family == "llama":
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,

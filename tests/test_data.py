@@ -90,3 +90,14 @@ def test_hugging_face_dataset_sources_go_through_datasets(tmp_path):
     assert load_text(f"hf:{folder}::train:text") == "first row\n\nsecond row"
     with pytest.raises(DataError, match="could not load dataset .* Offline\\?"):
         load_text("hf:no-such-user/no-such-dataset::train:text")
+
+
+def test_random_bytes_given_as_text_are_warned_about(tmp_path, tokenizer):
+    import os as _os
+
+    from utils.data_utils import tokenize_source, warn_if_not_text
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(_os.urandom(20000))
+    with pytest.warns(UserWarning, match="does not look like text"):
+        tokenize_source(str(binary), tokenizer, cache_dir=tmp_path / "cache")
+    assert warn_if_not_text("An ordinary sentence.\n\n = Heading = \n", "prose") == 0.0

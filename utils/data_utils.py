@@ -78,8 +78,11 @@ def _files_of(spec: str, split: str) -> list[Path] | None:
             continue
         if any(path.glob("wiki.*.raw")):
             have = sorted(p.name for p in path.glob("wiki.*.raw"))
-            raise DataError(f"{path} has no {wiki.name} for the '{split}' split (it has {', '.join(have)}); "
-                            f"name a file instead, e.g. {path / have[0]}")
+            usable = [name for name in have if name != WIKITEXT_SPLIT_FILES["test"]]
+            hint = (f"name a file instead, e.g. {path / usable[0]}" if usable else "name another text file")
+            if split == "train":  # training on the evaluation text would make every perplexity meaningless
+                hint += f" (never {WIKITEXT_SPLIT_FILES['test']}: it is the evaluation text)"
+            raise DataError(f"{path} has no {wiki.name} for the '{split}' split (it has {', '.join(have)}); {hint}")
         found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not found:
             raise DataError(f"no text files (*.txt, *.raw) under {path}")
@@ -158,12 +161,27 @@ def tokenize_source(spec: str, tokenizer, split: str = "test", cache_dir: str | 
     text = load_text(spec, split)
     if not text.strip():
         raise DataError(f"text source '{spec}' ({split}) is empty")
+    warn_if_not_text(text, spec)
     result = tokenize_text(text, tokenizer, spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     torch.save({"ids": result.ids, "num_bytes": result.num_bytes}, tmp)
     os.replace(tmp, path)
     return result
+
+
+def warn_if_not_text(text: str, spec: str, limit: float = 0.05) -> float:
+    """Warn when more than `limit` of a source's characters are control characters or undecodable
+    bytes: a binary file given as text still yields a perplexity, a meaningless one.  Returns the
+    fraction found."""
+    sample = text[:1_000_000]
+    odd = sum(1 for ch in sample if ch == "\ufffd" or (ord(ch) < 32 and ch not in "\n\r\t\f\v"))
+    fraction = odd / max(1, len(sample))
+    if fraction > limit:
+        import warnings
+        warnings.warn(f"text source '{spec}' does not look like text ({fraction:.0%} of its characters are control "
+                      "characters or undecodable bytes); is it the file you meant?", stacklevel=2)
+    return fraction
 
 
 def tokenize_text(text: str, tokenizer, source: str = "<text>") -> TokenizedText:
@@ -179,6 +197,13 @@ def pack_blocks(ids: torch.Tensor, block_size: int) -> torch.Tensor:
         raise DataError(f"training text has {ids.numel()} tokens, fewer than one block of {block_size}; "
                         "use more text (--train-source) or a smaller --block-size")
     return ids[: num_blocks * block_size].view(num_blocks, block_size)
+
+
+def with_bos(rows: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """(n, length) rows → (n, length + 1) rows that start with `bos_id` (unchanged when None)."""
+    if bos_id is None:
+        return rows
+    return torch.cat([torch.full((rows.shape[0], 1), bos_id, dtype=rows.dtype), rows], dim=1)
 
 
 def calibration_windows(ids: torch.Tensor, nsamples: int, length: int, seed: int) -> torch.Tensor:

@@ -120,7 +120,6 @@ def _token_stats(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
 
 _compiled_token_stats = None
 _compiled_layer_forwards: dict[tuple[type, bool], object] = {}
-FUSE_LINEAR_RELU = True  # compile="layers": ReLU after a linear in the GEMM's epilogue (benchmarks turn it off)
 
 
 def _stats_function(compile: bool):
@@ -156,17 +155,18 @@ class FuseLinearReLU(CustomGraphPass):
         return "extreme-compression.FuseLinearReLU.1"
 
 
-def _layer_forward(kind: type):
-    """The torch.compile'd forward shared by every decoder layer of class `kind`."""
-    key = (kind, FUSE_LINEAR_RELU)
+def _layer_forward(kind: type, fuse_relu: bool = True):
+    """The torch.compile'd forward shared by every decoder layer of class `kind` (`fuse_relu`: a
+    ReLU after a linear runs in the GEMM's epilogue, FuseLinearReLU)."""
+    key = (kind, fuse_relu)
     if key not in _compiled_layer_forwards:
-        options = {"post_grad_custom_pre_pass": FuseLinearReLU()} if FUSE_LINEAR_RELU else None
+        options = {"post_grad_custom_pre_pass": FuseLinearReLU()} if fuse_relu else None
         _compiled_layer_forwards[key] = torch.compile(kind.forward, dynamic=False, options=options)
     return _compiled_layer_forwards[key]
 
 
 @contextlib.contextmanager
-def _compiled_layers(model: torch.nn.Module):
+def _compiled_layers(model: torch.nn.Module, fuse_relu: bool = True):
     """Run every decoder layer through one torch.compile'd forward per layer class while inside
     (regional compilation: the layers share the compiled code, so 24 layers compile once; the
     causal mask is still made eagerly outside, which keeps SDPA on its flash kernel).  Nothing
@@ -178,7 +178,7 @@ def _compiled_layers(model: torch.nn.Module):
     if hasattr(model, "reshard") or any(getattr(layer, "_compiled_call_impl", None) for layer in layers):
         layers = []
     for layer in layers:
-        layer.forward = functools.partial(_layer_forward(type(layer)), layer)
+        layer.forward = functools.partial(_layer_forward(type(layer), fuse_relu), layer)
     try:
         yield
     finally:
@@ -190,7 +190,8 @@ def _compiled_layers(model: torch.nn.Module):
 def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Tensor, token_length: int = 2048,
                         stride: int = 2048, batch_size: int = 1, progress: bool = True,
                         desc: str = "Computing perplexity", distributed: bool = True,
-                        compile: bool | str = "off") -> PerplexityResult:
+                        compile: bool | str = "off", fuse_relu: bool = True,
+                        bos_id: int | None = None) -> PerplexityResult:
     """Perplexity, bits per byte and next-token accuracy of `model` on `tokens` (see module doc).
 
     Under torch.distributed the batches are dealt round-robin to the ranks and the sums are
@@ -199,11 +200,18 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
     process alone (a model only one rank holds, e.g. while the main process prunes).
     `compile`: "off"; "scoring" (or True) scores the logits with a torch.compile'd kernel; "layers"
     also runs the decoder layers compiled (once per layer class and window shape; worth it for
-    large models evaluated often).  Compiling the whole model is its owner's choice.
+    large models evaluated often; `fuse_relu=False` leaves OPT's ReLU out of the GEMM epilogue,
+    for benchmarks).  Compiling the whole model is its owner's choice.
+    `bos_id`: every window starts with this token (families such as Gemma need it): windows hold
+    token_length - 1 tokens of text after it, all of them scored; the text's own leading BOS is
+    dropped.  None keeps the papers' protocol (one BOS at the start of the whole text).
     """
     ids = tokens.ids if isinstance(tokens, TokenizedText) else tokens
     num_bytes = tokens.num_bytes if isinstance(tokens, TokenizedText) else None
     ids = ids.reshape(-1)
+    if bos_id is not None:
+        ids = ids[1:] if ids.numel() and int(ids[0]) == bos_id else ids
+        token_length, stride = token_length - 1, min(stride, token_length - 1)
     windows = plan_windows(ids.numel(), token_length, stride)
     batches = _batches(windows, batch_size)
     grouped = distributed and dist.is_available() and dist.is_initialized()
@@ -217,7 +225,7 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
     token_stats = _stats_function(level != "off")
     layers = contextlib.ExitStack()  # holds the compiled decoder layers while evaluating; closing restores them
     if level == "layers":
-        layers.enter_context(_compiled_layers(model))
+        layers.enter_context(_compiled_layers(model, fuse_relu))
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -225,11 +233,13 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, scored tokens, correct
     bar = Progress(len(windows), desc, enabled=progress and rank == 0)
     on_device = ids.to(device)  # once; each batch is then a slice on the device
+    bos = torch.full((1,), bos_id, dtype=ids.dtype, device=device) if bos_id is not None else None
     try:
         for index in range(rounds):
             batch = mine[index] if index < len(mine) else batches[0]
             weight = 1.0 if index < len(mine) else 0.0
-            input_ids = torch.stack([on_device[w.begin:w.end] for w in batch])
+            input_ids = torch.stack([on_device[w.begin:w.end] if bos is None else torch.cat([bos, on_device[w.begin:w.end]])
+                                     for w in batch])
             # The last batch's logits are consumed: a model its owner compiled with CUDA graphs may reuse them.
             torch.compiler.cudagraph_mark_step_begin()
             try:
@@ -244,6 +254,8 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
                 logits = _forward_logits(model, input_ids)
             for rows in _same_start(batch):
                 first = batch[rows[0]].score_from
+                if bos is not None:  # text shifted by one; the window's first token is predicted from the BOS
+                    first = (0 if first == 1 else first) + 1
                 scores = logits[rows[0]:rows[-1] + 1, first - 1:-1]  # (rows, scored, vocab), model dtype
                 targets = input_ids[rows[0]:rows[-1] + 1, first:]
                 try:
@@ -357,11 +369,12 @@ class PerplexityHistory:
 def evaluate_and_log(model: torch.nn.Module, tokens: TokenizedText, logger: MetricsLogger, *, title: str,
                      token_length: int, stride: int, batch_size: int, epoch: int | None = None,
                      density: float | None = None, history: PerplexityHistory | None = None,
-                     step: int | None = None, distributed: bool = True, compile: bool | str = "off") -> PerplexityResult:
+                     step: int | None = None, distributed: bool = True, compile: bool | str = "off",
+                     bos_id: int | None = None) -> PerplexityResult:
     """Evaluate, print the block (and the trend when `history` is given), record the event."""
     result = evaluate_perplexity(model, tokens, token_length=token_length, stride=stride,
                                  batch_size=batch_size, progress=logger.is_main, distributed=distributed,
-                                 compile=compile)
+                                 compile=compile, bos_id=bos_id)
     logger.info(_banner(title))
     if epoch is not None:
         logger.info(f"Epoch: {epoch}")

@@ -23,6 +23,17 @@ from tqdm.auto import tqdm
 _ASCII_FALLBACKS = {"·": "-", "↓": "v", "↑": "^", "→": "->", "≥": ">=", "≤": "<=", "✓": "ok", "…": "..."}
 
 
+def silence_broken(stream: TextIO) -> None:
+    """A stream whose reader went away (`| head`): point its descriptor at the null device, so
+    that what is still buffered, and the interpreter's last flush, go nowhere instead of raising."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
+
+
 def make_console_safe(stream: TextIO) -> TextIO:
     """Return `stream` reconfigured so that unencodable characters never raise."""
     if hasattr(stream, "reconfigure"):
@@ -94,6 +105,7 @@ class Progress:
             self.stream.write(safe_text(line, getattr(self.stream, "encoding", None)) + "\n")
             self.stream.flush()
         except (BrokenPipeError, ValueError):  # the reader of a pipe went away: stop writing, keep running
+            silence_broken(self.stream)
             self.enabled = False
 
     def close(self) -> None:
@@ -166,6 +178,7 @@ class MetricsLogger:
                 self.stream.write(safe_text(message, getattr(self.stream, "encoding", None)) + "\n")
                 self.stream.flush()
             except (BrokenPipeError, ValueError):  # `| head` closed the pipe: the run goes on, recorded
+                silence_broken(self.stream)
                 self.stream = None
         if self._log_file:
             self._log_file.write(message + "\n")

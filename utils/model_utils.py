@@ -220,6 +220,24 @@ def load_model(source: ModelSource, dtype: torch.dtype | None = None, weights_fr
     return model, tokenizer
 
 
+# Families trained with a BOS at the start of every sequence: without it their perplexity is far
+# off (a Gemma model measured 60.8 on packed windows against 22.4 with a BOS in each).
+BOS_PER_WINDOW_FAMILIES = {"gemma", "gemma2", "gemma3", "gemma3_text", "recurrent_gemma"}
+
+
+def bos_per_window(requested: str, model_config, tokenizer) -> int | None:
+    """--bos-per-window → the BOS id every evaluation window, calibration window and training
+    block starts with, or None (the papers' protocol for OPT and Llama: one BOS for the whole text)."""
+    family = getattr(model_config, "model_type", "")
+    wanted = requested == "on" or (requested == "auto" and family in BOS_PER_WINDOW_FAMILIES)
+    if not wanted:
+        return None
+    if tokenizer.bos_token_id is None:
+        raise ModelError(f"--bos-per-window {requested}: the tokenizer of this {family or 'model'} has no BOS "
+                         "token; run with --bos-per-window off")
+    return int(tokenizer.bos_token_id)
+
+
 # --------------------------------------------------------------------------- identity
 
 def _sampled_file_digest(path: Path, chunks: int = 32, chunk_size: int = 1 << 16) -> str:
@@ -278,16 +296,13 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         kinds = {type(child) for child in module}
-        if len(kinds) != 1 or not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+        if len(kinds) != 1 or not any(_is_linear(m) for m in module[0].modules()):
             continue
         candidates.append((name, module))
     named = [c for c in candidates if type(c[1][0]).__name__ in declared]
     pool = named or candidates
     if not pool:
-        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
-        raise ModelError(f"{type(model).__name__}: found no list of decoder layers with linear modules"
-                         + (" (GPT-2-style Conv1D layers are not supported yet: use a model with nn.Linear "
-                            "layers, e.g. OPT, Llama, Qwen, Mistral)" if conv1d else ""))
+        raise ModelError(f"{type(model).__name__}: found no list of decoder layers with linear modules")
     return max(pool, key=lambda item: len(item[1]))
 
 
@@ -302,12 +317,27 @@ def check_prunable(model: nn.Module) -> None:
                          "nn.Linear layers would leave them dense while reporting the requested density")
 
 
-def find_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside one decoder layer, by its name relative to the layer."""
-    return {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (a linear layer whose weight is stored transposed, (in, out))."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+def find_linears(layer: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer inside one decoder layer (nn.Linear or Conv1D), by its name relative to the layer."""
+    return {name: module for name, module in layer.named_modules() if _is_linear(module)}
+
+
+def weight_matrix(linear: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), what every pruning method takes: the parameter
+    itself for nn.Linear, a transposed view of it for Conv1D (writes go to the parameter)."""
+    return linear.weight if isinstance(linear, nn.Linear) else linear.weight.t()
+
+
+def in_features(linear: nn.Module) -> int:
+    return weight_matrix(linear).shape[1]
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Full names of the linears in decoder layers: what pruning touches (never embeddings or the LM head)."""
     prefix, layers = find_decoder_layers(model)
     found = {}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .logging_utils import Progress
-from .model_utils import find_decoder_layers, find_linears
+from .model_utils import find_decoder_layers, find_linears, in_features, weight_matrix
 from .prune_methods import (GraphedSweeps, InputStats, Pattern, float32_matmul_precision, magnitude_keep,
                             parse_pattern, sparsegpt_prune, wanda_keep)
 
@@ -127,12 +127,12 @@ def _prune_layer(layer: nn.Module, method: str, density: float, pattern: Pattern
     linears = find_linears(layer)
     if method == "magnitude":
         for linear in linears.values():
-            keep = magnitude_keep(linear.weight, density, pattern)
-            linear.weight.masked_fill_(~keep, 0.0)
+            weight = weight_matrix(linear)  # (out, in), a view of the parameter
+            weight.masked_fill_(~magnitude_keep(weight, density, pattern), 0.0)
         return
     groups = _group_by_input(layer, linears, inputs[0])
     device = next(layer.parameters()).device
-    stats = {group[0]: InputStats(linears[group[0]].in_features, device, hessian=method == "sparsegpt")
+    stats = {group[0]: InputStats(in_features(linears[group[0]]), device, hessian=method == "sparsegpt")
              for group in groups}
     handles = [linears[leader].register_forward_hook(lambda mod, inp, out, s=stat: s.add_batch(inp[0]))
                for leader, stat in stats.items()]
@@ -144,7 +144,7 @@ def _prune_layer(layer: nn.Module, method: str, density: float, pattern: Pattern
             handle.remove()
     for group in groups:
         stat = stats[group[0]]
-        weights = [linears[name].weight for name in group]
+        weights = [weight_matrix(linears[name]) for name in group]  # (out, in) views of the parameters
         if method == "wanda":
             for weight in weights:
                 weight.masked_fill_(~wanda_keep(weight, stat.sq_norm, density, pattern), 0.0)
@@ -158,12 +158,21 @@ def _prune_layer(layer: nn.Module, method: str, density: float, pattern: Pattern
         stat.free()
 
 
-def check_feasible_density(model: nn.Module, density: float) -> None:
-    """Refuse a density so small that some decoder linear would keep no weight at all."""
+def check_feasible_density(model: nn.Module, density: float, pattern: Pattern = None) -> None:
+    """Refuse, before any work, a density so small that some decoder linear would keep no weight
+    at all, or an N:M pattern whose M does not divide a linear's input width."""
     from .model_utils import ModelError, prunable_linears
+    linears = prunable_linears(model)
+    if pattern:
+        odd = {name: in_features(linear) for name, linear in linears.items() if in_features(linear) % pattern[1]}
+        if odd:
+            name, width = next(iter(odd.items()))
+            raise ModelError(f"--pattern {pattern[0]}:{pattern[1]} needs input widths that are multiples of "
+                             f"{pattern[1]}; {name} has {width} inputs (e.g. use 2:4)")
+        return
     if density >= 1:
         return
-    sizes = {name: linear.weight.numel() for name, linear in prunable_linears(model).items()}
+    sizes = {name: linear.weight.numel() for name, linear in linears.items()}
     name, smallest = min(sizes.items(), key=lambda item: item[1])
     if round(smallest * density) < 1:
         raise ModelError(f"--sparsity {density:g} keeps no weight of {name} ({smallest:,} weights); the smallest "

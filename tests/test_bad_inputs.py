@@ -1,0 +1,145 @@
+"""Every bad input exits 2 with one line naming the problem, and no traceback (a table of them)."""
+from pathlib import Path
+
+import pytest
+
+from conftest import save_tiny
+from extreme_compression_experiment import main
+
+# Found while parsing: nothing is loaded.  (arguments, what the one line must say)
+PARSED = [
+    (["--sparsity", "0"], "outside (0, 1]"), (["--sparsity", "1.5"], "outside (0, 1]"),
+    (["--sparsity", "-1"], "outside (0, 1]"), (["--sparsity", "abc"], "'abc' is not a number"),
+    (["--sparsity", "nan"], "outside (0, 1]"), (["--batch-size", "0"], "must be at least 1"),
+    (["--batch-size", "-3"], "must be at least 1"), (["--batch-size", "2.5"], "not a whole number"),
+    (["--pattern", "4:2"], "0 < N < M"), (["--pattern", "2-4"], "N:M"), (["--pattern", "0:4"], "0 < N < M"),
+    (["--micro-batch-size", "3", "--batch-size", "8"], "does not divide"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm: -1"), (["--max-grad-norm", "nan"], "--max-grad-norm: nan"),
+    (["--max-grad-norm", "inf"], "--max-grad-norm: inf"), (["--min-delta", "nan"], "--min-delta: nan"),
+    (["--min-delta", "1"], "--min-delta: 1 is not a fraction"), (["--min-delta", "-0.1"], "--min-delta: -0.1"),
+    (["--weight-decay", "-0.01"], "--weight-decay: -0.01"), (["--weight-decay", "nan"], "--weight-decay: nan"),
+    (["--warmup-steps", "-5"], "--warmup-steps: must be 0 or more"), (["--lr", "0"], "must be a positive number"),
+    (["--lr", "-1"], "must be a positive number"), (["--lr", "nan"], "must be a positive number"),
+    (["--base-lr", "inf"], "must be a positive number"), (["--epochs", "0"], "must be at least 1"),
+    (["--max-step", "0"], "must be at least 1"), (["--block-size", "0"], "must be at least 1"),
+    (["--token-length", "0"], "must be at least 1"), (["--stride", "4096"], "larger than --token-length"),
+    (["--eval-batch-size", "0"], "must be at least 1"), (["--nsamples", "0"], "must be at least 1"),
+    (["--calibration-length", "-1"], "must be at least 1"), (["--holdout", "0.5"], "--holdout: 0.5"),
+    (["--holdout", "-0.1"], "--holdout: -0.1"), (["--kd-temperature", "0"], "--kd-temperature: 0"),
+    (["--kd-temperature", "-1"], "--kd-temperature: -1"), (["--kd-weight", "-1"], "--kd-weight: -1"),
+    (["--ce-weight", "nan"], "--ce-weight: nan"),
+    (["--loss", "ce+kd", "--ce-weight", "0", "--kd-weight", "0"], "nothing would be trained"),
+    (["--loss", "mse"], "invalid choice: 'mse'"), (["--method", "foo"], "invalid choice: 'foo'"),
+    (["--report-to", "wandb"], "the wandb package is not installed"),
+    (["--resume", "--overwrite"], "choose one"), (["--seed", "-1"], "--seed: -1"),
+    (["--eval-compile", "everything"], "invalid choice"), (["--dtype", "float8"], "invalid choice"),
+    (["--max-grad-norm", "-1", "--seed", "-2"], "--seed: -2"),  # several problems: all in the one line
+]
+
+
+@pytest.mark.parametrize("args,message", PARSED, ids=[" ".join(a) for a, _ in PARSED])
+def test_bad_values_are_refused_while_parsing(args, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and message in error, error
+
+
+@pytest.fixture(scope="module")
+def broken_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Model folders damaged the ways a user's copies get damaged."""
+    root = tmp_path_factory.mktemp("broken")
+    made = {}
+    for name in ("corrupt-config", "truncated-weights", "no-tokenizer", "ok"):
+        made[name] = save_tiny(root / name, "llama", tokenizer)
+    (made["corrupt-config"] / "config.json").write_text('{"model_type": "llama", ')
+    weights = made["truncated-weights"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    for path in made["no-tokenizer"].iterdir():
+        if "token" in path.name:
+            path.unlink()
+    made["no-config"] = root / "no-config"
+    made["no-config"].mkdir()
+    (root / "a-file").write_text("x")
+    made["a-file"] = root / "a-file"
+    (root / "empty.txt").write_text("")
+    made["empty-text"] = root / "empty.txt"
+    (root / "short.txt").write_text("only a few words here")
+    made["short-text"] = root / "short.txt"
+    wiki = root / "wiki-without-train"
+    wiki.mkdir()
+    (wiki / "wiki.test.raw").write_text(" = Test = \n")
+    made["wiki-without-train"] = wiki
+    return made
+
+
+# (case id, how to build the arguments from (models, text file, tmp_path), what the error line must say)
+LATER = [
+    ("unknown model", lambda m, t, p: ["--eval-only", "--model", "not-a-model"], "unknown model 'not-a-model'"),
+    ("folder without config", lambda m, t, p: ["--eval-only", "--model", m["no-config"]], "has no config.json"),
+    ("corrupt config.json", lambda m, t, p: ["--eval-only", "--model", m["corrupt-config"]],
+     "cannot read the model config"),
+    ("truncated weights", lambda m, t, p: ["--eval-only", "--model", m["truncated-weights"], "--token-length", "64",
+                                           "--eval-source", t], "truncated or damaged"),
+    ("no tokenizer", lambda m, t, p: ["--eval-only", "--model", m["no-tokenizer"]], "cannot load a tokenizer"),
+    ("missing gguf", lambda m, t, p: ["--eval-only", "--model", p / "missing.gguf"], "GGUF file not found"),
+    ("missing eval text", lambda m, t, p: ["--eval-only", "--model", m["ok"], "--token-length", "64",
+                                           "--eval-source", p / "nope" / "text.txt"], "text source not found"),
+    ("empty eval text", lambda m, t, p: ["--eval-only", "--model", m["ok"], "--token-length", "64",
+                                         "--eval-source", m["empty-text"]], "is empty"),
+    ("window longer than the model", lambda m, t, p: ["--eval-only", "--model", m["ok"], "--token-length", "4096"],
+     "--token-length 4096 is longer than the 512 positions"),
+    ("block longer than the model", lambda m, t, p: ["--model", m["ok"], "--token-length", "64", "--block-size",
+                                                     "1024"], "--block-size 1024 is longer than the 512 positions"),
+    ("output dir is a file", lambda m, t, p: ["--eval-only", "--model", m["ok"], "--output-dir", m["a-file"]],
+     "exists and is not a folder"),
+    ("log file is a folder", lambda m, t, p: ["--eval-only", "--model", m["ok"], "--log-file", p,
+                                              "--output-dir", p / "out"], "is a folder; give a file name"),
+    ("pruned dir is a file", lambda m, t, p: ["--prune-only", "--model", m["ok"], "--pruned-dir", m["a-file"],
+                                              "--output-dir", p / "out"], "--pruned-dir"),
+    ("density keeps no weight", lambda m, t, p: ["--prune-only", "--model", m["ok"], "--sparsity", "0.0001",
+                                                 "--method", "magnitude", "--token-length", "64", "--eval-source", t,
+                                                 "--pruned-dir", p / "pr", "--output-dir", p / "out",
+                                                 "--skip-dense-eval"], "keeps no weight of"),
+    ("pattern wider than the inputs", lambda m, t, p: ["--prune-only", "--model", m["ok"], "--pattern", "3:7",
+                                                       "--method", "magnitude", "--token-length", "64",
+                                                       "--eval-source", t, "--pruned-dir", p / "pr",
+                                                       "--output-dir", p / "out", "--skip-dense-eval"],
+     "needs input widths that are multiples of 7"),
+    ("calibration text too short", lambda m, t, p: ["--prune-only", "--model", m["ok"], "--token-length", "64",
+                                                    "--eval-source", t, "--calibration-source", m["short-text"],
+                                                    "--calibration-length", "64", "--pruned-dir", p / "pr",
+                                                    "--output-dir", p / "out", "--skip-dense-eval"],
+     "fewer than one window"),
+    ("no train split", lambda m, t, p: ["--model", m["ok"], "--token-length", "64", "--eval-source", t,
+                                        "--train-source", m["wiki-without-train"], "--method", "magnitude",
+                                        "--pruned-dir", p / "pr", "--output-dir", p / "out", "--skip-dense-eval",
+                                        "--max-step", "1", "--epochs", "1", "--block-size", "32"],
+     "has no wiki.train.raw"),
+    ("offline hub dataset", lambda m, t, p: ["--eval-only", "--model", m["ok"], "--token-length", "64",
+                                             "--eval-source", "hf:no-such-user/no-such-data"], "could not load dataset"),
+    ("resume of damaged state", None, "train_state.json is damaged"),
+]
+
+
+@pytest.mark.parametrize("case,make,message", LATER, ids=[case for case, _, _ in LATER])
+def test_bad_inputs_found_later_exit_2_with_one_line(case, make, message, broken_models, text_file, tmp_path,
+                                                     capsys, tiny_llama_dir):
+    if make is None:  # a run folder whose saved state was damaged after an interruption
+        from test_cli import job_args
+        out = tmp_path / "run"
+        assert main(job_args(tiny_llama_dir, text_file, out, "--interrupt-after-steps", "3")) == 130
+        (out / "state" / "train_state.json").write_text("{ not json")
+        args = job_args(tiny_llama_dir, text_file, out, "--resume")
+    else:
+        args = [str(a) for a in make(broken_models, text_file, tmp_path)]
+        for flag, value in (("--output-dir", tmp_path / "out"), ("--token-length", "64")):
+            if flag not in args:  # only the flag under test is out of range
+                args += [flag, str(value)]
+    capsys.readouterr()
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    lines = [line for line in error.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], error
+    assert "Traceback" not in error

@@ -1,0 +1,123 @@
+"""Recovery: the losses (cross-entropy, distillation), the frozen teacher, held-out text and the
+memorization warning, the learning-rate schedule."""
+import json
+import math
+
+import pytest
+import torch
+
+from experiment import split_holdout
+from extreme_compression_experiment import main
+from fsdp_finetune import Optimization, TrainConfig, init_distributed, make_scheduler, prepare_model, train_step
+from helpers import SAMPLE_TEXT, tiny_model
+from test_cli import job_args
+from utils.losses import LossSpec, TrainingObjective, cross_entropy, kd_divergence
+
+
+def test_kd_divergence_is_the_hand_computed_kl():
+    # One position, three tokens.  teacher p = softmax([0, ln 2, ln 3]) = (1/6, 2/6, 3/6); student uniform.
+    teacher = torch.tensor([[[0.0, math.log(2), math.log(3)]]])
+    student = torch.zeros(1, 1, 3)
+    p = [1 / 6, 2 / 6, 3 / 6]
+    by_hand = sum(pi * math.log(pi / (1 / 3)) for pi in p)  # KL(p ‖ uniform)
+    assert kd_divergence(student, teacher).item() == pytest.approx(by_hand, rel=1e-6)
+    # Temperature 2: both softened, the result scaled by T² = 4.
+    soft = [w / sum(math.sqrt(x) for x in (1, 2, 3)) for w in (math.sqrt(x) for x in (1, 2, 3))]
+    by_hand_t2 = 4 * sum(pi * math.log(pi / (1 / 3)) for pi in soft)
+    assert kd_divergence(student, teacher, temperature=2.0).item() == pytest.approx(by_hand_t2, rel=1e-6)
+    assert kd_divergence(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_cross_entropy_objective_equals_the_model_s_own_loss():
+    model = tiny_model("llama", 300)
+    batch = torch.arange(64).reshape(2, 32) * 7 % 300
+    ours = TrainingObjective(model, None, LossSpec("ce"))(batch)
+    theirs = model(input_ids=batch, labels=batch).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    logits = model(input_ids=batch).logits[:, :-1]
+    assert cross_entropy(logits, batch[:, 1:]).item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["kd", "ce+kd"])
+def test_distillation_trains_the_student_and_never_the_teacher(kind):
+    device = torch.device("cpu")
+    init_distributed(device)
+    student, teacher = tiny_model("llama", 300), tiny_model("llama", 300, seed=1)
+    before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before_student = {k: v.clone() for k, v in student.state_dict().items()}
+    prepared = prepare_model(student, device, "no", teacher=teacher, loss=LossSpec(kind))
+    optimization = Optimization.create(student, TrainConfig(lr=1e-2, warmup_steps=0, max_step=5, epochs=1), device)
+    student.train()
+    batch = torch.arange(64).reshape(2, 32) * 7 % 300
+    losses = [float(train_step(prepared, [batch], optimization, None, device, 1.0)) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(before_teacher[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert not teacher.training
+    assert any(not torch.equal(before_student[k], v) for k, v in student.state_dict().items())
+
+
+def test_kd_alone_ignores_the_text_s_labels_and_ce_plus_kd_weighs_both():
+    student, teacher = tiny_model("llama", 300), tiny_model("llama", 300, seed=1)
+    batch = torch.arange(64).reshape(2, 32) * 7 % 300
+    kd = TrainingObjective(student, teacher, LossSpec("kd"))(batch)
+    ce = TrainingObjective(student, None, LossSpec("ce"))(batch)
+    both = TrainingObjective(student, teacher, LossSpec("ce+kd", ce_weight=0.25, kd_weight=2.0))(batch)
+    assert both.item() == pytest.approx(0.25 * ce.item() + 2.0 * kd.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        TrainingObjective(student, None, LossSpec("kd"))
+
+
+def test_warmup_then_linear_decay_values():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scheduler = make_scheduler(optimizer, warmup_steps=4, total_steps=12)
+    rates = []
+    for _ in range(12):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0, 0.25, 0.5, 0.75, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+
+
+def test_holdout_is_the_tail_of_the_text_and_never_trained_on():
+    blocks = torch.arange(100).reshape(20, 5)
+    train, held = split_holdout(blocks, 0.1)
+    assert train.shape[0] == 18 and torch.equal(held, blocks[18:])
+    assert split_holdout(blocks, 0.0) == (blocks, None)
+    train, held = split_holdout(blocks[:3], 0.05)  # a tiny text still holds one block out
+    assert train.shape[0] == 2 and held.shape[0] == 1
+
+
+def test_a_long_schedule_on_little_text_warns_and_the_holdout_is_reported(tmp_path, tiny_llama_dir, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text(SAMPLE_TEXT * 3, encoding="utf-8")
+    out = tmp_path / "run"
+    args = job_args(tiny_llama_dir, small, out, "--max-step", "20", "--epochs", "2", "--holdout", "0.2",
+                    "--loss", "ce")
+    args[args.index("--eval-source") + 1] = str(small)
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Warning: " in printed and "passes over" in printed and "memorize" in printed
+    assert "Held-out training text" in printed
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    budget = next(e for e in events if e["event"] == "budget")
+    assert budget["passes"] > 4 and budget["holdout_tokens"] > 0
+    holdout = [e for e in events if e["event"] == "holdout"]
+    assert [e["epoch"] for e in holdout] == [1, 2] and holdout[1]["passes"] == pytest.approx(2 * holdout[0]["passes"])
+    # with plenty of text: no warning
+    capsys.readouterr()
+    big = tmp_path / "big.txt"
+    big.write_text(SAMPLE_TEXT * 200, encoding="utf-8")
+    args = job_args(tiny_llama_dir, big, tmp_path / "quiet", "--max-step", "2", "--epochs", "1", "--loss", "ce")
+    assert main(args) == 0
+    assert "Warning: " not in capsys.readouterr().out
+
+
+def test_the_default_loss_distills_from_the_dense_model(tmp_path, tiny_llama_dir, text_file, capsys):
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1")) == 0
+    printed = capsys.readouterr().out
+    assert "Loss: distillation from the dense model" in printed and "Teacher: the dense" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["loss"]["kind"] == "kd" and results["final"] != results["baseline"]
