@@ -26,7 +26,7 @@ from utils.losses import LossSpec
 from utils.mask_utils import sparsity_report
 from utils.model_utils import (ModelError, bos_per_window, check_prunable, count_parameters, load_config,
                                load_model, load_tokenizer, model_identity, parse_dtype, position_limit, resolve_model)
-from utils.prune_utils import check_feasible_density
+from utils.prune_utils import check_feasible_density, density_tolerance, owl_profile
 from utils.run_folder import (RunFolder, RunFolderError, check_file_writable, check_writable, drop_events_after,
                               resume_differences)
 from utils.state_utils import read_meta
@@ -120,10 +120,15 @@ def _check_lengths(config, model_config) -> None:
                              f"use {flag} {limit} or less")
 
 
+def _profile_tag(config) -> str:
+    """The per-layer density rule, as the cache key and the run identity name it."""
+    return "uniform" if config.layer_density == "uniform" else f"owl-{config.owl_lambda:g}-{config.owl_m:g}"
+
+
 def run_identity(config, model: dict) -> dict:
     """What a run is: a --resume must match it (utils/run_folder.py lists what may change)."""
     return {"model_fingerprint": model["fingerprint"], "density": config.density, "method": config.method,
-            "pattern": list(config.pattern) if config.pattern else None, "layer_density": "uniform",
+            "pattern": list(config.pattern) if config.pattern else None, "layer_density": _profile_tag(config),
             "batch_size": config.batch_size, "max_step": config.max_step, "epochs": config.epochs, "lr": config.lr,
             "warmup_steps": config.warmup_steps, "weight_decay": config.weight_decay,
             "max_grad_norm": config.max_grad_norm, "block_size": config.block_size,
@@ -227,7 +232,9 @@ def _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval
     """Load the cached pruned model for (model identity, density, method, pattern), or make it now;
     whatever is loaded is checked against the model and its density measured."""
     folder = pruned_model_dir(config.pruned_dir, source.name, config.density, config.method, config.pattern,
-                              identity["fingerprint"], variant="-bos" if bos is not None else "")
+                              identity["fingerprint"],
+                              variant=("" if config.layer_density == "uniform" else f"-{_profile_tag(config)}")
+                              + ("-bos" if bos is not None else ""))
     lineage = lineage_checkpoint(config.pruned_dir, source.name, config.density)
     protocol = f"{config.eval_source}|{config.token_length}|{config.stride}|{bos}"
     if config.density == 1 and not config.pattern:  # nothing to prune: the dense model is the baseline
@@ -238,12 +245,14 @@ def _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval
             logger.info(f"Loading pruned model from {folder}")
             model, _, info = load_pruned_model(source, folder, dtype=dtype)
             check_pruned_info(info, folder, identity)
-            check_density(sparsity_report(model).density, config.density, config.pattern, str(folder))
+            check_density(sparsity_report(model).density, config.density, config.pattern, str(folder),
+                          density_tolerance(model))
         elif lineage.exists() and not config.pattern:
             logger.info(f"Importing the seed lineage's pruned state dict {lineage}")
             model, _ = load_model(source, dtype=dtype)
             import_lineage_checkpoint(model, lineage)
-            check_density(sparsity_report(model).density, config.density, config.pattern, str(lineage))
+            check_density(sparsity_report(model).density, config.density, config.pattern, str(lineage),
+                          density_tolerance(model))
             info = {"method": "lineage", "density": config.density, "source": str(lineage)}
         else:
             if not accelerator.is_main_process:  # pragma: no cover - the main process failed first
@@ -269,14 +278,20 @@ def _prune_now(config, source, identity, tokenizer, device, logger, eval_tokens,
                                  **evaluate).perplexity
         model.to("cpu")
     calibration, calibration_info = None, {}
-    if config.method != "magnitude" and config.density < 1:
+    if (config.method != "magnitude" or config.layer_density == "owl") and config.density < 1:
         length = min(config.calibration_length, getattr(model.config, "max_position_embeddings", None) or 10 ** 9)
         ids = tokenize_source(config.calibration_source, tokenizer, split="train")
         text_length = length - 1 if bos is not None else length
         calibration = with_bos(calibration_windows(ids.ids, config.nsamples, text_length, config.seed), bos)
         calibration_info = {"source": config.calibration_source, "nsamples": config.nsamples, "length": length,
                             "seed": config.seed, "bos_per_window": bos is not None}
-    info = make_pruned_model(model, tokenizer, folder, method=config.method, density=config.density,
+    profile = None
+    if config.layer_density == "owl" and config.density < 1:
+        profile = owl_profile(model, calibration, config.density, config.owl_lambda, config.owl_m, device=device)
+        logger.info(f"OWL densities per layer (λ {config.owl_lambda:g}, M {config.owl_m:g}): "
+                    + " ".join(f"{value:.3f}" for value in profile))
+        check_feasible_density(model, min(profile))
+    info = make_pruned_model(model, tokenizer, folder, method=config.method, density=config.density, profile=profile,
                              pattern=config.pattern, calibration=calibration, device=device,
                              calibration_info=calibration_info,
                              extra_info={"model": config.model, "model_identity": identity, "dense_perplexity": dense,

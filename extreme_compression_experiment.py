@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration-length", type=_positive_int, default=2048,
                        help="tokens per calibration window (capped at the model maximum)")
     prune.add_argument("--pruned-dir", default="pruned_models", help="cache of pruned models")
+    prune.add_argument("--layer-density", default="uniform", choices=["uniform", "owl"],
+                       help="per-layer densities: uniform (every layer keeps --sparsity), or owl (outlier-weighted: "
+                            "layers with more activation outliers keep more; the parameter-weighted mean stays "
+                            "exactly --sparsity)")
+    prune.add_argument("--owl-lambda", type=float, default=0.08,
+                       help="OWL: per-layer densities spread over --sparsity ± this")
+    prune.add_argument("--owl-m", type=float, default=5.0,
+                       help="OWL: a weight is an outlier when its Wanda score exceeds this many times its layer's mean")
 
     train = parser.add_argument_group("training")
     train.add_argument("--batch-size", type=_positive_int, default=8, help="effective batch (blocks per optimizer step)")
@@ -182,6 +190,9 @@ class ExperimentConfig:
     nsamples: int
     calibration_length: int
     pruned_dir: str
+    layer_density: str
+    owl_lambda: float
+    owl_m: float
     batch_size: int
     micro_batch_size: int | None
     epochs: int
@@ -254,6 +265,10 @@ def _problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"argument --seed: {args.seed} must be 0 or more")
     if args.interrupt_after_steps is not None and args.interrupt_after_steps < 1:
         problems.append("argument --interrupt-after-steps: must be at least 1")
+    finite("--owl-lambda", args.owl_lambda, 0, 0.5, low_open=True, high_open=False, what="in (0, 0.5]")
+    finite("--owl-m", args.owl_m, 0, low_open=True, what="a finite number > 0")
+    if args.layer_density == "owl" and args.pattern:
+        problems.append("argument --layer-density owl: an N:M --pattern has one density everywhere; drop one of them")
     if args.resume and args.overwrite:
         problems.append("arguments --resume and --overwrite: choose one (continue the run, or start it over)")
     stride = args.stride or args.token_length
@@ -293,7 +308,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
     return ExperimentConfig(
         mode=mode, model=args.model, dtype=args.dtype, cpu=args.cpu, density=density, method=args.method,
         pattern=pattern, calibration_source=args.calibration_source, nsamples=args.nsamples,
-        calibration_length=args.calibration_length, pruned_dir=args.pruned_dir, batch_size=args.batch_size,
+        calibration_length=args.calibration_length, pruned_dir=args.pruned_dir, layer_density=args.layer_density,
+        owl_lambda=args.owl_lambda, owl_m=args.owl_m, batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr, warmup_steps=warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, block_size=args.block_size,
         train_source=args.train_source, holdout=args.holdout, loss=args.loss, kd_temperature=args.kd_temperature,

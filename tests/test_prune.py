@@ -151,3 +151,50 @@ def test_sparsegpt_on_three_layers_of_smollm2():
         keep = linear.weight != 0
         assert torch.all(keep.reshape(keep.shape[0], -1, 4).sum(-1) <= 2)
     assert sparsity_report(model).density == pytest.approx(0.5, abs=0.001)
+
+
+def test_owl_densities_average_exactly_to_the_request_and_follow_the_outliers():
+    from utils.prune_methods import owl_densities
+    ratios, sizes = [0.01, 0.05, 0.03, 0.02], [100, 300, 200, 400]
+    profile = owl_densities(ratios, sizes, density=0.3, lam=0.08)
+    weighted = sum(d * n for d, n in zip(profile, sizes)) / sum(sizes)
+    assert weighted == pytest.approx(0.3, abs=1e-12)
+    assert sorted(range(4), key=lambda i: profile[i]) == sorted(range(4), key=lambda i: ratios[i])
+    assert max(profile) - min(profile) == pytest.approx(0.16)  # the band is 2·λ
+    assert owl_densities([0.02] * 3, [1, 1, 1], 0.1, 0.08) == pytest.approx([0.1] * 3)  # no outliers: uniform
+    # A band wider than the density allows: clipped at the floor, the mean still exact.
+    clipped = owl_densities([0.0, 1.0, 1.0, 1.0], [1, 1, 1, 1], density=0.05, lam=0.2)
+    assert min(clipped) == pytest.approx(1e-3) and sum(clipped) / 4 == pytest.approx(0.05, abs=1e-12)
+
+
+def test_outlier_ratio_counts_scores_above_m_times_the_mean():
+    from utils.prune_methods import outlier_ratio
+    weight = torch.tensor([[1.0, 1.0, 1.0, 20.0]])  # scores |w|·‖x‖ with ‖x‖ = 1: mean 5.75
+    assert outlier_ratio([weight], [torch.ones(4)], m=3.0) == pytest.approx(0.25)  # 20 > 17.25
+    assert outlier_ratio([weight], [torch.ones(4)], m=4.0) == pytest.approx(0.0)  # 20 < 23
+
+
+def test_owl_prunes_each_layer_to_its_profile_and_gets_its_own_cache_entry(tmp_path, tiny_llama_dir, text_file):
+    import json
+
+    from extreme_compression_experiment import main
+    from utils.mask_utils import sparsity_report
+    from transformers import AutoModelForCausalLM
+    base = ["--prune-only", "--model", str(tiny_llama_dir), "--sparsity", "0.3", "--method", "wanda",
+            "--eval-source", str(text_file), "--calibration-source", str(text_file), "--token-length", "64",
+            "--nsamples", "4", "--calibration-length", "64", "--pruned-dir", str(tmp_path / "pruned")]
+    assert main(base + ["--layer-density", "owl", "--owl-lambda", "0.1", "--owl-m", "2",
+                        "--output-dir", str(tmp_path / "owl")]) == 0
+    assert main(base + ["--output-dir", str(tmp_path / "uniform")]) == 0
+    folders = sorted((tmp_path / "pruned").iterdir())
+    owl = [f for f in folders if "-owl-0.1-2-" in f.name]
+    assert len(folders) == 2 and len(owl) == 1
+    info = json.loads((owl[0] / "pruning.json").read_text())
+    profile = info["layer_density_profile"]
+    assert len(profile) == 2 and profile[0] != profile[1]
+    report = sparsity_report(AutoModelForCausalLM.from_pretrained(owl[0]))
+    # Wanda keeps a whole number of weights per row: 64 inputs round each layer by up to 1/64.
+    assert sum(profile) / 2 == pytest.approx(0.3, abs=1e-12)  # equal-sized layers: the plain mean is the weighted one
+    assert report.density == pytest.approx(0.3, abs=1 / 64)
+    for (_, nonzeros, numel), density in zip(report.layers, profile):
+        assert nonzeros / numel == pytest.approx(density, abs=1 / 64)

@@ -41,10 +41,12 @@ def check_pruned_info(info: dict, folder: Path, identity: dict) -> None:
                               f"{identity['fingerprint']}); delete it to prune again: rm -r {folder}")
 
 
-def check_density(measured: float, density: float, pattern: tuple[int, int] | None, where: str) -> None:
-    """Refuse a loaded model whose measured density is not the requested one (beyond per-matrix rounding)."""
+def check_density(measured: float, density: float, pattern: tuple[int, int] | None, where: str,
+                  tolerance: float = 1e-3) -> None:
+    """Refuse a loaded model whose measured density is not the requested one beyond rounding
+    (`tolerance`: Wanda keeps a whole number of weights per row, so 1 / the narrowest input width)."""
     wanted = pattern[0] / pattern[1] if pattern else density
-    if abs(measured - wanted) > 1e-3:
+    if abs(measured - wanted) > tolerance:
         raise CheckpointError(f"{where} holds density {measured:.4f}, not the requested {wanted:g}; "
                               f"run with --sparsity {measured:.4g}, or delete it to prune again")
 
@@ -169,19 +171,22 @@ def _is_tied(model: nn.Module, key: str) -> bool:
 
 def make_pruned_model(model: nn.Module, tokenizer, folder: Path, *, method: str, density: float,
                       pattern: tuple[int, int] | None, calibration: torch.Tensor | None, device: torch.device,
-                      calibration_info: dict, extra_info: dict | None = None, progress: bool = True) -> dict:
-    """Prune `model` in place, save it to `folder` with a pruning.json saying how; return the info."""
+                      calibration_info: dict, extra_info: dict | None = None, progress: bool = True,
+                      profile: list[float] | None = None) -> dict:
+    """Prune `model` in place, save it to `folder` with a pruning.json saying how; return the info.
+    `profile`: one density per decoder layer (OWL) instead of `density` everywhere."""
     import platform
 
     import transformers
 
     from .mask_utils import sparsity_report
     from .prune_utils import prune_model
-    report = prune_model(model, method, density, pattern, calibration=calibration, device=device, progress=progress)
+    report = prune_model(model, method, profile or density, pattern, calibration=calibration, device=device,
+                         progress=progress)
     measured = sparsity_report(model)
     info = {"method": method, "density": density, "pattern": f"{pattern[0]}:{pattern[1]}" if pattern else None,
             "calibration": calibration_info, "seconds": report.seconds, "measured_density": measured.density,
-            "layer_density": report.layer_density,
+            "layer_density": report.layer_density, "layer_density_profile": profile,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
             **(extra_info or {})}

@@ -199,6 +199,33 @@ class GraphedSweeps:
         return graph, buffers
 
 
+def outlier_ratio(weights: list[torch.Tensor], sq_norms: list[torch.Tensor], m: float) -> float:
+    """OWL's layer statistic: the fraction of Wanda scores |W_ij|·‖X_j‖ above `m` times the
+    layer's mean score, over all of one decoder layer's linears ((out, in) weights, their inputs' ‖X_j‖²)."""
+    scores = torch.cat([(w.detach().abs().float() * n.sqrt().unsqueeze(0)).flatten() for w, n in zip(weights, sq_norms)])
+    return float((scores > m * scores.mean()).float().mean())
+
+
+def owl_densities(ratios: list[float], sizes: list[int], density: float, lam: float,
+                  floor: float = 1e-3) -> list[float]:
+    """OWL (Yin et al., 2023): per-layer densities that rise with the layer's outlier ratio, spread
+    over a band of width 2·`lam` and shifted so that their mean weighted by the layer sizes is
+    exactly `density`; clipped to [floor, 1] with the difference spread over the unclipped layers."""
+    ratio = torch.tensor(ratios, dtype=torch.float64)
+    weight = torch.tensor(sizes, dtype=torch.float64)
+    spread = ratio.max() - ratio.min()
+    scaled = (ratio - ratio.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(ratio)
+    values = scaled - (scaled * weight).sum() / weight.sum() + density
+    for _ in range(100):
+        values = values.clamp(floor, 1.0)
+        error = density - float((values * weight).sum() / weight.sum())
+        free = (values > floor) & (values < 1.0)
+        if abs(error) < 1e-12 or not bool(free.any()):
+            break
+        values[free] += error * weight.sum() / weight[free].sum()
+    return values.tolist()
+
+
 class InputStats:
     """Statistics of one linear input: the Hessian X^T X (SparseGPT) or ‖X_j‖² (Wanda).
     add_batch → prune → free, as in the reference implementation."""

@@ -20,10 +20,10 @@ from torch import nn
 from .logging_utils import Progress
 from .model_utils import find_decoder_layers, find_linears, in_features, weight_matrix
 from .prune_methods import (GraphedSweeps, InputStats, Pattern, float32_matmul_precision, magnitude_keep,
-                            parse_pattern, sparsegpt_prune, wanda_keep)
+                            outlier_ratio, owl_densities, parse_pattern, sparsegpt_prune, wanda_keep)
 
 __all__ = ["METHODS", "InputStats", "Pattern", "PruneReport", "capture_layer_inputs", "check_feasible_density",
-           "magnitude_keep",
+           "magnitude_keep", "owl_densities", "owl_profile",
            "parse_pattern", "prune_model", "sparsegpt_prune", "wanda_keep"]
 
 
@@ -179,26 +179,64 @@ def check_feasible_density(model: nn.Module, density: float, pattern: Pattern = 
                          f"density that keeps one weight in every layer is {1 / smallest:.2g}")
 
 
+def density_tolerance(model: nn.Module) -> float:
+    """How far a pruned model's measured density may sit from the requested one by rounding alone:
+    row-wise methods keep a whole number of weights per row (1 / the narrowest input width)."""
+    from .model_utils import prunable_linears
+    return max(1e-3, 1.0 / min(in_features(linear) for linear in prunable_linears(model).values()))
+
+
 @torch.no_grad()
-def prune_model(model: nn.Module, method: str, density: float, pattern: Pattern = None,
+def owl_profile(model: nn.Module, calibration: torch.Tensor, density: float, lam: float = 0.08, m: float = 5.0,
+                device: str | torch.device = "cpu", batch_size: int = 8) -> list[float]:
+    """Per-layer densities by OWL from the dense model's activation outliers (one calibration pass,
+    layer by layer, nothing pruned): their parameter-weighted mean is exactly `density`."""
+    device = torch.device(device)
+    _, layers = find_decoder_layers(model)
+    inputs = capture_layer_inputs(model, calibration, device, batch_size)
+    ratios, sizes = [], []
+    with float32_matmul_precision("high"):
+        for layer in layers:
+            home = next(layer.parameters()).device
+            layer.to(device)
+            linears = find_linears(layer)
+            stats = {name: InputStats(in_features(linear), device, hessian=False) for name, linear in linears.items()}
+            handles = [linear.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add_batch(inp[0]))
+                       for name, linear in linears.items()]
+            try:
+                inputs = [(_layer_output(layer(h, *a, **k)), a, k) for h, a, k in inputs]
+            finally:
+                for handle in handles:
+                    handle.remove()
+            ratios.append(outlier_ratio([weight_matrix(linears[n]) for n in linears], [stats[n].sq_norm for n in linears], m))
+            sizes.append(sum(weight_matrix(linear).numel() for linear in linears.values()))
+            layer.to(home)
+    return owl_densities(ratios, sizes, density, lam)
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, method: str, density: float | list[float], pattern: Pattern = None,
                 calibration: torch.Tensor | None = None, device: str | torch.device = "cpu",
                 batch_size: int = 8, blocksize: int = 128, percdamp: float = 0.01,
                 progress: bool = True, on_layer: Callable[[int, int], None] | None = None,
                 cuda_graphs: bool = True) -> PruneReport:
-    """Prune every linear of every decoder layer in place (embeddings and LM head untouched)."""
+    """Prune every linear of every decoder layer in place (embeddings and LM head untouched).
+    `density`: one for every layer, or a profile with one per decoder layer (e.g. `owl_profile`)."""
     if method not in METHODS:
         raise ValueError(f"unknown pruning method '{method}'; choose from {', '.join(METHODS)}")
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
     device = torch.device(device)
     start = time.perf_counter()
     prefix, layers = find_decoder_layers(model)
-    report = PruneReport(method, density, pattern)
-    if density == 1 and pattern is None:
+    profile = list(density) if isinstance(density, (list, tuple)) else [density] * len(layers)
+    if len(profile) != len(layers) or not all(0 < d <= 1 for d in profile):
+        raise ValueError(f"density must be in (0, 1], one value or one per decoder layer ({len(layers)}); "
+                         f"got {density}")
+    report = PruneReport(method, sum(profile) / len(profile), pattern)
+    if all(d == 1 for d in profile) and pattern is None:
         return report
     with float32_matmul_precision("high"):  # float32 layer forwards in TF32, as fast as the papers' fp16
         sweep = GraphedSweeps(device) if cuda_graphs and device.type == "cuda" and method == "sparsegpt" else None
-        _prune_layers(model, prefix, layers, method, density, pattern, calibration, device, batch_size,
+        _prune_layers(model, prefix, layers, method, profile, pattern, calibration, device, batch_size,
                       blocksize, percdamp, progress, on_layer, report, sweep)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -206,7 +244,7 @@ def prune_model(model: nn.Module, method: str, density: float, pattern: Pattern 
     return report
 
 
-def _prune_layers(model, prefix, layers, method, density, pattern, calibration, device, batch_size, blocksize,
+def _prune_layers(model, prefix, layers, method, profile, pattern, calibration, device, batch_size, blocksize,
                   percdamp, progress, on_layer, report, sweep) -> None:
     inputs = None
     if method != "magnitude":
@@ -217,7 +255,7 @@ def _prune_layers(model, prefix, layers, method, density, pattern, calibration, 
         for index, layer in enumerate(layers):
             home = next(layer.parameters()).device
             layer.to(device)
-            _prune_layer(layer, method, density, pattern, inputs or [], blocksize, percdamp, sweep)
+            _prune_layer(layer, method, profile[index], pattern, inputs or [], blocksize, percdamp, sweep)
             if inputs is not None and index + 1 < len(layers):
                 # The next layer sees what this pruned layer really produces.
                 inputs = [(_layer_output(layer(h, *a, **k)), a, k) for h, a, k in inputs]
