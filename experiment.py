@@ -10,13 +10,13 @@ the others wait for it (`main_process_first`) and then read what it wrote.
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 from pathlib import Path
 
 import torch
 
-from fsdp_finetune import (STOPPING_ERRORS, TrainConfig, compute_dtype, finetune, init_distributed, prepare_model,
-                           resolve_compile_mode, stop_message)
+from fsdp_finetune import STOPPING_ERRORS, TrainConfig, finetune, stop_message
 from utils.checkpoint_utils import (check_density, check_pruned_info, import_lineage_checkpoint,
                                     lineage_checkpoint, load_pruned_model, make_pruned_model, pruned_model_dir)
 from utils.data_utils import calibration_windows, pack_blocks, tokenize_source, with_bos
@@ -26,7 +26,9 @@ from utils.losses import LossSpec
 from utils.mask_utils import sparsity_report
 from utils.model_utils import (ModelError, bos_per_window, check_prunable, count_parameters, load_config,
                                load_model, load_tokenizer, model_identity, parse_dtype, position_limit, resolve_model)
-from utils.prune_utils import check_feasible_density, density_tolerance, owl_profile
+from utils.prepare_utils import compute_dtype, init_distributed, prepare_model, resolve_compile_mode
+from utils.prune_utils import check_feasible_density, density_tolerance, owl_profile, prune_model
+from utils.schedules import SparsitySchedule
 from utils.run_folder import (RunFolder, RunFolderError, check_file_writable, check_writable, drop_events_after,
                               resume_differences)
 from utils.state_utils import read_meta
@@ -125,10 +127,19 @@ def _profile_tag(config) -> str:
     return "uniform" if config.layer_density == "uniform" else f"owl-{config.owl_lambda:g}-{config.owl_m:g}"
 
 
+def sparsity_schedule(config) -> SparsitySchedule:
+    """--schedule → the densities over the run's optimizer steps."""
+    if config.schedule == "oneshot":
+        return SparsitySchedule.oneshot(config.density)
+    return SparsitySchedule.iterative(config.density, config.epochs * config.max_step, config.prune_stages,
+                                      list(config.density_steps) if config.density_steps else None)
+
+
 def run_identity(config, model: dict) -> dict:
     """What a run is: a --resume must match it (utils/run_folder.py lists what may change)."""
     return {"model_fingerprint": model["fingerprint"], "density": config.density, "method": config.method,
             "pattern": list(config.pattern) if config.pattern else None, "layer_density": _profile_tag(config),
+            "schedule": [list(stage) for stage in sparsity_schedule(config).stages],
             "batch_size": config.batch_size, "max_step": config.max_step, "epochs": config.epochs, "lr": config.lr,
             "warmup_steps": config.warmup_steps, "weight_decay": config.weight_decay,
             "max_grad_norm": config.max_grad_norm, "block_size": config.block_size,
@@ -208,7 +219,12 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
                                                  "bos_per_window": bos is not None, **dataclasses.asdict(result)})
         return 0
 
-    model, info = _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval_tokens, evaluate,
+    schedule = sparsity_schedule(config)
+    if schedule.kind != "oneshot":
+        logger.info(f"Sparsity schedule: {schedule.describe()}")
+    # The first stage's density is what is pruned (and cached) before training.
+    model, info = _pruned_model(dataclasses.replace(config, density=schedule.initial), source, identity, tokenizer,
+                                accelerator, logger, eval_tokens, evaluate,
                                 dtype=eval_dtype if config.mode == "prune" else torch.float32, bos=bos)
     history.dense = info.get("dense_perplexity")
     for line in sparsity_report(model).lines():
@@ -225,7 +241,7 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
                                                  "pruning": info})
         return 0
     return _train(config, source, model, tokenizer, accelerator, device, output, logger, eval_tokens, evaluate,
-                  history, info, run, resuming=meta is not None, bos=bos)
+                  history, info, run, resuming=meta is not None, bos=bos, schedule=schedule)
 
 
 def _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval_tokens, evaluate, dtype, bos=None):
@@ -265,6 +281,16 @@ def _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval
     return model, info
 
 
+def _calibration(config, tokenizer, model_config, bos: int | None) -> tuple[torch.Tensor, dict]:
+    """The calibration windows (the papers': random windows of the calibration text, `--seed`) and their description."""
+    length = min(config.calibration_length, position_limit(model_config) or 10 ** 9)
+    ids = tokenize_source(config.calibration_source, tokenizer, split="train")
+    text_length = length - 1 if bos is not None else length
+    windows = with_bos(calibration_windows(ids.ids, config.nsamples, text_length, config.seed), bos)
+    return windows, {"source": config.calibration_source, "nsamples": config.nsamples, "length": length,
+                     "seed": config.seed, "bos_per_window": bos is not None}
+
+
 def _prune_now(config, source, identity, tokenizer, device, logger, eval_tokens, evaluate, folder, dtype, bos):
     logger.info(f"No pruned model at {folder}: pruning now with {config.method} ({describe_density(config.density)})")
     model, _ = load_model(source, dtype=dtype)
@@ -279,12 +305,7 @@ def _prune_now(config, source, identity, tokenizer, device, logger, eval_tokens,
         model.to("cpu")
     calibration, calibration_info = None, {}
     if (config.method != "magnitude" or config.layer_density == "owl") and config.density < 1:
-        length = min(config.calibration_length, getattr(model.config, "max_position_embeddings", None) or 10 ** 9)
-        ids = tokenize_source(config.calibration_source, tokenizer, split="train")
-        text_length = length - 1 if bos is not None else length
-        calibration = with_bos(calibration_windows(ids.ids, config.nsamples, text_length, config.seed), bos)
-        calibration_info = {"source": config.calibration_source, "nsamples": config.nsamples, "length": length,
-                            "seed": config.seed, "bos_per_window": bos is not None}
+        calibration, calibration_info = _calibration(config, tokenizer, model.config, bos)
     profile = None
     if config.layer_density == "owl" and config.density < 1:
         profile = owl_profile(model, calibration, config.density, config.owl_lambda, config.owl_m, device=device)
@@ -308,6 +329,19 @@ def _eval_compile(requested: str, training_compiles: bool) -> str:
     if requested != "auto":
         return requested
     return "scoring" if training_compiles else "off"
+
+
+def _repruner(config, model, tokenizer, device, bos: int | None, world: int):
+    """Iterative pruning's step: prune the trained model in place to a density, with --method
+    re-calibrated on it (the same calibration windows as the first prune)."""
+    if world > 1:
+        raise RunFolderError("--schedule iterative runs in one process for now (the pruning driver needs the whole "
+                             "model); drop accelerate launch or use --schedule oneshot")
+    calibration = _calibration(config, tokenizer, model.config, bos)[0] if config.method != "magnitude" else None
+
+    def reprune(density: float) -> None:
+        prune_model(model, config.method, density, calibration=calibration, device=device, progress=False)
+    return reprune
 
 
 MEMORIZATION_PASSES = 4  # above this many passes over the training text, warn before training
@@ -359,7 +393,8 @@ def _teacher(config, source, mixed: str, logger):
 
 
 def _train(config, source, model, tokenizer, accelerator, device, output, logger, eval_tokens, evaluate, history,
-           info, identity: dict, resuming: bool, bos: int | None = None) -> int:
+           info, identity: dict, resuming: bool, bos: int | None = None,
+           schedule: SparsitySchedule | None = None) -> int:
     world = accelerator.num_processes
     micro = config.micro_batch_size or max(1, config.batch_size // world)
     if config.batch_size % (micro * world):
@@ -379,6 +414,10 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
     loss, teacher = _teacher(config, source, mixed, logger)
     prepared = prepare_model(model, device, mixed, compile_mode, config.parallel, teacher=teacher, loss=loss)
     evaluate = {**evaluate, "compile": _eval_compile(config.eval_compile, compile_mode is not None)}
+    schedule = schedule or SparsitySchedule.oneshot(config.density)
+    reprune = _repruner(config, prepared.module, tokenizer, device, bos, world) if schedule.kind != "oneshot" else None
+    if schedule.kind != "oneshot":  # only epochs at the final density compete for the best model
+        history.final_from = math.ceil((schedule.stages[-1][0] + 1) / config.max_step)
     train_config = TrainConfig(
         epochs=config.epochs, max_step=config.max_step, lr=config.lr, batch_size=config.batch_size,
         micro_batch_size=micro, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
@@ -393,7 +432,7 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
             logger.info(f"--resume: no saved state in {output / 'state'}; starting from the beginning")
         with prepared.precision():
             baseline = evaluate_and_log(prepared.module, eval_tokens, logger, title="Baseline Evaluation (Before Training)",
-                                        density=config.density, **evaluate)
+                                        density=schedule.initial, **evaluate)
         history.baseline = baseline.perplexity
     best_info = lambda: {"model": config.model, "density": config.density, "method": config.method,  # noqa: E731
                          "pattern": info.get("pattern"), "loss": loss.to_dict(),
@@ -402,7 +441,7 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
         logger.info("The first training steps compile the model (minutes on a cold compile cache, seconds when "
                     "cached); --compile off skips it")
     result = finetune(prepared, tokenizer, blocks, eval_tokens, train_config, config.density, logger, device,
-                      history, best_info, holdout=holdout)
+                      history, best_info, holdout=holdout, schedule=schedule, reprune=reprune)
     history = result.history
     if result.error:
         logger.info(f"error: {result.error}")
@@ -412,6 +451,7 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
     if accelerator.is_main_process:
         write_json(output / "results.json", {**history.to_dict(), "density": config.density, "loss": loss.to_dict(),
                                              "bos_per_window": bos is not None,
+                                             "schedule": [list(stage) for stage in schedule.stages],
                                              "epochs_completed": result.state.epoch - 1,
                                              "stopped_early": result.stopped_early, "interrupted": result.interrupted,
                                              "error": result.error,

@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration-length", type=_positive_int, default=2048,
                        help="tokens per calibration window (capped at the model maximum)")
     prune.add_argument("--pruned-dir", default="pruned_models", help="cache of pruned models")
+    prune.add_argument("--schedule", default="oneshot", choices=["oneshot", "iterative"],
+                       help="oneshot: prune once before training; iterative: prune to a first density, fine-tune, "
+                            "prune further (re-calibrated), ... ending at --sparsity, the steps split evenly")
+    prune.add_argument("--density-steps", default=None,
+                       help="iterative: the densities, decreasing and ending at --sparsity (e.g. 0.5,0.3,0.18,0.1; "
+                            "default: --prune-stages geometric steps from 0.5)")
+    prune.add_argument("--prune-stages", type=_positive_int, default=4, help="iterative: how many stages")
     prune.add_argument("--layer-density", default="uniform", choices=["uniform", "owl"],
                        help="per-layer densities: uniform (every layer keeps --sparsity), or owl (outlier-weighted: "
                             "layers with more activation outliers keep more; the parameter-weighted mean stays "
@@ -190,6 +197,9 @@ class ExperimentConfig:
     nsamples: int
     calibration_length: int
     pruned_dir: str
+    schedule: str
+    density_steps: tuple[float, ...] | None
+    prune_stages: int
     layer_density: str
     owl_lambda: float
     owl_m: float
@@ -269,6 +279,21 @@ def _problems(args: argparse.Namespace) -> list[str]:
     finite("--owl-m", args.owl_m, 0, low_open=True, what="a finite number > 0")
     if args.layer_density == "owl" and args.pattern:
         problems.append("argument --layer-density owl: an N:M --pattern has one density everywhere; drop one of them")
+    if args.schedule == "iterative":
+        if args.pattern or args.layer_density == "owl":
+            problems.append("argument --schedule iterative: works with unstructured uniform densities for now "
+                            "(drop --pattern / --layer-density owl)")
+        if args.eval_only or args.prune_only:
+            problems.append("argument --schedule iterative: prunes between training stages; it needs a training run")
+    if args.density_steps:
+        try:
+            steps = [float(part) for part in args.density_steps.split(",")]
+        except ValueError:
+            steps = []
+        if not steps or any(not 0 < d <= 1 for d in steps) or any(b >= a for a, b in zip(steps, steps[1:])) \
+                or (args.pattern is None and abs(steps[-1] - args.sparsity) > 1e-12):
+            problems.append(f"argument --density-steps: '{args.density_steps}' must be decreasing densities in (0, 1] "
+                            f"ending at --sparsity {args.sparsity:g}")
     if args.resume and args.overwrite:
         problems.append("arguments --resume and --overwrite: choose one (continue the run, or start it over)")
     stride = args.stride or args.token_length
@@ -308,7 +333,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
     return ExperimentConfig(
         mode=mode, model=args.model, dtype=args.dtype, cpu=args.cpu, density=density, method=args.method,
         pattern=pattern, calibration_source=args.calibration_source, nsamples=args.nsamples,
-        calibration_length=args.calibration_length, pruned_dir=args.pruned_dir, layer_density=args.layer_density,
+        calibration_length=args.calibration_length, pruned_dir=args.pruned_dir, schedule=args.schedule,
+        density_steps=tuple(float(d) for d in args.density_steps.split(",")) if args.density_steps else None,
+        prune_stages=args.prune_stages, layer_density=args.layer_density,
         owl_lambda=args.owl_lambda, owl_m=args.owl_m, batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr, warmup_steps=warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, block_size=args.block_size,

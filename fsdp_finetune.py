@@ -17,11 +17,7 @@ function of the step and a resumed run continues it exactly.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,11 +31,18 @@ from torch._dynamo.exc import TorchDynamoException
 from utils.data_utils import TokenizedText
 from utils.eval_utils import PerplexityHistory, evaluate_and_log
 from utils.logging_utils import MetricsLogger, describe_density
-from utils.losses import LossSpec, TrainingObjective
+from utils.prepare_utils import (Prepared, average_gradients, compute_dtype, init_distributed, prepare_model,
+                                 resolve_compile_mode, shard_model)
 from utils.mask_utils import MaskSet, sparsity_report
+from utils.schedules import SparsitySchedule
 from utils.state_utils import load_training_state, save_training_state
 from utils.memory_utils import MemoryTracker
-from utils.model_utils import find_decoder_layers
+
+
+# The setup this loop runs on lives in utils/prepare_utils.py; its names stay importable from here.
+__all__ = ["Optimization", "Prepared", "STOPPING_ERRORS", "TrainConfig", "TrainResult", "TrainState", "TrainingStopped",
+           "average_gradients", "compute_dtype", "finetune", "init_distributed", "load_state", "make_scheduler",
+           "prepare_model", "resolve_compile_mode", "save_state", "shard_model", "stop_message", "train_step"]
 
 
 class TrainingStopped(RuntimeError):
@@ -92,140 +95,7 @@ class TrainState:
     finished: bool = False
 
 
-# --------------------------------------------------------------------------- setup
-
-def init_distributed(device: torch.device) -> None:
-    """accelerate starts the process group under `accelerate launch`; a single process gets a
-    world-1 group so that FSDP2 and the evaluation's all-reduce run unchanged."""
-    if dist.is_initialized():
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    store = tempfile.NamedTemporaryFile(prefix="extreme-compression-pg-", delete=False)
-    store.close()
-    os.unlink(store.name)  # FileStore wants a path that does not exist yet
-    dist.init_process_group(backend, init_method=Path(store.name).as_uri(), rank=0, world_size=1,
-                            device_id=device if backend == "nccl" else None)
-
-
-def resolve_compile_mode(requested: str, device: torch.device, shards: int,
-                         accumulation: int = 1) -> tuple[str | None, str]:
-    """--compile → (torch.compile mode or None, why).  auto: CUDA graphs in one GPU process (the
-    loop is launch-bound otherwise), plain compilation under FSDP (its hooks and collectives stay
-    outside the graphs, so CUDA graphs cannot hold a whole step) and with gradient accumulation
-    (gradients accumulated across graph replays are a known CUDA-graph-trees hazard, pytorch
-    #169545), eager on the CPU or without Triton.  `shards`: processes FSDP shards the model over
-    (1 for a plain module, one process or --parallel ddp's copies)."""
-    if requested == "off":
-        return None, "off"
-    if requested == "auto":
-        if device.type != "cuda":
-            return None, "off (auto: eager on the CPU)"
-        if importlib.util.find_spec("triton") is None:  # e.g. Windows builds of torch
-            return None, "off (auto: Triton, which compiles GPU kernels, is not installed)"
-        if shards > 1:
-            return "default", "default (auto: FSDP across processes)"
-        if accumulation > 1:
-            return "default", "default (auto: no CUDA graphs with gradient accumulation)"
-        return "reduce-overhead", "reduce-overhead (auto)"
-    if shards > 1 and requested in ("reduce-overhead", "max-autotune"):
-        fallback = "default" if requested == "reduce-overhead" else "max-autotune-no-cudagraphs"
-        return fallback, f"{fallback} ({requested} uses CUDA graphs, which FSDP's collectives cannot join)"
-    return requested, requested
-
-
-def compute_dtype(mixed_precision: str) -> torch.dtype | None:
-    """'bf16'/'fp16' → the compute dtype; 'no' → None (float32 throughout)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-
-
-def shard_model(model: nn.Module, device: torch.device, mixed_precision: str) -> nn.Module:
-    """FSDP2: shard each decoder layer, then the root (embeddings, norms, LM head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    dtype = compute_dtype(mixed_precision)
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
-    model.to(device)
-    _, layers = find_decoder_layers(model)
-    for layer in layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    return model
-
-
-@dataclass
-class Prepared:
-    """A model ready to train: the module itself (state dicts, evaluation, masks), the callable
-    that runs its training forwards (the module, or its torch.compile'd wrapper), and a context
-    factory for its compute precision."""
-    module: nn.Module
-    forward: Callable  # batch (input_ids) → loss: the TrainingObjective, or its torch.compile'd wrapper
-    precision: Callable = contextlib.nullcontext
-    compile_mode: str | None = None  # how one process compiles `forward` (None: eager, or FSDP's layers)
-    replicas: int = 1  # processes holding a whole copy each (--parallel ddp): gradients are averaged over them
-
-
-def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str,
-                  compile_mode: str | None = None, parallel: str = "fsdp", teacher: nn.Module | None = None,
-                  loss: LossSpec = LossSpec()) -> Prepared:
-    """Shard with FSDP2 across several processes (`parallel="fsdp"`); otherwise train the module as
-    it is: in one process, or with a whole copy in each (`"ddp"`, gradients averaged by `train_step`).
-    A distillation `teacher` (frozen) is placed the same way: sharded too, or a copy per process.
-
-    FSDP at world size 1 shards nothing and costs CPU time per module (measured on an H100 with
-    opt-350m, batch 8 × 512: 142 ms a step under fully_shard against 70 ms plain).  FSDP's policy
-    casts to the compute dtype by itself; the plain module gets autocast.
-
-    `compile_mode` (a torch.compile mode): for a plain module the training objective (teacher
-    forward, student forward, loss) goes through `torch.compile` as one graph (CUDA graphs with
-    reduce-overhead; the gradient exchange of ddp runs after it, outside the graphs) while
-    evaluation keeps the eager module (compiling the evaluation shapes too cost 90 s on a cold
-    cache, more than it saves); under FSDP each decoder layer is compiled in place, its hooks and
-    collectives staying outside the graphs.  Parameters and state dict keys are the module's own."""
-    dtype = compute_dtype(mixed_precision)
-    world = dist.get_world_size()
-    if world > 1 and parallel == "fsdp":
-        model = shard_model(model, device, mixed_precision)
-        teacher = shard_model(teacher, device, mixed_precision) if teacher is not None else None
-        if compile_mode:
-            for network in (model, teacher):
-                for layer in (find_decoder_layers(network)[1] if network is not None else []):
-                    layer.compile(mode=compile_mode)
-        return Prepared(model, TrainingObjective(model, teacher, loss))
-    model.to(device)
-    if teacher is not None:
-        teacher.to(device)
-    objective = TrainingObjective(model, teacher, loss)
-    forward = torch.compile(objective, mode=compile_mode) if compile_mode else objective
-    precision = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
-    return Prepared(model, forward, precision, compile_mode, replicas=world)
-
-
-def average_gradients(module: nn.Module, bucket_elements: int = 1 << 26) -> None:
-    """--parallel ddp's exchange after backward: every gradient summed over the processes in flat
-    buckets (one collective per 64M values, not one per tensor), then divided by their number."""
-    world = dist.get_world_size()
-    for bucket in _buckets([p.grad for p in module.parameters() if p.grad is not None], bucket_elements):
-        flat = torch.cat([grad.reshape(-1) for grad in bucket])
-        dist.all_reduce(flat)  # SUM: gloo has no AVG
-        flat.div_(world)
-        torch._foreach_copy_(bucket, [part.view_as(grad) for part, grad in
-                                      zip(flat.split([grad.numel() for grad in bucket]), bucket)])
-
-
-def _buckets(tensors: list[torch.Tensor], limit: int):
-    """Consecutive runs of one dtype and at most `limit` values (a larger tensor alone)."""
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for tensor in tensors:
-        if bucket and (size + tensor.numel() > limit or tensor.dtype != bucket[0].dtype):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(tensor)
-        size += tensor.numel()
-    if bucket:
-        yield bucket
-
+# --------------------------------------------------------------------------- setup (utils/prepare_utils.py)
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     decay, no_decay = [], []
@@ -382,9 +252,12 @@ def stop_message(error: BaseException) -> str:
 def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: TokenizedText, config: TrainConfig,
              density: float, logger: MetricsLogger, device: torch.device,
              history: PerplexityHistory, best_info: Callable[[], dict],
-             holdout: torch.Tensor | None = None) -> TrainResult:
+             holdout: torch.Tensor | None = None, schedule: SparsitySchedule | None = None,
+             reprune: Callable[[float], None] | None = None) -> TrainResult:
     """Train the model (from `prepare_model`) for `config.epochs` epochs, evaluating after each
-    on `eval_tokens` and, when given, on `holdout` (blocks of the training text it never trains on)."""
+    on `eval_tokens` and, when given, on `holdout` (blocks of the training text it never trains on).
+    `schedule` with `reprune(density)`: at each later stage's first step the model is pruned
+    further in place, its masks and optimizer moments follow, and perplexity is reported."""
     model = prepared.module
     rank, world = dist.get_rank(), dist.get_world_size()
     micro = config.micro_batch_size
@@ -407,6 +280,7 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
     torch.manual_seed(config.seed * 1_000_003 + rank)
     if config.resume and (state_dir / "train_state.json").exists():
         state = load_state(state_dir, model, optimization)
+        masks.refresh()  # the saved weights' zeros (an iterative run may be past its first stage)
         masks.mask_optimizer_state(optimization.optimizer)  # state saved by an older version may hold pruned moments
         history = PerplexityHistory.from_dict(state.history)
         logger.info(f"Resumed from {state_dir}: epoch {state.epoch}, optimizer step {state.global_step} of {total_steps}")
@@ -428,6 +302,10 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
             model.train()
             tick = time.perf_counter()
             while state.global_step < epoch_end:
+                stage = schedule.stage_starting_at(state.global_step) if schedule is not None else None
+                if stage is not None:
+                    with prepared.precision():
+                        _next_stage(model, stage, reprune, masks, optimization, eval_tokens, config, logger, state)
                 micro_batches = [blocks[sampler.micro_batch(state.global_step, index, config.batch_size, micro,
                                                             rank, world)] for index in range(accum)]
                 window_loss += train_step(prepared, micro_batches, optimization, masks, device,
@@ -450,7 +328,8 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
             with prepared.precision():
                 if holdout is not None:
                     _evaluate_holdout(model, holdout, config, logger, state, blocks.shape[0])
-                _end_of_epoch(model, tokenizer, masks, eval_tokens, config, density, logger, state, history,
+                scheduled = schedule.density_at(state.global_step - 1) if schedule is not None else density
+                _end_of_epoch(model, tokenizer, masks, eval_tokens, config, scheduled, logger, state, history,
                               memory, optimization, state_dir, best_dir, best_info, result)
             if result.stopped_early:
                 break
@@ -477,6 +356,32 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
         masks.release()
     result.history, result.state = history, state
     return result
+
+
+def _next_stage(model: nn.Module, density: float, reprune: Callable[[float], None], masks: MaskSet,
+                optimization: Optimization, eval_tokens: TokenizedText, config: TrainConfig, logger: MetricsLogger,
+                state: TrainState) -> None:
+    """Iterative pruning's stage boundary: perplexity at the end of the stage, prune to `density`
+    (re-calibrated on the trained model), masks refreshed in place, the new zeros' optimizer
+    moments cleared, perplexity again."""
+    evaluation = dict(token_length=config.token_length, stride=config.stride, batch_size=config.eval_batch_size,
+                      step=state.global_step, compile=config.eval_compile, bos_id=config.bos_id)
+    before = evaluate_and_log(model, eval_tokens, logger, title=f"End of Stage (step {state.global_step})",
+                              **evaluation)
+    was_training = model.training
+    model.eval()
+    reprune(density)
+    model.train(was_training)
+    masks.refresh()
+    masks.mask_optimizer_state(optimization.optimizer)
+    measured = sparsity_report(model).density
+    after = evaluate_and_log(model, eval_tokens, logger, title=f"Pruned Further: Next Stage (step {state.global_step})",
+                             density=density, **evaluation)
+    logger.info(f"Stage at step {state.global_step}: {before.perplexity:.2f} → pruned to {describe_density(measured)} "
+                f"→ {after.perplexity:.2f}")
+    logger.log({"event": "stage", "step": state.global_step, "epoch": state.epoch, "density": density,
+                "measured_density": measured, "perplexity_before": before.perplexity,
+                "perplexity_after": after.perplexity}, step=state.global_step)
 
 
 def _send_signal(name: str) -> None:
@@ -584,7 +489,8 @@ def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainCo
         f" ({steady:,.0f} after the first {state.epoch_compile_steps} steps, which compiled)" if steady else "")
     snapshot = memory.snapshot()
     logger.info(f"Epoch {epoch} done: average loss {average:.4f} | {state.epoch_batches} batches processed | "
-                f"{rate} | measured {describe_density(measured.density)}")
+                f"{rate} | measured {describe_density(measured.density)}"
+                + (f" (scheduled {density:.4g})" if abs(measured.density - density) > 1e-3 else ""))
     for line in snapshot.lines():
         logger.info(line)
     previous_best = history.best
@@ -595,14 +501,15 @@ def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainCo
                                   bos_id=config.bos_id)
     logger.log({"event": "epoch", "epoch": epoch, "average_loss": average, "batches": state.epoch_batches,
                 "tokens_per_second": tokens_per_second, "steady_tokens_per_second": steady or tokens_per_second,
-                "measured_density": measured.density,
+                "measured_density": measured.density, "scheduled_density": density,
                 "perplexity": evaluation.perplexity, **snapshot.to_dict()}, step=state.global_step)
-    improved = previous_best is None or evaluation.perplexity < previous_best[1] * (1 - config.min_delta)
+    eligible = epoch >= history.final_from  # iterative pruning: earlier epochs hold more weights than asked
+    improved = eligible and (previous_best is None or evaluation.perplexity < previous_best[1] * (1 - config.min_delta))
     if improved and config.save_best:
         save_best_model(model, tokenizer, best_dir, {**best_info(), "epoch": epoch,
                                                      "perplexity": evaluation.perplexity})
         logger.info(f"Best model so far saved to {best_dir}")
-    state.bad_epochs = 0 if improved else state.bad_epochs + 1
+    state.bad_epochs = 0 if improved or not eligible else state.bad_epochs + 1
     if config.patience is not None and state.bad_epochs >= config.patience:
         logger.info(f"Early stopping: perplexity has not improved for {state.bad_epochs} epoch(s) "
                     f"(--patience {config.patience})")

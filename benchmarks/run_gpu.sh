@@ -26,6 +26,9 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [cekd]="--loss ce+kd --train-source $MIX"
   [kd-lr1e-4]="--loss kd --train-source $MIX --lr 1e-4"
   [cekd-lr1e-4]="--loss ce+kd --train-source $MIX --lr 1e-4"
+  [kd-valid-lr1e-4]="--loss kd --train-source $DATA/wiki.valid.raw --lr 1e-4"  # in-domain text, as RECOVERY-NOTES
+  [ikd-lr1e-4]="--loss kd --train-source $MIX --lr 1e-4 --schedule iterative"
+  [owlkd-lr1e-4]="--loss kd --train-source $MIX --lr 1e-4 --layer-density owl"
 )
 recipe() {  # $1 name, $2 density
   python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "$2" --batch-size 8 --epochs 5 \

@@ -121,3 +121,54 @@ def test_the_default_loss_distills_from_the_dense_model(tmp_path, tiny_llama_dir
     assert "Loss: distillation from the dense model" in printed and "Teacher: the dense" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["loss"]["kind"] == "kd" and results["final"] != results["baseline"]
+
+
+def test_iterative_schedule_splits_the_steps_and_ends_at_the_density():
+    from utils.schedules import SparsitySchedule
+    schedule = SparsitySchedule.iterative(0.1, total_steps=100, steps=4)
+    densities = [d for _, d in schedule.stages]
+    assert [start for start, _ in schedule.stages] == [0, 25, 50, 75]
+    assert densities[0] == 0.5 and densities[-1] == 0.1
+    assert densities[1] == pytest.approx(0.5 * 0.2 ** (1 / 3)) and densities[2] == pytest.approx(0.5 * 0.2 ** (2 / 3))
+    assert schedule.density_at(24) == 0.5 and schedule.density_at(25) == densities[1] and schedule.density_at(99) == 0.1
+    assert schedule.stage_starting_at(0) is None and schedule.stage_starting_at(50) == densities[2]
+    assert SparsitySchedule.oneshot(0.1).stages == ((0, 0.1),)
+    with pytest.raises(ValueError, match="must decrease"):
+        SparsitySchedule.iterative(0.1, 100, densities=[0.3, 0.5, 0.1])
+
+
+def _epochs(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_iterative_pruning_reaches_each_scheduled_density_and_resumes_exactly(tmp_path, tiny_llama_dir, text_file,
+                                                                              capsys):
+    from test_cli import assert_pruned_weights_stayed_zero, pruned_folder
+    from utils.mask_utils import sparsity_report
+    from transformers import AutoModelForCausalLM
+    args = ("--schedule", "iterative", "--density-steps", "0.5,0.4,0.3", "--max-step", "6", "--epochs", "2",
+            "--loss", "ce", "--lr", "1e-3")
+    straight = tmp_path / "straight"
+    assert main(job_args(tiny_llama_dir, text_file, straight, *args)) == 0
+    printed = capsys.readouterr().out
+    assert "Sparsity schedule: iterative: 0.5 (step 0) → 0.4 (step 4) → 0.3 (step 8)" in printed
+    events = _epochs(straight)
+    stages = [e for e in events if e["event"] == "stage"]
+    assert [(s["step"], s["density"]) for s in stages] == [(4, 0.4), (8, 0.3)]
+    for stage in stages:
+        assert stage["measured_density"] == pytest.approx(stage["density"], abs=1 / 64)
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [e["scheduled_density"] for e in epochs] == [0.4, 0.3]
+    assert epochs[1]["measured_density"] == pytest.approx(0.3, abs=1 / 64)
+    results = json.loads((straight / "results.json").read_text())
+    assert results["final_from"] == 2 and results["best"]["epoch"] == 2  # only epochs at the final density count
+    best = AutoModelForCausalLM.from_pretrained(straight / "best")
+    assert sparsity_report(best).density == pytest.approx(0.3, abs=1 / 64)
+    # the first stage's zeros (the cached 0.5 prune) stayed zero through both further prunes
+    assert assert_pruned_weights_stayed_zero(straight / "best", pruned_folder(tmp_path / "pruned", tiny_llama_dir, 0.5))
+    # interrupted inside the second stage, and right on the third stage's first step: each resume equals the straight run
+    for stop in ("5", "8"):
+        out = tmp_path / f"resumed-{stop}"
+        assert main(job_args(tiny_llama_dir, text_file, out, *args, "--interrupt-after-steps", stop)) == 130
+        assert main(job_args(tiny_llama_dir, text_file, out, *args, "--resume")) == 0
+        assert json.loads((out / "results.json").read_text())["final"] == results["final"], stop

@@ -302,6 +302,7 @@ class PerplexityHistory:
     baseline: float | None = None
     dense: float | None = None
     epochs: list[tuple[int, float]] = field(default_factory=list)
+    final_from: int = 0  # first epoch at the final density (iterative pruning: earlier ones hold more weights)
 
     def add(self, epoch: int, perplexity: float) -> None:
         self.epochs = [(e, p) for e, p in self.epochs if e != epoch] + [(epoch, perplexity)]
@@ -310,7 +311,7 @@ class PerplexityHistory:
     def best(self) -> tuple[int, float] | None:
         """(epoch, perplexity) of the best evaluation; epoch 0 is the baseline."""
         candidates = ([(0, self.baseline)] if self.baseline is not None else []) + self.epochs
-        finite = [(e, p) for e, p in candidates if math.isfinite(p)]
+        finite = [(e, p) for e, p in candidates if math.isfinite(p) and e >= self.final_from]
         return min(finite, key=lambda item: item[1]) if finite else None
 
     @property
@@ -356,13 +357,13 @@ class PerplexityHistory:
 
     def to_dict(self) -> dict:
         best = self.best
-        return {"dense": self.dense, "baseline": self.baseline, "final": self.final,
+        return {"dense": self.dense, "baseline": self.baseline, "final": self.final, "final_from": self.final_from,
                 "epochs": [{"epoch": e, "perplexity": p} for e, p in self.epochs],
                 "best": {"epoch": best[0], "perplexity": best[1]} if best else None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PerplexityHistory":
-        return cls(baseline=data.get("baseline"), dense=data.get("dense"),
+        return cls(baseline=data.get("baseline"), dense=data.get("dense"), final_from=int(data.get("final_from", 0)),
                    epochs=[(int(e["epoch"]), float(e["perplexity"])) for e in data.get("epochs", [])])
 
 

@@ -74,6 +74,13 @@ class MaskSet:
             torch._foreach_mul_(self._local, self._masks)
 
     @torch.no_grad()
+    def refresh(self) -> None:
+        """Masks anew from the weights' zeros, in place (after pruning further): the buffers the
+        compiled backward reads are these very tensors, so no recompilation is needed."""
+        for mask, param in zip(self._masks, self._local):
+            mask.copy_(param != 0)
+
+    @torch.no_grad()
     def mask_gradients(self, compiled: bool = False) -> None:
         """Zero the pruned weights' gradients: call after backward, before clipping and the step.
         `compiled`: one torch.compile'd multiply over all of them (a few fused kernels; eagerly,

@@ -31,6 +31,7 @@ IDENTITY_FLAGS = {
     "holdout": "--holdout", "seed": "--seed", "mixed_precision": "--mixed-precision", "loss": "--loss",
     "kd_temperature": "--kd-temperature", "kd_weight": "--kd-weight", "ce_weight": "--ce-weight",
     "calibration": "--calibration-source/--nsamples/--calibration-length", "bos_per_window": "--bos-per-window",
+    "schedule": "--schedule/--density-steps/--prune-stages",
 }
 
 
