@@ -285,6 +285,9 @@ def _problems(args: argparse.Namespace) -> list[str]:
                             "(drop --pattern / --layer-density owl)")
         if args.eval_only or args.prune_only:
             problems.append("argument --schedule iterative: prunes between training stages; it needs a training run")
+        if not args.density_steps and args.sparsity >= 0.5:
+            problems.append(f"argument --schedule iterative: --sparsity {args.sparsity:g} is not below the default "
+                            "first stage (0.5); give the stages with --density-steps")
     if args.density_steps:
         try:
             steps = [float(part) for part in args.density_steps.split(",")]
@@ -324,6 +327,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
     max_step, lr = derive_schedule(args.batch_size, args.base_samples, args.base_lr)
     max_step, lr = args.max_step or max_step, args.lr or lr
     total = max_step * args.epochs
+    stages = len(args.density_steps.split(",")) if args.density_steps else args.prune_stages
+    if args.schedule == "iterative" and stages > total:
+        parser.error(f"argument --prune-stages: {stages} stages do not fit in {total} optimizer steps")
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, total // 20)
     mode = "eval" if args.eval_only else "prune" if args.prune_only else "train"
     method_tag = f"{args.method}-{pattern[0]}of{pattern[1]}" if pattern else args.method

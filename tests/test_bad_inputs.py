@@ -34,6 +34,15 @@ PARSED = [
     (["--resume", "--overwrite"], "choose one"), (["--seed", "-1"], "--seed: -1"),
     (["--eval-compile", "everything"], "invalid choice"), (["--dtype", "float8"], "invalid choice"),
     (["--max-grad-norm", "-1", "--seed", "-2"], "--seed: -2"),  # several problems: all in the one line
+    (["--schedule", "iterative", "--sparsity", "0.6"], "give the stages with --density-steps"),
+    (["--schedule", "iterative", "--density-steps", "0.5,0.6,0.1"], "must be decreasing"),
+    (["--schedule", "iterative", "--density-steps", "0.5,0.2"], "ending at --sparsity 0.1"),
+    (["--schedule", "iterative", "--prune-stages", "9", "--max-step", "2", "--epochs", "2"], "do not fit in 4"),
+    (["--schedule", "iterative", "--pattern", "2:4"], "unstructured uniform densities"),
+    (["--schedule", "iterative", "--eval-only"], "needs a training run"),
+    (["--layer-density", "owl", "--pattern", "2:4"], "drop one of them"),
+    (["--owl-lambda", "0"], "--owl-lambda: 0"), (["--owl-m", "-1"], "--owl-m: -1"),
+    (["--bos-per-window", "always"], "invalid choice"),
 ]
 
 

@@ -153,7 +153,7 @@ def drop_events_after(metrics: Path, step: int, epoch: int) -> int:
         except ValueError:
             dropped += 1
             continue
-        late = (event.get("event") == "train" and event.get("step", 0) > step) or (
+        late = (event.get("event") in ("train", "stage") and event.get("step", 0) > step) or (
             event.get("event") in ("epoch", "evaluation", "holdout") and (event.get("epoch") or 0) >= epoch)
         if late:
             dropped += 1
