@@ -152,7 +152,7 @@ def run_identity(config, model: dict) -> dict:
             if config.method != "magnitude" else None}
 
 
-def _check_resume(config, folder: RunFolder, identity: dict, logger: MetricsLogger) -> dict | None:
+def _check_resume(config, folder: RunFolder, identity: dict) -> dict | None:
     """The saved state's meta when --resume continues this very run; refuses one that would mix two."""
     if not config.resume or not (folder.state_dir / "train_state.json").exists():
         return None
@@ -182,7 +182,7 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
         tokenizer = load_tokenizer(source)
     bos = bos_per_window(config.bos_per_window, model_config, tokenizer)
     run = {**run_identity(config, identity), "bos_per_window": bos is not None}
-    meta = _check_resume(config, folder, run, logger)
+    meta = _check_resume(config, folder, run)
     if meta is not None and meta["train_state"].get("finished"):
         logger.info(f"The run in {output} is already finished; its summary:")
         for line in PerplexityHistory.from_dict(meta["train_state"]["history"]).summary_lines():
@@ -223,11 +223,11 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
     if schedule.kind != "oneshot":
         logger.info(f"Sparsity schedule: {schedule.describe()}")
     # The first stage's density is what is pruned (and cached) before training.
-    model, info = _pruned_model(dataclasses.replace(config, density=schedule.initial), source, identity, tokenizer,
-                                accelerator, logger, eval_tokens, evaluate,
-                                dtype=eval_dtype if config.mode == "prune" else torch.float32, bos=bos)
+    model, info, report = _pruned_model(dataclasses.replace(config, density=schedule.initial), source, identity,
+                                        tokenizer, accelerator, logger, eval_tokens, evaluate,
+                                        dtype=eval_dtype if config.mode == "prune" else torch.float32, bos=bos)
     history.dense = info.get("dense_perplexity")
-    for line in sparsity_report(model).lines():
+    for line in report.lines():
         logger.info(line)
     if config.mode == "prune":
         model.to(device)
@@ -246,7 +246,8 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
 
 def _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval_tokens, evaluate, dtype, bos=None):
     """Load the cached pruned model for (model identity, density, method, pattern), or make it now;
-    whatever is loaded is checked against the model and its density measured."""
+    whatever is loaded is checked against the model and its density measured.  Returns
+    (model, info, its measured sparsity report)."""
     folder = pruned_model_dir(config.pruned_dir, source.name, config.density, config.method, config.pattern,
                               identity["fingerprint"],
                               variant=("" if config.layer_density == "uniform" else f"-{_profile_tag(config)}")
@@ -255,30 +256,32 @@ def _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval
     protocol = f"{config.eval_source}|{config.token_length}|{config.stride}|{bos}"
     if config.density == 1 and not config.pattern:  # nothing to prune: the dense model is the baseline
         model, _ = load_model(source, dtype=dtype)
-        return model, {"method": "none", "density": 1.0}
+        return model, {"method": "none", "density": 1.0}, sparsity_report(model)
+    loaded_from = None  # where a model pruned earlier came from: its density is checked
     with accelerator.main_process_first():
         if (folder / "pruning.json").exists():
             logger.info(f"Loading pruned model from {folder}")
             model, _, info = load_pruned_model(source, folder, dtype=dtype)
             check_pruned_info(info, folder, identity)
-            check_density(sparsity_report(model).density, config.density, config.pattern, str(folder),
-                          density_tolerance(model))
+            loaded_from = folder
         elif lineage.exists() and not config.pattern:
             logger.info(f"Importing the seed lineage's pruned state dict {lineage}")
             model, _ = load_model(source, dtype=dtype)
             import_lineage_checkpoint(model, lineage)
-            check_density(sparsity_report(model).density, config.density, config.pattern, str(lineage),
-                          density_tolerance(model))
             info = {"method": "lineage", "density": config.density, "source": str(lineage)}
+            loaded_from = lineage
         else:
             if not accelerator.is_main_process:  # pragma: no cover - the main process failed first
                 raise RuntimeError(f"the main process did not write {folder}")
             model, info = _prune_now(config, source, identity, tokenizer, accelerator.device, logger, eval_tokens,
-                                     evaluate, folder, dtype, bos)
+                                     evaluate, folder, dtype, bos, protocol)
     check_prunable(model)  # also a cached or lineage model: fused expert tensors would hide from the density
+    report = sparsity_report(model)
+    if loaded_from is not None:
+        check_density(report.density, config.density, config.pattern, str(loaded_from), density_tolerance(model))
     if info.get("dense_protocol") != protocol and not config.skip_dense_eval:
         info["dense_perplexity"] = None  # measured on other text; not comparable
-    return model, info
+    return model, info, report
 
 
 def _calibration(config, tokenizer, model_config, bos: int | None) -> tuple[torch.Tensor, dict]:
@@ -291,7 +294,8 @@ def _calibration(config, tokenizer, model_config, bos: int | None) -> tuple[torc
                      "seed": config.seed, "bos_per_window": bos is not None}
 
 
-def _prune_now(config, source, identity, tokenizer, device, logger, eval_tokens, evaluate, folder, dtype, bos):
+def _prune_now(config, source, identity, tokenizer, device, logger, eval_tokens, evaluate, folder, dtype, bos,
+               protocol: str):
     logger.info(f"No pruned model at {folder}: pruning now with {config.method} ({describe_density(config.density)})")
     model, _ = load_model(source, dtype=dtype)
     check_prunable(model)
@@ -316,7 +320,7 @@ def _prune_now(config, source, identity, tokenizer, device, logger, eval_tokens,
                              pattern=config.pattern, calibration=calibration, device=device,
                              calibration_info=calibration_info,
                              extra_info={"model": config.model, "model_identity": identity, "dense_perplexity": dense,
-                                         "dense_protocol": f"{config.eval_source}|{config.token_length}|{config.stride}|{bos}"})
+                                         "dense_protocol": protocol})
     logger.info(f"Pruned in {info['seconds']:.1f} s; saved to {folder}")
     logger.log({"event": "pruning", **{k: v for k, v in info.items() if k != "layer_density"}})
     return model, info
@@ -331,12 +335,9 @@ def _eval_compile(requested: str, training_compiles: bool) -> str:
     return "scoring" if training_compiles else "off"
 
 
-def _repruner(config, model, tokenizer, device, bos: int | None, world: int):
+def _repruner(config, model, tokenizer, device, bos: int | None):
     """Iterative pruning's step: prune the trained model in place to a density, with --method
     re-calibrated on it (the same calibration windows as the first prune)."""
-    if world > 1:
-        raise RunFolderError("--schedule iterative runs in one process for now (the pruning driver needs the whole "
-                             "model); drop accelerate launch or use --schedule oneshot")
     calibration = _calibration(config, tokenizer, model.config, bos)[0] if config.method != "magnitude" else None
 
     def reprune(density: float) -> None:
@@ -401,6 +402,10 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
         logger.info(f"error: --batch-size {config.batch_size} is not a multiple of micro-batch {micro} × "
                     f"{world} processes; pick --micro-batch-size so that it is")
         return 2
+    if config.schedule != "oneshot" and world > 1:
+        logger.info(f"error: --schedule {config.schedule} runs in one process for now (the pruning driver needs the "
+                    "whole model); drop accelerate launch or use --schedule oneshot")
+        return 2
     blocks, holdout = _training_text(config, tokenizer, accelerator, logger, bos)
     mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
     shards = world if config.parallel == "fsdp" else 1
@@ -415,7 +420,7 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
     prepared = prepare_model(model, device, mixed, compile_mode, config.parallel, teacher=teacher, loss=loss)
     evaluate = {**evaluate, "compile": _eval_compile(config.eval_compile, compile_mode is not None)}
     schedule = schedule or SparsitySchedule.oneshot(config.density)
-    reprune = _repruner(config, prepared.module, tokenizer, device, bos, world) if schedule.kind != "oneshot" else None
+    reprune = _repruner(config, prepared.module, tokenizer, device, bos) if schedule.kind != "oneshot" else None
     if schedule.kind != "oneshot":  # only epochs at the final density compete for the best model
         history.final_from = math.ceil((schedule.stages[-1][0] + 1) / config.max_step)
     train_config = TrainConfig(

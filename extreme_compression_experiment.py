@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.logging_utils import make_console_safe
+from utils.schedules import ITERATIVE_START, SCHEDULES
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 # The loss the plain command trains with (the best measured recipe; BENCHMARKS.md, "Recovery recipes").
@@ -62,6 +63,14 @@ def _positive(kind: type):
 _positive_int, _positive_float = _positive(int), _positive(float)
 
 
+def _densities(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated densities, e.g. 0.5,0.3,0.18,0.1."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of densities, e.g. 0.5,0.3,0.18,0.1") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="extreme_compression_experiment.py", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -92,12 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration-length", type=_positive_int, default=2048,
                        help="tokens per calibration window (capped at the model maximum)")
     prune.add_argument("--pruned-dir", default="pruned_models", help="cache of pruned models")
-    prune.add_argument("--schedule", default="oneshot", choices=["oneshot", "iterative"],
+    prune.add_argument("--schedule", default="oneshot", choices=SCHEDULES,
                        help="oneshot: prune once before training; iterative: prune to a first density, fine-tune, "
                             "prune further (re-calibrated), ... ending at --sparsity, the steps split evenly")
-    prune.add_argument("--density-steps", default=None,
+    prune.add_argument("--density-steps", type=_densities, default=None,
                        help="iterative: the densities, decreasing and ending at --sparsity (e.g. 0.5,0.3,0.18,0.1; "
-                            "default: --prune-stages geometric steps from 0.5)")
+                            f"default: --prune-stages geometric steps from {ITERATIVE_START:g})")
     prune.add_argument("--prune-stages", type=_positive_int, default=4, help="iterative: how many stages")
     prune.add_argument("--layer-density", default="uniform", choices=["uniform", "owl"],
                        help="per-layer densities: uniform (every layer keeps --sparsity), or owl (outlier-weighted: "
@@ -285,18 +294,14 @@ def _problems(args: argparse.Namespace) -> list[str]:
                             "(drop --pattern / --layer-density owl)")
         if args.eval_only or args.prune_only:
             problems.append("argument --schedule iterative: prunes between training stages; it needs a training run")
-        if not args.density_steps and args.sparsity >= 0.5:
+        if not args.density_steps and args.sparsity >= ITERATIVE_START:
             problems.append(f"argument --schedule iterative: --sparsity {args.sparsity:g} is not below the default "
-                            "first stage (0.5); give the stages with --density-steps")
-    if args.density_steps:
-        try:
-            steps = [float(part) for part in args.density_steps.split(",")]
-        except ValueError:
-            steps = []
-        if not steps or any(not 0 < d <= 1 for d in steps) or any(b >= a for a, b in zip(steps, steps[1:])) \
-                or (args.pattern is None and abs(steps[-1] - args.sparsity) > 1e-12):
-            problems.append(f"argument --density-steps: '{args.density_steps}' must be decreasing densities in (0, 1] "
-                            f"ending at --sparsity {args.sparsity:g}")
+                            f"first stage ({ITERATIVE_START:g}); give the stages with --density-steps")
+    steps = args.density_steps
+    if steps and (any(not 0 < d <= 1 for d in steps) or any(b >= a for a, b in zip(steps, steps[1:]))
+                  or (args.pattern is None and abs(steps[-1] - args.sparsity) > 1e-12)):
+        problems.append(f"argument --density-steps: '{','.join(f'{d:g}' for d in steps)}' must be decreasing "
+                        f"densities in (0, 1] ending at --sparsity {args.sparsity:g}")
     if args.resume and args.overwrite:
         problems.append("arguments --resume and --overwrite: choose one (continue the run, or start it over)")
     stride = args.stride or args.token_length
@@ -327,7 +332,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
     max_step, lr = derive_schedule(args.batch_size, args.base_samples, args.base_lr)
     max_step, lr = args.max_step or max_step, args.lr or lr
     total = max_step * args.epochs
-    stages = len(args.density_steps.split(",")) if args.density_steps else args.prune_stages
+    stages = len(args.density_steps) if args.density_steps else args.prune_stages
     if args.schedule == "iterative" and stages > total:
         parser.error(f"argument --prune-stages: {stages} stages do not fit in {total} optimizer steps")
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, total // 20)
@@ -340,7 +345,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         mode=mode, model=args.model, dtype=args.dtype, cpu=args.cpu, density=density, method=args.method,
         pattern=pattern, calibration_source=args.calibration_source, nsamples=args.nsamples,
         calibration_length=args.calibration_length, pruned_dir=args.pruned_dir, schedule=args.schedule,
-        density_steps=tuple(float(d) for d in args.density_steps.split(",")) if args.density_steps else None,
+        density_steps=args.density_steps,
         prune_stages=args.prune_stages, layer_density=args.layer_density,
         owl_lambda=args.owl_lambda, owl_m=args.owl_m, batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr, warmup_steps=warmup,

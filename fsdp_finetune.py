@@ -29,13 +29,13 @@ from torch import nn
 from torch._dynamo.exc import TorchDynamoException
 
 from utils.data_utils import TokenizedText
-from utils.eval_utils import PerplexityHistory, evaluate_and_log
+from utils.eval_utils import PerplexityHistory, evaluate_and_log, evaluate_perplexity
 from utils.logging_utils import MetricsLogger, describe_density
 from utils.prepare_utils import (Prepared, average_gradients, compute_dtype, init_distributed, prepare_model,
                                  resolve_compile_mode, shard_model)
 from utils.mask_utils import MaskSet, sparsity_report
 from utils.schedules import SparsitySchedule
-from utils.state_utils import load_training_state, save_training_state
+from utils.state_utils import StopRequests, load_training_state, save_training_state
 from utils.memory_utils import MemoryTracker
 
 
@@ -77,6 +77,11 @@ class TrainConfig:
     identity: dict = field(default_factory=dict)  # what the run is (checked by --resume), saved with its state
     loss: str = "ce"  # the loss's name, for the log lines
     bos_id: int | None = None  # every evaluation window starts with this token (--bos-per-window)
+
+    def evaluation(self) -> dict:
+        """evaluate_and_log's protocol arguments for the evaluations made during training."""
+        return dict(token_length=self.token_length, stride=self.stride, batch_size=self.eval_batch_size,
+                    compile=self.eval_compile, bos_id=self.bos_id)
 
 
 @dataclass
@@ -364,8 +369,7 @@ def _next_stage(model: nn.Module, density: float, reprune: Callable[[float], Non
     """Iterative pruning's stage boundary: perplexity at the end of the stage, prune to `density`
     (re-calibrated on the trained model), masks refreshed in place, the new zeros' optimizer
     moments cleared, perplexity again."""
-    evaluation = dict(token_length=config.token_length, stride=config.stride, batch_size=config.eval_batch_size,
-                      step=state.global_step, compile=config.eval_compile, bos_id=config.bos_id)
+    evaluation = {**config.evaluation(), "step": state.global_step}
     before = evaluate_and_log(model, eval_tokens, logger, title=f"End of Stage (step {state.global_step})",
                               **evaluation)
     was_training = model.training
@@ -388,31 +392,6 @@ def _send_signal(name: str) -> None:
     """Testing hook: interrupt this process as a user (SIGINT) or a scheduler (SIGTERM) would."""
     import signal
     signal.raise_signal({"int": signal.SIGINT, "term": signal.SIGTERM}[name])  # handled before it returns
-
-
-class StopRequests:
-    """While training, Ctrl-C and SIGTERM (what cluster schedulers send before a kill) only raise
-    a flag; the loop stops at the end of a whole optimizer step (several processes: at the end of
-    a log window, agreed through its all-reduce), so the saved state is that of a step boundary
-    on every rank and a resumed run continues exactly."""
-
-    def __init__(self):
-        import signal
-        import threading
-        self.requested = False
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._request)
-
-    def _request(self, number, frame) -> None:
-        self.requested = True
-
-    def close(self) -> None:
-        import signal
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
 
 
 def _flush_window(state: TrainState, window_loss: torch.Tensor, steps: int, tokens_per_step: int, scheduler,
@@ -459,7 +438,6 @@ def _evaluate_holdout(model: nn.Module, holdout: torch.Tensor, config: TrainConf
     """Loss on the held-out slice of the training text beside the training loss, and the passes
     made over the training text so far: a falling training loss with a rising held-out loss is
     memorization, seen without looking at the test set."""
-    from utils.eval_utils import evaluate_perplexity
     block = holdout.shape[1]
     result = evaluate_perplexity(model, holdout.reshape(-1), token_length=block, stride=block,
                                  batch_size=config.eval_batch_size, progress=False)
@@ -494,11 +472,8 @@ def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainCo
     for line in snapshot.lines():
         logger.info(line)
     previous_best = history.best
-    evaluation = evaluate_and_log(model, eval_tokens, logger, title=f"Evaluation After Epoch {epoch}",
-                                  token_length=config.token_length, stride=config.stride,
-                                  batch_size=config.eval_batch_size, epoch=epoch, density=density,
-                                  history=history, step=state.global_step, compile=config.eval_compile,
-                                  bos_id=config.bos_id)
+    evaluation = evaluate_and_log(model, eval_tokens, logger, title=f"Evaluation After Epoch {epoch}", epoch=epoch,
+                                  density=density, history=history, step=state.global_step, **config.evaluation())
     logger.log({"event": "epoch", "epoch": epoch, "average_loss": average, "batches": state.epoch_batches,
                 "tokens_per_second": tokens_per_second, "steady_tokens_per_second": steady or tokens_per_second,
                 "measured_density": measured.density, "scheduled_density": density,

@@ -21,9 +21,6 @@ from torch import nn
 
 from .hub_utils import OFFLINE_HELP, ModelError, check_hub_reachable, default_cache_dir, hub_cached_file
 
-__all__ = ["ModelError", "ModelSource", "check_hub_reachable", "find_decoder_layers", "load_model", "load_tokenizer",
-           "resolve_model"]
-
 OPT_SHORT_NAMES = {name: f"facebook/{name}" for name in
                    ("opt-125m", "opt-350m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b")}
 # Models shipped inside pip packages: short name → (package, file inside it, install command).
@@ -260,6 +257,11 @@ def _sampled_file_digest(path: Path, chunks: int = 32, chunk_size: int = 1 << 16
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
+def _checkpoint_files(folder: Path) -> list[Path]:
+    """What makes a checkpoint folder the model it is: its config and its weight files."""
+    return [folder / "config.json", *sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)]
+
+
 def model_identity(source: ModelSource) -> dict:
     """Who `--model` is, for the pruned-model cache and the resume check: where it comes from
     (resolved path, or hub id and cached revision) and a fingerprint of its config and weight
@@ -267,16 +269,15 @@ def model_identity(source: ModelSource) -> dict:
     different fingerprints."""
     import hashlib
     if source.kind == "gguf":
-        files, where = [Path(source.location) / source.gguf_file], {"path": str((Path(source.location) / source.gguf_file).resolve())}
+        gguf = (Path(source.location) / source.gguf_file).resolve()
+        files, where = [gguf], {"path": str(gguf)}
     elif source.kind == "folder":
         folder = Path(source.location).resolve()
-        files, where = [folder / "config.json", *sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)], \
-            {"path": str(folder)}
+        files, where = _checkpoint_files(folder), {"path": str(folder)}
     else:
         cached = hub_cached_file(source.location)
         snapshot = cached.parent if cached else None
-        files = [snapshot / "config.json", *sorted(p for p in snapshot.iterdir() if p.suffix in WEIGHT_SUFFIXES)] \
-            if snapshot else []
+        files = _checkpoint_files(snapshot) if snapshot else []
         where = {"hub_id": source.location, "revision": snapshot.name if snapshot else None}
     digest = hashlib.sha256(repr(sorted(where.items())).encode())
     for path in files:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .logging_utils import Progress
-from .model_utils import find_decoder_layers, find_linears, in_features, weight_matrix
+from .model_utils import ModelError, find_decoder_layers, find_linears, in_features, prunable_linears, weight_matrix
 from .prune_methods import (GraphedSweeps, InputStats, Pattern, float32_matmul_precision, magnitude_keep,
                             outlier_ratio, owl_densities, parse_pattern, sparsegpt_prune, wanda_keep)
 
@@ -121,6 +121,29 @@ def _group_by_input(layer: nn.Module, linears: dict[str, nn.Linear], first: tupl
 
 
 @torch.no_grad()
+def _input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs: list[tuple[torch.Tensor, tuple, dict]],
+                 hessian: bool, keep_outputs: bool = False
+                 ) -> tuple[dict[str, InputStats], list[tuple[torch.Tensor, tuple, dict]] | None]:
+    """Run `layer` over `inputs` with every linear of `linears` recording its input statistics;
+    returns them and, with `keep_outputs`, the layer's outputs as the next layer's inputs (not
+    kept otherwise: they are as large as all the calibration activations)."""
+    device = next(layer.parameters()).device
+    stats = {name: InputStats(in_features(linear), device, hessian=hessian) for name, linear in linears.items()}
+    handles = [linear.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add_batch(inp[0]))
+               for name, linear in linears.items()]
+    try:
+        outputs = [] if keep_outputs else None
+        for hidden, args, kwargs in inputs:
+            output = layer(hidden, *args, **kwargs)
+            if keep_outputs:
+                outputs.append((_layer_output(output), args, kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats, outputs
+
+
+@torch.no_grad()
 def _prune_layer(layer: nn.Module, method: str, density: float, pattern: Pattern,
                  inputs: list[tuple[torch.Tensor, tuple, dict]], blocksize: int, percdamp: float,
                  sweep: Callable | None = None) -> None:
@@ -131,17 +154,8 @@ def _prune_layer(layer: nn.Module, method: str, density: float, pattern: Pattern
             weight.masked_fill_(~magnitude_keep(weight, density, pattern), 0.0)
         return
     groups = _group_by_input(layer, linears, inputs[0])
-    device = next(layer.parameters()).device
-    stats = {group[0]: InputStats(in_features(linears[group[0]]), device, hessian=method == "sparsegpt")
-             for group in groups}
-    handles = [linears[leader].register_forward_hook(lambda mod, inp, out, s=stat: s.add_batch(inp[0]))
-               for leader, stat in stats.items()]
-    try:
-        for hidden, args, kwargs in inputs:
-            layer(hidden, *args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    stats, _ = _input_stats(layer, {group[0]: linears[group[0]] for group in groups}, inputs,
+                            hessian=method == "sparsegpt")
     for group in groups:
         stat = stats[group[0]]
         weights = [weight_matrix(linears[name]) for name in group]  # (out, in) views of the parameters
@@ -161,7 +175,6 @@ def _prune_layer(layer: nn.Module, method: str, density: float, pattern: Pattern
 def check_feasible_density(model: nn.Module, density: float, pattern: Pattern = None) -> None:
     """Refuse, before any work, a density so small that some decoder linear would keep no weight
     at all, or an N:M pattern whose M does not divide a linear's input width."""
-    from .model_utils import ModelError, prunable_linears
     linears = prunable_linears(model)
     if pattern:
         odd = {name: in_features(linear) for name, linear in linears.items() if in_features(linear) % pattern[1]}
@@ -182,7 +195,6 @@ def check_feasible_density(model: nn.Module, density: float, pattern: Pattern = 
 def density_tolerance(model: nn.Module) -> float:
     """How far a pruned model's measured density may sit from the requested one by rounding alone:
     row-wise methods keep a whole number of weights per row (1 / the narrowest input width)."""
-    from .model_utils import prunable_linears
     return max(1e-3, 1.0 / min(in_features(linear) for linear in prunable_linears(model).values()))
 
 
@@ -200,14 +212,7 @@ def owl_profile(model: nn.Module, calibration: torch.Tensor, density: float, lam
             home = next(layer.parameters()).device
             layer.to(device)
             linears = find_linears(layer)
-            stats = {name: InputStats(in_features(linear), device, hessian=False) for name, linear in linears.items()}
-            handles = [linear.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add_batch(inp[0]))
-                       for name, linear in linears.items()]
-            try:
-                inputs = [(_layer_output(layer(h, *a, **k)), a, k) for h, a, k in inputs]
-            finally:
-                for handle in handles:
-                    handle.remove()
+            stats, inputs = _input_stats(layer, linears, inputs, hessian=False, keep_outputs=True)
             ratios.append(outlier_ratio([weight_matrix(linears[n]) for n in linears], [stats[n].sq_norm for n in linears], m))
             sizes.append(sum(weight_matrix(linear).numel() for linear in linears.values()))
             layer.to(home)

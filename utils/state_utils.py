@@ -29,16 +29,9 @@ from torch import nn
 
 from .checkpoint_utils import CheckpointError, fresh_tmp, swap_in
 from .logging_utils import write_json
+from .mask_utils import _any_sharded, _local
 
 META_FILE = "train_state.json"
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _sharded(model: nn.Module) -> bool:
-    return any(hasattr(p, "to_local") for p in model.parameters())
 
 
 def _rank_world() -> tuple[int, int]:
@@ -52,22 +45,39 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class StopRequests:
+    """While alive, SIGINT (Ctrl-C) and SIGTERM (what cluster schedulers send before a kill) only
+    raise a flag, and the handlers before it come back on `close`.  The training loop stops at the
+    end of a whole optimizer step when it sees the flag (several processes: at the end of a log
+    window, agreed through its all-reduce), so saved state is a step boundary on every rank; a
+    save holds both signals until its folder is whole (`signals_deferred`)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._request)
+
+    def _request(self, number, frame) -> None:
+        self.requested = True
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 @contextlib.contextmanager
 def signals_deferred():
     """Hold SIGINT and SIGTERM until the block ends, then raise KeyboardInterrupt if one came:
     a second Ctrl-C while state is written must not leave half a folder."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda number, frame: received.append(number))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopRequests()
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if received:
+        stop.close()
+    if stop.requested:
         raise KeyboardInterrupt
 
 
@@ -95,7 +105,7 @@ def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     """Write every process's part of the state into a new folder and swap it in (a collective)."""
     from safetensors.torch import save_file
     rank, world = _rank_world()
-    sharded = _sharded(model)
+    sharded = _any_sharded(model.parameters())
     tmp = folder.with_name(folder.name + ".tmp")
     with signals_deferred():
         if rank == 0:
@@ -155,7 +165,7 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     rank, world = _rank_world()
     meta = read_meta(folder)
     layout = meta.get("layout", {})
-    sharded = _sharded(model)
+    sharded = _any_sharded(model.parameters())
     if bool(layout.get("sharded")) != sharded or (sharded and layout.get("processes") != world):
         raise CheckpointError(f"{folder} was saved by {layout.get('processes')} processes "
                               f"({'sharded' if layout.get('sharded') else 'whole copies'}); resume with the same "
