@@ -21,6 +21,7 @@ from utils.checkpoint_utils import (check_density, check_pruned_info, import_lin
                                     lineage_checkpoint, load_pruned_model, make_pruned_model, pruned_model_dir)
 from utils.data_utils import calibration_windows, pack_blocks, tokenize_source, with_bos
 from utils.eval_utils import PerplexityHistory, evaluate_and_log
+from utils.export_utils import export_model
 from utils.logging_utils import MetricsLogger, describe_density, quiet_transformers_progress, write_json
 from utils.losses import LossSpec
 from utils.mask_utils import sparsity_report
@@ -32,7 +33,7 @@ from utils.schedules import SparsitySchedule
 from utils.run_folder import (RunFolder, RunFolderError, check_file_writable, check_writable, drop_events_after,
                               resume_differences)
 from utils.state_utils import read_meta
-
+from utils.task_eval import TaskSet, describe_scores, evaluate_tasks, load_tasks
 
 
 def _versions() -> dict:
@@ -63,7 +64,7 @@ def _claim_output(config, accelerator) -> RunFolder:
             folder.claim(training=config.mode == "train")
             if config.log_file:
                 check_file_writable(Path(config.log_file), "--log-file")
-            if config.mode != "eval":
+            if config.mode in ("prune", "train"):
                 check_writable(Path(config.pruned_dir), "--pruned-dir")
         except RunFolderError as error:
             folder.release()
@@ -111,7 +112,7 @@ def _run_claimed(config, accelerator, device, output: Path, folder: RunFolder) -
 def _check_lengths(config, model_config) -> None:
     """Lengths the model's positions cannot hold fail now, not after pruning."""
     limit = position_limit(model_config)
-    if limit is None:
+    if limit is None or config.mode == "export":  # an export evaluates nothing
         return
     asked = [("--token-length", config.token_length)]
     if config.mode == "train":
@@ -167,7 +168,7 @@ def _check_resume(config, folder: RunFolder, identity: dict) -> dict | None:
 
 def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folder: RunFolder) -> int:
     world = accelerator.num_processes
-    pruning = "" if config.mode == "eval" else (
+    pruning = "" if config.mode in ("eval", "export") else (
         f" | {describe_density(config.density)}" + (f" ({config.pattern[0]}:{config.pattern[1]})" if config.pattern else "")
         + f" | method {config.method}")
     logger.info(f"Model: {config.model}{pruning} | device {device} × {world}")
@@ -199,6 +200,10 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
             dropped = drop_events_after(output / "metrics.jsonl", state["global_step"], state["epoch"])
             logger.log({"event": "resume", "step": state["global_step"], "epoch": state["epoch"],
                         "dropped_events": dropped})
+    if config.mode == "export":
+        return _export_only(config, source, tokenizer, identity, output, logger, accelerator)
+    with accelerator.main_process_first():  # names and data checked before any work
+        tasks = load_tasks(list(config.tasks), config.task_dir) if config.tasks else None
     if bos is not None:
         logger.info("Every evaluation window, calibration window and training block starts with the BOS token "
                     f"({config.bos_per_window}: this model family needs it)")
@@ -215,8 +220,10 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
         logger.info(f"{count_parameters(model):,} parameters, {model.dtype}")
         result = evaluate_and_log(model, eval_tokens, logger, title="Perplexity", **evaluate)
         if accelerator.is_main_process:
+            extras = _deliver(config, model, tokenizer, device, logger, output, tasks, info=None, export=False)
             write_json(output / "results.json", {"model": config.model, "eval_source": config.eval_source,
-                                                 "bos_per_window": bos is not None, **dataclasses.asdict(result)})
+                                                 "bos_per_window": bos is not None, **dataclasses.asdict(result),
+                                                 **extras})
         return 0
 
     schedule = sparsity_schedule(config)
@@ -234,14 +241,50 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
         result = evaluate_and_log(model, eval_tokens, logger, title="Pruned Model Evaluation",
                                   density=config.density, **evaluate)
         history.baseline = result.perplexity
+        extras = _deliver(config, model, tokenizer, device, logger, output, tasks,
+                          info={"model": config.model, "pruning": info}) if accelerator.is_main_process else {}
         for line in history.summary_lines()[1:3]:
             logger.info(line)
         if accelerator.is_main_process:
             write_json(output / "results.json", {**history.to_dict(), "bos_per_window": bos is not None,
-                                                 "pruning": info})
+                                                 "pruning": info, **extras})
         return 0
     return _train(config, source, model, tokenizer, accelerator, device, output, logger, eval_tokens, evaluate,
-                  history, info, run, resuming=meta is not None, bos=bos, schedule=schedule)
+                  history, info, run, resuming=meta is not None, bos=bos, schedule=schedule, tasks=tasks)
+
+
+def _deliver(config, model, tokenizer, device, logger, output: Path, tasks: TaskSet | None, info: dict | None,
+             export: bool = True, which: str = "") -> dict:
+    """What a run leaves besides perplexity (main process): zero-shot task scores of `model`, and
+    `model` exported to OUTPUT/compressed.  Returns them for results.json."""
+    extras = {}
+    if tasks is not None:
+        logger.info(f"Zero-shot tasks (lm-eval) on the {which or 'model'}: {', '.join(tasks.names)} ...")
+        scores = evaluate_tasks(model.to(device), tokenizer, tasks, device, config.task_batch_size, config.task_limit,
+                                config.seed)
+        logger.info(f"Zero-shot tasks: {describe_scores(scores)}")
+        logger.log({"event": "tasks", "model": which or "model", "scores": scores, "limit": config.task_limit})
+        extras["tasks"] = scores
+    if export and config.export != "none":
+        report = export_model(config.export, model, tokenizer, output / "compressed",
+                              getattr(torch, config.export_dtype), info)
+        for line in report.lines():
+            logger.info(line)
+        logger.log({"event": "export", **report.to_dict()})
+        extras["export"] = report.to_dict()
+    return extras
+
+
+def _export_only(config, source, tokenizer, identity: dict, output: Path, logger, accelerator) -> int:
+    """--export-only: --model as it is (its own dtype), written compressed; its sparsity printed first."""
+    model, _ = load_model(source)
+    for line in sparsity_report(model).lines():
+        logger.info(line)
+    if accelerator.is_main_process:
+        extras = _deliver(config, model, tokenizer, accelerator.device, logger, output, None,
+                          info={"model": config.model, "model_identity": identity})
+        write_json(output / "results.json", {"model": config.model, **extras})
+    return 0
 
 
 def _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval_tokens, evaluate, dtype, bos=None):
@@ -395,7 +438,7 @@ def _teacher(config, source, mixed: str, logger):
 
 def _train(config, source, model, tokenizer, accelerator, device, output, logger, eval_tokens, evaluate, history,
            info, identity: dict, resuming: bool, bos: int | None = None,
-           schedule: SparsitySchedule | None = None) -> int:
+           schedule: SparsitySchedule | None = None, tasks: TaskSet | None = None) -> int:
     world = accelerator.num_processes
     micro = config.micro_batch_size or max(1, config.batch_size // world)
     if config.batch_size % (micro * world):
@@ -451,10 +494,20 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
     if result.error:
         logger.info(f"error: {result.error}")
         logger.log({"event": "error", "message": result.error})
+    extras, which = {}, ""
+    if accelerator.is_main_process and not result.interrupted and (tasks is not None or config.export != "none"):
+        final, which = _final_model(config, source, output, prepared.module if world == 1 else None, device)
+        if final is not None:
+            extras = _deliver(config, final, tokenizer, device, logger, output, tasks, which=which,
+                              info={**best_info(), "model_from": which})
     for line in history.summary_lines():
         logger.info(line)
+    if "tasks" in extras:
+        logger.info(f"Zero-shot tasks ({which}): {describe_scores(extras['tasks'])}")
+    if "export" in extras:
+        logger.info(f"Compressed: {extras['export']['folder']} ({extras['export']['ratio']:.1%} of the dense size)")
     if accelerator.is_main_process:
-        write_json(output / "results.json", {**history.to_dict(), "density": config.density, "loss": loss.to_dict(),
+        write_json(output / "results.json", {**history.to_dict(), **extras, "density": config.density, "loss": loss.to_dict(),
                                              "bos_per_window": bos is not None,
                                              "schedule": [list(stage) for stage in schedule.stages],
                                              "epochs_completed": result.state.epoch - 1,
@@ -462,3 +515,13 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
                                              "error": result.error,
                                              "pruning": {k: v for k, v in info.items() if k != "layer_density"}})
     return 130 if result.interrupted else 1 if result.error else 0
+
+
+def _final_model(config, source, output: Path, module, device) -> tuple[torch.nn.Module | None, str]:
+    """The model a training run delivers: best/ when it was saved, else the trained module itself
+    (one process; under FSDP its weights are sharded and only best/ has them whole)."""
+    best = output / "best"
+    if (best / "config.json").exists():
+        model, _ = load_model(resolve_model(str(best)), dtype=parse_dtype(config.dtype, device))
+        return model, "best model"
+    return module, ("final model" if module is not None else "")

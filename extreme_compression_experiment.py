@@ -71,12 +71,22 @@ def _densities(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"'{text}' is not a list of densities, e.g. 0.5,0.3,0.18,0.1") from None
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated names, e.g. arc_easy,piqa."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"'{text}' names no task; e.g. --tasks arc_easy,piqa")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="extreme_compression_experiment.py", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = parser.add_argument_group("what to run").add_mutually_exclusive_group()
     mode.add_argument("--eval-only", action="store_true", help="only measure the perplexity of --model (no pruning)")
     mode.add_argument("--prune-only", action="store_true", help="prune, save, report dense and pruned perplexity")
+    mode.add_argument("--export-only", action="store_true",
+                      help="write --model (e.g. a run's best/ folder) as a compressed checkpoint, nothing else")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="opt-125m",
@@ -173,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  "layers = also the decoder layers (pays off over several evaluations of a large "
                                  "model); auto = scoring when training compiles, else off")
     evaluation.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the dense model")
+    evaluation.add_argument("--tasks", type=_names, default=(),
+                            help="zero-shot tasks through lm-eval after the perplexity (e.g. arc_easy,hellaswag,piqa,"
+                                 "winogrande; hub tasks need a network), on --model, the pruned or the best model")
+    evaluation.add_argument("--task-dir", default=None,
+                            help="a folder of lm-eval task YAML files (local tasks: dataset_path: json)")
+    evaluation.add_argument("--task-limit", type=_positive_int, default=None,
+                            help="at most this many examples per task (a quick look; the papers use all)")
+    evaluation.add_argument("--task-batch-size", type=_positive_int, default=8, help="lm-eval requests per forward")
     evaluation.add_argument("--bos-per-window", default="auto", choices=["auto", "on", "off"],
                             help="start every evaluation window, calibration window and training block with the "
                                  "BOS token (auto: for families that need it, e.g. Gemma; off: the papers' protocol, "
@@ -188,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
                         help="experiment tracker, through accelerate")
     output.add_argument("--no-save-best", action="store_true", help="do not save the best-perplexity model")
+    output.add_argument("--export", default="compressed", choices=["compressed", "none"],
+                        help="compressed: also write the pruned (--prune-only) or best model to OUTPUT/compressed as "
+                             "non-zeros + bitmasks (the size it really has; --model reads it back); none: only the "
+                             "dense-format folders")
+    output.add_argument("--export-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="dtype of the exported weights (float32 keeps trained master weights bit for bit)")
     output.add_argument("--interrupt-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     output.add_argument("--interrupt-signal", default="int", choices=["int", "term"], help=argparse.SUPPRESS)
     return parser
@@ -195,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    mode: str  # eval | prune | train
+    mode: str  # eval | prune | export | train
     model: str
     dtype: str
     cpu: bool
@@ -246,6 +270,12 @@ class ExperimentConfig:
     overwrite: bool
     report_to: str
     save_best: bool
+    export: str
+    export_dtype: str
+    tasks: tuple[str, ...]
+    task_dir: str | None
+    task_limit: int | None
+    task_batch_size: int
     interrupt_after_steps: int | None
     interrupt_signal: str = "int"
 
@@ -302,6 +332,18 @@ def _problems(args: argparse.Namespace) -> list[str]:
                   or (args.pattern is None and abs(steps[-1] - args.sparsity) > 1e-12)):
         problems.append(f"argument --density-steps: '{','.join(f'{d:g}' for d in steps)}' must be decreasing "
                         f"densities in (0, 1] ending at --sparsity {args.sparsity:g}")
+    if args.tasks:
+        from utils.task_eval import lm_eval_missing
+        missing = lm_eval_missing()
+        if missing:
+            problems.append(f"argument --tasks: {missing}")
+        if args.export_only:
+            problems.append("argument --tasks: --export-only writes a checkpoint and evaluates nothing; "
+                            "run --eval-only --model THE_EXPORT --tasks ... afterwards")
+    if args.task_dir and not Path(args.task_dir).is_dir():
+        problems.append(f"argument --task-dir: {args.task_dir} is not a folder (of lm-eval task YAML files)")
+    if args.export_only and args.export == "none":
+        problems.append("arguments --export-only and --export none: there would be nothing to do")
     if args.resume and args.overwrite:
         problems.append("arguments --resume and --overwrite: choose one (continue the run, or start it over)")
     stride = args.stride or args.token_length
@@ -336,11 +378,12 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
     if args.schedule == "iterative" and stages > total:
         parser.error(f"argument --prune-stages: {stages} stages do not fit in {total} optimizer steps")
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, total // 20)
-    mode = "eval" if args.eval_only else "prune" if args.prune_only else "train"
+    mode = "eval" if args.eval_only else "prune" if args.prune_only else "export" if args.export_only else "train"
     method_tag = f"{args.method}-{pattern[0]}of{pattern[1]}" if pattern else args.method
     from utils.model_utils import safe_name
     model_tag = safe_name(Path(args.model).stem if args.model.endswith(".gguf") else args.model)
-    output_dir = args.output_dir or str(Path("runs") / f"{model_tag}-{density:g}-{method_tag}")
+    default_dir = f"{model_tag}-export" if mode == "export" else f"{model_tag}-{density:g}-{method_tag}"
+    output_dir = args.output_dir or str(Path("runs") / default_dir)
     return ExperimentConfig(
         mode=mode, model=args.model, dtype=args.dtype, cpu=args.cpu, density=density, method=args.method,
         pattern=pattern, calibration_source=args.calibration_source, nsamples=args.nsamples,
@@ -357,7 +400,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         token_length=args.token_length, stride=stride,
         eval_batch_size=args.eval_batch_size, eval_compile=args.eval_compile, skip_dense_eval=args.skip_dense_eval,
         bos_per_window=args.bos_per_window, output_dir=output_dir, log_file=args.log_file, resume=args.resume, overwrite=args.overwrite,
-        report_to=args.report_to, save_best=not args.no_save_best,
+        report_to=args.report_to, save_best=not args.no_save_best, export=args.export, export_dtype=args.export_dtype,
+        tasks=args.tasks, task_dir=args.task_dir, task_limit=args.task_limit, task_batch_size=args.task_batch_size,
         interrupt_after_steps=args.interrupt_after_steps, interrupt_signal=args.interrupt_signal)
 
 
@@ -370,13 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     from utils.checkpoint_utils import CheckpointError
     from utils.data_utils import DataError
     from utils.model_utils import ModelError
+    from utils.task_eval import TaskError
     # SIGTERM (what a cluster scheduler sends before it kills a job) is handled like Ctrl-C:
     # training saves its resumable state, anything else stops cleanly.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) \
         if threading.current_thread() is threading.main_thread() else None
     try:
         return run(config)
-    except (ModelError, DataError, CheckpointError) as error:  # bad input found after parsing
+    except (ModelError, DataError, CheckpointError, TaskError) as error:  # bad input found after parsing
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # outside training (which saves its own state): pruning, evaluation, loading

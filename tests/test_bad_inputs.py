@@ -43,6 +43,10 @@ PARSED = [
     (["--layer-density", "owl", "--pattern", "2:4"], "drop one of them"),
     (["--owl-lambda", "0"], "--owl-lambda: 0"), (["--owl-m", "-1"], "--owl-m: -1"),
     (["--bos-per-window", "always"], "invalid choice"),
+    (["--tasks", ","], "names no task"), (["--task-dir", "/no/such/folder"], "is not a folder"),
+    (["--export-only", "--export", "none"], "nothing to do"), (["--export-dtype", "int8"], "invalid choice"),
+    (["--export-only", "--tasks", "piqa"], "evaluates nothing"),
+    (["--export-only", "--prune-only"], "not allowed with argument"),
 ]
 
 
@@ -80,6 +84,13 @@ def broken_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
     wiki.mkdir()
     (wiki / "wiki.test.raw").write_text(" = Test = \n")
     made["wiki-without-train"] = wiki
+    from utils.export_utils import export_compressed
+    from utils.model_utils import load_model, resolve_model
+    model, _ = load_model(resolve_model(str(made["ok"])))
+    export_compressed(model, tokenizer, root / "damaged-export")
+    packed = root / "damaged-export" / "model.safetensors"
+    packed.write_bytes(packed.read_bytes()[:3000])
+    made["damaged-export"] = root / "damaged-export"
     return made
 
 
@@ -128,6 +139,12 @@ LATER = [
      "has no wiki.train.raw"),
     ("offline hub dataset", lambda m, t, p: ["--eval-only", "--model", m["ok"], "--token-length", "64",
                                              "--eval-source", "hf:no-such-user/no-such-data"], "could not load dataset"),
+    ("unknown task", lambda m, t, p: ["--eval-only", "--model", m["ok"], "--tasks", "no_such_task",
+                                      "--task-dir", Path(t).parent], "unknown task(s) no_such_task"),
+    ("offline hub task", lambda m, t, p: ["--eval-only", "--model", m["ok"], "--tasks", "arc_easy"],
+     "hub tasks need a network"),
+    ("damaged compressed export", lambda m, t, p: ["--eval-only", "--model", m["damaged-export"],
+                                                   "--eval-source", t], "cannot read the compressed weights"),
     ("resume of damaged state", None, "train_state.json is damaged"),
 ]
 

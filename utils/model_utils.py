@@ -30,7 +30,7 @@ PACKAGED_MODELS = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "hub" | "folder" | "gguf"
+    kind: str  # "hub" | "folder" | "compressed" (an --export compressed folder) | "gguf"
     location: str  # hub id, folder, or the folder holding the .gguf
     gguf_file: str | None = None
     name: str = ""  # short, filesystem-safe name for cache folders (opt-125m, SmolLM2-135M-Instruct.Q4_1)
@@ -69,7 +69,9 @@ def resolve_model(spec: str) -> ModelSource:
         if not (path / "config.json").exists():
             raise ModelError(f"{path} is a folder but has no config.json; give a save_pretrained folder, "
                              "a .gguf file, a hub id, or one of: " + ", ".join([*OPT_SHORT_NAMES, *PACKAGED_MODELS]))
-        return ModelSource("folder", str(path), name=safe_name(path.resolve().name))
+        from .export_utils import is_compressed_folder
+        kind = "compressed" if is_compressed_folder(path) else "folder"
+        return ModelSource(kind, str(path), name=safe_name(path.resolve().name))
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", key) and not path.exists():
         return ModelSource("hub", key, name=safe_name(key.split("/")[-1]))
     raise ModelError(f"unknown model '{spec}': not a local folder or .gguf file, not a hub id (owner/name), "
@@ -200,6 +202,9 @@ def load_model(source: ModelSource, dtype: torch.dtype | None = None, weights_fr
     location = _loadable_location(source)
     tokenizer = load_tokenizer(source)
     where = weights_from or location
+    if source.kind == "compressed" and weights_from is None:
+        from .export_utils import load_compressed
+        return load_compressed(location, dtype), tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or "auto")
     except OSError as error:
@@ -271,7 +276,7 @@ def model_identity(source: ModelSource) -> dict:
     if source.kind == "gguf":
         gguf = (Path(source.location) / source.gguf_file).resolve()
         files, where = [gguf], {"path": str(gguf)}
-    elif source.kind == "folder":
+    elif source.kind in ("folder", "compressed"):
         folder = Path(source.location).resolve()
         files, where = _checkpoint_files(folder), {"path": str(folder)}
     else:

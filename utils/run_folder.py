@@ -19,7 +19,7 @@ from pathlib import Path
 from .checkpoint_utils import CheckpointError
 
 LOCK_FILE = ".lock"
-RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "state", "best")
+RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "state", "best", "compressed")
 
 # What a --resume may not change: the run's identity.  Everything else (logging, trackers,
 # evaluation batch size and compilation, patience, where the log file goes) may change.
