@@ -149,6 +149,7 @@ def run_identity(config, model: dict) -> dict:
             "kd_temperature": config.kd_temperature if config.loss != "ce" else None,
             "kd_weight": config.kd_weight if config.loss != "ce" else None,
             "ce_weight": config.ce_weight if config.loss != "kd" else None,
+            "kd_hidden_weight": config.kd_hidden_weight or None,  # None when off: runs saved before it resume
             "calibration": [config.calibration_source, config.nsamples, config.calibration_length]
             if config.method != "magnitude" else None}
 
@@ -427,7 +428,7 @@ def _training_text(config, tokenizer, accelerator, logger, bos: int | None = Non
 
 def _teacher(config, source, mixed: str, logger):
     """The dense model the run started from, frozen, in the compute precision (distillation only)."""
-    spec = LossSpec(config.loss, config.kd_temperature, config.ce_weight, config.kd_weight)
+    spec = LossSpec(config.loss, config.kd_temperature, config.ce_weight, config.kd_weight, config.kd_hidden_weight)
     logger.info(f"Loss: {spec.describe()}")
     if not spec.needs_teacher:
         return spec, None

@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (> 0)")
     train.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation term")
     train.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy term")
+    train.add_argument("--kd-hidden-weight", type=float, default=0.0,
+                       help="weight of hidden-state distillation (SquareHead: each decoder layer's output matched "
+                            "to the dense model's, normalized MSE); 0 = off; works beside any --loss")
     train.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                        help="compute precision of training (auto: bf16 on GPU, no on CPU)")
     train.add_argument("--compile", default="auto", choices=["auto", "off", "default", "reduce-overhead",
@@ -251,6 +254,7 @@ class ExperimentConfig:
     kd_temperature: float
     kd_weight: float
     ce_weight: float
+    kd_hidden_weight: float
     mixed_precision: str
     compile: str
     parallel: str
@@ -306,6 +310,7 @@ def _problems(args: argparse.Namespace) -> list[str]:
     finite("--kd-temperature", args.kd_temperature, 0, low_open=True, what="a finite number > 0")
     finite("--kd-weight", args.kd_weight, 0, what="a finite number >= 0")
     finite("--ce-weight", args.ce_weight, 0, what="a finite number >= 0")
+    finite("--kd-hidden-weight", args.kd_hidden_weight, 0, what="a finite number >= 0 (0 = off)")
     if args.loss == "ce+kd" and args.kd_weight == 0 and args.ce_weight == 0:
         problems.append("arguments --ce-weight and --kd-weight: both are 0, so nothing would be trained")
     if args.warmup_steps is not None and args.warmup_steps < 0:
@@ -394,7 +399,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr, warmup_steps=warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, block_size=args.block_size,
         train_source=args.train_source, holdout=args.holdout, loss=args.loss, kd_temperature=args.kd_temperature,
-        kd_weight=args.kd_weight, ce_weight=args.ce_weight, mixed_precision=args.mixed_precision,
+        kd_weight=args.kd_weight, ce_weight=args.ce_weight, kd_hidden_weight=args.kd_hidden_weight,
+        mixed_precision=args.mixed_precision,
         compile=args.compile, parallel=args.parallel, seed=args.seed,
         patience=args.patience, min_delta=args.min_delta, eval_source=args.eval_source,
         token_length=args.token_length, stride=stride,

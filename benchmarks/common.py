@@ -10,7 +10,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Published OPT shapes: (hidden, layers, heads, ffn).
-OPT_SHAPES = {"opt-125m": (768, 12, 12, 3072), "opt-350m": (1024, 24, 16, 4096), "opt-1.3b": (2048, 24, 32, 8192)}
+OPT_SHAPES = {"opt-125m": (768, 12, 12, 3072), "opt-350m": (1024, 24, 16, 4096), "opt-1.3b": (2048, 24, 32, 8192),
+              "opt-6.7b": (4096, 32, 32, 16384)}
 
 
 def opt_model(name: str, dtype: torch.dtype, device: str = "cuda"):

@@ -6,6 +6,7 @@
 #   bash benchmarks/run_gpu.sh recover   # SmolLM2 main job at density 1.0, 0.5, 0.1 (DENSITIES="0.1" for one)
 #   bash benchmarks/run_gpu.sh multi     # the same main job on 1 GPU and on 2 (--parallel fsdp, ddp)
 #   bash benchmarks/run_gpu.sh recipes "today@0.1 kd@0.1"   # recovery recipes at the user's budget, in parallel
+#   bash benchmarks/run_gpu.sh sparse    # 2:4 kernels against dense bf16 (opt-1.3b, opt-6.7b shapes)
 set -u
 GGUF=${GGUF:-/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf}
 DATA=${DATA:-.data}
@@ -49,6 +50,8 @@ case "${1:-bench}" in
     python3 benchmarks/bench_eval.py 2>&1 | tee "$OUT/bench_eval.log"
     python3 benchmarks/bench_train.py --smollm2 "$GGUF" 2>&1 | tee "$OUT/bench_train.log"
     python3 benchmarks/bench_prune.py --smollm2 "$GGUF" --data "$DATA" --opt 2>&1 | tee "$OUT/bench_prune.log" ;;
+  sparse)
+    python3 benchmarks/bench_sparse.py 2>&1 | tee "$OUT/bench_sparse.log" ;;
   quality)
     python3 benchmarks/bench_prune.py --smollm2 "$GGUF" --data "$DATA" --quality 2>&1 | tee "$OUT/quality.log" ;;
   recover)

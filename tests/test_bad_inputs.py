@@ -43,7 +43,7 @@ PARSED = [
     (["--layer-density", "owl", "--pattern", "2:4"], "drop one of them"),
     (["--owl-lambda", "0"], "--owl-lambda: 0"), (["--owl-m", "-1"], "--owl-m: -1"),
     (["--bos-per-window", "always"], "invalid choice"),
-    (["--tasks", ","], "names no task"), (["--task-dir", "/no/such/folder"], "is not a folder"),
+    (["--kd-hidden-weight", "-1"], "--kd-hidden-weight: -1"), (["--tasks", ","], "names no task"), (["--task-dir", "/no/such/folder"], "is not a folder"),
     (["--export-only", "--export", "none"], "nothing to do"), (["--export-dtype", "int8"], "invalid choice"),
     (["--export-only", "--tasks", "piqa"], "evaluates nothing"),
     (["--export-only", "--prune-only"], "not allowed with argument"),

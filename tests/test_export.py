@@ -126,3 +126,20 @@ def test_prune_only_exports_and_the_export_is_a_model_again(tmp_path, tiny_llama
     first, second = load_compressed(run / "compressed"), load_compressed(tmp_path / "x" / "compressed")
     assert second.dtype == torch.float32
     assert all(torch.equal(second.state_dict()[k].to(torch.bfloat16), v) for k, v in first.state_dict().items())
+
+
+def test_semi_structured_swap_says_what_it_needs(tokenizer):
+    """The 2:4 kernel path refuses, with the reason, what it cannot run: no GPU, a float32 model,
+    a weight that is not 2:4 (these checks are all a CPU can see of it)."""
+    from utils.sparse_kernels import is_two_four, semi_structured_problems
+    model = tiny_model("opt", len(tokenizer), hidden=64)
+    prune_model(model, "magnitude", 0.5, (2, 4), progress=False)
+    weight = model.model.decoder.layers[0].fc1.weight
+    assert is_two_four(weight) and not is_two_four(torch.ones(4, 8))
+    problems = semi_structured_problems(model.to(torch.bfloat16))
+    assert problems == ([] if torch.cuda.is_available() else
+                        ["semi-structured sparse kernels need an NVIDIA GPU (sm80 or newer)"])
+    unstructured = tiny_model("opt", len(tokenizer), hidden=64)
+    prune_model(unstructured, "magnitude", 0.5, progress=False)
+    assert any("float32; load the model in float16" in p for p in semi_structured_problems(unstructured))
+    assert any("is not 2:4 sparse" in p for p in semi_structured_problems(unstructured.to(torch.bfloat16)))

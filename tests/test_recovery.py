@@ -11,7 +11,7 @@ from extreme_compression_experiment import main
 from fsdp_finetune import Optimization, TrainConfig, init_distributed, make_scheduler, prepare_model, train_step
 from helpers import SAMPLE_TEXT, tiny_model
 from test_cli import job_args
-from utils.losses import LossSpec, TrainingObjective, cross_entropy, kd_divergence
+from utils.losses import LossSpec, TrainingObjective, cross_entropy, hidden_mse, kd_divergence
 
 
 def test_kd_divergence_is_the_hand_computed_kl():
@@ -66,6 +66,25 @@ def test_kd_alone_ignores_the_text_s_labels_and_ce_plus_kd_weighs_both():
     assert both.item() == pytest.approx(0.25 * ce.item() + 2.0 * kd.item(), rel=1e-5)
     with pytest.raises(ValueError, match="needs a teacher"):
         TrainingObjective(student, None, LossSpec("kd"))
+
+
+def test_squarehead_is_the_hand_computed_normalized_mse_and_adds_to_any_loss():
+    # Two layers of one value each: student (1, 3), teacher (2, 1) → ((1-2)²/2² + (3-1)²/1²) / 2
+    student = (torch.tensor([[[1.0]]]), torch.tensor([[[3.0]]]))
+    teacher = (torch.tensor([[[2.0]]]), torch.tensor([[[1.0]]]))
+    assert hidden_mse(student, teacher).item() == pytest.approx((1 / 4 + 4 / 1) / 2)
+    assert hidden_mse(teacher, teacher).item() == 0
+    model, dense = tiny_model("llama", 300), tiny_model("llama", 300, seed=1)
+    batch = torch.arange(64).reshape(2, 32) * 7 % 300
+    with torch.no_grad():
+        by_hand = hidden_mse(model(batch, output_hidden_states=True).hidden_states[1:],
+                             dense(batch, output_hidden_states=True).hidden_states[1:]).item()
+    assert by_hand > 0
+    for kind in ("ce", "kd"):  # beside cross-entropy it needs the teacher too
+        plain = TrainingObjective(model, dense, LossSpec(kind))(batch).item()
+        with_hidden = TrainingObjective(model, dense, LossSpec(kind, hidden_weight=0.5))(batch).item()
+        assert with_hidden == pytest.approx(plain + 0.5 * by_hand, rel=1e-5)
+    assert LossSpec("ce", hidden_weight=0.5).needs_teacher and not LossSpec("ce").needs_teacher
 
 
 def test_warmup_then_linear_decay_values():

@@ -76,9 +76,10 @@ def test_a_training_run_scores_and_exports_its_best_model(tmp_path, tiny_llama_d
     from test_cli import job_args
     from utils.export_utils import load_compressed
     out = tmp_path / "run"
-    assert main(job_args(tiny_llama_dir, text_file, out, "--loss", "ce", "--tasks", "tiny_choice",
-                         "--task-dir", task_dir)) == 0
+    assert main(job_args(tiny_llama_dir, text_file, out, "--loss", "ce", "--kd-hidden-weight", "0.5",
+                         "--tasks", "tiny_choice", "--task-dir", task_dir)) == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["loss"]["hidden_weight"] == 0.5  # SquareHead beside cross-entropy: the teacher was loaded
     assert results["tasks"]["tiny_choice"]["acc"] == hand_count(out / "best") / len(DOCS)
     lines = capsys.readouterr().out.splitlines()
     summary = lines[[i for i, line in enumerate(lines) if line.startswith("Baseline perplexity")][-1]:]

@@ -30,6 +30,7 @@ IDENTITY_FLAGS = {
     "max_grad_norm": "--max-grad-norm", "block_size": "--block-size", "train_source": "--train-source",
     "holdout": "--holdout", "seed": "--seed", "mixed_precision": "--mixed-precision", "loss": "--loss",
     "kd_temperature": "--kd-temperature", "kd_weight": "--kd-weight", "ce_weight": "--ce-weight",
+    "kd_hidden_weight": "--kd-hidden-weight",
     "calibration": "--calibration-source/--nsamples/--calibration-length", "bos_per_window": "--bos-per-window",
     "schedule": "--schedule/--density-steps/--prune-stages",
 }
