@@ -30,10 +30,10 @@ def main() -> None:
         for setting in args.settings.split(","):
             pattern = tuple(int(v) for v in setting.split(":")) if ":" in setting else None
             density = pattern[0] / pattern[1] if pattern else float(setting)
-            if name == "smollm2-shape" and args.smollm2:
+            label = "smollm2-135m" if name == "smollm2-shape" and args.smollm2 else name
+            if label == "smollm2-135m":
                 from utils.model_utils import load_model, resolve_model
                 model, _ = load_model(resolve_model(args.smollm2), dtype=torch.float32)
-                name = "smollm2-135m"
             else:
                 model = bench_model(name, torch.float32, device="cpu")
             start = time.perf_counter()
@@ -43,7 +43,7 @@ def main() -> None:
                 start = time.perf_counter()
                 report = export_compressed(model, None, Path(folder) / "export", torch.bfloat16)
                 seconds = time.perf_counter() - start
-            print(f"{name} @ {setting}: {report.file_bytes / 2**20:,.1f} MiB = {report.ratio:.1%} of dense bf16 "
+            print(f"{label} @ {setting}: {report.file_bytes / 2**20:,.1f} MiB = {report.ratio:.1%} of dense bf16 "
                   f"{report.dense_bytes / 2**20:,.1f} MiB | values {report.value_bytes / 2**20:,.1f}, bitmasks "
                   f"{report.bitmask_bytes / 2**20:,.1f}, dense tensors {report.dense_tensor_bytes / 2**20:,.1f} MiB "
                   f"(largest {report.largest_dense[0][0]}) | prune {pruned:.1f} s, export {seconds:.1f} s", flush=True)
