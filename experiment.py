@@ -249,7 +249,7 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
         if accelerator.is_main_process:
             write_json(output / "results.json", {**history.to_dict(), "bos_per_window": bos is not None,
                                                  "pruning": info, **extras})
-        return 0
+        return 1 if "export_error" in extras else 0
     return _train(config, source, model, tokenizer, accelerator, device, output, logger, eval_tokens, evaluate,
                   history, info, run, resuming=meta is not None, bos=bos, schedule=schedule, tasks=tasks)
 
@@ -267,8 +267,15 @@ def _deliver(config, model, tokenizer, device, logger, output: Path, tasks: Task
         logger.log({"event": "tasks", "model": which or "model", "scores": scores, "limit": config.task_limit})
         extras["tasks"] = scores
     if export and config.export != "none":
-        report = export_model(config.export, model, tokenizer, output / "compressed",
-                              getattr(torch, config.export_dtype), info)
+        try:
+            report = export_model(config.export, model, tokenizer, output / "compressed",
+                                  getattr(torch, config.export_dtype), info)
+        except OSError as error:  # a full disk: what was computed stays; the export can be made again later
+            extras["export_error"] = (f"could not write {output / 'compressed'}: {error.strerror or error} "
+                                      f"({error.filename or ''}); the other results are kept. Free space, then "
+                                      "--export-only --model THE_MODEL_FOLDER")
+            logger.info(f"error: {extras['export_error']}")
+            return extras
         for line in report.lines():
             logger.info(line)
         logger.log({"event": "export", **report.to_dict()})
@@ -285,6 +292,7 @@ def _export_only(config, source, tokenizer, identity: dict, output: Path, logger
         extras = _deliver(config, model, tokenizer, accelerator.device, logger, output, None,
                           info={"model": config.model, "model_identity": identity})
         write_json(output / "results.json", {"model": config.model, **extras})
+        return 1 if "export_error" in extras else 0
     return 0
 
 
@@ -515,7 +523,7 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
                                              "stopped_early": result.stopped_early, "interrupted": result.interrupted,
                                              "error": result.error,
                                              "pruning": {k: v for k, v in info.items() if k != "layer_density"}})
-    return 130 if result.interrupted else 1 if result.error else 0
+    return 130 if result.interrupted else 1 if result.error or "export_error" in extras else 0
 
 
 def _final_model(config, source, output: Path, module, device) -> tuple[torch.nn.Module | None, str]:

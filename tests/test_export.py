@@ -143,3 +143,23 @@ def test_semi_structured_swap_says_what_it_needs(tokenizer):
     prune_model(unstructured, "magnitude", 0.5, progress=False)
     assert any("float32; load the model in float16" in p for p in semi_structured_problems(unstructured))
     assert any("is not 2:4 sparse" in p for p in semi_structured_problems(unstructured.to(torch.bfloat16)))
+
+
+def test_a_full_disk_while_exporting_keeps_the_results_and_says_how_to_export_later(tmp_path, tiny_llama_dir,
+                                                                                     text_file, capsys, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)  # what the exporter writes with
+    run = tmp_path / "run"
+    assert main([str(a) for a in ["--prune-only", "--model", tiny_llama_dir, "--sparsity", "0.3", "--method",
+                                  "magnitude", "--token-length", "64", "--eval-source", text_file,
+                                  "--pruned-dir", tmp_path / "pruned", "--output-dir", run]]) == 1
+    assert "error: could not write" in capsys.readouterr().out
+    results = json.loads((run / "results.json").read_text())
+    assert results["baseline"] > 0 and "--export-only" in results["export_error"]
+    assert not (run / "compressed").exists()
