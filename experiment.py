@@ -505,7 +505,7 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
         logger.log({"event": "error", "message": result.error})
     extras, which = {}, ""
     if accelerator.is_main_process and not result.interrupted and (tasks is not None or config.export != "none"):
-        final, which = _final_model(config, source, output, prepared.module if world == 1 else None, device)
+        final, which = _final_model(config, output, prepared.module if world == 1 else None, device)
         if final is not None:
             extras = _deliver(config, final, tokenizer, device, logger, output, tasks, which=which,
                               info={**best_info(), "model_from": which})
@@ -526,7 +526,7 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
     return 130 if result.interrupted else 1 if result.error or "export_error" in extras else 0
 
 
-def _final_model(config, source, output: Path, module, device) -> tuple[torch.nn.Module | None, str]:
+def _final_model(config, output: Path, module, device) -> tuple[torch.nn.Module | None, str]:
     """The model a training run delivers: best/ when it was saved, else the trained module itself
     (one process; under FSDP its weights are sharded and only best/ has them whole)."""
     best = output / "best"

@@ -71,7 +71,11 @@ def main() -> None:
         print(f"{shape} dense bf16: linears {dense_layer:,.0f} tokens/s | " + " | ".join(
             f"{k} {v:,.0f} tokens/s" for k, v in dense.items()), flush=True)
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        for backend in args.backends.split(","):
+        for index, backend in enumerate(args.backends.split(",")):
+            if index:  # the previous backend swapped the weights: back to dense parameters
+                model = bench_model(shape, torch.bfloat16)
+                model.load_state_dict(state)
+                layer = find_decoder_layers(model)[1][0]
             try:
                 to_semi_structured(model, backend)
                 sparse_layer = layer_prefill(layer, tokens)
@@ -83,9 +87,6 @@ def main() -> None:
                       + f" | max |Δlogit| {difference:.3g}", flush=True)
             except Exception as error:  # noqa: BLE001 - a kernel missing on this stack is a result to record
                 print(f"{shape} 2:4 {backend}: failed: {type(error).__name__}: {str(error).splitlines()[0]}", flush=True)
-            model = bench_model(shape, torch.bfloat16)  # back to dense parameters for the next backend
-            model.load_state_dict(state)
-            layer = find_decoder_layers(model)[1][0]
         del model, state
         torch.cuda.empty_cache()
 

@@ -204,11 +204,11 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def decompressed_state(folder: Path) -> dict[str, torch.Tensor]:
-    """The dense state dict of an export (tied names included), in the dtype it was exported in."""
+def decompressed_state(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """The dense state dict of an export (tied names included), in the dtype it was exported in;
+    `manifest` is its read_manifest."""
     from safetensors import safe_open
     folder = Path(folder)
-    manifest = read_manifest(folder)
     state = {}
     try:
         with safe_open(str(folder / WEIGHTS), framework="pt") as handle:
@@ -235,10 +235,11 @@ def load_compressed(folder: str | os.PathLike, dtype: torch.dtype | None = None)
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     folder = Path(folder)
-    state = decompressed_state(folder)
+    manifest = read_manifest(folder)
+    state = decompressed_state(folder, manifest)
     if dtype is not None:
         state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
-    stored = getattr(torch, read_manifest(folder)["dtype"])
+    stored = getattr(torch, manifest["dtype"])
     config = AutoConfig.from_pretrained(folder)
     try:
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]

@@ -42,7 +42,7 @@ class LossSpec:
 
     @property
     def needs_teacher(self) -> bool:
-        return "kd" in self.kind or self.hidden_weight > 0
+        return self.uses_kd or self.hidden_weight > 0
 
     @property
     def uses_kd(self) -> bool:
