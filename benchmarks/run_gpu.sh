@@ -30,22 +30,34 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [kd-valid-lr1e-4]="--loss kd --train-source $DATA/wiki.valid.raw --lr 1e-4"  # in-domain text, as RECOVERY-NOTES
   [ikd-lr1e-4]="--loss kd --train-source $MIX --lr 1e-4 --schedule iterative"
   [owlkd-lr1e-4]="--loss kd --train-source $MIX --lr 1e-4 --layer-density owl"
+  [kd-valid-lr3e-4]="--loss kd --train-source $DATA/wiki.valid.raw --lr 3e-4"
+  [sqh-valid-lr1e-4]="--loss kd --kd-hidden-weight 1 --train-source $DATA/wiki.valid.raw --lr 1e-4"  # + SquareHead
+  [ikd-valid-lr1e-4]="--loss kd --train-source $DATA/wiki.valid.raw --lr 1e-4 --schedule iterative"
+  [owlkd-valid-lr1e-4]="--loss kd --train-source $DATA/wiki.valid.raw --lr 1e-4 --layer-density owl"
+  [cekd-valid-lr1e-4]="--loss ce+kd --train-source $DATA/wiki.valid.raw --lr 1e-4"
+  [owlkd-valid-lr3e-4]="--loss kd --train-source $DATA/wiki.valid.raw --lr 3e-4 --layer-density owl"
+  [owlkd-valid-lr3e-4-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --lr 3e-4 --layer-density owl --epochs 1"
+  [today-1ep]="--loss ce --train-source $DATA/wiki.valid.raw --holdout 0 --epochs 1"
 )
+# EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen)
 recipe() {  # $1 name, $2 density
+  local start=$SECONDS
   python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "$2" --batch-size 8 --epochs 5 \
     --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" --pruned-dir "${PRUNED:-/tmp/pruned}" \
-    --eval-batch-size 8 --output-dir "runs/$1-$2" ${RECIPE[$1]}
+    --eval-batch-size 8 --output-dir "runs/$1-$2" ${RECIPE[$1]} ${EXTRA:-}
+  echo "wall_seconds $((SECONDS - start))"
 }
 case "${1:-bench}" in
   recipes)  # each NAME@DENSITY of $2 at once on one GPU (pruned first, one density at a time)
-    for density in $(for run in $2; do echo "${run#*@}"; done | sort -u); do
+    for density in $([ -n "${SKIP_PRUNE:-}" ] || for run in $2; do echo "${run#*@}"; done | sort -u); do
       python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "$density" --prune-only \
         --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" --pruned-dir "${PRUNED:-/tmp/pruned}" \
-        --eval-batch-size 8 --output-dir "runs/prune-$density" 2>&1 | tee "$OUT/prune-$density.log"
+        --eval-batch-size 8 --output-dir "runs/prune-$density" ${EXTRA:-} 2>&1 | tee "$OUT/prune-$density.log"
     done
     for run in $2; do recipe "${run%@*}" "${run#*@}" > "$OUT/${run/@/_}.log" 2>&1 & done
     wait
-    for run in $2; do python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'baseline', r['baseline'], 'epochs', [round(e['perplexity'],2) for e in r['epochs']], 'best', r['best'])" "runs/${run%@*}-${run#*@}/results.json" "$run"; done | tee -a "$OUT/summary.txt" ;;
+    for run in $2; do python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'baseline', r['baseline'], 'epochs', [round(e['perplexity'],2) for e in r['epochs']], 'best', r['best'])" "runs/${run%@*}-${run#*@}/results.json" "$run"; grep -h wall_seconds "$OUT/${run/@/_}.log"; done | tee -a "$OUT/summary.txt"
+    for run in $2; do cp "runs/${run%@*}-${run#*@}/results.json" "$OUT/${run/@/_}.results.json"; done ;;
   bench)
     python3 benchmarks/bench_eval.py 2>&1 | tee "$OUT/bench_eval.log"
     python3 benchmarks/bench_train.py --smollm2 "$GGUF" 2>&1 | tee "$OUT/bench_train.log"
