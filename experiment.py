@@ -13,15 +13,17 @@ import dataclasses
 import math
 import platform
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from fsdp_finetune import STOPPING_ERRORS, TrainConfig, finetune, stop_message
 from utils.checkpoint_utils import (check_density, check_pruned_info, import_lineage_checkpoint,
                                     lineage_checkpoint, load_pruned_model, make_pruned_model, pruned_model_dir)
-from utils.data_utils import calibration_windows, pack_blocks, tokenize_source, with_bos
+from utils.data_utils import TokenizedText, calibration_windows, pack_blocks, tokenize_source, with_bos
 from utils.eval_utils import PerplexityHistory, evaluate_and_log
 from utils.export_utils import export_model
+from utils.generated_text import GenerationSpec, generated_text, split_sources
 from utils.logging_utils import MetricsLogger, describe_density, quiet_transformers_progress, write_json
 from utils.losses import LossSpec
 from utils.mask_utils import sparsity_report
@@ -132,6 +134,9 @@ def sparsity_schedule(config) -> SparsitySchedule:
     """--schedule → the densities over the run's optimizer steps."""
     if config.schedule == "oneshot":
         return SparsitySchedule.oneshot(config.density)
+    if config.schedule == "gradual":
+        return SparsitySchedule.gradual(config.density, config.epochs * config.max_step, config.prune_every,
+                                        config.density_steps[0] if config.density_steps else None)
     return SparsitySchedule.iterative(config.density, config.epochs * config.max_step, config.prune_stages,
                                       list(config.density_steps) if config.density_steps else None)
 
@@ -145,6 +150,7 @@ def run_identity(config, model: dict) -> dict:
             "warmup_steps": config.warmup_steps, "weight_decay": config.weight_decay,
             "max_grad_norm": config.max_grad_norm, "block_size": config.block_size,
             "train_source": config.train_source, "holdout": config.holdout, "seed": config.seed,
+            "generation": _generation_identity(config),  # None without generated:N: older runs resume
             "mixed_precision": config.mixed_precision, "loss": config.loss,
             "kd_temperature": config.kd_temperature if config.loss != "ce" else None,
             "kd_weight": config.kd_weight if config.loss != "ce" else None,
@@ -152,6 +158,12 @@ def run_identity(config, model: dict) -> dict:
             "kd_hidden_weight": config.kd_hidden_weight or None,  # None when off: runs saved before it resume
             "calibration": [config.calibration_source, config.nsamples, config.calibration_length]
             if config.method != "magnitude" else None}
+
+
+def _generation_identity(config) -> dict | None:
+    spec = generation_spec(config)
+    return None if spec is None else {"temperature": spec.temperature, "top_p": spec.top_p, "length": spec.length,
+                                      "batch_size": spec.batch_size}
 
 
 def _check_resume(config, folder: RunFolder, identity: dict) -> dict | None:
@@ -388,16 +400,23 @@ def _eval_compile(requested: str, training_compiles: bool) -> str:
 
 
 def _repruner(config, model, tokenizer, device, bos: int | None):
-    """Iterative pruning's step: prune the trained model in place to a density, with --method
-    re-calibrated on it (the same calibration windows as the first prune)."""
-    calibration = _calibration(config, tokenizer, model.config, bos)[0] if config.method != "magnitude" else None
+    """A schedule's step: prune the trained model in place to a density.  Iterative: with --method,
+    re-calibrated on it (the same calibration windows as the first prune), per-layer by OWL when
+    asked; gradual: by magnitude (many small updates, each too small to be worth a calibration pass)."""
+    method = "magnitude" if config.schedule == "gradual" else config.method
+    owl = config.layer_density == "owl"
+    needs_calibration = method != "magnitude" or owl
+    calibration = _calibration(config, tokenizer, model.config, bos)[0] if needs_calibration else None
 
-    def reprune(density: float) -> None:
-        prune_model(model, config.method, density, calibration=calibration, device=device, progress=False)
+    def reprune(density: float) -> None:  # OWL: the profile anew for this density, from the trained model
+        target = (owl_profile(model, calibration, density, config.owl_lambda, config.owl_m, device=device)
+                  if owl else density)
+        prune_model(model, method, target, calibration=calibration, device=device, progress=False)
     return reprune
 
 
 MEMORIZATION_PASSES = 4  # above this many passes over the training text, warn before training
+EXTREME_DENSITY = 0.2  # at or below this density, the derived lr is far below what recovery measured best with
 
 
 def split_holdout(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -411,9 +430,29 @@ def split_holdout(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, 
     return blocks[:-count], blocks[-count:]
 
 
-def _training_text(config, tokenizer, accelerator, logger, bos: int | None = None):
-    with accelerator.main_process_first():
-        train_ids = tokenize_source(config.train_source, tokenizer, split="train")
+def generation_spec(config) -> GenerationSpec | None:
+    """The `generated:N` part of --train-source with its sampling settings, or None."""
+    generated = split_sources(config.train_source)[1]
+    if generated is None:
+        return None
+    return GenerationSpec.parse(generated, temperature=config.gen_temperature, top_p=config.gen_top_p,
+                                length=config.gen_length or config.block_size, batch_size=config.gen_batch_size,
+                                seed=config.seed)
+
+
+def _training_text(config, tokenizer, accelerator, logger, bos: int | None = None,
+                   dense: Callable[[], torch.nn.Module] | None = None, model_key: str = "",
+                   device: torch.device | None = None):
+    """Training and held-out blocks of --train-source: its files and datasets, and the text the
+    dense model samples for a `generated:N` part (`dense()` loads that model when it must sample)."""
+    rest, _ = split_sources(config.train_source)
+    spec = generation_spec(config)
+    with accelerator.main_process_first():  # the main process tokenizes (and samples) first, the others read the cache
+        streams = [tokenize_source(rest, tokenizer, split="train")] if rest else []
+        if spec is not None:
+            streams.append(generated_text(spec, dense, tokenizer, model_key, device, logger))
+    train_ids = streams[0] if len(streams) == 1 else TokenizedText(
+        torch.cat([s.ids for s in streams]), sum(s.num_bytes for s in streams), config.train_source)
     text_block = config.block_size - 1 if bos is not None else config.block_size
     blocks, holdout = split_holdout(with_bos(pack_blocks(train_ids.ids, text_block), bos), config.holdout)
     held = f"; {holdout.shape[0]:,} held out ({config.holdout:.0%}), evaluated every epoch" if holdout is not None else ""
@@ -458,8 +497,12 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
         logger.info(f"error: --schedule {config.schedule} runs in one process for now (the pruning driver needs the "
                     "whole model); drop accelerate launch or use --schedule oneshot")
         return 2
-    blocks, holdout = _training_text(config, tokenizer, accelerator, logger, bos)
     mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
+
+    def dense() -> torch.nn.Module:  # the dense --model, to sample a generated:N training text from
+        return load_model(source, dtype=compute_dtype(mixed) or torch.float32)[0].to(device)
+    blocks, holdout = _training_text(config, tokenizer, accelerator, logger, bos, dense=dense,
+                                     model_key=identity["model_fingerprint"], device=device)
     shards = world if config.parallel == "fsdp" else 1
     compile_mode, compile_note = resolve_compile_mode(config.compile, device, shards,
                                                       accumulation=config.batch_size // (micro * world))
@@ -469,6 +512,11 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
         logger.info("Note: FSDP steps run without CUDA graphs; a model that fits one GPU may train faster with "
                     "--parallel ddp (a whole copy per process, CUDA graphs kept) or on one GPU (BENCHMARKS.md)")
     loss, teacher = _teacher(config, source, mixed, logger)
+    if config.lr_derived and config.density <= EXTREME_DENSITY:
+        logger.info(f"Note: lr {config.lr:.3g} is the one derived from the batch size (base lr × √batch). At density "
+                    "0.1, SmolLM2-135M recovered on the same 5.1M tokens to 381.9 at that lr (cross-entropy), 135.2 "
+                    "at --lr 3e-4 (distillation) and 109.4 at --lr 6e-4 (distillation, OWL) (BENCHMARKS.md): at "
+                    "extreme sparsity a larger --lr is the strongest lever measured")
     prepared = prepare_model(model, device, mixed, compile_mode, config.parallel, teacher=teacher, loss=loss)
     evaluate = {**evaluate, "compile": _eval_compile(config.eval_compile, compile_mode is not None)}
     schedule = schedule or SparsitySchedule.oneshot(config.density)

@@ -20,8 +20,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils.layer_density import LAYER_DENSITIES, OWL_AUTO_MAX_DENSITY, resolve_layer_density
 from utils.logging_utils import make_console_safe
-from utils.schedules import ITERATIVE_START, SCHEDULES
+from utils.schedules import GRADUAL_RAMP, ITERATIVE_START, SCHEDULES
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 # The loss the plain command trains with (the best measured recipe; BENCHMARKS.md, "Recovery recipes").
@@ -113,15 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--pruned-dir", default="pruned_models", help="cache of pruned models")
     prune.add_argument("--schedule", default="oneshot", choices=SCHEDULES,
                        help="oneshot: prune once before training; iterative: prune to a first density, fine-tune, "
-                            "prune further (re-calibrated), ... ending at --sparsity, the steps split evenly")
+                            "prune further (re-calibrated), ... ending at --sparsity, the steps split evenly; "
+                            "gradual: prune to a first density, then lower it along a cubic every --prune-every "
+                            f"steps (magnitude, masks updated in place), reaching --sparsity at {GRADUAL_RAMP:.0%} "
+                            "of the steps")
     prune.add_argument("--density-steps", type=_densities, default=None,
                        help="iterative: the densities, decreasing and ending at --sparsity (e.g. 0.5,0.3,0.18,0.1; "
-                            f"default: --prune-stages geometric steps from {ITERATIVE_START:g})")
+                            f"default: --prune-stages geometric steps from {ITERATIVE_START:g}); gradual: START,FINAL "
+                            f"(default {ITERATIVE_START:g},--sparsity)")
     prune.add_argument("--prune-stages", type=_positive_int, default=4, help="iterative: how many stages")
-    prune.add_argument("--layer-density", default="uniform", choices=["uniform", "owl"],
+    prune.add_argument("--prune-every", type=_positive_int, default=50,
+                       help="gradual: optimizer steps between two mask updates")
+    prune.add_argument("--layer-density", default="auto", choices=LAYER_DENSITIES,
                        help="per-layer densities: uniform (every layer keeps --sparsity), or owl (outlier-weighted: "
                             "layers with more activation outliers keep more; the parameter-weighted mean stays "
-                            "exactly --sparsity)")
+                            f"exactly --sparsity); auto: owl at density ≤ {OWL_AUTO_MAX_DENSITY:g} for a one-shot "
+                            "unstructured SparseGPT or Wanda prune (where it was measured to help), else uniform")
     prune.add_argument("--owl-lambda", type=float, default=0.08,
                        help="OWL: per-layer densities spread over --sparsity ± this")
     prune.add_argument("--owl-m", type=float, default=5.0,
@@ -143,7 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--block-size", type=_positive_int, default=512, help="tokens per packed training block")
     train.add_argument("--train-source", default="wikitext2",
                        help="training text: wikitext2 (hub, train split), a file/folder, or hf:NAME:CONFIG:SPLIT:COLUMN; "
-                            "several mixed with commas (a.txt,b.raw,folder/)")
+                            "several mixed with commas (a.txt,b.raw,folder/); generated:N (e.g. generated:2M) = N "
+                            "tokens sampled from the dense --model (no data needed; cached; pair it with --loss kd)")
+    train.add_argument("--gen-temperature", type=float, default=1.0,
+                       help="generated:N training text: sampling temperature")
+    train.add_argument("--gen-top-p", type=float, default=0.95, help="generated:N: nucleus (top-p) sampling")
+    train.add_argument("--gen-length", type=_positive_int, default=None,
+                       help="generated:N: tokens per sampled row (default: --block-size)")
+    train.add_argument("--gen-batch-size", type=_positive_int, default=32,
+                       help="generated:N: rows sampled per generate call")
     train.add_argument("--holdout", type=float, default=0.05,
                        help="fraction of the training text held out (its last blocks) and evaluated every epoch, "
                             "to show memorization without the test set; 0 = off")
@@ -236,6 +252,7 @@ class ExperimentConfig:
     schedule: str
     density_steps: tuple[float, ...] | None
     prune_stages: int
+    prune_every: int
     layer_density: str
     owl_lambda: float
     owl_m: float
@@ -244,12 +261,17 @@ class ExperimentConfig:
     epochs: int
     max_step: int
     lr: float
+    lr_derived: bool  # no --lr: lr = base_lr·sqrt(batch_size)
     warmup_steps: int
     weight_decay: float
     max_grad_norm: float | None
     block_size: int
     train_source: str
     holdout: float
+    gen_temperature: float
+    gen_top_p: float
+    gen_length: int | None
+    gen_batch_size: int
     loss: str
     kd_temperature: float
     kd_weight: float
@@ -319,19 +341,34 @@ def _problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"argument --seed: {args.seed} must be 0 or more")
     if args.interrupt_after_steps is not None and args.interrupt_after_steps < 1:
         problems.append("argument --interrupt-after-steps: must be at least 1")
+    finite("--gen-temperature", args.gen_temperature, 0, low_open=True, what="a finite number > 0")
+    finite("--gen-top-p", args.gen_top_p, 0, 1, low_open=True, high_open=False, what="in (0, 1]")
+    if "generated:" in args.train_source:
+        from utils.data_utils import DataError
+        from utils.generated_text import GenerationSpec, split_sources
+        try:
+            GenerationSpec.parse(split_sources(args.train_source)[1], temperature=1, top_p=1, length=1,
+                                 batch_size=1, seed=0)
+        except DataError as error:
+            problems.append(f"argument --train-source: {error}")
     finite("--owl-lambda", args.owl_lambda, 0, 0.5, low_open=True, high_open=False, what="in (0, 0.5]")
     finite("--owl-m", args.owl_m, 0, low_open=True, what="a finite number > 0")
     if args.layer_density == "owl" and args.pattern:
         problems.append("argument --layer-density owl: an N:M --pattern has one density everywhere; drop one of them")
-    if args.schedule == "iterative":
-        if args.pattern or args.layer_density == "owl":
-            problems.append("argument --schedule iterative: works with unstructured uniform densities for now "
-                            "(drop --pattern / --layer-density owl)")
-        if args.eval_only or args.prune_only:
-            problems.append("argument --schedule iterative: prunes between training stages; it needs a training run")
+    if args.schedule != "oneshot":
+        schedule = f"argument --schedule {args.schedule}"
+        if args.pattern:
+            problems.append(f"{schedule}: works with unstructured densities for now (drop --pattern)")
+        if args.schedule == "gradual" and args.layer_density == "owl":
+            problems.append(f"{schedule}: re-prunes with one density everywhere for now (drop --layer-density owl, "
+                            "or use --schedule iterative with it)")
+        if args.eval_only or args.prune_only or args.export_only:
+            problems.append(f"{schedule}: prunes between training steps; it needs a training run")
         if not args.density_steps and args.sparsity >= ITERATIVE_START:
-            problems.append(f"argument --schedule iterative: --sparsity {args.sparsity:g} is not below the default "
-                            f"first stage ({ITERATIVE_START:g}); give the stages with --density-steps")
+            problems.append(f"{schedule}: --sparsity {args.sparsity:g} is not below the default "
+                            f"first density ({ITERATIVE_START:g}); give the densities with --density-steps")
+        if args.schedule == "gradual" and args.density_steps and len(args.density_steps) != 2:
+            problems.append("argument --density-steps: --schedule gradual takes two, START,FINAL (e.g. 0.5,0.1)")
     steps = args.density_steps
     if steps and (any(not 0 < d <= 1 for d in steps) or any(b >= a for a, b in zip(steps, steps[1:]))
                   or (args.pattern is None and abs(steps[-1] - args.sparsity) > 1e-12)):
@@ -382,6 +419,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
     stages = len(args.density_steps) if args.density_steps else args.prune_stages
     if args.schedule == "iterative" and stages > total:
         parser.error(f"argument --prune-stages: {stages} stages do not fit in {total} optimizer steps")
+    if args.schedule == "gradual" and args.prune_every > GRADUAL_RAMP * total:
+        parser.error(f"argument --prune-every: {args.prune_every} steps between updates leave no update in the first "
+                     f"{GRADUAL_RAMP:.0%} of {total} optimizer steps; lower it")
     warmup = args.warmup_steps if args.warmup_steps is not None else min(100, total // 20)
     mode = "eval" if args.eval_only else "prune" if args.prune_only else "export" if args.export_only else "train"
     method_tag = f"{args.method}-{pattern[0]}of{pattern[1]}" if pattern else args.method
@@ -394,11 +434,14 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         pattern=pattern, calibration_source=args.calibration_source, nsamples=args.nsamples,
         calibration_length=args.calibration_length, pruned_dir=args.pruned_dir, schedule=args.schedule,
         density_steps=args.density_steps,
-        prune_stages=args.prune_stages, layer_density=args.layer_density,
+        prune_stages=args.prune_stages, prune_every=args.prune_every,
+        layer_density=resolve_layer_density(args.layer_density, density, pattern, args.schedule, args.method),
         owl_lambda=args.owl_lambda, owl_m=args.owl_m, batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr, warmup_steps=warmup,
+        micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr, lr_derived=args.lr is None,
+        warmup_steps=warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, block_size=args.block_size,
-        train_source=args.train_source, holdout=args.holdout, loss=args.loss, kd_temperature=args.kd_temperature,
+        train_source=args.train_source, holdout=args.holdout, gen_temperature=args.gen_temperature,
+        gen_top_p=args.gen_top_p, gen_length=args.gen_length, gen_batch_size=args.gen_batch_size, loss=args.loss, kd_temperature=args.kd_temperature,
         kd_weight=args.kd_weight, ce_weight=args.ce_weight, kd_hidden_weight=args.kd_hidden_weight,
         mixed_precision=args.mixed_precision,
         compile=args.compile, parallel=args.parallel, seed=args.seed,

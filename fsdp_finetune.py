@@ -262,7 +262,8 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
     """Train the model (from `prepare_model`) for `config.epochs` epochs, evaluating after each
     on `eval_tokens` and, when given, on `holdout` (blocks of the training text it never trains on).
     `schedule` with `reprune(density)`: at each later stage's first step the model is pruned
-    further in place, its masks and optimizer moments follow, and perplexity is reported."""
+    further in place and its masks and optimizer moments follow; an iterative stage also reports
+    perplexity before and after."""
     model = prepared.module
     rank, world = dist.get_rank(), dist.get_world_size()
     micro = config.micro_batch_size
@@ -310,7 +311,10 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
                 stage = schedule.stage_starting_at(state.global_step) if schedule is not None else None
                 if stage is not None:
                     with prepared.precision():
-                        _next_stage(model, stage, reprune, masks, optimization, eval_tokens, config, logger, state)
+                        if schedule.evaluates_stages:
+                            _next_stage(model, stage, reprune, masks, optimization, eval_tokens, config, logger, state)
+                        else:
+                            _prune_further(model, stage, reprune, masks, optimization, logger, state)
                 micro_batches = [blocks[sampler.micro_batch(state.global_step, index, config.batch_size, micro,
                                                             rank, world)] for index in range(accum)]
                 window_loss += train_step(prepared, micro_batches, optimization, masks, device,
@@ -363,15 +367,11 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
     return result
 
 
-def _next_stage(model: nn.Module, density: float, reprune: Callable[[float], None], masks: MaskSet,
-                optimization: Optimization, eval_tokens: TokenizedText, config: TrainConfig, logger: MetricsLogger,
-                state: TrainState) -> None:
-    """Iterative pruning's stage boundary: perplexity at the end of the stage, prune to `density`
-    (re-calibrated on the trained model), masks refreshed in place, the new zeros' optimizer
-    moments cleared, perplexity again."""
-    evaluation = {**config.evaluation(), "step": state.global_step}
-    before = evaluate_and_log(model, eval_tokens, logger, title=f"End of Stage (step {state.global_step})",
-                              **evaluation)
+def _prune_further(model: nn.Module, density: float, reprune: Callable[[float], None], masks: MaskSet,
+                   optimization: Optimization, logger: MetricsLogger, state: TrainState) -> float:
+    """Prune the trained model in place to `density`: masks refreshed in place (the compiled
+    backward reads these very buffers), the new zeros' optimizer moments cleared.  Returns the
+    measured density; a gradual schedule's updates are recorded as events, not printed."""
     was_training = model.training
     model.eval()
     reprune(density)
@@ -379,6 +379,20 @@ def _next_stage(model: nn.Module, density: float, reprune: Callable[[float], Non
     masks.refresh()
     masks.mask_optimizer_state(optimization.optimizer)
     measured = sparsity_report(model).density
+    logger.log({"event": "mask_update", "step": state.global_step, "epoch": state.epoch, "density": density,
+                "measured_density": measured}, step=state.global_step)
+    return measured
+
+
+def _next_stage(model: nn.Module, density: float, reprune: Callable[[float], None], masks: MaskSet,
+                optimization: Optimization, eval_tokens: TokenizedText, config: TrainConfig, logger: MetricsLogger,
+                state: TrainState) -> None:
+    """Iterative pruning's stage boundary: perplexity at the end of the stage, prune to `density`
+    (re-calibrated on the trained model), perplexity again."""
+    evaluation = {**config.evaluation(), "step": state.global_step}
+    before = evaluate_and_log(model, eval_tokens, logger, title=f"End of Stage (step {state.global_step})",
+                              **evaluation)
+    measured = _prune_further(model, density, reprune, masks, optimization, logger, state)
     after = evaluate_and_log(model, eval_tokens, logger, title=f"Pruned Further: Next Stage (step {state.global_step})",
                              density=density, **evaluation)
     logger.info(f"Stage at step {state.global_step}: {before.perplexity:.2f} → pruned to {describe_density(measured)} "

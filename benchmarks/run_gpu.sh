@@ -37,6 +37,9 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [cekd-valid-lr1e-4]="--loss ce+kd --train-source $DATA/wiki.valid.raw --lr 1e-4"
   [owlkd-valid-lr3e-4]="--loss kd --train-source $DATA/wiki.valid.raw --lr 3e-4 --layer-density owl"
   [owlkd-valid-lr3e-4-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --lr 3e-4 --layer-density owl --epochs 1"
+  [owlkd-valid-lr6e-4-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --lr 6e-4 --layer-density owl --epochs 1"
+  [owlcekd-valid-lr3e-4-1ep]="--loss ce+kd --train-source $DATA/wiki.valid.raw --lr 3e-4 --layer-density owl --epochs 1"
+  [owlcekd-valid-lr5e-5-1ep]="--loss ce+kd --train-source $DATA/wiki.valid.raw --lr 5e-5 --layer-density owl --epochs 1"
   [today-1ep]="--loss ce --train-source $DATA/wiki.valid.raw --holdout 0 --epochs 1"
 )
 # EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen)

@@ -191,3 +191,71 @@ def test_iterative_pruning_reaches_each_scheduled_density_and_resumes_exactly(tm
         assert main(job_args(tiny_llama_dir, text_file, out, *args, "--interrupt-after-steps", stop)) == 130
         assert main(job_args(tiny_llama_dir, text_file, out, *args, "--resume")) == 0
         assert json.loads((out / "results.json").read_text())["final"] == results["final"], stop
+
+
+def test_gradual_schedule_follows_the_cubic_and_holds_the_final_density():
+    from utils.schedules import SparsitySchedule
+    schedule = SparsitySchedule.gradual(0.1, total_steps=1000, every=100)  # ramp ends at step 600
+    steps = [start for start, _ in schedule.stages]
+    assert steps == [0, 100, 200, 300, 400, 500, 600]
+    for start, density in schedule.stages[1:]:
+        assert density == pytest.approx(0.1 + 0.4 * (1 - start / 600) ** 3)
+    assert schedule.initial == 0.5 and schedule.final == 0.1 and schedule.density_at(999) == 0.1
+    assert schedule.density_at(99) == 0.5 and schedule.stage_starting_at(300) == pytest.approx(0.1 + 0.4 / 8)  # halfway: (1/2)³
+    assert not schedule.evaluates_stages and SparsitySchedule.iterative(0.1, 100).evaluates_stages
+    with pytest.raises(ValueError, match="must lie above"):
+        SparsitySchedule.gradual(0.5, 100, start=0.4)
+
+
+def test_gradual_pruning_updates_masks_in_place_as_scheduled_and_resumes_exactly(tmp_path, tiny_llama_dir, text_file,
+                                                                                  capsys):
+    from test_cli import assert_pruned_weights_stayed_zero, pruned_folder
+    from utils.mask_utils import sparsity_report
+    from utils.schedules import SparsitySchedule
+    from transformers import AutoModelForCausalLM
+    # 12 steps, the ramp ends at step 7: updates at steps 2, 4, 6 (cubic) and 7 (the final density)
+    args = ("--schedule", "gradual", "--density-steps", "0.5,0.3", "--prune-every", "2", "--max-step", "6",
+            "--epochs", "2", "--loss", "ce", "--lr", "1e-3")
+    expected = SparsitySchedule.gradual(0.3, 12, every=2, start=0.5)
+    straight = tmp_path / "straight"
+    assert main(job_args(tiny_llama_dir, text_file, straight, *args)) == 0
+    printed = capsys.readouterr().out
+    assert "Sparsity schedule: gradual: 0.5 (step 0), then magnitude updates from step 2" in printed
+    assert "End of Stage" not in printed  # gradual updates are not evaluated one by one
+    events = _epochs(straight)
+    updates = [e for e in events if e["event"] == "mask_update"]
+    assert [(u["step"], u["density"]) for u in updates] == [(s, pytest.approx(d)) for s, d in expected.stages[1:]]
+    for update in updates:  # every update really pruned to its density (the tiny model's rows: 1/64 per weight)
+        assert update["measured_density"] == pytest.approx(update["density"], abs=1 / 64)
+    densities = [u["measured_density"] for u in updates]
+    assert densities == sorted(densities, reverse=True) and densities[0] < 0.5 - 1 / 64
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [e["scheduled_density"] for e in epochs] == [pytest.approx(expected.density_at(5)), 0.3]
+    assert epochs[1]["measured_density"] == pytest.approx(0.3, abs=1 / 64)
+    results = json.loads((straight / "results.json").read_text())
+    assert results["final_from"] == 2 and results["best"]["epoch"] == 2
+    assert sparsity_report(AutoModelForCausalLM.from_pretrained(straight / "best")).density == pytest.approx(0.3, abs=1 / 64)
+    assert assert_pruned_weights_stayed_zero(straight / "best", pruned_folder(tmp_path / "pruned", tiny_llama_dir, 0.5))
+    # interrupted between two updates, and right on an update's step: each resume equals the straight run
+    for stop in ("5", "6"):
+        out = tmp_path / f"resumed-{stop}"
+        assert main(job_args(tiny_llama_dir, text_file, out, *args, "--interrupt-after-steps", stop)) == 130
+        assert main(job_args(tiny_llama_dir, text_file, out, *args, "--resume")) == 0
+        assert json.loads((out / "results.json").read_text())["final"] == results["final"], stop
+
+
+def test_iterative_pruning_with_owl_gives_each_stage_its_own_profile(tmp_path, tiny_llama_dir, text_file):
+    from utils.export_utils import load_compressed
+    from utils.mask_utils import sparsity_report
+    args = ("--schedule", "iterative", "--density-steps", "0.5,0.3", "--layer-density", "owl", "--owl-lambda", "0.1",
+            "--owl-m", "2", "--method", "wanda", "--max-step", "4", "--epochs", "1", "--loss", "ce", "--lr", "1e-3",
+            "--no-save-best")
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out, *args)) == 0
+    stages = [e for e in _epochs(out) if e["event"] == "stage"]
+    assert [(s["step"], s["density"]) for s in stages] == [(2, 0.3)]
+    assert stages[0]["measured_density"] == pytest.approx(0.3, abs=1 / 64)
+    report = sparsity_report(load_compressed(out / "compressed"))  # the trained model (no best/ saved)
+    layers = [nonzeros / numel for _, nonzeros, numel in report.layers]
+    assert report.density == pytest.approx(0.3, abs=1 / 64)
+    assert abs(layers[0] - layers[1]) > 2 / 64  # OWL: the two layers keep different fractions, not 0.3 each

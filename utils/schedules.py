@@ -2,19 +2,26 @@
 
     schedule = SparsitySchedule.oneshot(0.1)                               # pruned once, before training
     schedule = SparsitySchedule.iterative(0.1, total_steps=6250, steps=4)  # 0.5 → 0.29 → 0.17 → 0.1
+    schedule = SparsitySchedule.gradual(0.1, total_steps=6250, every=50)    # cubic 0.5 → 0.1 over 60% of the steps
     schedule.density_at(step); schedule.stage_starting_at(step)            # → the new density, or None
 
 Iterative pruning (the seed lineage's finding: prune → fine-tune → prune beats one-shot past
 40–60% sparsity) splits the training budget into equal stages; each stage after the first
 starts by pruning the trained model further (re-calibrated).  The stage is a pure function of
 the optimizer step, so a resumed run re-enters it exactly.
+
+Gradual pruning (Zhu & Gupta 2017) lowers the density a little every `every` steps along a cubic,
+d(t) = final + (start − final)·(1 − t/T)³, reaching the final density at T = 60% of the steps and
+holding it after; each update is a magnitude prune of the trained weights (no calibration: the
+masks change in place every few steps) and is not evaluated, unlike an iterative stage.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEDULES = ("oneshot", "iterative")
+SCHEDULES = ("oneshot", "iterative", "gradual")
 ITERATIVE_START = 0.5  # the first stage's density when none is given (SparseGPT loses little at 50%)
+GRADUAL_RAMP = 0.6  # gradual: the fraction of the steps over which the density falls to the final one
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,33 @@ class SparsitySchedule:
             raise ValueError(f"{len(densities)} stages do not fit in {total_steps} optimizer steps")
         return cls("iterative", tuple((i * total_steps // len(densities), d) for i, d in enumerate(densities)))
 
+    @classmethod
+    def gradual(cls, density: float, total_steps: int, every: int = 50, start: float | None = None,
+                ramp: float = GRADUAL_RAMP) -> "SparsitySchedule":
+        """From `start` (default 0.5, pruned before training) down a cubic to `density` at
+        `ramp`·`total_steps`, one update every `every` steps (updates that would not change the
+        density, by rounding, are left out)."""
+        start = max(ITERATIVE_START, density) if start is None else start
+        if not density < start <= 1:
+            raise ValueError(f"the gradual start density {start:g} must lie above the final {density:g} and at most 1")
+        end = max(1, int(ramp * total_steps))
+        stages = [(0, start)]
+        for step in range(every, end + 1, every):
+            stages.append((step, density + (start - density) * (1 - step / end) ** 3))
+        if stages[-1][0] != end:
+            stages.append((end, density))
+        stages[-1] = (stages[-1][0], density)
+        if len(stages) < 2:
+            raise ValueError(f"no density update fits: {total_steps} steps, one update every {every}")
+        distinct = [stages[0]] + [s for p, s in zip(stages, stages[1:]) if round(s[1], 6) < round(p[1], 6)]
+        return cls("gradual", tuple(distinct))
+
+    @property
+    def evaluates_stages(self) -> bool:
+        """Whether a stage boundary is evaluated before and after pruning (iterative: a few large
+        steps worth reporting; gradual: many small ones, seen in the epochs' numbers)."""
+        return self.kind == "iterative"
+
     @property
     def initial(self) -> float:
         return self.stages[0][1]
@@ -59,4 +93,8 @@ class SparsitySchedule:
     def describe(self) -> str:
         if self.kind == "oneshot":
             return f"one-shot to density {self.final:g}"
+        if self.kind == "gradual":
+            (first, start), (end, _) = self.stages[1], self.stages[-1]
+            return (f"gradual: {self.initial:g} (step 0), then magnitude updates from step {first} "
+                    f"({start:.3g}) along a cubic to {self.final:g} at step {end}, {len(self.stages) - 1} updates")
         return "iterative: " + " → ".join(f"{d:.3g} (step {start})" for start, d in self.stages)
