@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="oneshot: prune once before training; iterative: prune to a first density, fine-tune, "
                             "prune further (re-calibrated), ... ending at --sparsity, the steps split evenly; "
                             "gradual: prune to a first density, then lower it along a cubic every --prune-every "
-                            f"steps (magnitude, masks updated in place), reaching --sparsity at {GRADUAL_RAMP:.0%} "
+                            f"steps (magnitude, masks updated in place), reaching --sparsity at {GRADUAL_RAMP:.0%}% "
                             "of the steps")
     prune.add_argument("--density-steps", type=_densities, default=None,
                        help="iterative: the densities, decreasing and ending at --sparsity (e.g. 0.5,0.3,0.18,0.1; "

@@ -40,9 +40,19 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [owlkd-valid-lr6e-4-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --lr 6e-4 --layer-density owl --epochs 1"
   [owlcekd-valid-lr3e-4-1ep]="--loss ce+kd --train-source $DATA/wiki.valid.raw --lr 3e-4 --layer-density owl --epochs 1"
   [owlcekd-valid-lr5e-5-1ep]="--loss ce+kd --train-source $DATA/wiki.valid.raw --lr 5e-5 --layer-density owl --epochs 1"
+  [ikd-valid-lr3e-4-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --lr 3e-4 --schedule iterative --epochs 1"
+  [iowlkd-valid-lr3e-4-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --lr 3e-4 --schedule iterative --layer-density owl --epochs 1"
+  [gkd-valid-lr3e-4-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --lr 3e-4 --schedule gradual --epochs 1"
+  [genkd-lr3e-4-1ep]="--loss kd --train-source generated:2M --lr 3e-4 --layer-density owl --epochs 1"  # data-free
+  [owlkd-valid-lr1e-3-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --lr 1e-3 --layer-density owl --epochs 1"
   [today-1ep]="--loss ce --train-source $DATA/wiki.valid.raw --holdout 0 --epochs 1"
 )
-# EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen)
+# EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen).
+# The table's missing rows (BENCHMARKS.md, "Recovery at 0.1, 0.3, 0.5"), one call each:
+#   SKIP_PRUNE=1 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes \
+#     "owlkd-valid-lr1e-3-1ep@0.1 iowlkd-valid-lr3e-4-1ep@0.1 gkd-valid-lr3e-4-1ep@0.1 genkd-lr3e-4-1ep@0.1"
+#   SKIP_PRUNE=1 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes \
+#     "ikd-valid-lr3e-4-1ep@0.3 iowlkd-valid-lr3e-4-1ep@0.3"   (iterative at 0.5 needs --density-steps from above 0.5)
 recipe() {  # $1 name, $2 density
   local start=$SECONDS
   python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "$2" --batch-size 8 --epochs 5 \

@@ -1,4 +1,5 @@
 """Every bad input exits 2 with one line naming the problem, and no traceback (a table of them)."""
+import argparse
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,17 @@ def test_bad_inputs_found_later_exit_2_with_one_line(case, make, message, broken
     lines = [line for line in error.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], error
     assert "Traceback" not in error
+
+
+def test_help_prints_every_option(capsys):
+    """argparse formats help strings with %: a bare % in one of them breaks --help for every user."""
+    from extreme_compression_experiment import build_parser
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    printed = capsys.readouterr().out
+    flags = [flag for action in build_parser()._actions if action.help != argparse.SUPPRESS
+             for flag in action.option_strings]
+    assert len(flags) > 60 and "--prune-every" in flags and "--gen-top-p" in flags
+    for flag in flags:  # every documented flag (testing hooks are hidden)
+        assert flag in printed, flag

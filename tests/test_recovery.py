@@ -186,11 +186,16 @@ def test_iterative_pruning_reaches_each_scheduled_density_and_resumes_exactly(tm
     # the first stage's zeros (the cached 0.5 prune) stayed zero through both further prunes
     assert assert_pruned_weights_stayed_zero(straight / "best", pruned_folder(tmp_path / "pruned", tiny_llama_dir, 0.5))
     # interrupted inside the second stage, and right on the third stage's first step: each resume equals the straight run
-    for stop in ("5", "8"):
+    _assert_resumes_equal(tmp_path, tiny_llama_dir, text_file, args, results["final"], stops=("5", "8"))
+
+
+def _assert_resumes_equal(tmp_path, model_dir, text_file, args, final, stops):
+    """Interrupted after each step of `stops` and resumed, the run ends at the straight run's `final`."""
+    for stop in stops:
         out = tmp_path / f"resumed-{stop}"
-        assert main(job_args(tiny_llama_dir, text_file, out, *args, "--interrupt-after-steps", stop)) == 130
-        assert main(job_args(tiny_llama_dir, text_file, out, *args, "--resume")) == 0
-        assert json.loads((out / "results.json").read_text())["final"] == results["final"], stop
+        assert main(job_args(model_dir, text_file, out, *args, "--interrupt-after-steps", stop)) == 130
+        assert main(job_args(model_dir, text_file, out, *args, "--resume")) == 0
+        assert json.loads((out / "results.json").read_text())["final"] == final, stop
 
 
 def test_gradual_schedule_follows_the_cubic_and_holds_the_final_density():
@@ -237,11 +242,7 @@ def test_gradual_pruning_updates_masks_in_place_as_scheduled_and_resumes_exactly
     assert sparsity_report(AutoModelForCausalLM.from_pretrained(straight / "best")).density == pytest.approx(0.3, abs=1 / 64)
     assert assert_pruned_weights_stayed_zero(straight / "best", pruned_folder(tmp_path / "pruned", tiny_llama_dir, 0.5))
     # interrupted between two updates, and right on an update's step: each resume equals the straight run
-    for stop in ("5", "6"):
-        out = tmp_path / f"resumed-{stop}"
-        assert main(job_args(tiny_llama_dir, text_file, out, *args, "--interrupt-after-steps", stop)) == 130
-        assert main(job_args(tiny_llama_dir, text_file, out, *args, "--resume")) == 0
-        assert json.loads((out / "results.json").read_text())["final"] == results["final"], stop
+    _assert_resumes_equal(tmp_path, tiny_llama_dir, text_file, args, results["final"], stops=("5", "6"))
 
 
 def test_iterative_pruning_with_owl_gives_each_stage_its_own_profile(tmp_path, tiny_llama_dir, text_file):
