@@ -20,10 +20,10 @@ import torch
 from fsdp_finetune import STOPPING_ERRORS, TrainConfig, finetune, stop_message
 from utils.checkpoint_utils import (check_density, check_pruned_info, import_lineage_checkpoint,
                                     lineage_checkpoint, load_pruned_model, make_pruned_model, pruned_model_dir)
-from utils.data_utils import TokenizedText, calibration_windows, pack_blocks, tokenize_source, with_bos
+from utils.data_utils import calibration_windows, tokenize_source, with_bos
 from utils.eval_utils import PerplexityHistory, evaluate_and_log
 from utils.export_utils import export_model
-from utils.generated_text import GenerationSpec, generated_text, split_sources
+from utils.generated_text import GenerationSpec, split_sources
 from utils.logging_utils import MetricsLogger, describe_density, quiet_transformers_progress, write_json
 from utils.losses import LossSpec
 from utils.mask_utils import sparsity_report
@@ -36,6 +36,7 @@ from utils.run_folder import (RunFolder, RunFolderError, check_file_writable, ch
                               resume_differences)
 from utils.state_utils import read_meta
 from utils.task_eval import TaskSet, describe_scores, evaluate_tasks, load_tasks
+from utils.training_text import read_training_text, report_budget, training_blocks
 
 
 def _versions() -> dict:
@@ -415,19 +416,7 @@ def _repruner(config, model, tokenizer, device, bos: int | None):
     return reprune
 
 
-MEMORIZATION_PASSES = 4  # above this many passes over the training text, warn before training
 EXTREME_DENSITY = 0.2  # at or below this density, the derived lr is far below what recovery measured best with
-
-
-def split_holdout(blocks: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(training blocks, held-out blocks): the last `fraction` of the blocks, at least one, kept
-    out of training (the tail of the text: other documents, not neighbours of training blocks)."""
-    count = round(blocks.shape[0] * fraction) if fraction > 0 else 0
-    if count == 0 and fraction > 0 and blocks.shape[0] >= 2:
-        count = 1
-    if count == 0:
-        return blocks, None
-    return blocks[:-count], blocks[-count:]
 
 
 def generation_spec(config) -> GenerationSpec | None:
@@ -443,33 +432,11 @@ def generation_spec(config) -> GenerationSpec | None:
 def _training_text(config, tokenizer, accelerator, logger, bos: int | None = None,
                    dense: Callable[[], torch.nn.Module] | None = None, model_key: str = "",
                    device: torch.device | None = None):
-    """Training and held-out blocks of --train-source: its files and datasets, and the text the
-    dense model samples for a `generated:N` part (`dense()` loads that model when it must sample)."""
-    rest, _ = split_sources(config.train_source)
-    spec = generation_spec(config)
-    with accelerator.main_process_first():  # the main process tokenizes (and samples) first, the others read the cache
-        streams = [tokenize_source(rest, tokenizer, split="train")] if rest else []
-        if spec is not None:
-            streams.append(generated_text(spec, dense, tokenizer, model_key, device, logger))
-    train_ids = streams[0] if len(streams) == 1 else TokenizedText(
-        torch.cat([s.ids for s in streams]), sum(s.num_bytes for s in streams), config.train_source)
-    text_block = config.block_size - 1 if bos is not None else config.block_size
-    blocks, holdout = split_holdout(with_bos(pack_blocks(train_ids.ids, text_block), bos), config.holdout)
-    held = f"; {holdout.shape[0]:,} held out ({config.holdout:.0%}), evaluated every epoch" if holdout is not None else ""
-    logger.info(f"Training text: {train_ids.ids.numel():,} tokens → {blocks.shape[0]:,} blocks of "
-                f"{config.block_size}{held}")
-    per_epoch = config.max_step * config.batch_size / blocks.shape[0]
-    total = per_epoch * config.epochs
-    logger.info(f"Budget: {config.epochs} epochs × {config.max_step} steps × {config.batch_size} blocks = "
-                f"{config.epochs * config.max_step * config.batch_size * config.block_size / 1e6:.1f}M tokens = "
-                f"{per_epoch:.1f} passes over the training text per epoch, {total:.1f} in all")
-    logger.log({"event": "budget", "train_tokens": int(blocks.numel()), "passes_per_epoch": per_epoch,
-                "passes": total, "holdout_tokens": int(holdout.numel()) if holdout is not None else 0})
-    if total > MEMORIZATION_PASSES:
-        logger.info(f"Warning: {total:.0f} passes over {blocks.numel():,} tokens; models trained this long on this "
-                    "little text memorize it (its training loss falls while perplexity elsewhere rises). Add text "
-                    "(--train-source a.txt,b.raw,folder/), lower --max-step or --epochs, or distill (--loss kd), "
-                    "and watch the held-out loss")
+    """Training and held-out blocks of --train-source, its budget printed (utils/training_text.py)."""
+    text = read_training_text(config.train_source, tokenizer, generation_spec(config), dense, model_key, device,
+                              logger, first=accelerator.main_process_first)
+    blocks, holdout = training_blocks(text, config.block_size, config.holdout, bos)
+    report_budget(text, blocks, holdout, config.holdout, config.epochs, config.max_step, config.batch_size, logger)
     return blocks, holdout
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from experiment import split_holdout
+from utils.training_text import split_holdout
 from extreme_compression_experiment import main
 from fsdp_finetune import Optimization, TrainConfig, init_distributed, make_scheduler, prepare_model, train_step
 from helpers import SAMPLE_TEXT, tiny_model
