@@ -30,6 +30,7 @@ from utils.mask_utils import sparsity_report
 from utils.model_utils import (ModelError, bos_per_window, check_prunable, count_parameters, load_config,
                                load_model, load_tokenizer, model_identity, parse_dtype, position_limit, resolve_model)
 from utils.prepare_utils import compute_dtype, init_distributed, prepare_model, resolve_compile_mode
+from utils.pruning_methods import needs_calibration
 from utils.prune_utils import check_feasible_density, density_tolerance, owl_profile, prune_model
 from utils.schedules import SparsitySchedule
 from utils.run_folder import (RunFolder, RunFolderError, check_file_writable, check_writable, drop_events_after,
@@ -158,7 +159,7 @@ def run_identity(config, model: dict) -> dict:
             "ce_weight": config.ce_weight if config.loss != "kd" else None,
             "kd_hidden_weight": config.kd_hidden_weight or None,  # None when off: runs saved before it resume
             "calibration": [config.calibration_source, config.nsamples, config.calibration_length]
-            if config.method != "magnitude" else None}
+            if needs_calibration(config.method) else None}
 
 
 def _generation_identity(config) -> dict | None:
@@ -373,7 +374,7 @@ def _prune_now(config, source, identity, tokenizer, device, logger, eval_tokens,
                                  **evaluate).perplexity
         model.to("cpu")
     calibration, calibration_info = None, {}
-    if (config.method != "magnitude" or config.layer_density == "owl") and config.density < 1:
+    if (needs_calibration(config.method) or config.layer_density == "owl") and config.density < 1:
         calibration, calibration_info = _calibration(config, tokenizer, model.config, bos)
     profile = None
     if config.layer_density == "owl" and config.density < 1:
@@ -406,8 +407,8 @@ def _repruner(config, model, tokenizer, device, bos: int | None):
     asked; gradual: by magnitude (many small updates, each too small to be worth a calibration pass)."""
     method = "magnitude" if config.schedule == "gradual" else config.method
     owl = config.layer_density == "owl"
-    needs_calibration = method != "magnitude" or owl
-    calibration = _calibration(config, tokenizer, model.config, bos)[0] if needs_calibration else None
+    calibrated = needs_calibration(method) or owl
+    calibration = _calibration(config, tokenizer, model.config, bos)[0] if calibrated else None
 
     def reprune(density: float) -> None:  # OWL: the profile anew for this density, from the trained model
         target = (owl_profile(model, calibration, density, config.owl_lambda, config.owl_m, device=device)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from utils.layer_density import LAYER_DENSITIES, OWL_AUTO_MAX_DENSITY, resolve_layer_density
 from utils.logging_utils import make_console_safe
+from utils.pruning_methods import METHODS
 from utils.schedules import GRADUAL_RAMP, ITERATIVE_START, SCHEDULES
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -102,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune = parser.add_argument_group("pruning")
     prune.add_argument("--sparsity", type=_density, default=0.1,
                        help="fraction of weights KEPT in (0, 1]: 0.1 keeps 10%% (90%% pruned); 1.0 = dense")
-    prune.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"],
-                       help="one-shot pruning method used when no pruned checkpoint exists yet")
+    prune.add_argument("--method", default="sparsegpt", choices=list(METHODS),
+                       help="one-shot pruning method used when no pruned checkpoint exists yet: "
+                            + "; ".join(method.summary for method in METHODS.values()))
     prune.add_argument("--pattern", default=None, help="N:M semi-structured pattern, keep N of every M (e.g. 2:4); "
                                                         "overrides --sparsity")
     prune.add_argument("--calibration-source", default="wikitext2",

@@ -198,3 +198,22 @@ def test_owl_prunes_each_layer_to_its_profile_and_gets_its_own_cache_entry(tmp_p
     assert report.density == pytest.approx(0.3, abs=1 / 64)
     for (_, nonzeros, numel), density in zip(report.layers, profile):
         assert nonzeros / numel == pytest.approx(density, abs=1 / 64)
+
+
+def test_one_method_table_drives_the_choices_the_layer_pruners_and_calibration():
+    """A method is a row of utils/pruning_methods.METHODS and a layer function in LAYER_PRUNERS:
+    the CLI offers exactly those names, and a method the table marks uncalibrated prunes without
+    any calibration text (a calibrated one refuses to)."""
+    from extreme_compression_experiment import build_parser
+    from utils.prune_utils import LAYER_PRUNERS, prune_model
+    from utils.pruning_methods import METHODS
+    choices = next(a.choices for a in build_parser()._actions if "--method" in a.option_strings)
+    assert list(choices) == list(METHODS) and set(LAYER_PRUNERS) == set(METHODS)
+    for name, method in METHODS.items():
+        model = tiny_model("llama", 96)
+        if method.calibrated:
+            with pytest.raises(ValueError, match="needs calibration data"):
+                prune_model(model, name, 0.5, calibration=None)
+        else:
+            prune_model(model, name, 0.5, calibration=None, progress=False)
+            assert sparsity_report(model).density == pytest.approx(0.5, abs=1 / 64)

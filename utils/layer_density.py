@@ -15,6 +15,8 @@ activations, which magnitude pruning otherwise does without).
 """
 from __future__ import annotations
 
+from .pruning_methods import needs_calibration
+
 LAYER_DENSITIES = ("auto", "uniform", "owl")
 OWL_AUTO_MAX_DENSITY = 0.2
 
@@ -23,6 +25,6 @@ def resolve_layer_density(choice: str, density: float, pattern, schedule: str, m
     """`--layer-density` as the prune will use it: "uniform" or "owl"."""
     if choice != "auto":
         return choice
-    if pattern is None and schedule == "oneshot" and method != "magnitude" and density <= OWL_AUTO_MAX_DENSITY:
+    if pattern is None and schedule == "oneshot" and needs_calibration(method) and density <= OWL_AUTO_MAX_DENSITY:
         return "owl"
     return "uniform"

@@ -19,6 +19,7 @@ from torch import nn
 
 from .logging_utils import Progress
 from .model_utils import ModelError, find_decoder_layers, find_linears, in_features, prunable_linears, weight_matrix
+from .pruning_methods import METHODS
 from .prune_methods import (GraphedSweeps, InputStats, Pattern, float32_matmul_precision, magnitude_keep,
                             outlier_ratio, owl_densities, parse_pattern, sparsegpt_prune, wanda_keep)
 
@@ -27,7 +28,6 @@ __all__ = ["METHODS", "InputStats", "Pattern", "PruneReport", "capture_layer_inp
            "parse_pattern", "prune_model", "sparsegpt_prune", "wanda_keep"]
 
 
-METHODS = ("sparsegpt", "wanda", "magnitude")
 
 
 @dataclass
@@ -143,32 +143,47 @@ def _input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs: list[t
     return stats, outputs
 
 
+def _magnitude(weights: list[torch.Tensor], stat: InputStats | None, density: float, pattern: Pattern, **_) -> None:
+    for weight in weights:
+        weight.masked_fill_(~magnitude_keep(weight, density, pattern), 0.0)
+
+
+def _wanda(weights: list[torch.Tensor], stat: InputStats, density: float, pattern: Pattern, **_) -> None:
+    for weight in weights:
+        weight.masked_fill_(~wanda_keep(weight, stat.sq_norm, density, pattern), 0.0)
+
+
+def _sparsegpt(weights: list[torch.Tensor], stat: InputStats, density: float, pattern: Pattern, *, blocksize: int,
+               percdamp: float, sweep: Callable | None) -> None:
+    """The matrices that share an input (q/k/v, gate/up) as one stacked sweep over one Hessian."""
+    stacked = torch.cat([w.float() for w in weights])
+    pruned, _ = sparsegpt_prune(stacked, stat.hessian, density, pattern, row_splits=[w.shape[0] for w in weights],
+                                blocksize=blocksize, percdamp=percdamp, sweep=sweep)
+    for weight, part in zip(weights, pruned.split([w.shape[0] for w in weights])):
+        weight.copy_(part.to(weight.dtype))
+
+
+# name → the function that prunes, in place, the (out, in) weight views of linears sharing one input;
+# what each method needs is its entry in utils/pruning_methods.METHODS.
+LAYER_PRUNERS: dict[str, Callable] = {"sparsegpt": _sparsegpt, "wanda": _wanda, "magnitude": _magnitude}
+
+
 @torch.no_grad()
 def _prune_layer(layer: nn.Module, method: str, density: float, pattern: Pattern,
                  inputs: list[tuple[torch.Tensor, tuple, dict]], blocksize: int, percdamp: float,
                  sweep: Callable | None = None) -> None:
     linears = find_linears(layer)
-    if method == "magnitude":
+    prune, entry = LAYER_PRUNERS[method], METHODS[method]
+    if not entry.calibrated:  # no activations: every matrix on its own
         for linear in linears.values():
-            weight = weight_matrix(linear)  # (out, in), a view of the parameter
-            weight.masked_fill_(~magnitude_keep(weight, density, pattern), 0.0)
+            prune([weight_matrix(linear)], None, density, pattern)
         return
     groups = _group_by_input(layer, linears, inputs[0])
-    stats, _ = _input_stats(layer, {group[0]: linears[group[0]] for group in groups}, inputs,
-                            hessian=method == "sparsegpt")
+    stats, _ = _input_stats(layer, {group[0]: linears[group[0]] for group in groups}, inputs, hessian=entry.hessian)
     for group in groups:
         stat = stats[group[0]]
-        weights = [weight_matrix(linears[name]) for name in group]  # (out, in) views of the parameters
-        if method == "wanda":
-            for weight in weights:
-                weight.masked_fill_(~wanda_keep(weight, stat.sq_norm, density, pattern), 0.0)
-        else:
-            stacked = torch.cat([w.float() for w in weights])
-            pruned, _ = sparsegpt_prune(stacked, stat.hessian, density, pattern,
-                                        row_splits=[w.shape[0] for w in weights],
-                                        blocksize=blocksize, percdamp=percdamp, sweep=sweep)
-            for weight, part in zip(weights, pruned.split([w.shape[0] for w in weights])):
-                weight.copy_(part.to(weight.dtype))
+        prune([weight_matrix(linears[name]) for name in group], stat, density, pattern,  # (out, in) views
+              blocksize=blocksize, percdamp=percdamp, sweep=sweep)
         stat.free()
 
 
@@ -240,7 +255,7 @@ def prune_model(model: nn.Module, method: str, density: float | list[float], pat
     if all(d == 1 for d in profile) and pattern is None:
         return report
     with float32_matmul_precision("high"):  # float32 layer forwards in TF32, as fast as the papers' fp16
-        sweep = GraphedSweeps(device) if cuda_graphs and device.type == "cuda" and method == "sparsegpt" else None
+        sweep = GraphedSweeps(device) if cuda_graphs and device.type == "cuda" and METHODS[method].hessian else None
         _prune_layers(model, prefix, layers, method, profile, pattern, calibration, device, batch_size,
                       blocksize, percdamp, progress, on_layer, report, sweep)
     if device.type == "cuda":
@@ -252,7 +267,7 @@ def prune_model(model: nn.Module, method: str, density: float | list[float], pat
 def _prune_layers(model, prefix, layers, method, profile, pattern, calibration, device, batch_size, blocksize,
                   percdamp, progress, on_layer, report, sweep) -> None:
     inputs = None
-    if method != "magnitude":
+    if METHODS[method].calibrated:
         if calibration is None:
             raise ValueError(f"{method} needs calibration data")
         inputs = capture_layer_inputs(model, calibration, device, batch_size)
