@@ -18,20 +18,18 @@ from typing import Callable
 import torch
 
 from fsdp_finetune import STOPPING_ERRORS, TrainConfig, finetune, stop_message
-from utils.checkpoint_utils import (check_density, check_pruned_info, import_lineage_checkpoint,
-                                    lineage_checkpoint, load_pruned_model, make_pruned_model, pruned_model_dir)
-from utils.data_utils import calibration_windows, tokenize_source, with_bos
+from utils.data_utils import tokenize_source
 from utils.eval_utils import PerplexityHistory, evaluate_and_log
 from utils.export_utils import export_model
 from utils.generated_text import GenerationSpec, split_sources
 from utils.logging_utils import MetricsLogger, describe_density, quiet_transformers_progress, write_json
 from utils.losses import LossSpec
 from utils.mask_utils import sparsity_report
-from utils.model_utils import (ModelError, bos_per_window, check_prunable, count_parameters, load_config,
+from utils.model_utils import (ModelError, bos_per_window, count_parameters, load_config,
                                load_model, load_tokenizer, model_identity, parse_dtype, position_limit, resolve_model)
 from utils.prepare_utils import compute_dtype, init_distributed, prepare_model, resolve_compile_mode
 from utils.pruning_methods import needs_calibration
-from utils.prune_utils import check_feasible_density, density_tolerance, owl_profile, prune_model
+from utils.pruning_steps import profile_tag, pruned_model, repruner, sparsity_schedule
 from utils.schedules import SparsitySchedule
 from utils.run_folder import (RunFolder, RunFolderError, check_file_writable, check_writable, drop_events_after,
                               resume_differences)
@@ -127,26 +125,10 @@ def _check_lengths(config, model_config) -> None:
                              f"use {flag} {limit} or less")
 
 
-def _profile_tag(config) -> str:
-    """The per-layer density rule, as the cache key and the run identity name it."""
-    return "uniform" if config.layer_density == "uniform" else f"owl-{config.owl_lambda:g}-{config.owl_m:g}"
-
-
-def sparsity_schedule(config) -> SparsitySchedule:
-    """--schedule → the densities over the run's optimizer steps."""
-    if config.schedule == "oneshot":
-        return SparsitySchedule.oneshot(config.density)
-    if config.schedule == "gradual":
-        return SparsitySchedule.gradual(config.density, config.epochs * config.max_step, config.prune_every,
-                                        config.density_steps[0] if config.density_steps else None)
-    return SparsitySchedule.iterative(config.density, config.epochs * config.max_step, config.prune_stages,
-                                      list(config.density_steps) if config.density_steps else None)
-
-
 def run_identity(config, model: dict) -> dict:
     """What a run is: a --resume must match it (utils/run_folder.py lists what may change)."""
     return {"model_fingerprint": model["fingerprint"], "density": config.density, "method": config.method,
-            "pattern": list(config.pattern) if config.pattern else None, "layer_density": _profile_tag(config),
+            "pattern": list(config.pattern) if config.pattern else None, "layer_density": profile_tag(config),
             "schedule": [list(stage) for stage in sparsity_schedule(config).stages],
             "batch_size": config.batch_size, "max_step": config.max_step, "epochs": config.epochs, "lr": config.lr,
             "warmup_steps": config.warmup_steps, "weight_decay": config.weight_decay,
@@ -245,7 +227,7 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
     if schedule.kind != "oneshot":
         logger.info(f"Sparsity schedule: {schedule.describe()}")
     # The first stage's density is what is pruned (and cached) before training.
-    model, info, report = _pruned_model(dataclasses.replace(config, density=schedule.initial), source, identity,
+    model, info, report = pruned_model(dataclasses.replace(config, density=schedule.initial), source, identity,
                                         tokenizer, accelerator, logger, eval_tokens, evaluate,
                                         dtype=eval_dtype if config.mode == "prune" else torch.float32, bos=bos)
     history.dense = info.get("dense_perplexity")
@@ -310,88 +292,6 @@ def _export_only(config, source, tokenizer, identity: dict, output: Path, logger
     return 0
 
 
-def _pruned_model(config, source, identity, tokenizer, accelerator, logger, eval_tokens, evaluate, dtype, bos=None):
-    """Load the cached pruned model for (model identity, density, method, pattern), or make it now;
-    whatever is loaded is checked against the model and its density measured.  Returns
-    (model, info, its measured sparsity report)."""
-    folder = pruned_model_dir(config.pruned_dir, source.name, config.density, config.method, config.pattern,
-                              identity["fingerprint"],
-                              variant=("" if config.layer_density == "uniform" else f"-{_profile_tag(config)}")
-                              + ("-bos" if bos is not None else ""))
-    lineage = lineage_checkpoint(config.pruned_dir, source.name, config.density)
-    protocol = f"{config.eval_source}|{config.token_length}|{config.stride}|{bos}"
-    if config.density == 1 and not config.pattern:  # nothing to prune: the dense model is the baseline
-        model, _ = load_model(source, dtype=dtype)
-        return model, {"method": "none", "density": 1.0}, sparsity_report(model)
-    loaded_from = None  # where a model pruned earlier came from: its density is checked
-    with accelerator.main_process_first():
-        if (folder / "pruning.json").exists():
-            logger.info(f"Loading pruned model from {folder}")
-            model, _, info = load_pruned_model(source, folder, dtype=dtype)
-            check_pruned_info(info, folder, identity)
-            loaded_from = folder
-        elif lineage.exists() and not config.pattern:
-            logger.info(f"Importing the seed lineage's pruned state dict {lineage}")
-            model, _ = load_model(source, dtype=dtype)
-            import_lineage_checkpoint(model, lineage)
-            info = {"method": "lineage", "density": config.density, "source": str(lineage)}
-            loaded_from = lineage
-        else:
-            if not accelerator.is_main_process:  # pragma: no cover - the main process failed first
-                raise RuntimeError(f"the main process did not write {folder}")
-            model, info = _prune_now(config, source, identity, tokenizer, accelerator.device, logger, eval_tokens,
-                                     evaluate, folder, dtype, bos, protocol)
-    check_prunable(model)  # also a cached or lineage model: fused expert tensors would hide from the density
-    report = sparsity_report(model)
-    if loaded_from is not None:
-        check_density(report.density, config.density, config.pattern, str(loaded_from), density_tolerance(model))
-    if info.get("dense_protocol") != protocol and not config.skip_dense_eval:
-        info["dense_perplexity"] = None  # measured on other text; not comparable
-    return model, info, report
-
-
-def _calibration(config, tokenizer, model_config, bos: int | None) -> tuple[torch.Tensor, dict]:
-    """The calibration windows (the papers': random windows of the calibration text, `--seed`) and their description."""
-    length = min(config.calibration_length, position_limit(model_config) or 10 ** 9)
-    ids = tokenize_source(config.calibration_source, tokenizer, split="train")
-    text_length = length - 1 if bos is not None else length
-    windows = with_bos(calibration_windows(ids.ids, config.nsamples, text_length, config.seed), bos)
-    return windows, {"source": config.calibration_source, "nsamples": config.nsamples, "length": length,
-                     "seed": config.seed, "bos_per_window": bos is not None}
-
-
-def _prune_now(config, source, identity, tokenizer, device, logger, eval_tokens, evaluate, folder, dtype, bos,
-               protocol: str):
-    logger.info(f"No pruned model at {folder}: pruning now with {config.method} ({describe_density(config.density)})")
-    model, _ = load_model(source, dtype=dtype)
-    check_prunable(model)
-    check_feasible_density(model, config.density, config.pattern)
-    dense = None
-    if not config.skip_dense_eval:
-        model.to(device)
-        # Only this process holds the dense model: the other ranks wait for the pruned one.
-        dense = evaluate_and_log(model, eval_tokens, logger, title="Dense Model Evaluation", distributed=False,
-                                 **evaluate).perplexity
-        model.to("cpu")
-    calibration, calibration_info = None, {}
-    if (needs_calibration(config.method) or config.layer_density == "owl") and config.density < 1:
-        calibration, calibration_info = _calibration(config, tokenizer, model.config, bos)
-    profile = None
-    if config.layer_density == "owl" and config.density < 1:
-        profile = owl_profile(model, calibration, config.density, config.owl_lambda, config.owl_m, device=device)
-        logger.info(f"OWL densities per layer (λ {config.owl_lambda:g}, M {config.owl_m:g}): "
-                    + " ".join(f"{value:.3f}" for value in profile))
-        check_feasible_density(model, min(profile))
-    info = make_pruned_model(model, tokenizer, folder, method=config.method, density=config.density, profile=profile,
-                             pattern=config.pattern, calibration=calibration, device=device,
-                             calibration_info=calibration_info,
-                             extra_info={"model": config.model, "model_identity": identity, "dense_perplexity": dense,
-                                         "dense_protocol": protocol})
-    logger.info(f"Pruned in {info['seconds']:.1f} s; saved to {folder}")
-    logger.log({"event": "pruning", **{k: v for k, v in info.items() if k != "layer_density"}})
-    return model, info
-
-
 def _eval_compile(requested: str, training_compiles: bool) -> str:
     """--eval-compile → evaluate_perplexity's level.  auto compiles the scoring only for the
     evaluations of a compiled training run (every epoch); a single evaluation before training pays
@@ -399,22 +299,6 @@ def _eval_compile(requested: str, training_compiles: bool) -> str:
     if requested != "auto":
         return requested
     return "scoring" if training_compiles else "off"
-
-
-def _repruner(config, model, tokenizer, device, bos: int | None):
-    """A schedule's step: prune the trained model in place to a density.  Iterative: with --method,
-    re-calibrated on it (the same calibration windows as the first prune), per-layer by OWL when
-    asked; gradual: by magnitude (many small updates, each too small to be worth a calibration pass)."""
-    method = "magnitude" if config.schedule == "gradual" else config.method
-    owl = config.layer_density == "owl"
-    calibrated = needs_calibration(method) or owl
-    calibration = _calibration(config, tokenizer, model.config, bos)[0] if calibrated else None
-
-    def reprune(density: float) -> None:  # OWL: the profile anew for this density, from the trained model
-        target = (owl_profile(model, calibration, density, config.owl_lambda, config.owl_m, device=device)
-                  if owl else density)
-        prune_model(model, method, target, calibration=calibration, device=device, progress=False)
-    return reprune
 
 
 EXTREME_DENSITY = 0.2  # at or below this density, the derived lr is far below what recovery measured best with
@@ -488,7 +372,7 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
     prepared = prepare_model(model, device, mixed, compile_mode, config.parallel, teacher=teacher, loss=loss)
     evaluate = {**evaluate, "compile": _eval_compile(config.eval_compile, compile_mode is not None)}
     schedule = schedule or SparsitySchedule.oneshot(config.density)
-    reprune = _repruner(config, prepared.module, tokenizer, device, bos) if schedule.kind != "oneshot" else None
+    reprune = repruner(config, prepared.module, tokenizer, device, bos) if schedule.kind != "oneshot" else None
     if schedule.kind != "oneshot":  # only epochs at the final density compete for the best model
         history.final_from = math.ceil((schedule.stages[-1][0] + 1) / config.max_step)
     train_config = TrainConfig(
