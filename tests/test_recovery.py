@@ -210,6 +210,9 @@ def test_gradual_schedule_follows_the_cubic_and_holds_the_final_density():
     assert not schedule.evaluates_stages and SparsitySchedule.iterative(0.1, 100).evaluates_stages
     with pytest.raises(ValueError, match="must lie above"):
         SparsitySchedule.gradual(0.5, 100, start=0.4)
+    every_step = SparsitySchedule.gradual(0.1, total_steps=6250, every=1)  # the cubic's tail is flat: 1e-11 apart
+    densities = [d for _, d in every_step.stages]
+    assert every_step.final == 0.1 and all(b < a for a, b in zip(densities, densities[1:]))
 
 
 def test_gradual_pruning_updates_masks_in_place_as_scheduled_and_resumes_exactly(tmp_path, tiny_llama_dir, text_file,

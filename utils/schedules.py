@@ -66,6 +66,7 @@ class SparsitySchedule:
         if len(stages) < 2:
             raise ValueError(f"no density update fits: {total_steps} steps, one update every {every}")
         distinct = [stages[0]] + [s for p, s in zip(stages, stages[1:]) if round(s[1], 6) < round(p[1], 6)]
+        distinct[-1] = (distinct[-1][0], density)  # the last update may have been the one left out as equal
         return cls("gradual", tuple(distinct))
 
     @property
