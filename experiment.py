@@ -325,13 +325,19 @@ def _training_text(config, tokenizer, accelerator, logger, bos: int | None = Non
     return blocks, holdout
 
 
-def _teacher(config, source, mixed: str, logger):
-    """The dense model the run started from, frozen, in the compute precision (distillation only)."""
+def _dense_model(source, mixed: str) -> torch.nn.Module:
+    """The dense --model in the compute precision."""
+    return load_model(source, dtype=compute_dtype(mixed) or torch.float32)[0]
+
+
+def _teacher(config, source, mixed: str, logger, dense: torch.nn.Module | None = None):
+    """The dense model the run started from, frozen, in the compute precision (distillation only);
+    `dense`: that model when it is loaded already (it sampled a generated:N text)."""
     spec = LossSpec(config.loss, config.kd_temperature, config.ce_weight, config.kd_weight, config.kd_hidden_weight)
     logger.info(f"Loss: {spec.describe()}")
     if not spec.needs_teacher:
         return spec, None
-    teacher, _ = load_model(source, dtype=compute_dtype(mixed) or torch.float32)
+    teacher = dense if dense is not None else _dense_model(source, mixed)
     logger.info(f"Teacher: the dense {config.model} ({count_parameters(teacher):,} parameters, {teacher.dtype}), frozen")
     return spec, teacher
 
@@ -350,11 +356,15 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
                     "whole model); drop accelerate launch or use --schedule oneshot")
         return 2
     mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
+    loaded: list[torch.nn.Module] = []  # the dense model, once loaded to sample from: distillation's teacher too
 
     def dense() -> torch.nn.Module:  # the dense --model, to sample a generated:N training text from
-        return load_model(source, dtype=compute_dtype(mixed) or torch.float32)[0].to(device)
+        loaded.append(_dense_model(source, mixed).to(device))
+        return loaded[0]
     blocks, holdout = _training_text(config, tokenizer, accelerator, logger, bos, dense=dense,
                                      model_key=identity["model_fingerprint"], device=device)
+    loss, teacher = _teacher(config, source, mixed, logger, loaded[0] if loaded else None)
+    loaded.clear()  # a sampler that is not the teacher is not kept through training
     shards = world if config.parallel == "fsdp" else 1
     compile_mode, compile_note = resolve_compile_mode(config.compile, device, shards,
                                                       accumulation=config.batch_size // (micro * world))
@@ -363,7 +373,6 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
     if shards > 1 and device.type == "cuda":
         logger.info("Note: FSDP steps run without CUDA graphs; a model that fits one GPU may train faster with "
                     "--parallel ddp (a whole copy per process, CUDA graphs kept) or on one GPU (BENCHMARKS.md)")
-    loss, teacher = _teacher(config, source, mixed, logger)
     if config.lr_derived and config.density <= EXTREME_DENSITY:
         logger.info(f"Note: lr {config.lr:.3g} is the one derived from the batch size (base lr × √batch). At density "
                     "0.1, SmolLM2-135M recovered on the same 5.1M tokens to 381.9 at that lr (cross-entropy), 135.2 "

@@ -347,10 +347,11 @@ def _problems(args: argparse.Namespace) -> list[str]:
     finite("--gen-top-p", args.gen_top_p, 0, 1, low_open=True, high_open=False, what="in (0, 1]")
     if "generated:" in args.train_source:
         from utils.data_utils import DataError
-        from utils.generated_text import GenerationSpec, split_sources
+        from utils.generated_text import split_sources, token_count
         try:
-            GenerationSpec.parse(split_sources(args.train_source)[1], temperature=1, top_p=1, length=1,
-                                 batch_size=1, seed=0)
+            generated = split_sources(args.train_source)[1]  # None: "generated:" was only inside a path
+            if generated is not None:
+                token_count(generated)
         except DataError as error:
             problems.append(f"argument --train-source: {error}")
     finite("--owl-lambda", args.owl_lambda, 0, 0.5, low_open=True, high_open=False, what="in (0, 0.5]")

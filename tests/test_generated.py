@@ -66,11 +66,16 @@ def test_generated_text_is_cached_with_its_settings(tokenizer):
     assert len(loads) == 3
 
 
-def test_a_run_trains_on_text_the_dense_model_samples(tmp_path, tiny_llama_dir, text_file, capsys):
+def test_a_run_trains_on_text_the_dense_model_samples(tmp_path, tiny_llama_dir, text_file, capsys, monkeypatch):
+    import experiment
+    loads = []
+    dense_model = experiment._dense_model
+    monkeypatch.setattr(experiment, "_dense_model", lambda *a: loads.append(1) or dense_model(*a))
     args = ["--train-source", "generated:3k", "--gen-length", "31", "--gen-batch-size", "16", "--loss", "kd",
             "--holdout", "0.05"]
     out = tmp_path / "run"
     assert main(job_args(tiny_llama_dir, text_file, out, *args)) == 0
+    assert len(loads) == 1  # the model that sampled the text is the teacher: loaded once
     printed = capsys.readouterr().out
     assert "Generated text: sampling 97 rows of 31 tokens from the dense model" in printed  # ceil(3000 / 31)
     assert "Training text: 3,104 tokens" in printed  # 97 rows × (BOS + 31)
@@ -82,7 +87,7 @@ def test_a_run_trains_on_text_the_dense_model_samples(tmp_path, tiny_llama_dir, 
     # the same settings again: read back, not sampled; another --seed samples anew
     again = tmp_path / "again"
     assert main(job_args(tiny_llama_dir, text_file, again, *args)) == 0
-    assert "read back from" in capsys.readouterr().out
+    assert "read back from" in capsys.readouterr().out and len(loads) == 2  # the teacher only
     assert json.loads((again / "results.json").read_text())["final"] == results["final"]
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "seed", *args, "--seed", "3")) == 0
     assert "Generated text: sampling" in capsys.readouterr().out

@@ -152,22 +152,36 @@ def tokenize_source(spec: str, tokenizer, split: str = "test", cache_dir: str | 
     key = hashlib.sha256(f"{_source_key(spec, split)}||{tokenizer_key(tokenizer)}".encode()).hexdigest()[:24]
     cache = Path(cache_dir) if cache_dir else default_cache_dir() / "tokens"
     path = cache / f"{key}.pt"
-    if path.exists():
-        try:
-            saved = torch.load(path, weights_only=True)
-            return TokenizedText(saved["ids"], int(saved["num_bytes"]), spec)
-        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, never fatal
-            path.unlink(missing_ok=True)
+    cached = read_cached_tokens(path, spec)
+    if cached is not None:
+        return cached
     text = load_text(spec, split)
     if not text.strip():
         raise DataError(f"text source '{spec}' ({split}) is empty")
     warn_if_not_text(text, spec)
     result = tokenize_text(text, tokenizer, spec)
+    write_cached_tokens(path, result)
+    return result
+
+
+def read_cached_tokens(path: Path, source: str) -> TokenizedText | None:
+    """A token cache entry, or None when there is none; a damaged one is removed (rebuilt, never fatal)."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        return TokenizedText(saved["ids"], int(saved["num_bytes"]), source)
+    except Exception:  # noqa: BLE001 - whatever is wrong with the file, it is made again
+        path.unlink(missing_ok=True)
+        return None
+
+
+def write_cached_tokens(path: Path, text: TokenizedText) -> None:
+    """Write a token cache entry atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save({"ids": result.ids, "num_bytes": result.num_bytes}, tmp)
+    torch.save({"ids": text.ids, "num_bytes": text.num_bytes}, tmp)
     os.replace(tmp, path)
-    return result
 
 
 def warn_if_not_text(text: str, spec: str, limit: float = 0.05) -> float:

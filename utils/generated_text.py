@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .data_utils import DataError, TokenizedText, tokenizer_key
+from .data_utils import DataError, TokenizedText, read_cached_tokens, tokenizer_key, write_cached_tokens
 from .hub_utils import default_cache_dir
 
 PREFIX = "generated:"
@@ -43,16 +42,21 @@ class GenerationSpec:
 
     @classmethod
     def parse(cls, part: str, **settings) -> "GenerationSpec":
-        """`generated:N` (N a count, with an optional k or M: 500k, 2M) and the sampling settings."""
-        match = _COUNT.match(part[len(PREFIX):].strip())
-        tokens = int(float(match[1]) * {"": 1, "k": 1e3, "m": 1e6}[match[2].lower()]) if match else 0
-        if tokens < 1:
-            raise DataError(f"'{part}': give how many tokens to sample, e.g. generated:2M or generated:500000")
-        return cls(tokens=tokens, **settings)
+        """`generated:N` and the sampling settings."""
+        return cls(tokens=token_count(part), **settings)
 
     @property
     def rows(self) -> int:
         return math.ceil(self.tokens / self.length)
+
+
+def token_count(part: str) -> int:
+    """N of `generated:N` (a count, with an optional k or M: 500k, 2M); DataError when it names none."""
+    match = _COUNT.match(part[len(PREFIX):].strip())
+    tokens = int(float(match[1]) * {"": 1, "k": 1e3, "m": 1e6}[match[2].lower()]) if match else 0
+    if tokens < 1:
+        raise DataError(f"'{part}': give how many tokens to sample, e.g. generated:2M or generated:500000")
+    return tokens
 
 
 def split_sources(train_source: str) -> tuple[str, str | None]:
@@ -100,15 +104,12 @@ def generated_text(spec: GenerationSpec, load_dense: Callable[[], torch.nn.Modul
     """The sampled tokens of `spec` as one stream (rows back to back, each starting with BOS),
     read from the cache when these settings were sampled before, else sampled with
     `load_dense()` and cached."""
-    path = _cache_path(spec, model_key, tokenizer)
-    if path.exists():
-        try:
-            saved = torch.load(path, weights_only=True)
-            if logger is not None:
-                logger.info(f"Generated text: {spec.tokens:,} tokens read back from {path}")
-            return TokenizedText(saved["ids"], int(saved["num_bytes"]), f"{PREFIX}{spec.tokens}")
-        except Exception:  # noqa: BLE001 - a damaged cache entry is sampled again, never fatal
-            path.unlink(missing_ok=True)
+    path, source = _cache_path(spec, model_key, tokenizer), f"{PREFIX}{spec.tokens}"
+    cached = read_cached_tokens(path, source)
+    if cached is not None:
+        if logger is not None:
+            logger.info(f"Generated text: {spec.tokens:,} tokens read back from {path}")
+        return cached
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start_id is None:
         raise DataError("--train-source generated:N needs a BOS or end-of-text token to start each sample from; "
@@ -123,9 +124,6 @@ def generated_text(spec: GenerationSpec, load_dense: Callable[[], torch.nn.Modul
     if bar is not None:
         bar.close()
     ids = rows.reshape(-1)
-    num_bytes = len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save({"ids": ids, "num_bytes": num_bytes}, tmp)
-    os.replace(tmp, path)
-    return TokenizedText(ids, num_bytes, f"{PREFIX}{spec.tokens}")
+    text = TokenizedText(ids, len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8")), source)
+    write_cached_tokens(path, text)
+    return text

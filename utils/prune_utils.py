@@ -28,8 +28,6 @@ __all__ = ["METHODS", "InputStats", "Pattern", "PruneReport", "capture_layer_inp
            "parse_pattern", "prune_model", "sparsegpt_prune", "wanda_keep"]
 
 
-
-
 @dataclass
 class PruneReport:
     method: str
