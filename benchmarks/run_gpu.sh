@@ -46,8 +46,14 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [genkd-lr3e-4-1ep]="--loss kd --train-source generated:2M --lr 3e-4 --layer-density owl --epochs 1"  # data-free
   [owlkd-valid-lr1e-3-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --lr 1e-3 --layer-density owl --epochs 1"
   [today-1ep]="--loss ce --train-source $DATA/wiki.valid.raw --holdout 0 --epochs 1"
+  [iowlkd-valid-lr6e-4-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --lr 6e-4 --schedule iterative --layer-density owl --epochs 1"
+  [gkd-valid-lr6e-4-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --lr 6e-4 --schedule gradual --epochs 1"
+  [genkd-lr6e-4-1ep]="--loss kd --train-source generated:1M --gen-batch-size 512 --lr 6e-4 --layer-density owl --epochs 1"
+  [owlkd-mix-lr6e-4-1ep]="--loss kd --train-source $MIX --lr 6e-4 --layer-density owl --epochs 1"
+  [ce-valid-lr3e-5-1ep]="--loss ce --train-source $DATA/wiki.valid.raw --lr 3e-5 --epochs 1"
 )
 # EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen).
+# RUN_LIMIT: seconds each run may take (timeout), so that a call's summary and results still come back.
 # The table's missing rows (BENCHMARKS.md, "Recovery at 0.1, 0.3, 0.5"), one call each:
 #   SKIP_PRUNE=1 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes \
 #     "owlkd-valid-lr1e-3-1ep@0.1 iowlkd-valid-lr3e-4-1ep@0.1 gkd-valid-lr3e-4-1ep@0.1 genkd-lr3e-4-1ep@0.1"
@@ -55,7 +61,7 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 #     "ikd-valid-lr3e-4-1ep@0.3 iowlkd-valid-lr3e-4-1ep@0.3"   (iterative at 0.5 needs --density-steps from above 0.5)
 recipe() {  # $1 name, $2 density
   local start=$SECONDS
-  python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "$2" --batch-size 8 --epochs 5 \
+  ${RUN_LIMIT:+timeout $RUN_LIMIT} python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "$2" --batch-size 8 --epochs 5 \
     --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" --pruned-dir "${PRUNED:-/tmp/pruned}" \
     --eval-batch-size 8 --output-dir "runs/$1-$2" ${RECIPE[$1]} ${EXTRA:-}
   echo "wall_seconds $((SECONDS - start))"
@@ -70,7 +76,7 @@ case "${1:-bench}" in
     for run in $2; do recipe "${run%@*}" "${run#*@}" > "$OUT/${run/@/_}.log" 2>&1 & done
     wait
     for run in $2; do python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'baseline', r['baseline'], 'epochs', [round(e['perplexity'],2) for e in r['epochs']], 'best', r['best'])" "runs/${run%@*}-${run#*@}/results.json" "$run"; grep -h wall_seconds "$OUT/${run/@/_}.log"; done | tee -a "$OUT/summary.txt"
-    for run in $2; do cp "runs/${run%@*}-${run#*@}/results.json" "$OUT/${run/@/_}.results.json"; done ;;
+    for run in $2; do for f in results.json metrics.jsonl; do cp "runs/${run%@*}-${run#*@}/$f" "$OUT/${run/@/_}.$f"; done; done ;;
   bench)
     python3 benchmarks/bench_eval.py 2>&1 | tee "$OUT/bench_eval.log"
     python3 benchmarks/bench_train.py --smollm2 "$GGUF" 2>&1 | tee "$OUT/bench_train.log"
