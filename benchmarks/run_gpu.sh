@@ -50,6 +50,10 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [gkd-valid-lr6e-4-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --lr 6e-4 --schedule gradual --epochs 1"
   [genkd-lr6e-4-1ep]="--loss kd --train-source generated:1M --gen-batch-size 512 --lr 6e-4 --layer-density owl --epochs 1"
   [owlkd-mix-lr6e-4-1ep]="--loss kd --train-source $MIX --lr 6e-4 --layer-density owl --epochs 1"
+  [gkd-mix-lr6e-4]="--loss kd --train-source $MIX --lr 6e-4 --schedule gradual"  # the full budget on the mix
+  [owlkd-mix-lr6e-4]="--loss kd --train-source $MIX --lr 6e-4 --layer-density owl"
+  [gkd-valid-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --schedule gradual --epochs 1"  # the derived lr
+  [owlkd-valid-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --layer-density owl --epochs 1"
   [ce-valid-lr3e-5-1ep]="--loss ce --train-source $DATA/wiki.valid.raw --lr 3e-5 --epochs 1"
 )
 # EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen).
