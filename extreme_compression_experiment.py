@@ -28,6 +28,7 @@ from utils.schedules import GRADUAL_RAMP, ITERATIVE_START, SCHEDULES
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 # The loss the plain command trains with (the best measured recipe; BENCHMARKS.md, "Recovery recipes").
 DEFAULT_LOSS = "kd"
+BASE_LR = 5e-6  # the brief's lr rule: BASE_LR·sqrt(batch_size)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "gradient accumulation makes up the rest")
     train.add_argument("--epochs", type=_positive_int, default=5, help="epochs of --max-step optimizer steps")
     train.add_argument("--base-samples", type=_positive_int, default=10000, help="max_step = base_samples // batch_size")
-    train.add_argument("--base-lr", type=_positive_float, default=5e-6, help="lr = base_lr * sqrt(batch_size)")
+    train.add_argument("--base-lr", type=_positive_float, default=BASE_LR, help="lr = base_lr * sqrt(batch_size)")
     train.add_argument("--max-step", type=_positive_int, default=None, help="override the derived steps per epoch")
     train.add_argument("--lr", type=_positive_float, default=None, help="override the derived peak learning rate")
     train.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 5%% of all steps, at most 100)")
@@ -263,7 +264,7 @@ class ExperimentConfig:
     epochs: int
     max_step: int
     lr: float
-    lr_derived: bool  # no --lr: lr = base_lr·sqrt(batch_size)
+    lr_derived: bool  # neither --lr nor --base-lr: the brief's lr, BASE_LR·sqrt(batch_size)
     warmup_steps: int
     weight_decay: float
     max_grad_norm: float | None
@@ -308,7 +309,7 @@ class ExperimentConfig:
     interrupt_signal: str = "int"
 
 
-def derive_schedule(batch_size: int, base_samples: int = 10000, base_lr: float = 5e-6) -> tuple[int, float]:
+def derive_schedule(batch_size: int, base_samples: int = 10000, base_lr: float = BASE_LR) -> tuple[int, float]:
     """max_step = base_samples // batch_size, lr = base_lr·sqrt(batch_size): every batch size sees
     the same number of samples per epoch."""
     return max(1, base_samples // batch_size), base_lr * math.sqrt(batch_size)
@@ -440,7 +441,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         prune_stages=args.prune_stages, prune_every=args.prune_every,
         layer_density=resolve_layer_density(args.layer_density, density, pattern, args.schedule, args.method),
         owl_lambda=args.owl_lambda, owl_m=args.owl_m, batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr, lr_derived=args.lr is None,
+        micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr,
+        lr_derived=args.lr is None and args.base_lr == BASE_LR,
         warmup_steps=warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, block_size=args.block_size,
         train_source=args.train_source, holdout=args.holdout, gen_temperature=args.gen_temperature,

@@ -371,4 +371,5 @@ def test_a_run_with_a_bos_per_window_records_it(tmp_path, tiny_llama_dir, text_f
     assert main(args_of(folder, text_file, out, "--epochs", "1", "--bos-per-window", "on", "--loss", "ce")) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["bos_per_window"] is True and results["final"] != results["baseline"]
-    assert pruned_folder(tmp_path / "pruned", folder.name + "", 0.3, "sparsegpt-bos").exists()
+    # the cache key names BOS; at density 0.3 the default layer rule is OWL (λ 0.08, M 5)
+    assert pruned_folder(tmp_path / "pruned", folder.name, 0.3, "sparsegpt-owl-0.08-5-bos").exists()

@@ -133,6 +133,33 @@ def test_a_long_schedule_on_little_text_warns_and_the_holdout_is_reported(tmp_pa
     assert "Warning: " not in capsys.readouterr().out
 
 
+class _Printed:
+    def __init__(self):
+        self.lines, self.events = [], []
+
+    def info(self, line):
+        self.lines.append(line)
+
+    def log(self, event, **_):
+        self.events.append(event)
+
+
+@pytest.mark.parametrize("steps, loss, warns", [(10, "ce", True), (10, "ce+kd", True), (10, "kd", False),
+                                                (30, "kd", True), (4, "ce", False)])
+def test_the_memorization_warning_allows_distillation_more_passes(steps, loss, warns):
+    from utils.data_utils import TokenizedText
+    from utils.training_text import report_budget
+    blocks = torch.zeros(10, 8, dtype=torch.long)  # 10 blocks; batch 8: `steps` × 0.8 passes
+    printed = _Printed()
+    passes = report_budget(TokenizedText(blocks.reshape(-1), 80, "t"), blocks, None, 0.0, epochs=1, max_step=steps,
+                           batch_size=8, logger=printed, loss=loss)
+    assert passes == pytest.approx(steps * 0.8) and printed.events[0]["passes"] == pytest.approx(passes)
+    warning = [line for line in printed.lines if line.startswith("Warning: ")]
+    assert bool(warning) == warns
+    if warning:  # a distilling run is not told to distill
+        assert ("--loss kd" in warning[0]) == (loss != "kd") and "held-out loss" in warning[0]
+
+
 def test_the_default_loss_distills_from_the_dense_model(tmp_path, tiny_llama_dir, text_file, capsys):
     out = tmp_path / "run"
     assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1")) == 0
@@ -263,3 +290,31 @@ def test_iterative_pruning_with_owl_gives_each_stage_its_own_profile(tmp_path, t
     layers = [nonzeros / numel for _, nonzeros, numel in report.layers]
     assert report.density == pytest.approx(0.3, abs=1 / 64)
     assert abs(layers[0] - layers[1]) > 2 / 64  # OWL: the two layers keep different fractions, not 0.3 each
+
+
+def test_auto_layer_density_is_owl_up_to_density_0_3_for_a_calibrated_one_shot_prune():
+    from utils.layer_density import resolve_layer_density
+    assert resolve_layer_density("auto", 0.1, None, "oneshot", "sparsegpt") == "owl"
+    assert resolve_layer_density("auto", 0.3, None, "oneshot", "wanda") == "owl"
+    assert resolve_layer_density("auto", 0.31, None, "oneshot", "sparsegpt") == "uniform"
+    assert resolve_layer_density("auto", 0.5, (2, 4), "oneshot", "sparsegpt") == "uniform"  # 2:4: one density
+    assert resolve_layer_density("auto", 0.1, None, "iterative", "sparsegpt") == "uniform"
+    assert resolve_layer_density("auto", 0.1, None, "oneshot", "magnitude") == "uniform"
+    assert resolve_layer_density("uniform", 0.1, None, "oneshot", "sparsegpt") == "uniform"
+
+
+@pytest.mark.parametrize("extra, density, noted", [((), "0.1", True), ((), "0.3", True), ((), "0.5", False),
+                                                   (("--lr", "6e-4"), "0.1", False),
+                                                   (("--base-lr", "2e-4"), "0.1", False)])
+def test_the_lr_note_comes_with_the_brief_s_lr_at_extreme_density_and_names_a_base_lr(extra, density, noted):
+    from experiment import MEASURED_BATCH, MEASURED_LR, lr_note
+    from extreme_compression_experiment import build_parser, validate
+    parser = build_parser()
+    config = validate(parser.parse_args(["--sparsity", density, "--batch-size", "4", *extra]), parser)
+    note = lr_note(config)
+    assert (note is not None) == noted
+    if noted:  # the --base-lr it names gives the measured lr at the measured batch, by the same √batch rule
+        assert f"lr {config.lr:.3g} is the one derived" in note and config.lr == pytest.approx(5e-6 * 2)
+        base = float(note.split("--base-lr ")[1].split()[0])
+        assert base * math.sqrt(MEASURED_BATCH) == pytest.approx(MEASURED_LR, rel=0.03)
+        assert f"gives lr {base * 2:.2g} at batch 4" in note

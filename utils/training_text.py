@@ -3,7 +3,7 @@ budget in passes over it, with the memorization warning.
 
     ids = read_training_text("a.txt,generated:1M", tokenizer, spec, dense, model_key, device, logger)
     blocks, holdout = training_blocks(ids, block_size=512, holdout=0.05, bos=None)
-    report_budget(blocks, holdout, epochs=5, max_step=1250, batch_size=8, block_size=512, logger=logger)
+    report_budget(ids, blocks, holdout, 0.05, epochs=5, max_step=1250, batch_size=8, logger=logger, loss="kd")
 
 Held-out blocks are the tail of the text (other documents, not neighbours of training blocks),
 never trained on and evaluated every epoch, so memorization shows without the test set.
@@ -18,7 +18,11 @@ import torch
 from .data_utils import TokenizedText, pack_blocks, tokenize_source, with_bos
 from .generated_text import GenerationSpec, generated_text, split_sources
 
-MEMORIZATION_PASSES = 4  # above this many passes over the training text, warn before training
+# Above this many passes over the training text, warn before training.  With a cross-entropy term
+# the bound is the issue's "a few"; pure distillation was measured to memorize later (SmolLM2-135M,
+# BENCHMARKS.md "Recovery over the full budget"): its held-out loss still fell after 11.9 passes over
+# 2.15M tokens and after 20 over 254k, and rose by 40 passes.
+MEMORIZATION_PASSES = {"ce": 4, "ce+kd": 4, "kd": 20}
 
 
 def read_training_text(train_source: str, tokenizer, spec: GenerationSpec | None,
@@ -56,9 +60,9 @@ def training_blocks(text: TokenizedText, block_size: int, holdout: float,
 
 
 def report_budget(text: TokenizedText, blocks: torch.Tensor, holdout: torch.Tensor | None, fraction: float,
-                  epochs: int, max_step: int, batch_size: int, logger) -> float:
-    """Print the text, the budget and its passes over the text (warning past MEMORIZATION_PASSES),
-    record the `budget` event; returns the passes in all."""
+                  epochs: int, max_step: int, batch_size: int, logger, loss: str = "ce") -> float:
+    """Print the text, the budget and its passes over the text (warning past the passes
+    MEMORIZATION_PASSES allows `loss`), record the `budget` event; returns the passes in all."""
     block_size = blocks.shape[1]
     held = f"; {holdout.shape[0]:,} held out ({fraction:.0%}), evaluated every epoch" if holdout is not None else ""
     logger.info(f"Training text: {text.ids.numel():,} tokens → {blocks.shape[0]:,} blocks of {block_size}{held}")
@@ -69,9 +73,10 @@ def report_budget(text: TokenizedText, blocks: torch.Tensor, holdout: torch.Tens
                 f"{per_epoch:.1f} passes over the training text per epoch, {total:.1f} in all")
     logger.log({"event": "budget", "train_tokens": int(blocks.numel()), "passes_per_epoch": per_epoch,
                 "passes": total, "holdout_tokens": int(holdout.numel()) if holdout is not None else 0})
-    if total > MEMORIZATION_PASSES:
+    if total > MEMORIZATION_PASSES[loss]:
+        distill = "" if loss == "kd" else ", or distill (--loss kd: it memorizes later)"
         logger.info(f"Warning: {total:.0f} passes over {blocks.numel():,} tokens; models trained this long on this "
                     "little text memorize it (its training loss falls while perplexity elsewhere rises). Add text "
-                    "(--train-source a.txt,b.raw,folder/), lower --max-step or --epochs, or distill (--loss kd), "
+                    f"(--train-source a.txt,b.raw,folder/), lower --max-step or --epochs{distill}, "
                     "and watch the held-out loss")
     return total
