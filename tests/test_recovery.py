@@ -318,3 +318,37 @@ def test_the_lr_note_comes_with_the_brief_s_lr_at_extreme_density_and_names_a_ba
         base = float(note.split("--base-lr ")[1].split()[0])
         assert base * math.sqrt(MEASURED_BATCH) == pytest.approx(MEASURED_LR, rel=0.03)
         assert f"gives lr {base * 2:.2g} at batch 4" in note
+
+
+def test_gradual_updates_keep_every_tensor_address_and_compile_nothing_new(tmp_path, tiny_llama_dir, text_file,
+                                                                           monkeypatch):
+    """CUDA graphs replay the addresses they recorded and dynamo recompiles on new guards: a mask
+    update must change values only.  Counted with a counting torch.compile backend on the CPU."""
+    import fsdp_finetune
+    from torch._dynamo.testing import CompileCounter
+    real_compile, real_prune = torch.compile, fsdp_finetune._prune_further
+    moved = []
+
+    def addresses(model):
+        return {n: t.data_ptr() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+    def prune_further(model, *args, **kwargs):
+        before = addresses(model)
+        measured = real_prune(model, *args, **kwargs)
+        moved.extend(n for n, p in addresses(model).items() if before.get(n) != p)
+        return measured
+    monkeypatch.setattr(fsdp_finetune, "_prune_further", prune_further)
+    frames = []
+    for every in ("8", "2"):  # one update, then four
+        counter = CompileCounter()
+        monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **_: real_compile(fn, backend=counter))
+        torch._dynamo.reset()
+        args = job_args(tiny_llama_dir, text_file, tmp_path / every, "--compile", "default", "--loss", "kd",
+                        "--schedule", "gradual", "--density-steps", "0.5,0.3", "--prune-every", every,
+                        "--max-step", "14", "--epochs", "1", "--eval-compile", "off")
+        assert main(args) == 0
+        updates = [e for e in _epochs(tmp_path / every) if e["event"] == "mask_update"]
+        assert len(updates) == (1 if every == "8" else 4)
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1] == frames[0]  # the training step compiled, and once only
+    assert moved == []
