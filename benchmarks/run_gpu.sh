@@ -52,17 +52,25 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [owlkd-mix-lr6e-4-1ep]="--loss kd --train-source $MIX --lr 6e-4 --layer-density owl --epochs 1"
   [gkd-mix-lr6e-4]="--loss kd --train-source $MIX --lr 6e-4 --schedule gradual"  # the full budget on the mix
   [owlkd-mix-lr6e-4]="--loss kd --train-source $MIX --lr 6e-4 --layer-density owl"
+  [iowlkd-mix-lr6e-4]="--loss kd --train-source $MIX --lr 6e-4 --schedule iterative --layer-density owl"
+  [ikd-mix-lr6e-4]="--loss kd --train-source $MIX --lr 6e-4 --schedule iterative"
+  [kd-mix-lr6e-4]="--loss kd --train-source $MIX --lr 6e-4"  # at 1.0: the dense model under KD
+  [ce-mix-lr6e-4]="--loss ce --train-source $MIX --lr 6e-4"  # at 1.0: the dense model under CE
+  [cekd-mix-lr5e-5]="--loss ce+kd --train-source $MIX --lr 5e-5"  # near dense (0.5)
   [gkd-valid-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --schedule gradual --epochs 1"  # the derived lr
   [owlkd-valid-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --layer-density owl --epochs 1"
   [ce-valid-lr3e-5-1ep]="--loss ce --train-source $DATA/wiki.valid.raw --lr 3e-5 --epochs 1"
 )
 # EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen).
 # RUN_LIMIT: seconds each run may take (timeout), so that a call's summary and results still come back.
-# The table's missing rows (BENCHMARKS.md, "Recovery at 0.1, 0.3, 0.5"), one call each:
-#   SKIP_PRUNE=1 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes \
-#     "owlkd-valid-lr1e-3-1ep@0.1 iowlkd-valid-lr3e-4-1ep@0.1 gkd-valid-lr3e-4-1ep@0.1 genkd-lr3e-4-1ep@0.1"
-#   SKIP_PRUNE=1 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes \
-#     "ikd-valid-lr3e-4-1ep@0.3 iowlkd-valid-lr3e-4-1ep@0.3"   (iterative at 0.5 needs --density-steps from above 0.5)
+# The table's missing rows (BENCHMARKS.md, "Recovery over the full budget"), one call each (two
+# full-budget runs share the GPU in about 330 s; three took 520 s; a gradual step runs at half speed):
+#   RUN_LIMIT=540 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes "iowlkd-mix-lr6e-4@0.1 ikd-mix-lr6e-4@0.1"
+#   RUN_LIMIT=540 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes "gkd-mix-lr6e-4@0.1"
+#   RUN_LIMIT=540 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes "kd-mix-lr6e-4@1.0 ce-mix-lr6e-4@1.0"
+#   RUN_LIMIT=540 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes "today@0.5 cekd-mix-lr5e-5@0.5"
+# (iterative at 0.5 needs --density-steps from above 0.5; gradual runs prune their 0.5 start
+# themselves: run one at a time, or prune-only at 0.5 first, as the cache write is not shared)
 recipe() {  # $1 name, $2 density
   local start=$SECONDS
   ${RUN_LIMIT:+timeout $RUN_LIMIT} python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "$2" --batch-size 8 --epochs 5 \
