@@ -69,8 +69,8 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 #   RUN_LIMIT=540 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes "gkd-mix-lr6e-4@0.1"
 #   RUN_LIMIT=540 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes "kd-mix-lr6e-4@1.0 ce-mix-lr6e-4@1.0"
 #   RUN_LIMIT=540 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes "today@0.5 cekd-mix-lr5e-5@0.5"
-# (iterative at 0.5 needs --density-steps from above 0.5; gradual runs prune their 0.5 start
-# themselves: run one at a time, or prune-only at 0.5 first, as the cache write is not shared)
+# (iterative at 0.5 needs --density-steps from above 0.5; runs that prune the same uncached model
+# at once each prune it, and the first one saved is kept)
 recipe() {  # $1 name, $2 density
   local start=$SECONDS
   ${RUN_LIMIT:+timeout $RUN_LIMIT} python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "$2" --batch-size 8 --epochs 5 \

@@ -206,3 +206,22 @@ def test_bad_lineage_files_are_refused_with_the_file_name(tmp_path):
         import_lineage_checkpoint(model, pickled)
     with pytest.raises(CheckpointError, match="not found"):
         import_lineage_checkpoint(model, tmp_path / "missing.pt")
+
+
+def test_a_cache_entry_another_process_finished_first_is_kept_and_its_temporary_folder_left_alone(tmp_path):
+    import json
+    import os
+    from utils.checkpoint_utils import save_pretrained_atomic
+    model = tiny_model("llama", 64, layers=1, hidden=16)
+    folder = tmp_path / "entry"
+    others = [tmp_path / "entry.tmp", tmp_path / f"entry.{os.getpid() + 1}.tmp"]  # a training state's, another process's
+    for other in others:
+        other.mkdir()
+        (other / "part").write_text("being written")
+    save_pretrained_atomic(model, None, folder, info={"who": "first"}, keep_existing=True)
+    save_pretrained_atomic(model, None, folder, info={"who": "second"}, keep_existing=True)
+    assert json.loads((folder / "pruning.json").read_text())["who"] == "first"
+    save_pretrained_atomic(model, None, folder, info={"who": "third"})  # a best model: the new one replaces it
+    assert json.loads((folder / "pruning.json").read_text())["who"] == "third"
+    assert all((other / "part").read_text() == "being written" for other in others)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["entry", *(o.name for o in others)])

@@ -57,22 +57,28 @@ def lineage_checkpoint(root: str | os.PathLike, model_name: str, density: float)
 
 
 def save_pretrained_atomic(model: nn.Module, tokenizer, folder: str | os.PathLike, info: dict | None = None,
-                           state_dict: dict | None = None) -> Path:
-    """save_pretrained (safetensors) into a temporary folder, then swap it in: a crash mid-write
-    leaves the previous folder intact."""
+                           state_dict: dict | None = None, keep_existing: bool = False) -> Path:
+    """save_pretrained (safetensors) into a temporary folder of this process, then swap it in: a
+    crash mid-write leaves the previous folder intact.  `keep_existing` (a cache entry, whose
+    content its name fixes): when another process finished the same folder first, keep that one."""
     folder = Path(folder)
-    tmp = fresh_tmp(folder)
+    tmp = fresh_tmp(folder, private=True)
     model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if info is not None:
         write_json(tmp / "pruning.json", info)
+    if keep_existing and (folder / "pruning.json").exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return folder
     return swap_in(tmp, folder)
 
 
-def fresh_tmp(folder: Path) -> Path:
-    """An empty sibling folder to write `folder`'s next version into."""
-    tmp = folder.with_name(folder.name + ".tmp")
+def fresh_tmp(folder: Path, private: bool = False) -> Path:
+    """An empty sibling folder to write `folder`'s next version into.  `private`: named for this
+    process, so two processes writing the same folder at once do not share it (the training
+    state's is shared: every rank writes its part into one)."""
+    tmp = folder.with_name(folder.name + (f".{os.getpid()}.tmp" if private else ".tmp"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -190,5 +196,5 @@ def make_pruned_model(model: nn.Module, tokenizer, folder: Path, *, method: str,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
             **(extra_info or {})}
-    save_pretrained_atomic(model, tokenizer, folder, info=info)
+    save_pretrained_atomic(model, tokenizer, folder, info=info, keep_existing=True)  # two runs may prune it at once
     return info
