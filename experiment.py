@@ -313,12 +313,13 @@ def lr_note(config) -> str | None:
     if not config.lr_derived or config.density > EXTREME_DENSITY:
         return None
     base = MEASURED_LR / math.sqrt(MEASURED_BATCH)
-    return (f"Note: lr {config.lr:.3g} is the one derived from the batch size (5e-6 × √batch). Over the user's budget "
-            f"(25.6M tokens on 2.3M tokens of text) SmolLM2-135M recovered density 0.1 to 286.1 at the derived lr and to 79.5 "
-            f"at lr {MEASURED_LR:g} (batch {MEASURED_BATCH}, distillation, OWL), density 0.3 to 34.9 "
-            f"(BENCHMARKS.md): at extreme sparsity the learning rate is the strongest lever measured. "
-            f"--base-lr {base:.2g} keeps the √batch rule and gives lr {base * math.sqrt(config.batch_size):.2g} "
-            f"at batch {config.batch_size}")
+    derived_base = config.lr / math.sqrt(config.batch_size)
+    return (f"Note: lr {config.lr:.3g} is the one derived from the batch size ({derived_base:g} × √batch). "
+            "Over the user's budget (25.6M tokens on 2.3M tokens of text) SmolLM2-135M recovered density 0.1 to "
+            f"286.1 at the derived lr and to 79.5 at lr {MEASURED_LR:g} (batch {MEASURED_BATCH}, distillation, OWL), "
+            "density 0.3 to 34.9 (BENCHMARKS.md): at extreme sparsity the learning rate is the strongest lever "
+            f"measured. --base-lr {base:.2g} keeps the √batch rule and gives lr "
+            f"{base * math.sqrt(config.batch_size):.2g} at batch {config.batch_size}")
 
 
 def generation_spec(config) -> GenerationSpec | None:

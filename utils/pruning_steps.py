@@ -30,7 +30,6 @@ def profile_tag(config) -> str:
     return "uniform" if config.layer_density == "uniform" else f"owl-{config.owl_lambda:g}-{config.owl_m:g}"
 
 
-
 def sparsity_schedule(config) -> SparsitySchedule:
     """--schedule → the densities over the run's optimizer steps."""
     if config.schedule == "oneshot":
@@ -40,7 +39,6 @@ def sparsity_schedule(config) -> SparsitySchedule:
                                         config.density_steps[0] if config.density_steps else None)
     return SparsitySchedule.iterative(config.density, config.epochs * config.max_step, config.prune_stages,
                                       list(config.density_steps) if config.density_steps else None)
-
 
 
 def pruned_model(config, source, identity, tokenizer, accelerator, logger, eval_tokens, evaluate, dtype, bos=None):
@@ -83,7 +81,6 @@ def pruned_model(config, source, identity, tokenizer, accelerator, logger, eval_
     return model, info, report
 
 
-
 def calibration_of(config, tokenizer, model_config, bos: int | None) -> tuple[torch.Tensor, dict]:
     """The calibration windows (the papers': random windows of the calibration text, `--seed`) and their description."""
     length = min(config.calibration_length, position_limit(model_config) or 10 ** 9)
@@ -92,7 +89,6 @@ def calibration_of(config, tokenizer, model_config, bos: int | None) -> tuple[to
     windows = with_bos(calibration_windows(ids.ids, config.nsamples, text_length, config.seed), bos)
     return windows, {"source": config.calibration_source, "nsamples": config.nsamples, "length": length,
                      "seed": config.seed, "bos_per_window": bos is not None}
-
 
 
 def prune_now(config, source, identity, tokenizer, device, logger, eval_tokens, evaluate, folder, dtype, bos,
@@ -125,7 +121,6 @@ def prune_now(config, source, identity, tokenizer, device, logger, eval_tokens, 
     logger.info(f"Pruned in {info['seconds']:.1f} s; saved to {folder}")
     logger.log({"event": "pruning", **{k: v for k, v in info.items() if k != "layer_density"}})
     return model, info
-
 
 
 def repruner(config, model, tokenizer, device, bos: int | None):

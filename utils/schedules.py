@@ -60,11 +60,8 @@ class SparsitySchedule:
         stages = [(0, start)]
         for step in range(every, end + 1, every):
             stages.append((step, density + (start - density) * (1 - step / end) ** 3))
-        if stages[-1][0] != end:
+        if stages[-1][0] != end:  # (the cubic at `end` itself is `density` exactly)
             stages.append((end, density))
-        stages[-1] = (stages[-1][0], density)
-        if len(stages) < 2:
-            raise ValueError(f"no density update fits: {total_steps} steps, one update every {every}")
         distinct = [stages[0]] + [s for p, s in zip(stages, stages[1:]) if round(s[1], 6) < round(p[1], 6)]
         distinct[-1] = (distinct[-1][0], density)  # the last update may have been the one left out as equal
         return cls("gradual", tuple(distinct))
