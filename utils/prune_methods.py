@@ -207,19 +207,27 @@ def outlier_ratio(weights: list[torch.Tensor], sq_norms: list[torch.Tensor], m: 
 
 
 def owl_densities(ratios: list[float], sizes: list[int], density: float, lam: float,
-                  floor: float = 1e-3) -> list[float]:
+                  floor: float = 1e-3, ceiling: list[float] | None = None) -> list[float]:
     """OWL (Yin et al., 2023): per-layer densities that rise with the layer's outlier ratio, spread
     over a band of width 2·`lam` and shifted so that their mean weighted by the layer sizes is
-    exactly `density`; clipped to [floor, 1] with the difference spread over the unclipped layers."""
+    exactly `density`; clipped to [floor, ceiling] (`ceiling`: one bound per layer, default 1) with
+    the difference spread over the unclipped layers.  A model pruned before (an iterative stage)
+    passes its layers' densities as `ceiling`: pruning can only remove weights, so a layer asked
+    for more than it holds would keep less and the mean would miss `density`."""
     ratio = torch.tensor(ratios, dtype=torch.float64)
     weight = torch.tensor(sizes, dtype=torch.float64)
+    top = torch.ones_like(ratio) if ceiling is None else torch.tensor(ceiling, dtype=torch.float64).clamp(max=1.0)
+    held = float((top * weight).sum() / weight.sum())
+    if held < density - 1e-12:
+        raise ValueError(f"the layers hold a mean density of {held:.4g}, below the requested {density:g}: "
+                         "pruning cannot add weights back")
     spread = ratio.max() - ratio.min()
     scaled = (ratio - ratio.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(ratio)
     values = scaled - (scaled * weight).sum() / weight.sum() + density
     for _ in range(100):
-        values = values.clamp(floor, 1.0)
+        values = torch.minimum(values.clamp(min=floor), top)
         error = density - float((values * weight).sum() / weight.sum())
-        free = (values > floor) & (values < 1.0)
+        free = (values > floor) & (values < top)
         if abs(error) < 1e-12 or not bool(free.any()):
             break
         values[free] += error * weight.sum() / weight[free].sum()

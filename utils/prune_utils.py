@@ -213,9 +213,10 @@ def density_tolerance(model: nn.Module) -> float:
 
 @torch.no_grad()
 def owl_profile(model: nn.Module, calibration: torch.Tensor, density: float, lam: float = 0.08, m: float = 5.0,
-                device: str | torch.device = "cpu", batch_size: int = 8) -> list[float]:
-    """Per-layer densities by OWL from the dense model's activation outliers (one calibration pass,
-    layer by layer, nothing pruned): their parameter-weighted mean is exactly `density`."""
+                device: str | torch.device = "cpu", batch_size: int = 8, ceiling: list[float] | None = None) -> list[float]:
+    """Per-layer densities by OWL from the model's activation outliers (one calibration pass,
+    layer by layer, nothing pruned): their parameter-weighted mean is exactly `density`.  A model
+    pruned before passes its layers' densities as `ceiling` (no layer is asked for more than it holds)."""
     device = torch.device(device)
     _, layers = find_decoder_layers(model)
     inputs = capture_layer_inputs(model, calibration, device, batch_size)
@@ -229,7 +230,7 @@ def owl_profile(model: nn.Module, calibration: torch.Tensor, density: float, lam
             ratios.append(outlier_ratio([weight_matrix(linears[n]) for n in linears], [stats[n].sq_norm for n in linears], m))
             sizes.append(sum(weight_matrix(linear).numel() for linear in linears.values()))
             layer.to(home)
-    return owl_densities(ratios, sizes, density, lam)
+    return owl_densities(ratios, sizes, density, lam, ceiling=ceiling)
 
 
 @torch.no_grad()

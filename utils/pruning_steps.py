@@ -132,8 +132,10 @@ def repruner(config, model, tokenizer, device, bos: int | None):
     calibrated = needs_calibration(method) or owl
     calibration = calibration_of(config, tokenizer, model.config, bos)[0] if calibrated else None
 
-    def reprune(density: float) -> None:  # OWL: the profile anew for this density, from the trained model
-        target = (owl_profile(model, calibration, density, config.owl_lambda, config.owl_m, device=device)
-                  if owl else density)
+    def reprune(density: float) -> None:  # OWL: the profile anew for this density, from the trained model,
+        # no layer above the density it holds now (its pruned weights cannot come back)
+        held = [nonzeros / numel for _, nonzeros, numel in sparsity_report(model).layers] if owl else None
+        target = (owl_profile(model, calibration, density, config.owl_lambda, config.owl_m, device=device,
+                              ceiling=held) if owl else density)
         prune_model(model, method, target, calibration=calibration, device=device, progress=False)
     return reprune
