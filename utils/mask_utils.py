@@ -212,15 +212,25 @@ class SparsityReport:
 
 
 @torch.no_grad()
+def nonzero_counts(groups: list[list[torch.Tensor]]) -> list[int]:
+    """The non-zeros of each group of tensors, read back in one transfer: a host read per tensor
+    stalls a GPU step each time, and far longer when other processes share the GPU (a gradual
+    schedule's mask update counts every layer)."""
+    counts = [sum((torch.count_nonzero(t) for t in group), torch.zeros((), dtype=torch.int64, device=group[0].device))
+              for group in groups if group]
+    if len(counts) != len(groups):
+        raise ValueError("every group needs at least one tensor")
+    return torch.stack([c.to(counts[0].device) for c in counts]).tolist() if counts else []
+
+
 def sparsity_report(model: nn.Module) -> SparsityReport:
     """Measured non-zero ratio of every decoder layer's linear weights (shards of all ranks combined;
     a model that is not sharded is counted where it is, with no collective)."""
     prefix, layers = find_decoder_layers(model)
-    counts, sharded = [], False
-    for layer in layers:
-        weights = [linear.weight for linear in find_linears(layer).values()]
-        sharded = sharded or _any_sharded(weights)
-        weights = [_local(w) for w in weights]
-        counts.append([float(sum(int((w != 0).sum()) for w in weights)), float(sum(w.numel() for w in weights))])
+    groups = [[linear.weight for linear in find_linears(layer).values()] for layer in layers]
+    sharded = any(_any_sharded(weights) for weights in groups)
+    groups = [[_local(w) for w in weights] for weights in groups]
+    counts = [[float(nonzeros), float(sum(w.numel() for w in weights))]
+              for nonzeros, weights in zip(nonzero_counts(groups), groups)]
     totals = _all_reduce_sum(torch.tensor(counts, dtype=torch.float64), sharded)
     return SparsityReport([(f"{prefix}.{i}", int(nz), int(n)) for i, (nz, n) in enumerate(totals.tolist())])

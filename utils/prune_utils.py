@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .logging_utils import Progress
+from .mask_utils import nonzero_counts
 from .model_utils import ModelError, find_decoder_layers, find_linears, in_features, prunable_linears, weight_matrix
 from .pruning_methods import METHODS
 from .prune_methods import (GraphedSweeps, InputStats, Pattern, float32_matmul_precision, magnitude_keep,
@@ -278,10 +279,10 @@ def _prune_layers(model, prefix, layers, method, profile, pattern, calibration, 
             if inputs is not None and index + 1 < len(layers):
                 # The next layer sees what this pruned layer really produces.
                 inputs = [(_layer_output(layer(h, *a, **k)), a, k) for h, a, k in inputs]
-            weights = [lin.weight for lin in find_linears(layer).values()]
-            report.layer_density[f"{prefix}.{index}"] = (
-                sum(int((w != 0).sum()) for w in weights) / sum(w.numel() for w in weights))
             layer.to(home)
             bar.update(1)
             if on_layer:
                 on_layer(index, len(layers))
+    groups = [[linear.weight for linear in find_linears(layer).values()] for layer in layers]
+    report.layer_density = {f"{prefix}.{index}": nonzeros / sum(w.numel() for w in weights)
+                            for index, (nonzeros, weights) in enumerate(zip(nonzero_counts(groups), groups))}
