@@ -30,6 +30,7 @@ from utils.model_utils import (ModelError, bos_per_window, count_parameters, loa
 from utils.prepare_utils import compute_dtype, init_distributed, prepare_model, resolve_compile_mode
 from utils.pruning_methods import needs_calibration
 from utils.pruning_steps import profile_tag, pruned_model, repruner, sparsity_schedule
+from utils.recipes import recipe_note
 from utils.schedules import SparsitySchedule
 from utils.run_folder import (RunFolder, RunFolderError, check_file_writable, check_writable, drop_events_after,
                               resume_differences)
@@ -301,27 +302,6 @@ def _eval_compile(requested: str, training_compiles: bool) -> str:
     return "scoring" if training_compiles else "off"
 
 
-# At or below this density the brief's derived lr is far below the one recovery measured best with:
-# SmolLM2-135M over the user's 25.6M tokens, batch 8 (BENCHMARKS.md, "Recovery over the full budget").
-EXTREME_DENSITY = 0.3
-MEASURED_LR, MEASURED_BATCH = 6e-4, 8
-
-
-def lr_note(config) -> str | None:
-    """What the run prints when its lr is the brief's and its density extreme: the measured effect
-    of a larger lr, and the --base-lr that gives the measured lr under the same √batch rule."""
-    if not config.lr_derived or config.density > EXTREME_DENSITY:
-        return None
-    base = MEASURED_LR / math.sqrt(MEASURED_BATCH)
-    derived_base = config.lr / math.sqrt(config.batch_size)
-    return (f"Note: lr {config.lr:.3g} is the one derived from the batch size ({derived_base:g} × √batch). "
-            "Over the user's budget (25.6M tokens on 2.3M tokens of text) SmolLM2-135M recovered density 0.1 to "
-            f"286.1 at the derived lr and to 79.5 at lr {MEASURED_LR:g} (batch {MEASURED_BATCH}, distillation, OWL), "
-            "density 0.3 to 34.9 (BENCHMARKS.md): at extreme sparsity the learning rate is the strongest lever "
-            f"measured. --base-lr {base:.2g} keeps the √batch rule and gives lr "
-            f"{base * math.sqrt(config.batch_size):.2g} at batch {config.batch_size}")
-
-
 def generation_spec(config) -> GenerationSpec | None:
     """The `generated:N` part of --train-source with its sampling settings, or None."""
     generated = split_sources(config.train_source)[1]
@@ -392,7 +372,7 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
     if shards > 1 and device.type == "cuda":
         logger.info("Note: FSDP steps run without CUDA graphs; a model that fits one GPU may train faster with "
                     "--parallel ddp (a whole copy per process, CUDA graphs kept) or on one GPU (BENCHMARKS.md)")
-    note = lr_note(config)
+    note = recipe_note(config)
     if note:
         logger.info(note)
     prepared = prepare_model(model, device, mixed, compile_mode, config.parallel, teacher=teacher, loss=loss)

@@ -345,21 +345,38 @@ def test_auto_layer_density_is_owl_up_to_density_0_3_for_a_calibrated_one_shot_p
     assert resolve_layer_density("uniform", 0.1, None, "oneshot", "sparsegpt") == "uniform"
 
 
-@pytest.mark.parametrize("extra, density, noted", [((), "0.1", True), ((), "0.3", True), ((), "0.5", False),
-                                                   (("--lr", "6e-4"), "0.1", False),
-                                                   (("--base-lr", "2e-4"), "0.1", False)])
-def test_the_lr_note_comes_with_the_brief_s_lr_at_extreme_density_and_names_a_base_lr(extra, density, noted):
-    from experiment import MEASURED_BATCH, MEASURED_LR, lr_note
+@pytest.mark.parametrize("extra, density, names", [
+    ((), "0.1", ("--schedule gradual", "--schedule oneshot")), ((), "0.3", ()), ((), "0.5", ("--loss ce+kd", "--loss kd")),
+    (("--schedule", "gradual"), "0.1", ()), ((), "0.7", None), (("--lr", "6e-4"), "0.1", None),
+    (("--base-lr", "2e-4"), "0.1", None)])
+def test_the_recipe_note_names_the_measured_recipe_and_where_a_run_at_the_brief_s_lr_differs(extra, density, names):
     from extreme_compression_experiment import build_parser, validate
+    from utils.recipes import MEASURED_BATCH, measured_recipe, recipe_note
     parser = build_parser()
     config = validate(parser.parse_args(["--sparsity", density, "--batch-size", "4", *extra]), parser)
-    note = lr_note(config)
-    assert (note is not None) == noted
-    if noted:  # the --base-lr it names gives the measured lr at the measured batch, by the same √batch rule
-        assert f"lr {config.lr:.3g} is the one derived" in note and config.lr == pytest.approx(5e-6 * 2)
-        base = float(note.split("--base-lr ")[1].split()[0])
-        assert base * math.sqrt(MEASURED_BATCH) == pytest.approx(MEASURED_LR, rel=0.03)
-        assert f"gives lr {base * 2:.2g} at batch 4" in note
+    note = recipe_note(config)
+    assert (note is None) == (names is None)
+    if note is None:
+        return
+    recipe = measured_recipe(config.density)
+    assert f"is {recipe.perplexity:.2f} with --loss {recipe.loss}" in note
+    assert "lr 1.0e-5 (derived: 5.0e-6 × √batch)" in note and config.lr == pytest.approx(5e-6 * 2)
+    for name in names:  # the recipe's flag, then this run's value that differs
+        assert name in note
+    assert ("This run has --schedule" in note) == ("--schedule oneshot" in names)
+    # the --base-lr it names gives the measured lr at the measured batch, by the same √batch rule
+    base = float(note.split("--base-lr ")[1].split()[0])
+    assert base * math.sqrt(MEASURED_BATCH) == pytest.approx(recipe.lr, rel=0.03)
+    assert f"gives lr {base * 2:.1e} at batch 4".replace("e-0", "e-") in note
+
+
+def test_measured_recipes_cover_their_bands_in_order():
+    from utils.recipes import RECIPES, measured_recipe
+    assert [r.density for r in RECIPES] == sorted(r.density for r in RECIPES)
+    assert all(r.density <= r.up_to for r in RECIPES)
+    assert measured_recipe(0.05).density == 0.1 and measured_recipe(0.2).density == 0.1
+    assert measured_recipe(0.25).density == 0.3 and measured_recipe(0.6).density == 0.5
+    assert measured_recipe(0.61) is None and measured_recipe(1.0) is None
 
 
 def test_a_gradual_update_reads_counts_back_a_few_times_not_once_per_weight(tiny_llama_dir, monkeypatch):
