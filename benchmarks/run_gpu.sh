@@ -57,18 +57,23 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [kd-mix-lr6e-4]="--loss kd --train-source $MIX --lr 6e-4"  # at 1.0: the dense model under KD
   [ce-mix-lr6e-4]="--loss ce --train-source $MIX --lr 6e-4"  # at 1.0: the dense model under CE
   [cekd-mix-lr5e-5]="--loss ce+kd --train-source $MIX --lr 5e-5"  # near dense (0.5)
+  [ce-mix-lr5e-5]="--loss ce --train-source $MIX --lr 5e-5"  # near dense (0.5): CE above the derived lr, on the mix
   [gkd-valid-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --schedule gradual --epochs 1"  # the derived lr
   [owlkd-valid-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --layer-density owl --epochs 1"
   [ce-valid-lr3e-5-1ep]="--loss ce --train-source $DATA/wiki.valid.raw --lr 3e-5 --epochs 1"
 )
 # EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen).
 # RUN_LIMIT: seconds each run may take (timeout), so that a call's summary and results still come back.
-# The table's missing rows (BENCHMARKS.md, "Recovery over the full budget"), one call each (two
-# full-budget runs share the GPU in about 330 s; three took 520 s; a gradual step runs at half speed):
-#   RUN_LIMIT=540 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes "iowlkd-mix-lr6e-4@0.1 ikd-mix-lr6e-4@0.1"
-#   RUN_LIMIT=540 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes "gkd-mix-lr6e-4@0.1"
-#   RUN_LIMIT=540 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes "kd-mix-lr6e-4@1.0 ce-mix-lr6e-4@1.0"
-#   RUN_LIMIT=540 EXTRA=--skip-dense-eval bash benchmarks/run_gpu.sh recipes "today@0.5 cekd-mix-lr5e-5@0.5"
+# The table's missing rows (BENCHMARKS.md, "The table's missing rows"), taken in three calls of one
+# warm machine: a run stopped by RUN_LIMIT saves its state (SIGTERM) and the next call's --resume
+# continues it exactly; a run with no state starts fresh (SKIP_PRUNE=1: each run prunes what it needs).
+#   SKIP_PRUNE=1 RUN_LIMIT=505 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
+#       "gkd-mix-lr6e-4@0.1 iowlkd-mix-lr6e-4@0.1 today@0.5 ce@0.5"
+#   SKIP_PRUNE=1 RUN_LIMIT=530 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
+#       "gkd-mix-lr6e-4@0.1 iowlkd-mix-lr6e-4@0.1 ce@0.5 ce@1.0"
+#   SKIP_PRUNE=1 RUN_LIMIT=420 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
+#       "kd-mix-lr6e-4@1.0 ce-mix-lr5e-5@0.5 cekd-mix-lr5e-5@0.5"
+# Still missing: ikd-mix-lr6e-4@0.1, today@0.3, kd at 0.5, the ends of kd@1.0 and cekd@0.5.
 # (iterative at 0.5 needs --density-steps from above 0.5; runs that prune the same uncached model
 # at once each prune it, and the first one saved is kept)
 recipe() {  # $1 name, $2 density
