@@ -34,6 +34,7 @@ from utils.logging_utils import MetricsLogger, describe_density
 from utils.prepare_utils import (Prepared, average_gradients, compute_dtype, init_distributed, prepare_model,
                                  resolve_compile_mode, shard_model)
 from utils.mask_utils import MaskSet, sparsity_report
+from utils.prune_utils import density_tolerance
 from utils.schedules import SparsitySchedule
 from utils.state_utils import StopRequests, load_training_state, save_training_state
 from utils.memory_utils import MemoryTracker
@@ -381,6 +382,10 @@ def _prune_further(model: nn.Module, density: float, reprune: Callable[[float], 
     measured = sparsity_report(model).density
     logger.log({"event": "mask_update", "step": state.global_step, "epoch": state.epoch, "density": density,
                 "measured_density": measured}, step=state.global_step)
+    if abs(measured - density) > density_tolerance(model):
+        logger.info(f"Warning: the prune at step {state.global_step} left {describe_density(measured)}, not the "
+                    f"scheduled {density:.4g} (more than rounding); training goes on at the measured density. "
+                    "This is a bug, please report it with the run's metrics.jsonl")
     return measured
 
 

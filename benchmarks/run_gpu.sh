@@ -58,6 +58,9 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [ce-mix-lr6e-4]="--loss ce --train-source $MIX --lr 6e-4"  # at 1.0: the dense model under CE
   [cekd-mix-lr5e-5]="--loss ce+kd --train-source $MIX --lr 5e-5"  # near dense (0.5)
   [ce-mix-lr5e-5]="--loss ce --train-source $MIX --lr 5e-5"  # near dense (0.5): CE above the derived lr, on the mix
+  [gkd-mix]="--loss kd --train-source $MIX --schedule gradual"  # gradual at the brief's derived lr: the default's question
+  [kd-mix-lr5e-5]="--loss kd --train-source $MIX --lr 5e-5"  # 0.5: pure KD at CE+KD's lr
+  [icekd-mix-lr5e-5]="--loss ce+kd --train-source $MIX --lr 5e-5 --schedule iterative --density-steps 0.8,0.65,0.5"  # 0.5
   [gkd-valid-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --schedule gradual --epochs 1"  # the derived lr
   [owlkd-valid-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --layer-density owl --epochs 1"
   [ce-valid-lr3e-5-1ep]="--loss ce --train-source $DATA/wiki.valid.raw --lr 3e-5 --epochs 1"
@@ -73,7 +76,9 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 #       "gkd-mix-lr6e-4@0.1 iowlkd-mix-lr6e-4@0.1 ce@0.5 ce@1.0"
 #   SKIP_PRUNE=1 RUN_LIMIT=420 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
 #       "kd-mix-lr6e-4@1.0 ce-mix-lr5e-5@0.5 cekd-mix-lr5e-5@0.5"
-# Still missing: ikd-mix-lr6e-4@0.1, today@0.3, kd at 0.5, the ends of kd@1.0 and cekd@0.5.
+# Still missing (two calls of 3–4 runs, with --resume as above):
+#   "ikd-mix-lr6e-4@0.1 gkd-mix@0.1 today@0.3 gkd-mix-lr6e-4@0.3"
+#   "kd-mix-lr5e-5@0.5 icekd-mix-lr5e-5@0.5 cekd-mix-lr5e-5@0.5 kd-mix-lr6e-4@1.0"  (the last two resume, if warm)
 # (iterative at 0.5 needs --density-steps from above 0.5; runs that prune the same uncached model
 # at once each prune it, and the first one saved is kept)
 recipe() {  # $1 name, $2 density

@@ -406,6 +406,27 @@ def test_a_gradual_update_reads_counts_back_a_few_times_not_once_per_weight(tiny
     assert len(masks) == 14 and len(reads) <= 3, reads
 
 
+def test_a_stage_that_misses_its_density_says_so(tiny_llama_dir):
+    """What would have flagged the iterative + OWL stages that ended at 0.0935 for 0.1."""
+    import io
+    from fsdp_finetune import Optimization, TrainState, _prune_further
+    from utils.logging_utils import MetricsLogger
+    from utils.mask_utils import MaskSet
+    from utils.model_utils import load_model, resolve_model
+    from utils.prune_utils import prune_model
+    model, _ = load_model(resolve_model(str(tiny_llama_dir)))
+    prune_model(model, "magnitude", 0.5, progress=False)
+    masks = MaskSet.for_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimization = Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    printed = io.StringIO()
+    for asked, pruned_to in ((0.4, 0.4), (0.3, 0.25)):
+        _prune_further(model, asked, lambda d, to=pruned_to: prune_model(model, "magnitude", to, progress=False),
+                       masks, optimization, MetricsLogger(stream=printed), TrainState(global_step=7))
+        assert ("the scheduled 0.3" in printed.getvalue()) == (asked != pruned_to)
+    assert "Warning: the prune at step 7 left density 25" in printed.getvalue()
+
+
 def test_gradual_updates_keep_every_tensor_address_and_compile_nothing_new(tmp_path, tiny_llama_dir, text_file,
                                                                            monkeypatch):
     """CUDA graphs replay the addresses they recorded and dynamo recompiles on new guards: a mask
