@@ -223,6 +223,7 @@ def nonzero_counts(groups: list[list[torch.Tensor]]) -> list[int]:
     return torch.stack([c.to(counts[0].device) for c in counts]).tolist() if counts else []
 
 
+@torch.no_grad()
 def sparsity_report(model: nn.Module) -> SparsityReport:
     """Measured non-zero ratio of every decoder layer's linear weights (shards of all ranks combined;
     a model that is not sharded is counted where it is, with no collective)."""
