@@ -379,21 +379,29 @@ def test_measured_recipes_cover_their_bands_in_order():
     assert measured_recipe(0.61) is None and measured_recipe(1.0) is None
 
 
+def _half_pruned_in_training(model_dir):
+    """The tiny model pruned to 0.5 by magnitude, its masks and an optimizer: what a schedule's update acts on."""
+    from fsdp_finetune import Optimization
+    from utils.mask_utils import MaskSet
+    from utils.model_utils import load_model, resolve_model
+    from utils.prune_utils import prune_model
+    model, _ = load_model(resolve_model(str(model_dir)))
+    prune_model(model, "magnitude", 0.5, progress=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, MaskSet.for_model(model), Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 1.0))
+
+
 def test_a_gradual_update_reads_counts_back_a_few_times_not_once_per_weight(tiny_llama_dir, monkeypatch):
     """Measured on the H200 with other runs sharing it: a window of 10 steps holding a mask update
     took 5.4 s against 1.0 s without, while the update alone took 0.12 s on an idle GPU; each host
     read of a count (then one per weight) waits for the GPU.  Now: one read for the prune's per-layer
     densities, one for the density the update logs (and that report's host-side table)."""
-    from fsdp_finetune import Optimization, TrainState, _prune_further
+    from fsdp_finetune import TrainState, _prune_further
     from utils.logging_utils import MetricsLogger
-    from utils.mask_utils import MaskSet, sparsity_report
-    from utils.model_utils import load_model, resolve_model
+    from utils.mask_utils import sparsity_report
     from utils.prune_utils import prune_model
-    model, _ = load_model(resolve_model(str(tiny_llama_dir)))
-    prune_model(model, "magnitude", 0.5, progress=False)
-    masks = MaskSet.for_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    optimization = Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    model, masks, optimization = _half_pruned_in_training(tiny_llama_dir)
     reads = []
     for name in ("item", "tolist", "__int__", "__float__", "__bool__"):
         real = getattr(torch.Tensor, name)
@@ -409,16 +417,10 @@ def test_a_gradual_update_reads_counts_back_a_few_times_not_once_per_weight(tiny
 def test_a_stage_that_misses_its_density_says_so(tiny_llama_dir):
     """What would have flagged the iterative + OWL stages that ended at 0.0935 for 0.1."""
     import io
-    from fsdp_finetune import Optimization, TrainState, _prune_further
+    from fsdp_finetune import TrainState, _prune_further
     from utils.logging_utils import MetricsLogger
-    from utils.mask_utils import MaskSet
-    from utils.model_utils import load_model, resolve_model
     from utils.prune_utils import prune_model
-    model, _ = load_model(resolve_model(str(tiny_llama_dir)))
-    prune_model(model, "magnitude", 0.5, progress=False)
-    masks = MaskSet.for_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    optimization = Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    model, masks, optimization = _half_pruned_in_training(tiny_llama_dir)
     printed = io.StringIO()
     for asked, pruned_to in ((0.4, 0.4), (0.3, 0.25)):
         _prune_further(model, asked, lambda d, to=pruned_to: prune_model(model, "magnitude", to, progress=False),
