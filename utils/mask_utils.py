@@ -216,11 +216,11 @@ def nonzero_counts(groups: list[list[torch.Tensor]]) -> list[int]:
     """The non-zeros of each group of tensors, read back in one transfer: a host read per tensor
     stalls a GPU step each time, and far longer when other processes share the GPU (a gradual
     schedule's mask update counts every layer)."""
-    counts = [sum((torch.count_nonzero(t) for t in group), torch.zeros((), dtype=torch.int64, device=group[0].device))
-              for group in groups if group]
-    if len(counts) != len(groups):
-        raise ValueError("every group needs at least one tensor")
-    return torch.stack([c.to(counts[0].device) for c in counts]).tolist() if counts else []
+    device = next((t.device for group in groups for t in group), None)
+    if device is None:  # no tensors at all (an empty group counts 0, as before)
+        return [0] * len(groups)
+    return torch.stack([sum((torch.count_nonzero(t).to(device) for t in group),
+                            torch.zeros((), dtype=torch.int64, device=device)) for group in groups]).tolist()
 
 
 @torch.no_grad()
