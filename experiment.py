@@ -10,6 +10,7 @@ the others wait for it (`main_process_first`) and then read what it wrote.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import platform
 from pathlib import Path
@@ -151,6 +152,16 @@ def _generation_identity(config) -> dict | None:
                                       "batch_size": spec.batch_size}
 
 
+def _delivered(output: Path, train_state: dict) -> bool:
+    """Whether a finished run also wrote what comes after its last epoch: results.json of all its
+    epochs, not interrupted (a stop during the export leaves the older one, or none)."""
+    try:
+        results = json.loads((output / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return results.get("interrupted") is False and results.get("epochs_completed") == train_state["epoch"] - 1
+
+
 def _check_resume(config, folder: RunFolder, identity: dict) -> dict | None:
     """The saved state's meta when --resume continues this very run; refuses one that would mix two."""
     if not config.resume or not (folder.state_dir / "train_state.json").exists():
@@ -183,10 +194,13 @@ def _run(config, accelerator, device, output: Path, logger: MetricsLogger, folde
     run = {**run_identity(config, identity), "bos_per_window": bos is not None}
     meta = _check_resume(config, folder, run)
     if meta is not None and meta["train_state"].get("finished"):
-        logger.info(f"The run in {output} is already finished; its summary:")
-        for line in PerplexityHistory.from_dict(meta["train_state"]["history"]).summary_lines():
-            logger.info(line)
-        return 0
+        if _delivered(output, meta["train_state"]):
+            logger.info(f"The run in {output} is already finished; its summary:")
+            for line in PerplexityHistory.from_dict(meta["train_state"]["history"]).summary_lines():
+                logger.info(line)
+            return 0
+        logger.info(f"The run in {output} finished training but stopped before its results were all written "
+                    "(results.json, the export): writing them now, from the saved state")
     if accelerator.is_main_process:
         if meta is None:
             write_json(output / "run.json", {"config": dataclasses.asdict(config), "identity": run,

@@ -480,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:  # outside training (which saves its own state): pruning, evaluation, loading
         print("Interrupted. Finished pruned models and run files are kept (they are written atomically); "
-              "run the same command again to continue.", file=sys.stderr)
+              "run the same command again to continue (with --resume, where a training run saved its state).",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if previous is not None:

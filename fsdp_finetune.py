@@ -293,7 +293,8 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
         logger.info(f"Resumed from {state_dir}: epoch {state.epoch}, optimizer step {state.global_step} of {total_steps}")
     sampler = BlockSampler(blocks.shape[0], config.seed)
     memory = MemoryTracker(device)
-    result = TrainResult(history, state)
+    # A finished state resumed (its results were not all written): nothing trains, the run delivers.
+    result = TrainResult(history, state, stopped_early=state.finished and state.epoch <= config.epochs)
     logger.info(f"Training: {config.epochs} epochs × {config.max_step} steps, batch {config.batch_size} "
                 f"= {micro} per micro-batch × {accum} accumulation × {world} processes, lr {config.lr:.3g}")
     tokens_per_step = config.batch_size * blocks.shape[1]

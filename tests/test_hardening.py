@@ -122,6 +122,34 @@ def test_resume_refuses_changed_settings_and_a_finished_run_stays_finished(tmp_p
     assert json.loads((out / "results.json").read_text()) == results
 
 
+def test_a_run_stopped_while_exporting_after_its_last_epoch_writes_its_results_on_resume(
+        tmp_path, tiny_llama_dir, text_file, capsys, monkeypatch):
+    """As measured on the H200: SIGTERM came while a finished run exported its model, after its
+    last state was saved; --resume then said "already finished" and left results.json missing."""
+    import experiment
+    out = tmp_path / "run"
+    export = experiment.export_model
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # what SIGTERM raises outside the training loop
+    monkeypatch.setattr(experiment, "export_model", stopped)
+    assert main(job_args(tiny_llama_dir, text_file, out)) == 130
+    assert json.loads((out / "state" / "train_state.json").read_text())["train_state"]["finished"]
+    assert not (out / "results.json").exists() and not (out / "compressed").exists()
+    saved = json.loads((out / "state" / "train_state.json").read_text())["train_state"]["history"]
+    monkeypatch.setattr(experiment, "export_model", export)
+    assert "with --resume" in capsys.readouterr().err  # the way on names the flag it needs
+    assert main(job_args(tiny_llama_dir, text_file, out, "--resume")) == 0
+    printed = capsys.readouterr().out
+    assert "finished training but stopped before its results were all written" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["interrupted"] is False and results["epochs_completed"] == 2 and not results["stopped_early"]
+    assert [e["perplexity"] for e in results["epochs"]] == [e["perplexity"] for e in saved["epochs"]]
+    assert results["export"]["folder"] and (out / "compressed" / "config.json").exists()
+    assert main(job_args(tiny_llama_dir, text_file, out, "--resume")) == 0  # now delivered: nothing is redone
+    assert "already finished" in capsys.readouterr().out
+
+
 def test_a_new_run_into_a_folder_holding_one_is_refused_unless_overwritten(tmp_path, tiny_llama_dir, text_file,
                                                                           capsys):
     out = tmp_path / "run"
