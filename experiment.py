@@ -347,7 +347,8 @@ def _teacher(config, source, mixed: str, logger, dense: torch.nn.Module | None =
     """The dense model the run started from, frozen, in the compute precision (distillation only);
     `dense`: that model when it is loaded already (it sampled a generated:N text)."""
     spec = LossSpec(config.loss, config.kd_temperature, config.ce_weight, config.kd_weight, config.kd_hidden_weight)
-    logger.info(f"Loss: {spec.describe()}")
+    logger.info(f"Loss: {spec.describe()}" + (f" (--loss auto: the loss of the best recovery measured near density "
+                                             f"{config.density:g}, utils/recipes.py)" if config.loss_auto else ""))
     if not spec.needs_teacher:
         return spec, None
     teacher = dense if dense is not None else _dense_model(source, mixed)

@@ -23,11 +23,10 @@ from pathlib import Path
 from utils.layer_density import LAYER_DENSITIES, OWL_AUTO_MAX_DENSITY, resolve_layer_density
 from utils.logging_utils import make_console_safe
 from utils.pruning_methods import METHODS
+from utils.recipes import default_loss
 from utils.schedules import GRADUAL_RAMP, ITERATIVE_START, SCHEDULES
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
-# The loss the plain command trains with (the best measured recipe; BENCHMARKS.md, "Recovery recipes").
-DEFAULT_LOSS = "kd"
 BASE_LR = 5e-6  # the brief's lr rule: BASE_LR·sqrt(batch_size)
 
 
@@ -166,9 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--holdout", type=float, default=0.05,
                        help="fraction of the training text held out (its last blocks) and evaluated every epoch, "
                             "to show memorization without the test set; 0 = off")
-    train.add_argument("--loss", default=DEFAULT_LOSS, choices=["ce", "kd", "ce+kd"],
+    train.add_argument("--loss", default="auto", choices=["auto", "ce", "kd", "ce+kd"],
                        help="ce: cross-entropy on the training text; kd: distillation from the dense --model "
-                            "(KL divergence of the next-token distributions); ce+kd: both, weighted")
+                            "(KL divergence of the next-token distributions); ce+kd: both, weighted; auto: the "
+                            "loss of the best recovery measured near --sparsity (kd at density ≤ 0.4, ce+kd "
+                            "above: utils/recipes.py)")
     train.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (> 0)")
     train.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation term")
     train.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy term")
@@ -276,6 +277,7 @@ class ExperimentConfig:
     gen_length: int | None
     gen_batch_size: int
     loss: str
+    loss_auto: bool  # --loss auto: `loss` is the measured recipe's for this density
     kd_temperature: float
     kd_weight: float
     ce_weight: float
@@ -336,7 +338,7 @@ def _problems(args: argparse.Namespace) -> list[str]:
     finite("--kd-weight", args.kd_weight, 0, what="a finite number >= 0")
     finite("--ce-weight", args.ce_weight, 0, what="a finite number >= 0")
     finite("--kd-hidden-weight", args.kd_hidden_weight, 0, what="a finite number >= 0 (0 = off)")
-    if args.loss == "ce+kd" and args.kd_weight == 0 and args.ce_weight == 0:
+    if args.loss in ("ce+kd", "auto") and args.kd_weight == 0 and args.ce_weight == 0:
         problems.append("arguments --ce-weight and --kd-weight: both are 0, so nothing would be trained")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         problems.append("argument --warmup-steps: must be 0 or more")
@@ -446,7 +448,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         warmup_steps=warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, block_size=args.block_size,
         train_source=args.train_source, holdout=args.holdout, gen_temperature=args.gen_temperature,
-        gen_top_p=args.gen_top_p, gen_length=args.gen_length, gen_batch_size=args.gen_batch_size, loss=args.loss, kd_temperature=args.kd_temperature,
+        gen_top_p=args.gen_top_p, gen_length=args.gen_length, gen_batch_size=args.gen_batch_size,
+        loss=default_loss(density) if args.loss == "auto" else args.loss, loss_auto=args.loss == "auto",
+        kd_temperature=args.kd_temperature,
         kd_weight=args.kd_weight, ce_weight=args.ce_weight, kd_hidden_weight=args.kd_hidden_weight,
         mixed_precision=args.mixed_precision,
         compile=args.compile, parallel=args.parallel, seed=args.seed,

@@ -61,6 +61,8 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [gkd-mix]="--loss kd --train-source $MIX --schedule gradual"  # gradual at the brief's derived lr: the default's question
   [kd-mix-lr5e-5]="--loss kd --train-source $MIX --lr 5e-5"  # 0.5: pure KD at CE+KD's lr
   [icekd-mix-lr5e-5]="--loss ce+kd --train-source $MIX --lr 5e-5 --schedule iterative --density-steps 0.8,0.65,0.5"  # 0.5
+  [iowlcekd-mix-lr5e-5]="--loss ce+kd --train-source $MIX --lr 5e-5 --schedule iterative --layer-density owl --density-steps 0.8,0.65,0.5"
+  [gcekd-mix-lr5e-5]="--loss ce+kd --train-source $MIX --lr 5e-5 --schedule gradual --density-steps 0.8,0.5"  # 0.5
   [gkd-valid-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --schedule gradual --epochs 1"  # the derived lr
   [owlkd-valid-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --layer-density owl --epochs 1"
   [ce-valid-lr3e-5-1ep]="--loss ce --train-source $DATA/wiki.valid.raw --lr 3e-5 --epochs 1"
@@ -76,9 +78,18 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 #       "gkd-mix-lr6e-4@0.1 iowlkd-mix-lr6e-4@0.1 ce@0.5 ce@1.0"
 #   SKIP_PRUNE=1 RUN_LIMIT=420 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
 #       "kd-mix-lr6e-4@1.0 ce-mix-lr5e-5@0.5 cekd-mix-lr5e-5@0.5"
-# Still missing (two calls of 3–4 runs, with --resume as above):
-#   "ikd-mix-lr6e-4@0.1 gkd-mix@0.1 today@0.3 gkd-mix-lr6e-4@0.3"
-#   "kd-mix-lr5e-5@0.5 icekd-mix-lr5e-5@0.5 cekd-mix-lr5e-5@0.5 kd-mix-lr6e-4@1.0"  (the last two resume, if warm)
+# "The table completed" (BENCHMARKS.md), three calls of one warm machine, the same way:
+#   SKIP_PRUNE=1 RUN_LIMIT=515 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
+#       "gkd-mix@0.1 ikd-mix-lr6e-4@0.1 iowlkd-mix-lr6e-4@0.1 today@0.3 gkd-mix-lr6e-4@0.3 kd-mix-lr5e-5@0.5"
+#   SKIP_PRUNE=1 RUN_LIMIT=520 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
+#       "ikd-mix-lr6e-4@0.1 iowlkd-mix-lr6e-4@0.1 gkd-mix-lr6e-4@0.3"
+#   SKIP_PRUNE=1 RUN_LIMIT=555 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
+#       "kd-mix-lr5e-5@0.5 today@0.3 icekd-mix-lr5e-5@0.5"
+# Still missing (about two calls of 3–4 runs): iterative at 0.3, gradual and iterative + OWL at 0.5,
+# CE + KD at the derived lr at 0.5 (what --loss auto trains with there), the ends of today@0.5 and
+# kd-mix-lr6e-4@1.0:
+#   "ikd-mix-lr6e-4@0.3 iowlkd-mix-lr6e-4@0.3 gcekd-mix-lr5e-5@0.5 cekd@0.5"
+#   "iowlcekd-mix-lr5e-5@0.5 today@0.5 kd-mix-lr6e-4@1.0"
 # (iterative at 0.5 needs --density-steps from above 0.5; runs that prune the same uncached model
 # at once each prune it, and the first one saved is kept)
 recipe() {  # $1 name, $2 density

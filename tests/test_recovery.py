@@ -346,7 +346,8 @@ def test_auto_layer_density_is_owl_up_to_density_0_3_for_a_calibrated_one_shot_p
 
 
 @pytest.mark.parametrize("extra, density, names", [
-    ((), "0.1", ("--schedule gradual", "--schedule oneshot")), ((), "0.3", ()), ((), "0.5", ("--loss ce+kd", "--loss kd")),
+    ((), "0.1", ("--schedule gradual", "--schedule oneshot")), ((), "0.3", ("--schedule gradual", "--schedule oneshot")),
+    ((), "0.5", ()), (("--loss", "kd"), "0.5", ("--loss ce+kd", "--loss kd")),
     (("--schedule", "gradual"), "0.1", ()), ((), "0.7", None), (("--lr", "6e-4"), "0.1", None),
     (("--base-lr", "2e-4"), "0.1", None)])
 def test_the_recipe_note_names_the_measured_recipe_and_where_a_run_at_the_brief_s_lr_differs(extra, density, names):
@@ -368,6 +369,22 @@ def test_the_recipe_note_names_the_measured_recipe_and_where_a_run_at_the_brief_
     base = float(note.split("--base-lr ")[1].split()[0])
     assert base * math.sqrt(MEASURED_BATCH) == pytest.approx(recipe.lr, rel=0.03)
     assert f"gives lr {base * 2:.1e} at batch 4".replace("e-0", "e-") in note
+
+
+@pytest.mark.parametrize("density, loss", [("0.1", "kd"), ("0.3", "kd"), ("0.4", "kd"), ("0.5", "ce+kd"),
+                                           ("1.0", "ce+kd")])
+def test_loss_auto_trains_with_the_loss_measured_best_near_the_density_and_an_explicit_loss_wins(density, loss):
+    from extreme_compression_experiment import build_parser, validate
+    parser = build_parser()
+    config = validate(parser.parse_args(["--sparsity", density]), parser)
+    assert config.loss == loss and config.loss_auto
+    explicit = validate(parser.parse_args(["--sparsity", density, "--loss", "ce"]), parser)
+    assert explicit.loss == "ce" and not explicit.loss_auto
+    # a run's identity holds the loss it trains with: --loss auto and the same loss named resume each other
+    from experiment import run_identity
+    named = validate(parser.parse_args(["--sparsity", density, "--loss", loss]), parser)
+    model = {"fingerprint": "0" * 16}
+    assert run_identity(config, model) == run_identity(named, model) and run_identity(config, model)["loss"] == loss
 
 
 def test_measured_recipes_cover_their_bands_in_order():

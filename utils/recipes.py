@@ -1,14 +1,16 @@
 """The best recovery measured near each density, and the note a run with the brief's lr prints.
 
     recipe = measured_recipe(0.1)   # → MeasuredRecipe(density=0.1, loss="kd", schedule="gradual", lr=6e-4, ...)
+    default_loss(0.5)               # → "ce+kd": what --loss auto trains with
     recipe_note(config)             # → "Note: the best recovery measured near density 0.1 ..." or None
 
 Measured with SmolLM2-135M on the H200 over the user's budget: 5 epochs × 1,250 steps × batch 8
 × 512 tokens = 25.6M tokens, on 2.3M tokens of text (`wiki.valid.raw` + the fallback text), the
 full WikiText-2 test protocol; dense 21.61 (BENCHMARKS.md, "Recovery over the full budget" and
-"The table's missing rows").  The brief fixes the default lr at 5e-6·√batch; every recipe here
-trained at a larger one, so a run at the derived lr is told what was measured and the
-`--base-lr` that keeps the √batch rule.  The table is data: a new measurement is a new row.
+"The table's missing rows", "The table completed").  The brief fixes the default lr at
+5e-6·√batch; every recipe here trained at a larger one, so a run at the derived lr is told what
+was measured and the `--base-lr` that keeps the √batch rule.  The loss is free: `--loss auto`
+(the default) takes the row's.  The table is data: a new measurement is a new row.
 """
 from __future__ import annotations
 
@@ -35,11 +37,14 @@ class MeasuredRecipe:
 
 RECIPES = (
     MeasuredRecipe(0.1, 0.2, "kd", "gradual", 6e-4, 66.77,
-                   "one-shot OWL at the same lr 79.54, iterative + OWL 84.44, one-shot at the derived lr 286.1"),
-    MeasuredRecipe(0.3, 0.4, "kd", "oneshot", 6e-4, 34.91, "cross-entropy on wiki.valid at the derived lr 51.0 "
-                                                          "(5.1M tokens)"),
+                   "iterative at the same lr 75.45, iterative + OWL 76.72, one-shot OWL 79.54; gradual at the "
+                   "derived lr 464.1 after one epoch, one-shot 286.1"),
+    MeasuredRecipe(0.3, 0.4, "kd", "gradual", 6e-4, 34.18,
+                   "one-shot OWL at the same lr 34.91; cross-entropy on wiki.valid at the derived lr (today's "
+                   "recipe) 47.90"),
     MeasuredRecipe(0.5, 0.6, "ce+kd", "oneshot", 5e-5, 22.16,
-                   "cross-entropy at the derived lr 23.19, at 5e-5 23.29; on wiki.valid alone (today's recipe) 25.32"),
+                   "at 5e-5 cross-entropy 23.29, distillation 26.31, iterative from 0.8 23.33; cross-entropy at "
+                   "the derived lr 23.19, on wiki.valid alone (today's recipe) 25.32"),
 )
 
 
@@ -51,6 +56,13 @@ def measured_recipe(density: float) -> MeasuredRecipe | None:
             return recipe
         low = recipe.up_to
     return None
+
+
+def default_loss(density: float) -> str:
+    """`--loss auto`: the loss of the recipe measured nearest `density` (above the last band, near
+    dense: the last row's, whose cross-entropy term still learns and whose teacher still anchors)."""
+    recipe = measured_recipe(density) or min(RECIPES, key=lambda row: abs(row.density - density))
+    return recipe.loss
 
 
 def _lr(value: float) -> str:
