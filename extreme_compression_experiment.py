@@ -23,7 +23,7 @@ from pathlib import Path
 from utils.layer_density import LAYER_DENSITIES, OWL_AUTO_MAX_DENSITY, resolve_layer_density
 from utils.logging_utils import make_console_safe
 from utils.pruning_methods import METHODS
-from utils.recipes import default_loss
+from utils.recipes import auto_loss_rule, default_loss
 from utils.schedules import GRADUAL_RAMP, ITERATIVE_START, SCHEDULES
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--loss", default="auto", choices=["auto", "ce", "kd", "ce+kd"],
                        help="ce: cross-entropy on the training text; kd: distillation from the dense --model "
                             "(KL divergence of the next-token distributions); ce+kd: both, weighted; auto: the "
-                            "loss of the best recovery measured near --sparsity (kd at density ≤ 0.4, ce+kd "
-                            "above: utils/recipes.py)")
+                            f"loss of the best recovery measured near --sparsity ({auto_loss_rule()}: "
+                            "utils/recipes.py)")
     train.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (> 0)")
     train.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation term")
     train.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy term")

@@ -378,6 +378,9 @@ def test_loss_auto_trains_with_the_loss_measured_best_near_the_density_and_an_ex
     parser = build_parser()
     config = validate(parser.parse_args(["--sparsity", density]), parser)
     assert config.loss == loss and config.loss_auto
+    from utils.recipes import auto_loss_rule
+    assert auto_loss_rule() == "kd at density ≤ 0.4, ce+kd above"  # what --help says of this table
+    assert f"({auto_loss_rule()}: utils/recipes.py)" in " ".join(parser.format_help().split())
     explicit = validate(parser.parse_args(["--sparsity", density, "--loss", "ce"]), parser)
     assert explicit.loss == "ce" and not explicit.loss_auto
     # a run's identity holds the loss it trains with: --loss auto and the same loss named resume each other

@@ -2,6 +2,7 @@
 
     recipe = measured_recipe(0.1)   # → MeasuredRecipe(density=0.1, loss="kd", schedule="gradual", lr=6e-4, ...)
     default_loss(0.5)               # → "ce+kd": what --loss auto trains with
+    auto_loss_rule()                # → "kd at density ≤ 0.4, ce+kd above"
     recipe_note(config)             # → "Note: the best recovery measured near density 0.1 ..." or None
 
 Measured with SmolLM2-135M on the H200 over the user's budget: 5 epochs × 1,250 steps × batch 8
@@ -63,6 +64,19 @@ def default_loss(density: float) -> str:
     dense: the last row's, whose cross-entropy term still learns and whose teacher still anchors)."""
     recipe = measured_recipe(density) or min(RECIPES, key=lambda row: abs(row.density - density))
     return recipe.loss
+
+
+def auto_loss_rule() -> str:
+    """What `--loss auto` picks, in words, from the table: "kd at density ≤ 0.4, ce+kd above"."""
+    groups: list[list] = []  # [loss, up_to of its last row], consecutive rows of one loss merged
+    for row in RECIPES:
+        if groups and groups[-1][0] == row.loss:
+            groups[-1][1] = row.up_to
+        else:
+            groups.append([row.loss, row.up_to])
+    words = [f"{loss} {'at density ≤' if index == 0 else 'to'} {up_to:g}"
+             for index, (loss, up_to) in enumerate(groups[:-1])]
+    return ", ".join([*words, f"{groups[-1][0]} above" if words else groups[-1][0]])
 
 
 def _lr(value: float) -> str:
