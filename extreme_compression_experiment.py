@@ -23,7 +23,7 @@ from pathlib import Path
 from utils.layer_density import LAYER_DENSITIES, OWL_AUTO_MAX_DENSITY, resolve_layer_density
 from utils.logging_utils import make_console_safe
 from utils.pruning_methods import METHODS
-from utils.recipes import auto_loss_rule, default_loss
+from utils.recipes import RECIPES, auto_loss_rule, default_loss, measured_recipe
 from utils.schedules import GRADUAL_RAMP, ITERATIVE_START, SCHEDULES
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration-length", type=_positive_int, default=2048,
                        help="tokens per calibration window (capped at the model maximum)")
     prune.add_argument("--pruned-dir", default="pruned_models", help="cache of pruned models")
-    prune.add_argument("--schedule", default="oneshot", choices=SCHEDULES,
-                       help="oneshot: prune once before training; iterative: prune to a first density, fine-tune, "
+    prune.add_argument("--schedule", default=None, choices=SCHEDULES,
+                       help="oneshot (the default): prune once before training; iterative: prune to a first density, fine-tune, "
                             "prune further (re-calibrated), ... ending at --sparsity, the steps split evenly; "
                             "gradual: prune to a first density, then lower it along a cubic every --prune-every "
                             f"steps (magnitude, masks updated in place), reaching --sparsity at {GRADUAL_RAMP:.0%}% "
@@ -138,13 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="OWL: a weight is an outlier when its Wanda score exceeds this many times its layer's mean")
 
     train = parser.add_argument_group("training")
+    train.add_argument("--recipe", default="brief", choices=["brief", "measured"],
+                       help="brief: the defaults below, lr by the brief's rule; measured: the recovery measured best "
+                            "near --sparsity (utils/recipes.py, BENCHMARKS.md): its --loss, --schedule, "
+                            "--layer-density and lr (kept under the √batch rule); a flag given explicitly still wins")
     train.add_argument("--batch-size", type=_positive_int, default=8, help="effective batch (blocks per optimizer step)")
     train.add_argument("--micro-batch-size", type=_positive_int, default=None,
                        help="blocks per forward per process (default: batch size / processes); "
                             "gradient accumulation makes up the rest")
     train.add_argument("--epochs", type=_positive_int, default=5, help="epochs of --max-step optimizer steps")
     train.add_argument("--base-samples", type=_positive_int, default=10000, help="max_step = base_samples // batch_size")
-    train.add_argument("--base-lr", type=_positive_float, default=BASE_LR, help="lr = base_lr * sqrt(batch_size)")
+    train.add_argument("--base-lr", type=_positive_float, default=None,
+                       help=f"lr = base_lr * sqrt(batch_size) (default {BASE_LR:g}, the brief's rule)")
     train.add_argument("--max-step", type=_positive_int, default=None, help="override the derived steps per epoch")
     train.add_argument("--lr", type=_positive_float, default=None, help="override the derived peak learning rate")
     train.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 5%% of all steps, at most 100)")
@@ -265,7 +270,8 @@ class ExperimentConfig:
     epochs: int
     max_step: int
     lr: float
-    lr_derived: bool  # neither --lr nor --base-lr: the brief's lr, BASE_LR·sqrt(batch_size)
+    lr_derived: bool  # neither --lr, --base-lr nor --recipe measured: the brief's lr, BASE_LR·sqrt(batch_size)
+    recipe: str  # "brief" or "measured" (whose settings are filled in where the command left them unset)
     warmup_steps: int
     weight_decay: float
     max_grad_norm: float | None
@@ -407,9 +413,33 @@ def _problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
+def _apply_recipe(args: argparse.Namespace) -> list[str]:
+    """--recipe measured: the measured row's settings wherever the command left them unset (None, or
+    "auto"; the lr only without --lr).  Then the unset schedule is one-shot.  Returns the problems."""
+    problems = []
+    if args.recipe == "measured":
+        recipe = measured_recipe(args.sparsity)
+        if args.eval_only or args.prune_only or args.export_only:
+            problems.append("argument --recipe measured: a recovery recipe needs a training run; drop it (or "
+                            "--eval-only, --prune-only, --export-only)")
+        elif args.pattern:
+            problems.append("argument --recipe measured: the measured recipes are unstructured; drop --pattern")
+        elif recipe is None:
+            problems.append(f"argument --recipe measured: no recovery was measured near density {args.sparsity:g} "
+                            f"(rows up to {RECIPES[-1].up_to:g}, utils/recipes.py); drop --recipe measured")
+        else:
+            for name, value in recipe.settings().items():
+                if getattr(args, name) in (None, "auto") and not (name == "base_lr" and args.lr is not None):
+                    setattr(args, name, value)
+    args.schedule = args.schedule or "oneshot"
+    return problems
+
+
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ExperimentConfig:
     from utils.prune_utils import parse_pattern
-    problems = _problems(args)
+    lr_derived = args.lr is None and args.base_lr is None and args.recipe == "brief"
+    problems = _apply_recipe(args) + _problems(args)
+    args.base_lr = args.base_lr or BASE_LR
     try:
         pattern = parse_pattern(args.pattern)
     except ValueError as error:
@@ -444,7 +474,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Exper
         layer_density=resolve_layer_density(args.layer_density, density, pattern, args.schedule, args.method),
         owl_lambda=args.owl_lambda, owl_m=args.owl_m, batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size, epochs=args.epochs, max_step=max_step, lr=lr,
-        lr_derived=args.lr is None and args.base_lr == BASE_LR,
+        lr_derived=lr_derived, recipe=args.recipe,
         warmup_steps=warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, block_size=args.block_size,
         train_source=args.train_source, holdout=args.holdout, gen_temperature=args.gen_temperature,

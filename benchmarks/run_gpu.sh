@@ -85,11 +85,14 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 #       "ikd-mix-lr6e-4@0.1 iowlkd-mix-lr6e-4@0.1 gkd-mix-lr6e-4@0.3"
 #   SKIP_PRUNE=1 RUN_LIMIT=555 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
 #       "kd-mix-lr5e-5@0.5 today@0.3 icekd-mix-lr5e-5@0.5"
-# Still missing (about two calls of 3–4 runs): iterative at 0.3, gradual and iterative + OWL at 0.5,
-# CE + KD at the derived lr at 0.5 (what --loss auto trains with there), the ends of today@0.5 and
-# kd-mix-lr6e-4@1.0:
-#   "ikd-mix-lr6e-4@0.3 iowlkd-mix-lr6e-4@0.3 gcekd-mix-lr5e-5@0.5 cekd@0.5"
-#   "iowlcekd-mix-lr5e-5@0.5 today@0.5 kd-mix-lr6e-4@1.0"
+# "The last rows" (BENCHMARKS.md), four calls of one warm machine (the first three the same four runs):
+#   SKIP_PRUNE=1 RUN_LIMIT=530 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
+#       "ikd-mix-lr6e-4@0.3 iowlkd-mix-lr6e-4@0.3 gcekd-mix-lr5e-5@0.5 iowlcekd-mix-lr5e-5@0.5"
+#   (the same with RUN_LIMIT=555, then RUN_LIMIT=570)
+#   SKIP_PRUNE=1 RUN_LIMIT=430 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes "cekd@0.5 today@0.5"
+# Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
+# with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
+# at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the √batch rule).
 # (iterative at 0.5 needs --density-steps from above 0.5; runs that prune the same uncached model
 # at once each prune it, and the first one saved is kept)
 recipe() {  # $1 name, $2 density

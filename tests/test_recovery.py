@@ -346,7 +346,8 @@ def test_auto_layer_density_is_owl_up_to_density_0_3_for_a_calibrated_one_shot_p
 
 
 @pytest.mark.parametrize("extra, density, names", [
-    ((), "0.1", ("--schedule gradual", "--schedule oneshot")), ((), "0.3", ("--schedule gradual", "--schedule oneshot")),
+    ((), "0.1", ("--schedule gradual", "--schedule oneshot")),
+    ((), "0.3", ("--schedule iterative --layer-density owl", "--schedule oneshot")),
     ((), "0.5", ()), (("--loss", "kd"), "0.5", ("--loss ce+kd", "--loss kd")),
     (("--schedule", "gradual"), "0.1", ()), ((), "0.7", None), (("--lr", "6e-4"), "0.1", None),
     (("--base-lr", "2e-4"), "0.1", None)])
@@ -365,10 +366,55 @@ def test_the_recipe_note_names_the_measured_recipe_and_where_a_run_at_the_brief_
     for name in names:  # the recipe's flag, then this run's value that differs
         assert name in note
     assert ("This run has --schedule" in note) == ("--schedule oneshot" in names)
-    # the --base-lr it names gives the measured lr at the measured batch, by the same √batch rule
-    base = float(note.split("--base-lr ")[1].split()[0])
-    assert base * math.sqrt(MEASURED_BATCH) == pytest.approx(recipe.lr, rel=0.03)
-    assert f"gives lr {base * 2:.1e} at batch 4".replace("e-0", "e-") in note
+    # the way out it names: --recipe measured, whose lr at batch 4 is the measured one under the √batch rule
+    assert f"--recipe measured trains with it ({recipe.flags()}, lr " in note
+    lr = float(note.split("--recipe measured trains with it")[1].split(", lr ")[1].split()[0])
+    assert lr == pytest.approx(recipe.lr * math.sqrt(4 / MEASURED_BATCH), rel=0.03) and "at batch 4" in note
+    measured = validate(parser.parse_args(["--sparsity", density, "--batch-size", "4", "--recipe", "measured"]), parser)
+    assert measured.lr == pytest.approx(lr, rel=0.03)
+
+
+@pytest.mark.parametrize("density", ["0.1", "0.3", "0.5"])
+def test_recipe_measured_trains_with_the_measured_row_and_an_explicit_flag_wins(density):
+    from experiment import run_identity
+    from extreme_compression_experiment import build_parser, validate
+    from utils.recipes import MEASURED_BATCH, measured_recipe, recipe_note
+    parser = build_parser()
+    recipe = measured_recipe(float(density))
+
+    def config(*extra):
+        return validate(parser.parse_args(["--sparsity", density, "--batch-size", "4", *extra]), parser)
+
+    measured = config("--recipe", "measured")
+    assert (measured.loss, measured.schedule) == (recipe.loss, recipe.schedule) and not measured.lr_derived
+    assert measured.lr == pytest.approx(recipe.lr * math.sqrt(4 / MEASURED_BATCH))  # √batch, from the measured batch
+    # the same run with the row's flags spelled out is the same run: each resumes the other
+    spelled = config(*recipe.flags().split(), "--lr", repr(measured.lr))
+    assert measured.layer_density == spelled.layer_density
+    model = {"fingerprint": "0" * 16}
+    assert run_identity(measured, model) == run_identity(spelled, model)
+    assert recipe_note(measured).startswith(f"Recipe: measured near density {recipe.density:g}, ")
+    assert "trained here at lr" in recipe_note(measured)
+    # a flag given explicitly wins over the row, and the line says so
+    schedule, steps = ("oneshot", ()) if recipe.schedule != "oneshot" else ("iterative", ("--density-steps", "0.8,0.5"))
+    mixed = config("--recipe", "measured", "--schedule", schedule, *steps, "--loss", "ce", "--lr", "1e-4")
+    assert (mixed.schedule, mixed.loss, mixed.lr) == (schedule, "ce", 1e-4)
+    assert f"overridden here: --loss ce, --schedule {schedule}, lr 1.0e-4" in recipe_note(mixed)
+    # without it: the brief's lr, one-shot
+    brief = config()
+    assert brief.lr == pytest.approx(5e-6 * 2) and brief.schedule == "oneshot" and brief.lr_derived
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (("--sparsity", "0.8"), "no recovery was measured near density 0.8"),
+    (("--pattern", "2:4"), "the measured recipes are unstructured"),
+    (("--sparsity", "0.1", "--prune-only"), "a recovery recipe needs a training run")])
+def test_recipe_measured_refuses_what_no_row_covers_with_the_way_out(extra, problem, capsys):
+    from extreme_compression_experiment import build_parser, validate
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        validate(parser.parse_args(["--recipe", "measured", *extra]), parser)
+    assert problem in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("density, loss", [("0.1", "kd"), ("0.3", "kd"), ("0.4", "kd"), ("0.5", "ce+kd"),

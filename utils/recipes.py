@@ -1,6 +1,8 @@
-"""The best recovery measured near each density, and the note a run with the brief's lr prints.
+"""The best recovery measured near each density: what `--recipe measured` trains with, and the
+note a run with the brief's lr prints.
 
     recipe = measured_recipe(0.1)   # → MeasuredRecipe(density=0.1, loss="kd", schedule="gradual", lr=6e-4, ...)
+    recipe.settings()               # → {"loss": "kd", "schedule": "gradual", "layer_density": "auto", "base_lr": ...}
     default_loss(0.5)               # → "ce+kd": what --loss auto trains with
     auto_loss_rule()                # → "kd at density ≤ 0.4, ce+kd above"
     recipe_note(config)             # → "Note: the best recovery measured near density 0.1 ..." or None
@@ -8,10 +10,11 @@
 Measured with SmolLM2-135M on the H200 over the user's budget: 5 epochs × 1,250 steps × batch 8
 × 512 tokens = 25.6M tokens, on 2.3M tokens of text (`wiki.valid.raw` + the fallback text), the
 full WikiText-2 test protocol; dense 21.61 (BENCHMARKS.md, "Recovery over the full budget" and
-"The table's missing rows", "The table completed").  The brief fixes the default lr at
-5e-6·√batch; every recipe here trained at a larger one, so a run at the derived lr is told what
-was measured and the `--base-lr` that keeps the √batch rule.  The loss is free: `--loss auto`
-(the default) takes the row's.  The table is data: a new measurement is a new row.
+"The table's missing rows", "The table completed", "The last rows").  The brief fixes the
+default lr at 5e-6·√batch; every recipe here trained at a larger one, so a run at the derived lr
+is told what was measured, and `--recipe measured` takes the row's settings (its lr kept under
+the √batch rule; a flag given explicitly still wins).  The loss is free: `--loss auto` (the
+default) takes the row's.  The table is data: a new measurement is a new row.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class MeasuredRecipe:
     up_to: float  # the recipe is named for densities in (the previous row's up_to, up_to]
     loss: str
     schedule: str
+    layer_density: str  # "auto" where the measured run left it so, else the --layer-density it named
     lr: float  # at MEASURED_BATCH
     perplexity: float
     compared: str  # what other recipes measured on the same budget
@@ -35,17 +39,28 @@ class MeasuredRecipe:
     def base_lr(self) -> float:
         return self.lr / math.sqrt(MEASURED_BATCH)
 
+    def settings(self) -> dict[str, object]:
+        """The CLI settings of the measured run, by argparse dest (what `--recipe measured` fills in)."""
+        return {"loss": self.loss, "schedule": self.schedule, "layer_density": self.layer_density,
+                "base_lr": self.base_lr}
+
+    def flags(self) -> str:
+        """The settings as flags, less the lr and those at their default: "--loss kd --schedule gradual"."""
+        return " ".join([f"--loss {self.loss}"] + [f"--{name} {value}" for name, value, default in (
+            ("schedule", self.schedule, "oneshot"), ("layer-density", self.layer_density, "auto")) if value != default])
+
 
 RECIPES = (
-    MeasuredRecipe(0.1, 0.2, "kd", "gradual", 6e-4, 66.77,
+    MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4, 66.77,
                    "iterative at the same lr 75.45, iterative + OWL 76.72, one-shot OWL 79.54; gradual at the "
                    "derived lr 464.1 after one epoch, one-shot 286.1"),
-    MeasuredRecipe(0.3, 0.4, "kd", "gradual", 6e-4, 34.18,
-                   "one-shot OWL at the same lr 34.91; cross-entropy on wiki.valid at the derived lr (today's "
-                   "recipe) 47.90"),
-    MeasuredRecipe(0.5, 0.6, "ce+kd", "oneshot", 5e-5, 22.16,
-                   "at 5e-5 cross-entropy 23.29, distillation 26.31, iterative from 0.8 23.33; cross-entropy at "
-                   "the derived lr 23.19, on wiki.valid alone (today's recipe) 25.32"),
+    MeasuredRecipe(0.3, 0.4, "kd", "iterative", "owl", 6e-4, 32.56,
+                   "iterative without OWL at the same lr 33.28, gradual 34.18, one-shot OWL 34.91; cross-entropy "
+                   "on wiki.valid at the derived lr (today's recipe) 47.90"),
+    MeasuredRecipe(0.5, 0.6, "ce+kd", "oneshot", "auto", 5e-5, 22.16,
+                   "at 5e-5 cross-entropy 23.29, distillation 26.31, iterative + OWL from 0.8 22.92, gradual "
+                   "24.73; at the derived lr CE + KD 22.82, cross-entropy 23.19, on wiki.valid alone (today's "
+                   "recipe) 25.32"),
 )
 
 
@@ -83,21 +98,32 @@ def _lr(value: float) -> str:
     return f"{value:.1e}".replace("e-0", "e-")  # 6.0e-4, 2.1e-4
 
 
+def _differences(config, recipe: MeasuredRecipe) -> list[str]:
+    """This run's settings where they are not the recipe's (the lr compared under the √batch rule)."""
+    differs = [f"--{name} {ours}" for name, ours, theirs in (
+        ("loss", config.loss, recipe.loss), ("schedule", config.schedule, recipe.schedule),
+        ("layer-density", config.layer_density, recipe.layer_density)) if theirs != "auto" and ours != theirs]
+    if not math.isclose(config.lr, recipe.base_lr * math.sqrt(config.batch_size), rel_tol=1e-6):
+        differs.append(f"lr {_lr(config.lr)}" + (f" (derived: {_lr(config.lr / math.sqrt(config.batch_size))} × "
+                                                 "√batch)" if config.lr_derived else ""))
+    return differs
+
+
 def recipe_note(config) -> str | None:
-    """What a run at the brief's derived lr prints: the best measured recipe near its density and
-    where this run differs.  Silent once --lr or --base-lr is given, or far from every row."""
+    """What a run prints of the measured recipes: under `--recipe measured` the row it trains with
+    (and any explicit flag that overrode it); at the brief's derived lr the best measured recipe
+    near its density and where this run differs.  Silent otherwise, or far from every row."""
     recipe = measured_recipe(config.density)
-    if not config.lr_derived or recipe is None:
+    if recipe is None or not (config.recipe == "measured" or config.lr_derived):
         return None
-    differs = [f"--{name} {ours}" for name, ours, theirs in (("loss", config.loss, recipe.loss),
-                                                             ("schedule", config.schedule, recipe.schedule))
-               if ours != theirs]
-    derived_base = config.lr / math.sqrt(config.batch_size)
-    differs.append(f"lr {_lr(config.lr)} (derived: {_lr(derived_base)} × √batch)")
-    base = float(f"{recipe.base_lr:.2g}")  # as printed, so that the lr named is the one the flag gives
-    flags = f"--loss {recipe.loss}" + (f" --schedule {recipe.schedule}" if recipe.schedule != "oneshot" else "")
-    return (f"Note: the best recovery measured near density {recipe.density:g} (SmolLM2-135M over the user's 25.6M "
-            f"tokens on 2.3M tokens of text, BENCHMARKS.md) is {recipe.perplexity:.2f} with {flags} and lr "
-            f"{_lr(recipe.lr)} at batch {MEASURED_BATCH}; for comparison {recipe.compared}. This run has "
-            + ", ".join(differs) + f". {flags} --base-lr {_lr(base)} keeps the √batch rule and gives lr "
-            f"{_lr(base * math.sqrt(config.batch_size))} at batch {config.batch_size}")
+    measured = (f"{recipe.perplexity:.2f} with {recipe.flags()} and lr {_lr(recipe.lr)} at batch {MEASURED_BATCH} "
+                f"(SmolLM2-135M over the user's 25.6M tokens on 2.3M tokens of text, BENCHMARKS.md)")
+    differs = _differences(config, recipe)
+    if config.recipe == "measured":
+        return (f"Recipe: measured near density {recipe.density:g}, {measured}; " +
+                ("overridden here: " + ", ".join(differs) if differs else
+                 f"trained here at lr {_lr(config.lr)} (batch {config.batch_size}, the √batch rule)"))
+    return (f"Note: the best recovery measured near density {recipe.density:g} is {measured}; for comparison "
+            f"{recipe.compared}. This run has " + ", ".join(differs) + f". --recipe measured trains with it "
+            f"({recipe.flags()}, lr {_lr(recipe.base_lr * math.sqrt(config.batch_size))} at batch "
+            f"{config.batch_size} by the √batch rule)")
