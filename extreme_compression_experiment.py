@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import signal
 import sys
 import threading
@@ -376,6 +377,12 @@ def _problems(args: argparse.Namespace) -> list[str]:
                             "or use --schedule iterative with it)")
         if args.eval_only or args.prune_only or args.export_only:
             problems.append(f"{schedule}: prunes between training steps; it needs a training run")
+        processes = int(os.environ.get("WORLD_SIZE") or 1)  # what accelerate launch / torchrun start
+        if processes > 1:
+            problems.append(f"{schedule}" + (" (--recipe measured)" if args.recipe == "measured" else "") +
+                            f": runs in one process for now (the pruning driver needs the whole model), and this "
+                            f"is one of {processes}; run it without accelerate launch, or add --schedule oneshot" +
+                            (" (the rest of the recipe stays)" if args.recipe == "measured" else ""))
         if not args.density_steps and args.sparsity >= ITERATIVE_START:
             problems.append(f"{schedule}: --sparsity {args.sparsity:g} is not below the default "
                             f"first density ({ITERATIVE_START:g}); give the densities with --density-steps")

@@ -290,7 +290,9 @@ def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: T
         masks.refresh()  # the saved weights' zeros (an iterative run may be past its first stage)
         masks.mask_optimizer_state(optimization.optimizer)  # state saved by an older version may hold pruned moments
         history = PerplexityHistory.from_dict(state.history)
-        logger.info(f"Resumed from {state_dir}: epoch {state.epoch}, optimizer step {state.global_step} of {total_steps}")
+        now = f", measured {describe_density(masks.kept_fraction())}" if len(masks) else ""  # a stage's, past the first
+        logger.info(f"Resumed from {state_dir}: epoch {state.epoch}, optimizer step {state.global_step} of "
+                    f"{total_steps}{now}")
     sampler = BlockSampler(blocks.shape[0], config.seed)
     memory = MemoryTracker(device)
     # A finished state resumed (its results were not all written): nothing trains, the run delivers.

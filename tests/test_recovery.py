@@ -2,6 +2,7 @@
 memorization warning, the learning-rate schedule."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -214,6 +215,10 @@ def test_iterative_pruning_reaches_each_scheduled_density_and_resumes_exactly(tm
     assert assert_pruned_weights_stayed_zero(straight / "best", pruned_folder(tmp_path / "pruned", tiny_llama_dir, 0.5))
     # interrupted inside the second stage, and right on the third stage's first step: each resume equals the straight run
     _assert_resumes_equal(tmp_path, tiny_llama_dir, text_file, args, results["final"], stops=("5", "8"))
+    # the resume inside the second stage says the density it continues at: the stage's, not the cached 0.5
+    resumed = re.search(r"resumed-5/state: epoch 1, optimizer step 5 of 12, measured density ([\d.]+)%",
+                        capsys.readouterr().out.replace("\\", "/"))
+    assert resumed and float(resumed.group(1)) == pytest.approx(40, abs=100 / 64)
 
 
 def _assert_resumes_equal(tmp_path, model_dir, text_file, args, final, stops):
@@ -403,6 +408,22 @@ def test_recipe_measured_trains_with_the_measured_row_and_an_explicit_flag_wins(
     # without it: the brief's lr, one-shot
     brief = config()
     assert brief.lr == pytest.approx(5e-6 * 2) and brief.schedule == "oneshot" and brief.lr_derived
+
+
+def test_a_pruning_schedule_under_several_processes_is_refused_before_any_work(monkeypatch, capsys):
+    from extreme_compression_experiment import build_parser, validate
+    parser = build_parser()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch sets it in each process
+    for extra, said in ((("--recipe", "measured"), "gradual (--recipe measured): runs in one process for now"),
+                        (("--schedule", "iterative"), "iterative: runs in one process for now")):
+        with pytest.raises(SystemExit):
+            validate(parser.parse_args(["--sparsity", "0.1", *extra]), parser)
+        assert said in capsys.readouterr().err
+    # the way out it names: one-shot keeps the rest of the recipe, and runs
+    kept = validate(parser.parse_args(["--sparsity", "0.1", "--recipe", "measured", "--schedule", "oneshot"]), parser)
+    assert kept.schedule == "oneshot" and kept.loss == "kd" and not kept.lr_derived
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert validate(parser.parse_args(["--sparsity", "0.1", "--recipe", "measured"]), parser).schedule == "gradual"
 
 
 @pytest.mark.parametrize("extra, problem", [
