@@ -365,9 +365,9 @@ def _train(config, source, model, tokenizer, accelerator, device, output, logger
         logger.info(f"error: --batch-size {config.batch_size} is not a multiple of micro-batch {micro} × "
                     f"{world} processes; pick --micro-batch-size so that it is")
         return 2
-    if config.schedule != "oneshot" and world > 1:
-        logger.info(f"error: --schedule {config.schedule} runs in one process for now (the pruning driver needs the "
-                    "whole model); drop accelerate launch or use --schedule oneshot")
+    if config.schedule != "oneshot" and world > 1 and config.parallel == "fsdp":
+        logger.info(f"error: --schedule {config.schedule} needs the whole model in each process (the pruning driver "
+                    "is not sharded); add --parallel ddp, or use --schedule oneshot")
         return 2
     mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if device.type == "cuda" else "no")
     loaded: list[torch.nn.Module] = []  # the dense model, once loaded to sample from: distillation's teacher too

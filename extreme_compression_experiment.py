@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = parser.add_argument_group("training")
     train.add_argument("--recipe", default="brief", choices=["brief", "measured"],
-                       help="brief: the defaults below, lr by the brief's rule; measured: the recovery measured best "
+                       help="brief (the default): each flag at its own default, the lr by the brief's rule (--base-lr); "
+                            "measured: the recovery measured best "
                             "near --sparsity (utils/recipes.py, BENCHMARKS.md): its --loss, --schedule, "
                             "--layer-density and lr (kept under the √batch rule); a flag given explicitly still wins")
     train.add_argument("--batch-size", type=_positive_int, default=8, help="effective batch (blocks per optimizer step)")
@@ -378,10 +379,10 @@ def _problems(args: argparse.Namespace) -> list[str]:
         if args.eval_only or args.prune_only or args.export_only:
             problems.append(f"{schedule}: prunes between training steps; it needs a training run")
         processes = int(os.environ.get("WORLD_SIZE") or 1)  # what accelerate launch / torchrun start
-        if processes > 1:
+        if processes > 1 and args.parallel == "fsdp":
             problems.append(f"{schedule}" + (" (--recipe measured)" if args.recipe == "measured" else "") +
-                            f": runs in one process for now (the pruning driver needs the whole model), and this "
-                            f"is one of {processes}; run it without accelerate launch, or add --schedule oneshot" +
+                            f": needs the whole model in each of the {processes} processes (the pruning driver "
+                            "is not sharded); add --parallel ddp (a whole copy per process), or --schedule oneshot" +
                             (" (the rest of the recipe stays)" if args.recipe == "measured" else ""))
         if not args.density_steps and args.sparsity >= ITERATIVE_START:
             problems.append(f"{schedule}: --sparsity {args.sparsity:g} is not below the default "

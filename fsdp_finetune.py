@@ -380,6 +380,7 @@ def _prune_further(model: nn.Module, density: float, reprune: Callable[[float], 
     model.eval()
     reprune(density)
     model.train(was_training)
+    masks.agree()  # --parallel ddp: every copy pruned itself; all keep rank 0's masks
     masks.refresh()
     masks.mask_optimizer_state(optimization.optimizer)
     measured = sparsity_report(model).density

@@ -116,6 +116,22 @@ def distributed_eval_worker(rank: int, world: int, store: str, model_dir: str, o
     dist.destroy_process_group()
 
 
+def mask_agreement_worker(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of a gloo group whose copies of a weight were pruned differently (spawned by a
+    test): after `MaskSet.agree` + `refresh` it writes its weight and mask."""
+    import torch.distributed as dist
+
+    from utils.mask_utils import MaskSet
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    weight = torch.arange(1.0, 13.0).reshape(3, 4)
+    weight[:, rank::2] = 0  # rank 0 pruned the even columns, rank 1 the odd ones
+    masks = MaskSet.from_zeros({"w": weight})
+    masks.agree()
+    masks.refresh()
+    torch.save({"weight": weight, "mask": masks._masks[0]}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
 @contextlib.contextmanager
 def broken_cpp_compiler():
     """Inductor with a C++ compiler that does not exist and no graph cache: every compilation on

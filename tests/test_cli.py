@@ -152,9 +152,11 @@ def test_early_stopping(tmp_path, tiny_llama_dir, text_file, capsys):
     assert results["stopped_early"] and results["epochs_completed"] == 1
 
 
-def two_processes_straight_and_resumed(model_dir, text_file, tmp_path: Path, args) -> tuple[str, float, float]:
+def two_processes_straight_and_resumed(model_dir, text_file, tmp_path: Path, args,
+                                       cached_density: float = 0.3) -> tuple[str, float, float]:
     """Run the job in 2 gloo processes, and again interrupted after step 3 then resumed: (the
-    straight run's stdout, its final perplexity, the resumed run's)."""
+    straight run's stdout, its final perplexity, the resumed run's).  `cached_density`: the
+    density of the cached prune the run started from (a schedule's first)."""
     out, resumed = tmp_path / "run", tmp_path / "resumed"
     result = run_cli(job_args(model_dir, text_file, out, *args), tmp_path, launcher=TORCHRUN_2, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -165,7 +167,8 @@ def two_processes_straight_and_resumed(model_dir, text_file, tmp_path: Path, arg
                      timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     straight, again = (json.loads((folder / "results.json").read_text())["final"] for folder in (out, resumed))
-    changed = assert_pruned_weights_stayed_zero(out / "best", pruned_folder(tmp_path / "pruned", model_dir))
+    changed = assert_pruned_weights_stayed_zero(out / "best", pruned_folder(tmp_path / "pruned", model_dir,
+                                                                              cached_density))
     assert changed > 0  # it did train
     return result.stdout, straight, again
 

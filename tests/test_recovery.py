@@ -221,6 +221,36 @@ def test_iterative_pruning_reaches_each_scheduled_density_and_resumes_exactly(tm
     assert resumed and float(resumed.group(1)) == pytest.approx(40, abs=100 / 64)
 
 
+def test_iterative_pruning_in_two_ddp_processes_equals_one_process_and_resumes(tmp_path, tiny_llama_dir, text_file):
+    from test_cli import two_processes_straight_and_resumed
+    args = ("--schedule", "iterative", "--density-steps", "0.5,0.4,0.3", "--max-step", "6", "--epochs", "2",
+            "--loss", "ce", "--lr", "1e-3", "--parallel", "ddp", "--eval-batch-size", "5")
+    assert main(job_args(tiny_llama_dir, text_file, tmp_path / "one", *args)) == 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["final"]
+    stdout, straight, resumed = two_processes_straight_and_resumed(tiny_llama_dir, text_file, tmp_path, args,
+                                                                   cached_density=0.5)
+    assert "parallel: ddp × 2 processes" in stdout and "Stage at step 8: " in stdout
+    assert straight == pytest.approx(one, rel=1e-4)  # each copy re-pruned itself; the masks of rank 0 hold
+    assert resumed == pytest.approx(straight, rel=1e-6)
+    assert sparsity_of(tmp_path / "run" / "best") == pytest.approx(0.3, abs=1 / 64)
+
+
+def sparsity_of(folder) -> float:
+    from transformers import AutoModelForCausalLM
+    from utils.mask_utils import sparsity_report
+    return sparsity_report(AutoModelForCausalLM.from_pretrained(folder)).density
+
+
+def test_copies_pruned_differently_agree_on_rank_0s_masks(tmp_path):
+    import torch.multiprocessing as mp
+    from helpers import mask_agreement_worker
+    mp.spawn(mask_agreement_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    first, second = (torch.load(tmp_path / f"out.{rank}") for rank in (0, 1))
+    expected = torch.tensor([True, False, True, False]).expand(3, 4)  # rank 0's: its odd columns kept
+    assert torch.equal(first["mask"], ~expected) and torch.equal(second["mask"], ~expected)
+    assert torch.equal(second["weight"], first["weight"])
+
+
 def _assert_resumes_equal(tmp_path, model_dir, text_file, args, final, stops):
     """Interrupted after each step of `stops` and resumed, the run ends at the straight run's `final`."""
     for stop in stops:
@@ -410,18 +440,21 @@ def test_recipe_measured_trains_with_the_measured_row_and_an_explicit_flag_wins(
     assert brief.lr == pytest.approx(5e-6 * 2) and brief.schedule == "oneshot" and brief.lr_derived
 
 
-def test_a_pruning_schedule_under_several_processes_is_refused_before_any_work(monkeypatch, capsys):
+def test_a_pruning_schedule_under_fsdp_processes_is_refused_before_any_work(monkeypatch, capsys):
     from extreme_compression_experiment import build_parser, validate
     parser = build_parser()
     monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch sets it in each process
-    for extra, said in ((("--recipe", "measured"), "gradual (--recipe measured): runs in one process for now"),
-                        (("--schedule", "iterative"), "iterative: runs in one process for now")):
+    for extra, said in ((("--recipe", "measured"), "gradual (--recipe measured): needs the whole model in each of "
+                                                   "the 2 processes"),
+                        (("--schedule", "iterative"), "iterative: needs the whole model in each of the 2")):
         with pytest.raises(SystemExit):
             validate(parser.parse_args(["--sparsity", "0.1", *extra]), parser)
         assert said in capsys.readouterr().err
     # the way out it names: one-shot keeps the rest of the recipe, and runs
     kept = validate(parser.parse_args(["--sparsity", "0.1", "--recipe", "measured", "--schedule", "oneshot"]), parser)
     assert kept.schedule == "oneshot" and kept.loss == "kd" and not kept.lr_derived
+    ddp = validate(parser.parse_args(["--sparsity", "0.1", "--recipe", "measured", "--parallel", "ddp"]), parser)
+    assert ddp.schedule == "gradual"  # whole copies: each process can prune its own
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert validate(parser.parse_args(["--sparsity", "0.1", "--recipe", "measured"]), parser).schedule == "gradual"
 

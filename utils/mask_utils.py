@@ -81,6 +81,16 @@ class MaskSet:
             mask.copy_(param != 0)
 
     @torch.no_grad()
+    def agree(self, src: int = 0) -> None:
+        """Whole copies of one model in several processes (--parallel ddp) take process `src`'s masked
+        weights after a prune that each computed on its own copy: one set of masks on every rank,
+        whatever a kernel's rounding or a tie between equal magnitudes did.  Call before `refresh`."""
+        if self.sharded or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        for param in self._local:
+            dist.broadcast(param, src=src)
+
+    @torch.no_grad()
     def mask_gradients(self, compiled: bool = False) -> None:
         """Zero the pruned weights' gradients: call after backward, before clipping and the step.
         `compiled`: one torch.compile'd multiply over all of them (a few fused kernels; eagerly,
