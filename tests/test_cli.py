@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from extreme_compression_experiment import derive_schedule, main
+from cli_config import derive_schedule
+from extreme_compression_experiment import main
 from helpers import REPO
 
 CLI = str(REPO / "extreme_compression_experiment.py")

@@ -459,6 +459,21 @@ def test_a_pruning_schedule_under_fsdp_processes_is_refused_before_any_work(monk
     assert validate(parser.parse_args(["--sparsity", "0.1", "--recipe", "measured"]), parser).schedule == "gradual"
 
 
+def test_the_job_with_recipe_measured_trains_the_row_it_prints(tmp_path, tiny_llama_dir, text_file, capsys):
+    from utils.recipes import measured_recipe
+    recipe = measured_recipe(0.3)  # job_args' density
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out, "--recipe", "measured")) == 0
+    printed = capsys.readouterr().out
+    assert f"Recipe: measured near density 0.3, {recipe.perplexity:.2f} with {recipe.flags()}" in printed
+    assert f"Sparsity schedule: {recipe.schedule}: 0.5 (step 0)" in printed and "Loss: distillation" in printed
+    assert f"lr {recipe.lr / 2 ** 0.5:.3g}" in printed  # batch 4: the measured lr at batch 8 under √batch
+    stages = [e for e in _epochs(out) if e["event"] == "stage"]
+    assert stages and stages[-1]["measured_density"] == pytest.approx(0.3, abs=1 / 64)
+    profile = [e for e in _epochs(out) if e["event"] == "pruning"][0]["layer_density_profile"]
+    assert (profile is not None) == (recipe.layer_density == "owl")
+
+
 @pytest.mark.parametrize("extra, problem", [
     (("--sparsity", "0.8"), "no recovery was measured near density 0.8"),
     (("--pattern", "2:4"), "the measured recipes are unstructured"),
