@@ -142,7 +142,7 @@ class MaskSet:
         return int(_all_reduce_sum(torch.tensor([count], dtype=torch.float64), self.sharded)[0])
 
     def kept_fraction(self) -> float:
-        kept = sum(float(m.sum()) for m in self._masks)
+        kept = nonzero_counts([self._masks])[0]  # one host read, not one per mask
         total = sum(m.numel() for m in self._masks)
         counts = _all_reduce_sum(torch.tensor([kept, total], dtype=torch.float64), self.sharded)
         return float(counts[0] / counts[1]) if counts[1] else 1.0
