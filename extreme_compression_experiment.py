@@ -17,12 +17,14 @@ import signal
 import sys
 import threading
 
-from cli_config import BASE_LR, validate
-from utils.layer_density import LAYER_DENSITIES, OWL_AUTO_MAX_DENSITY
-from utils.logging_utils import make_console_safe
-from utils.pruning_methods import METHODS
-from utils.recipes import auto_loss_rule
-from utils.schedules import GRADUAL_RAMP, ITERATIVE_START, SCHEDULES
+from utils.config.recipes import auto_loss_rule
+from utils.config.validate import BASE_LR, ConfigError, validate, world_size_from_launcher
+from utils.export.registry import EXPORTERS
+from utils.io.events import make_console_safe
+from utils.pruning.methods import METHODS, option_flags
+from utils.training.losses import optional_terms
+from utils.pruning.profile import LAYER_DENSITIES, OWL_AUTO_MAX_DENSITY
+from utils.pruning.schedule import GRADUAL_RAMP, ITERATIVE_START, SCHEDULES
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -133,12 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="OWL: per-layer densities spread over --sparsity ± this")
     prune.add_argument("--owl-m", type=float, default=5.0,
                        help="OWL: a weight is an outlier when its Wanda score exceeds this many times its layer's mean")
+    for method, option in option_flags():  # a method's own knobs, from its options dataclass
+        prune.add_argument(option.metadata["flag"], dest=f"{method}_{option.name}", type=type(option.default),
+                           default=option.default, help=f"{method}: {option.metadata.get('help', option.name)}")
 
     train = parser.add_argument_group("training")
     train.add_argument("--recipe", default="brief", choices=["brief", "measured"],
                        help="brief (the default): each flag at its own default, the lr by the brief's rule (--base-lr); "
                             "measured: the recovery measured best "
-                            "near --sparsity (utils/recipes.py, BENCHMARKS.md): its --loss, --schedule, "
+                            "near --sparsity (utils/config/recipes.py, BENCHMARKS.md): its --loss, --schedule, "
                             "--layer-density and lr (kept under the √batch rule); a flag given explicitly still wins")
     train.add_argument("--batch-size", type=_positive_int, default=8, help="effective batch (blocks per optimizer step)")
     train.add_argument("--micro-batch-size", type=_positive_int, default=None,
@@ -172,13 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ce: cross-entropy on the training text; kd: distillation from the dense --model "
                             "(KL divergence of the next-token distributions); ce+kd: both, weighted; auto: the "
                             f"loss of the best recovery measured near --sparsity ({auto_loss_rule()}: "
-                            "utils/recipes.py)")
+                            "utils/config/recipes.py)")
     train.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature (> 0)")
     train.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation term")
     train.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy term")
-    train.add_argument("--kd-hidden-weight", type=float, default=0.0,
-                       help="weight of hidden-state distillation (SquareHead: each decoder layer's output matched "
-                            "to the dense model's, normalized MSE); 0 = off; works beside any --loss")
+    for term in optional_terms():  # terms beside --loss's, each by its weight (0 = off)
+        train.add_argument(term.flag, type=float, default=0.0, help=term.help)
     train.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                        help="compute precision of training (auto: bf16 on GPU, no on CPU)")
     train.add_argument("--compile", default="auto", choices=["auto", "off", "default", "reduce-overhead",
@@ -232,33 +236,35 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
                         help="experiment tracker, through accelerate")
     output.add_argument("--no-save-best", action="store_true", help="do not save the best-perplexity model")
-    output.add_argument("--export", default="compressed", choices=["compressed", "none"],
-                        help="compressed: also write the pruned (--prune-only) or best model to OUTPUT/compressed as "
-                             "non-zeros + bitmasks (the size it really has; --model reads it back); none: only the "
-                             "dense-format folders")
+    output.add_argument("--export", default="compressed", choices=[*EXPORTERS, "none"],
+                        help="also write the pruned (--prune-only) or best model in this format into the run folder: "
+                             + "; ".join(f"{e.name} (OUTPUT/{e.folder}): {e.summary}" for e in EXPORTERS.values())
+                             + "; none: only the dense-format folders")
     output.add_argument("--export-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="dtype of the exported weights (float32 keeps trained master weights bit for bit)")
-    output.add_argument("--interrupt-after-steps", type=int, default=None, help=argparse.SUPPRESS)
-    output.add_argument("--interrupt-signal", default="int", choices=["int", "term"], help=argparse.SUPPRESS)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks=()) -> int:
+    """The command line; `callbacks` see the training loop after every step (fsdp_finetune.Callback)."""
     make_console_safe(sys.stdout)
     make_console_safe(sys.stderr)
     parser = build_parser()
-    config = validate(parser.parse_args(argv), parser)
-    from experiment import run  # heavy imports (torch, transformers) only after the arguments are good
-    from utils.checkpoint_utils import CheckpointError
-    from utils.data_utils import DataError
-    from utils.model_utils import ModelError
+    try:
+        config = validate(parser.parse_args(argv), world_size_from_launcher())
+    except ConfigError as error:
+        parser.error(str(error))
+    from utils.data.sources import DataError
+    from utils.io.files import CheckpointError
+    from utils.models.hub import ModelError
+    from utils.pipeline.run import run  # the pipeline (transformers, accelerate) only after the arguments are good
     from utils.task_eval import TaskError
     # SIGTERM (what a cluster scheduler sends before it kills a job) is handled like Ctrl-C:
     # training saves its resumable state, anything else stops cleanly.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) \
         if threading.current_thread() is threading.main_thread() else None
     try:
-        return run(config)
+        return run(config, callbacks)
     except (ModelError, DataError, CheckpointError, TaskError) as error:  # bad input found after parsing
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE

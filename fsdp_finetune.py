@@ -3,241 +3,50 @@
     python extreme_compression_experiment.py --sparsity 0.1 --model opt-350m --batch-size 8   # 1 process
     accelerate launch --num_processes 2 extreme_compression_experiment.py ...                  # 2 GPUs
 
-Every process count joins a process group (a single process a world-1 one), so evaluation,
-checkpoints and masks run one code path; the model is sharded by `fully_shard` only across
-processes (`prepare_model`; `--parallel ddp` instead keeps a whole copy per process and averages
-gradients after backward), and on a GPU its training forward is compiled (`--compile`).
-Pruned weights stay exactly zero because their gradients are masked before clipping and the
-optimizer step (AdamW keeps a zero weight with zero gradient at zero; see utils/mask_utils.py):
-inside the compiled backward where the plain module is compiled, otherwise after backward
-(gradient hooks alone do not fire on FSDP's sharded parameters).  Every epoch checks it.
-Each epoch is `max_step` optimizer steps of `batch_size` packed blocks; sample g of the run is
-block perm_p[g mod n] with perm_p a seeded permutation per pass p, so the data order is a pure
-function of the step and a resumed run continues it exactly.
+    result = Trainer(job, train, logger, callbacks=[...]).fit()    # what utils/pipeline/train.py calls
+
+The loop reads top to bottom: `setup` (optimizer, masks, a resumed state), then epochs of `step`
+(one optimizer step, a schedule's stage entered where one begins), each closed by `end_epoch`
+(held-out loss, perplexity, best model, saved state).  Every process count joins a process group
+(a single process a world-1 one), so evaluation, checkpoints and masks run one code path; the
+model is sharded by `fully_shard` only across processes (utils/training/parallel.py).  Pruned
+weights stay exactly zero because their gradients are masked before clipping and the optimizer
+step (utils/training/masks.py), and every epoch checks it.  A Ctrl-C or SIGTERM stops at the end
+of a whole step and saves resumable state.  Callbacks see the trainer after every step (tests
+interrupt a run there, as a user would).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch._dynamo.exc import TorchDynamoException
 
-from utils.data_utils import TokenizedText
-from utils.eval_utils import PerplexityHistory, evaluate_and_log, evaluate_perplexity
-from utils.logging_utils import MetricsLogger, describe_density
-from utils.prepare_utils import (Prepared, average_gradients, compute_dtype, init_distributed, prepare_model,
-                                 resolve_compile_mode, shard_model)
-from utils.mask_utils import MaskSet, sparsity_report
-from utils.prune_utils import density_tolerance
-from utils.schedules import SparsitySchedule
-from utils.state_utils import StopRequests, load_training_state, save_training_state
-from utils.memory_utils import MemoryTracker
+from utils.config.sections import EvalProtocol, TrainCfg
+from utils.data.sources import TokenizedText
+from utils.eval_utils import CompiledKernels, Heading, evaluate_and_log, evaluate_perplexity
+from utils.io.events import MetricsLogger, describe_density
+from utils.io.history import PerplexityHistory
+from utils.io.memory import MemoryTracker
+from utils.models.sparsity import sparsity_report
+from utils.pruning.driver import density_tolerance
+from utils.pruning.schedule import SparsitySchedule
+from utils.training.masks import MaskSet
+from utils.training.parallel import Prepared
+from utils.training.state import StopRequests, TrainState, load_state, save_best_model, save_state
+from utils.training.step import BlockSampler, Optimization, train_step
 
-
-# The setup this loop runs on lives in utils/prepare_utils.py; its names stay importable from here.
-__all__ = ["Optimization", "Prepared", "STOPPING_ERRORS", "TrainConfig", "TrainResult", "TrainState", "TrainingStopped",
-           "average_gradients", "compute_dtype", "finetune", "init_distributed", "load_state", "make_scheduler",
-           "prepare_model", "resolve_compile_mode", "save_state", "shard_model", "stop_message", "train_step"]
+LOG_EVERY = 10  # optimizer steps per log line (one host sync each)
 
 
 class TrainingStopped(RuntimeError):
     """Raised when a run must stop (NaN loss); the message says what was kept."""
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 5
-    max_step: int = 1250
-    lr: float = 5e-6 * math.sqrt(8)
-    batch_size: int = 8
-    micro_batch_size: int = 8
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 gets dynamic loss scaling)
-    compile_mode: str | None = None  # torch.compile mode the model was prepared with (None = eager)
-    eval_compile: str = "off"  # evaluate_perplexity's compile level for the per-epoch evaluations
-    patience: int | None = None
-    min_delta: float = 0.0  # relative perplexity drop that counts as an improvement
-    token_length: int = 2048
-    stride: int = 2048
-    eval_batch_size: int = 4
-    log_every: int = 10
-    output_dir: str = "runs/latest"
-    resume: bool = False
-    save_best: bool = True
-    interrupt_after_steps: int | None = None  # testing: send this process `interrupt_signal` after this step
-    interrupt_signal: str = "int"  # int (Ctrl-C) | term (what cluster schedulers send)
-    identity: dict = field(default_factory=dict)  # what the run is (checked by --resume), saved with its state
-    loss: str = "ce"  # the loss's name, for the log lines
-    bos_id: int | None = None  # every evaluation window starts with this token (--bos-per-window)
-
-    def evaluation(self) -> dict:
-        """evaluate_and_log's protocol arguments for the evaluations made during training."""
-        return dict(token_length=self.token_length, stride=self.stride, batch_size=self.eval_batch_size,
-                    compile=self.eval_compile, bos_id=self.bos_id)
-
-
-@dataclass
-class TrainState:
-    """Everything besides model and optimizer that a resumed run needs."""
-    global_step: int = 0
-    epoch: int = 1  # the epoch in progress (1-based)
-    epoch_loss_sum: float = 0.0
-    epoch_batches: int = 0
-    epoch_tokens: int = 0
-    epoch_seconds: float = 0.0
-    epoch_compile_steps: int = 0  # steps of the first log window after compiling (not the steady rate)
-    epoch_compile_seconds: float = 0.0
-    bad_epochs: int = 0
-    history: dict = field(default_factory=dict)
-    finished: bool = False
-
-
-# --------------------------------------------------------------------------- setup (utils/prepare_utils.py)
-
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=fused)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Linear warmup from 0 to the peak lr over `warmup_steps`, then linear decay to zero at the
-    last step (transformers' own schedule, the one its Trainer uses)."""
-    from transformers import get_linear_schedule_with_warmup
-    return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-
-
-class BlockSampler:
-    """Sample g of the run → block index, reshuffled every pass over the blocks."""
-
-    def __init__(self, num_blocks: int, seed: int):
-        self.num_blocks, self.seed = num_blocks, seed
-        self._pass, self._perm = -1, None
-
-    def block(self, sample: int) -> int:
-        current = sample // self.num_blocks
-        if current != self._pass:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + current)
-            self._pass, self._perm = current, torch.randperm(self.num_blocks, generator=generator)
-        return int(self._perm[sample % self.num_blocks])
-
-    def micro_batch(self, step: int, micro: int, batch_size: int, micro_size: int, rank: int, world: int) -> list[int]:
-        first = step * batch_size + micro * micro_size * world + rank * micro_size
-        return [self.block(first + i) for i in range(micro_size)]
-
-
-@dataclass
-class Optimization:
-    """What an optimizer step changes besides the weights; saved and restored as one."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None = None  # fp16 only
-
-    @classmethod
-    def create(cls, model: nn.Module, config: "TrainConfig", device: torch.device) -> "Optimization":
-        optimizer = make_optimizer(model, config, device)
-        scheduler = make_scheduler(optimizer, config.warmup_steps, config.epochs * config.max_step)
-        # fp16 gradients underflow without loss scaling; GradScaler takes DTensors, so it serves
-        # FSDP2 too.  bf16 and float32 need none.
-        scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
-        return cls(optimizer, scheduler, scaler)
-
-    def extra_state(self) -> dict:
-        """Plain JSON values (no tensors): the schedule's position and the fp16 loss scale."""
-        return {"scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-
-    def load_extra_state(self, extra: dict) -> None:
-        self.scheduler.load_state_dict(extra["scheduler"])
-        if self.scaler is not None and extra.get("scaler"):
-            self.scaler.load_state_dict(extra["scaler"])
-
-
-def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimization: Optimization,
-               masks: MaskSet | None, device: torch.device, max_grad_norm: float | None) -> torch.Tensor:
-    """One optimizer step over `micro_batches` (gradient accumulation), the pruned weights'
-    gradients masked before clipping.  With a GradScaler a step whose
-    gradients overflowed is skipped and the scale lowered.  Returns the mean loss as a device
-    tensor (no host sync without a scaler)."""
-    optimizer, scheduler, scaler = optimization.optimizer, optimization.scheduler, optimization.scaler
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    # CUDA-graph trees: the last step's graph outputs are done with.  Once per optimizer step, not
-    # per micro-batch: gradients accumulating in .grad are outputs of the first backward's graph.
-    torch.compiler.cudagraph_mark_step_begin()
-    for batch in micro_batches:
-        batch = batch.to(device, non_blocking=True)
-        with prepared.precision():
-            loss = prepared.forward(batch)  # the TrainingObjective: CE and/or distillation
-        scaled = loss / len(micro_batches)
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += loss.detach().double() / len(micro_batches)
-    if prepared.replicas > 1:
-        average_gradients(prepared.module)
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if masks is not None:
-        masks.mask_gradients(compiled=prepared.compile_mode is not None)
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(prepared.module.parameters(), max_grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total
-
-
-# --------------------------------------------------------------------------- state on disk
-
-def save_state(folder: Path, model: nn.Module, optimization: Optimization, state: TrainState,
-               identity: dict) -> None:
-    """Resumable state (utils/state_utils.py: safetensors + JSON, nothing pickled), written beside
-    the previous one and swapped in only when complete."""
-    save_training_state(folder, model, optimization.optimizer,
-                        {"train_state": asdict(state), **optimization.extra_state(), "identity": identity})
-
-
-def load_state(folder: Path, model: nn.Module, optimization: Optimization) -> TrainState:
-    meta = load_training_state(folder, model, optimization.optimizer)
-    optimization.load_extra_state(meta)
-    return TrainState(**meta["train_state"])
-
-
-def save_best_model(model: nn.Module, tokenizer, folder: Path, info: dict) -> None:
-    """Gather the full weights (a collective) and let rank 0 write them atomically."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from utils.checkpoint_utils import save_pretrained_atomic
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() == 0:
-        save_pretrained_atomic(model, tokenizer, folder, info=info, state_dict=full)
-    dist.barrier()
-
-
-# --------------------------------------------------------------------------- the loop
-
-@dataclass
-class TrainResult:
-    history: PerplexityHistory
-    state: TrainState
-    stopped_early: bool = False
-    interrupted: bool = False
-    error: str | None = None  # why the run stopped short (NaN loss, out of memory, compilation); best model kept
 
 
 # Errors that end a run with a message and its results kept, instead of a traceback.
@@ -255,127 +64,310 @@ def stop_message(error: BaseException) -> str:
             "(add --resume to continue from the last finished epoch)")
 
 
-def finetune(prepared: Prepared, tokenizer, blocks: torch.Tensor, eval_tokens: TokenizedText, config: TrainConfig,
-             density: float, logger: MetricsLogger, device: torch.device,
-             history: PerplexityHistory, best_info: Callable[[], dict],
-             holdout: torch.Tensor | None = None, schedule: SparsitySchedule | None = None,
-             reprune: Callable[[float], None] | None = None) -> TrainResult:
-    """Train the model (from `prepare_model`) for `config.epochs` epochs, evaluating after each
-    on `eval_tokens` and, when given, on `holdout` (blocks of the training text it never trains on).
-    `schedule` with `reprune(density)`: at each later stage's first step the model is pruned
-    further in place and its masks and optimizer moments follow; an iterative stage also reports
-    perplexity before and after."""
-    model = prepared.module
-    rank, world = dist.get_rank(), dist.get_world_size()
-    micro = config.micro_batch_size
-    accum = config.batch_size // (micro * world)
-    if accum < 1 or accum * micro * world != config.batch_size:
-        raise ValueError(f"batch size {config.batch_size} is not micro-batch {micro} × {world} processes × "
-                         "a whole number of accumulation steps")
-    output = Path(config.output_dir)
-    state_dir, best_dir = output / "state", output / "best"
-    # At density 1 nothing was pruned: weights that happen to be zero (quantized checkpoints have
-    # some) are free to move, and there is nothing to re-apply.
-    masks = MaskSet.for_model(model) if density < 1 else MaskSet({}, {})
-    if prepared.compile_mode is not None and masks.mask_in_backward():  # released at the end
-        logger.info("Gradient masks: in the compiled backward (each weight gradient comes out masked)")
-    optimization = Optimization.create(model, config, device)
-    total_steps = config.epochs * config.max_step
-    state = TrainState(history=history.to_dict())
-    # Dropout draws from the global generators: start them from the run's seed (what ran before in
-    # this process, pruning or another run, must not decide them); a resumed run restores them.
-    torch.manual_seed(config.seed * 1_000_003 + rank)
-    if config.resume and (state_dir / "train_state.json").exists():
-        state = load_state(state_dir, model, optimization)
-        masks.refresh()  # the saved weights' zeros (an iterative run may be past its first stage)
-        masks.mask_optimizer_state(optimization.optimizer)  # state saved by an older version may hold pruned moments
-        history = PerplexityHistory.from_dict(state.history)
-        now = f", measured {describe_density(masks.kept_fraction())}" if len(masks) else ""  # a stage's, past the first
-        logger.info(f"Resumed from {state_dir}: epoch {state.epoch}, optimizer step {state.global_step} of "
-                    f"{total_steps}{now}")
-    sampler = BlockSampler(blocks.shape[0], config.seed)
-    memory = MemoryTracker(device)
-    # A finished state resumed (its results were not all written): nothing trains, the run delivers.
-    result = TrainResult(history, state, stopped_early=state.finished and state.epoch <= config.epochs)
-    logger.info(f"Training: {config.epochs} epochs × {config.max_step} steps, batch {config.batch_size} "
-                f"= {micro} per micro-batch × {accum} accumulation × {world} processes, lr {config.lr:.3g}")
-    tokens_per_step = config.batch_size * blocks.shape[1]
-    window_loss = torch.zeros((), device=device, dtype=torch.float64)  # losses not yet folded into `state`
-    window_steps, bar = 0, None
-    compiling = config.compile_mode is not None  # this process's first log window compiles the model
-    stop = StopRequests()
-    try:
-        while state.epoch <= config.epochs and not state.finished:
-            epoch_end = state.epoch * config.max_step
-            bar = logger.progress(config.max_step, f"Epoch {state.epoch}/{config.epochs}")
-            bar.update(state.global_step - (state.epoch - 1) * config.max_step)
-            model.train()
-            tick = time.perf_counter()
-            while state.global_step < epoch_end:
-                stage = schedule.stage_starting_at(state.global_step) if schedule is not None else None
-                if stage is not None:
-                    with prepared.precision():
-                        if schedule.evaluates_stages:
-                            _next_stage(model, stage, reprune, masks, optimization, eval_tokens, config, logger, state)
-                        else:
-                            _prune_further(model, stage, reprune, masks, optimization, logger, state)
-                micro_batches = [blocks[sampler.micro_batch(state.global_step, index, config.batch_size, micro,
-                                                            rank, world)] for index in range(accum)]
-                window_loss += train_step(prepared, micro_batches, optimization, masks, device,
-                                          config.max_grad_norm)
-                state.global_step += 1
-                window_steps += 1
-                if config.interrupt_after_steps and state.global_step == config.interrupt_after_steps:
-                    _send_signal(config.interrupt_signal)
-                stopping = stop.requested and world == 1  # several processes agree at the window's end
-                if window_steps == config.log_every or state.global_step == epoch_end:
-                    stopping = _flush_window(state, window_loss, window_steps, tokens_per_step,
-                                             optimization.scheduler, logger, bar, tick, compiling, stop.requested)
-                    compiling = False
-                    tick = time.perf_counter()
-                    window_loss.zero_()
-                    window_steps = 0
-                if stopping:
-                    raise KeyboardInterrupt
-            bar.close()
-            with prepared.precision():
-                if holdout is not None:
-                    _evaluate_holdout(model, holdout, config, logger, state, blocks.shape[0])
-                scheduled = schedule.density_at(state.global_step - 1) if schedule is not None else density
-                _end_of_epoch(model, tokenizer, masks, eval_tokens, config, scheduled, logger, state, history,
-                              memory, optimization, state_dir, best_dir, best_info, result)
-            if result.stopped_early:
-                break
-    except TrainingStopped as error:  # weights may be NaN: keep the last good state and the best model
-        result.error = str(error)
-    except STOPPING_ERRORS as error:
-        result.error = stop_message(error)
-    except OSError as error:  # a full disk or a folder gone while saving state or the best model
-        result.error = (f"could not write to {output}: {error.strerror or error} ({error.filename or ''}); "
-                        "results.json and the last complete state are kept. Free space, then add --resume")
-    except KeyboardInterrupt:
-        result.interrupted = True
+@dataclass
+class TrainingJob:
+    """What the pipeline hands the loop: the prepared model and its data, how it is measured, and
+    where its state goes."""
+    prepared: Prepared
+    tokenizer: object
+    blocks: torch.Tensor  # (blocks, block_size) training blocks
+    holdout: torch.Tensor | None  # held-out blocks of the training text, evaluated every epoch
+    eval_tokens: TokenizedText
+    protocol: EvalProtocol  # the per-epoch evaluation (bos and compile resolved)
+    schedule: SparsitySchedule
+    reprune: Callable[[float], None] | None  # prunes the model in place to a density (later stages)
+    identity: dict  # what the run is (checked by --resume), saved with its state
+    best_info: Callable[[], dict]  # pruning.json of the best model
+    history: PerplexityHistory
+    output: Path
+    loss_kind: str = "ce"  # the loss's name, for the held-out line
+    resume: bool = False
+    save_best: bool = True
+    kernels: CompiledKernels | None = None
+
+
+@dataclass
+class TrainResult:
+    history: PerplexityHistory
+    state: TrainState
+    stopped_early: bool = False
+    interrupted: bool = False
+    error: str | None = None  # why the run stopped short (NaN loss, out of memory, compilation); best model kept
+
+
+class Callback(Protocol):
+    def on_step_end(self, trainer: "Trainer") -> None: ...
+
+
+class Trainer:
+    """Train `job.prepared` for `train.epochs` epochs, evaluating after each on `job.eval_tokens`
+    and, when given, on `job.holdout`.  At each later stage of `job.schedule` the model is pruned
+    further in place (`job.reprune`) and its masks and optimizer moments follow; an iterative
+    stage also reports perplexity before and after."""
+
+    def __init__(self, job: TrainingJob, train: TrainCfg, logger: MetricsLogger, callbacks=()):
+        self.job, self.train, self.logger, self.callbacks = job, train, logger, list(callbacks)
+        self.model = job.prepared.module
+        self.device = next(self.model.parameters()).device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.micro = train.micro_batch_size or max(1, train.batch_size // self.world)
+        self.accumulation = train.batch_size // (self.micro * self.world)
+        if self.accumulation < 1 or self.accumulation * self.micro * self.world != train.batch_size:
+            raise ValueError(f"batch size {train.batch_size} is not micro-batch {self.micro} × {self.world} "
+                             "processes × a whole number of accumulation steps")
+        self.state_dir, self.best_dir = job.output / "state", job.output / "best"
+        self.history = job.history
+        self.state = TrainState(history=self.history.to_dict())
+        self.stop: StopRequests | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        job, train = self.job, self.train
+        # At density 1 nothing was pruned: weights that happen to be zero (quantized checkpoints have
+        # some) are free to move, and there is nothing to re-apply.
+        self.masks = MaskSet.for_model(self.model) if job.schedule.final < 1 else MaskSet({}, {})
+        if job.prepared.compile_mode is not None and self.masks.mask_in_backward():  # released at the end
+            self.logger.info("Gradient masks: in the compiled backward (each weight gradient comes out masked)")
+        self.optimization = Optimization.create(self.model, train, self.device)
+        # Dropout draws from the global generators: start them from the run's seed (what ran before in
+        # this process, pruning or another run, must not decide them); a resumed run restores them.
+        torch.manual_seed(train.seed * 1_000_003 + self.rank)
+        if job.resume and (self.state_dir / "train_state.json").exists():
+            self._resume()
+        self.sampler = BlockSampler(job.blocks.shape[0], train.seed)
+        self.memory = MemoryTracker(self.device)
+        # A finished state resumed (its results were not all written): nothing trains, the run delivers.
+        self.result = TrainResult(self.history, self.state,
+                                  stopped_early=self.state.finished and self.state.epoch <= train.epochs)
+        self.logger.report(f"Training: {train.epochs} epochs × {train.max_step} steps, batch {train.batch_size} "
+                           f"= {self.micro} per micro-batch × {self.accumulation} accumulation × {self.world} "
+                           f"processes, lr {train.lr:.3g}",
+                           {"event": "training", "micro_batch_size": self.micro, "accumulation": self.accumulation,
+                            "processes": self.world})
+        self.window_loss = torch.zeros((), device=self.device, dtype=torch.float64)  # not yet folded into state
+        self.window_steps, self.bar = 0, None
+        self.compiling = job.prepared.compile_mode is not None  # this process's first log window compiles
+
+    def _resume(self) -> None:
+        self.state = load_state(self.state_dir, self.model, self.optimization)
+        self.masks.refresh()  # the saved weights' zeros (an iterative run may be past its first stage)
+        self.masks.mask_optimizer_state(self.optimization.optimizer)  # older states may hold pruned moments
+        self.history = PerplexityHistory.from_dict(self.state.history)
+        now = f", measured {describe_density(self.masks.kept_fraction())}" if len(self.masks) else ""
+        self.logger.report(f"Resumed from {self.state_dir}: epoch {self.state.epoch}, optimizer step "
+                           f"{self.state.global_step} of {self.train.total_steps}{now}",
+                           {"event": "resumed", "epoch": self.state.epoch, "step": self.state.global_step})
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainResult:
+        self.setup()
+        self.stop = StopRequests()
+        try:
+            while self.state.epoch <= self.train.epochs and not self.state.finished:
+                self._run_epoch()
+                self.end_epoch()
+                if self.result.stopped_early:
+                    break
+        except TrainingStopped as error:  # weights may be NaN: keep the last good state and the best model
+            self.result.error = str(error)
+        except STOPPING_ERRORS as error:
+            self.result.error = stop_message(error)
+        except OSError as error:  # a full disk or a folder gone while saving state or the best model
+            self.result.error = (f"could not write to {self.job.output}: {error.strerror or error} "
+                                 f"({error.filename or ''}); results.json and the last complete state are kept. "
+                                 "Free space, then add --resume")
+        except KeyboardInterrupt:
+            self._save_interrupted()
+        finally:
+            self.stop.close()
+            self.masks.release()
+        self.result.history, self.result.state = self.history, self.state
+        return self.result
+
+    def _run_epoch(self) -> None:
+        state, train = self.state, self.train
+        epoch_end = state.epoch * train.max_step
+        self.bar = self.logger.progress(train.max_step, f"Epoch {state.epoch}/{train.epochs}")
+        self.bar.update(state.global_step - (state.epoch - 1) * train.max_step)
+        self.model.train()
+        self.tick = time.perf_counter()
+        while state.global_step < epoch_end:
+            self.step()
+            stopping = self.stop.requested and self.world == 1  # several processes agree at the window's end
+            if self.window_steps == LOG_EVERY or state.global_step == epoch_end:
+                stopping = self._flush_window(self.bar)
+            if stopping:
+                raise KeyboardInterrupt
+        self.bar.close()
+
+    def step(self) -> None:
+        """One optimizer step (a schedule's stage entered first where one begins), then the callbacks."""
+        stage = self.job.schedule.stage_starting_at(self.state.global_step)
+        if stage is not None:
+            self.enter_stage(stage)
+        batches = [self.job.blocks[self.sampler.micro_batch(self.state.global_step, index, self.train.batch_size,
+                                                             self.micro, self.rank, self.world)]
+                   for index in range(self.accumulation)]
+        self.window_loss += train_step(self.job.prepared, batches, self.optimization, self.masks, self.device,
+                                       self.train.max_grad_norm)
+        self.state.global_step += 1
+        self.window_steps += 1
+        for callback in self.callbacks:
+            callback.on_step_end(self)
+
+    def enter_stage(self, density: float) -> None:
+        """A schedule's later stage: the model pruned further to `density`; iterative stages are
+        evaluated before and after."""
+        with self.job.prepared.precision():
+            if not self.job.schedule.evaluates_stages:
+                prune_in_place(self.model, density, self.job.reprune, self.masks, self.optimization, self.logger,
+                               self.state)
+                return
+            step = self.state.global_step
+            before = self._evaluate(Heading(f"End of Stage (step {step})", step=step))
+            measured = prune_in_place(self.model, density, self.job.reprune, self.masks, self.optimization,
+                                      self.logger, self.state)
+            after = self._evaluate(Heading(f"Pruned Further: Next Stage (step {step})", density=density, step=step))
+        self.logger.info(f"Stage at step {step}: {before.perplexity:.2f} → pruned to {describe_density(measured)} "
+                         f"→ {after.perplexity:.2f}")
+        self.logger.log({"event": "stage", "step": step, "epoch": self.state.epoch, "density": density,
+                         "measured_density": measured, "perplexity_before": before.perplexity,
+                         "perplexity_after": after.perplexity}, step=step)
+
+    def _evaluate(self, heading: Heading, history: PerplexityHistory | None = None):
+        return evaluate_and_log(self.model, self.job.eval_tokens, self.logger, heading, self.job.protocol,
+                                history=history, kernels=self.job.kernels)
+
+    def _flush_window(self, bar) -> bool:
+        """One host sync per LOG_EVERY steps: loss bookkeeping, the NaN check, the log line.
+        Returns whether any process asked to stop (one all-reduce carries the loss and that vote)."""
+        state, window_loss, stop = self.state, self.window_loss, bool(self.stop.requested)
+        if self.world > 1:
+            packed = torch.stack([window_loss, torch.full_like(window_loss, float(stop))])
+            dist.all_reduce(packed)
+            window_loss, stop = packed[0] / self.world, bool(packed[1] > 0)
+        total, steps = check_finite(float(window_loss), state.global_step), self.window_steps
+        seconds = time.perf_counter() - self.tick
+        tokens = steps * self.train.batch_size * self.job.blocks.shape[1]
+        state.epoch_tokens += tokens
+        state.epoch_loss_sum += total
+        state.epoch_batches += steps
+        state.epoch_seconds += seconds
+        if self.compiling:
+            state.epoch_compile_steps += steps
+            state.epoch_compile_seconds += seconds
+        lr = self.optimization.scheduler.get_last_lr()[0]
         if bar is not None:
-            bar.close()
-        if window_steps:  # steps finished since the last log line belong to the saved epoch average
-            _flush_window(state, window_loss, window_steps, tokens_per_step, optimization.scheduler, logger, None,
-                          time.perf_counter())
-        logger.info(f"Interrupted at optimizer step {state.global_step}: saving resumable state to {state_dir} ...")
-        state.history = history.to_dict()
-        save_state(state_dir, model, optimization, state, config.identity)
-        logger.info("Saved. Continue with the same command plus --resume.")
-    finally:
-        stop.close()
-        masks.release()
-    result.history, result.state = history, state
-    return result
+            bar.update(steps, loss=total / steps, lr=lr)
+        self.logger.log({"event": "train", "step": state.global_step, "epoch": state.epoch, "loss": total / steps,
+                         "lr": lr, "seconds": seconds, "tokens_per_second": tokens / seconds if seconds else None},
+                        step=state.global_step)
+        self.compiling, self.tick, self.window_steps = False, time.perf_counter(), 0
+        self.window_loss.zero_()
+        return stop
+
+    def _save_interrupted(self) -> None:
+        self.result.interrupted = True
+        if self.bar is not None:
+            self.bar.close()
+        if self.window_steps:  # steps finished since the last log line belong to the saved epoch average
+            self._flush_window(None)
+        self.logger.info(f"Interrupted at optimizer step {self.state.global_step}: saving resumable state to "
+                         f"{self.state_dir} ...")
+        self.state.history = self.history.to_dict()
+        save_state(self.state_dir, self.model, self.optimization, self.state, self.job.identity)
+        self.logger.info("Saved. Continue with the same command plus --resume.")
+
+    # ------------------------------------------------------------------ end of epoch
+
+    def end_epoch(self) -> None:
+        """Held-out loss, the mask check, perplexity with its trend, the best model, the saved state."""
+        state, train, job = self.state, self.train, self.job
+        with job.prepared.precision():
+            if job.holdout is not None:
+                self._evaluate_holdout()
+            density = job.schedule.density_at(state.global_step - 1)
+            measured, memory = self._report_epoch(density)
+            previous_best = self.history.best
+            evaluation = self._evaluate(Heading(f"Evaluation After Epoch {state.epoch}", epoch=state.epoch,
+                                                density=density, step=state.global_step), history=self.history)
+        self.logger.log({"event": "epoch", "epoch": state.epoch, **measured, "scheduled_density": density,
+                         "perplexity": evaluation.perplexity, **memory}, step=state.global_step)
+        eligible = state.epoch >= self.history.final_from  # earlier epochs of a schedule hold more weights
+        improved = eligible and (previous_best is None or
+                                 evaluation.perplexity < previous_best[1] * (1 - train.min_delta))
+        if improved and job.save_best:
+            save_best_model(self.model, job.tokenizer, self.best_dir,
+                            {**job.best_info(), "epoch": state.epoch, "perplexity": evaluation.perplexity})
+            self.logger.info(f"Best model so far saved to {self.best_dir}")
+        state.bad_epochs = 0 if improved or not eligible else state.bad_epochs + 1
+        if train.patience is not None and state.bad_epochs >= train.patience:
+            self.logger.info(f"Early stopping: perplexity has not improved for {state.bad_epochs} epoch(s) "
+                             f"(--patience {train.patience})")
+            self.result.stopped_early = True
+            state.finished = True
+        state.next_epoch()
+        state.finished = state.finished or state.epoch > train.epochs
+        state.history = self.history.to_dict()
+        save_state(self.state_dir, self.model, self.optimization, state, job.identity)
+
+    def _report_epoch(self, density: float) -> tuple[dict, dict]:
+        """The mask check and the epoch's lines: loss, rate, measured density; memory."""
+        state = self.state
+        violations = self.masks.violations()
+        measured = sparsity_report(self.model)
+        if violations:
+            raise TrainingStopped(f"{violations} pruned weights are non-zero after epoch {state.epoch}: the masks "
+                                  "were not kept; this is a bug, please report it")
+        average = state.epoch_loss_sum / max(1, state.epoch_batches)
+        tokens_per_second = state.epoch_tokens / state.epoch_seconds if state.epoch_seconds else float("nan")
+        steady = state.steady_rate()
+        rate = f"{tokens_per_second:,.0f} tokens/s" + (
+            f" ({steady:,.0f} after the first {state.epoch_compile_steps} steps, which compiled)" if steady else "")
+        snapshot = self.memory.snapshot()
+        self.logger.info(f"Epoch {state.epoch} done: average loss {average:.4f} | {state.epoch_batches} batches "
+                         f"processed | {rate} | measured {describe_density(measured.density)}"
+                         + (f" (scheduled {density:.4g})" if abs(measured.density - density) > 1e-3 else ""))
+        for line in snapshot.lines():
+            self.logger.info(line)
+        return ({"average_loss": average, "batches": state.epoch_batches, "tokens_per_second": tokens_per_second,
+                 "steady_tokens_per_second": steady or tokens_per_second, "measured_density": measured.density},
+                snapshot.to_dict())
+
+    def _evaluate_holdout(self) -> None:
+        """Loss on the held-out slice of the training text beside the training loss, and the passes
+        made over the training text so far: a falling training loss with a rising held-out loss is
+        memorization, seen without looking at the test set."""
+        holdout, state = self.job.holdout, self.state
+        block = holdout.shape[1]
+        result = evaluate_perplexity(self.model, holdout.reshape(-1),
+                                     EvalProtocol(token_length=block, stride=block,
+                                                  batch_size=self.job.protocol.batch_size), progress=False)
+        train_loss = state.epoch_loss_sum / max(1, state.epoch_batches)
+        passes = state.global_step * self.train.batch_size / self.job.blocks.shape[0]
+        self.logger.info(f"Held-out training text ({holdout.numel():,} tokens): loss {result.mean_nll:.4f} "
+                         f"(perplexity {result.perplexity:.2f}) | training loss ({self.job.loss_kind}) "
+                         f"{train_loss:.4f} | {passes:.1f} passes over the training text so far")
+        self.logger.log({"event": "holdout", "epoch": state.epoch, "loss": result.mean_nll,
+                         "perplexity": result.perplexity, "train_loss": train_loss, "passes": passes},
+                        step=state.global_step)
 
 
-def _prune_further(model: nn.Module, density: float, reprune: Callable[[float], None], masks: MaskSet,
+def check_finite(loss: float, step: int) -> float:
+    """`loss`, or TrainingStopped when it is NaN or infinite (the weights may be already)."""
+    if not math.isfinite(loss):
+        raise TrainingStopped(f"the training loss became {loss} by optimizer step {step}; the best model so far is "
+                              "kept. Lower --lr or use --mixed-precision bf16 instead of fp16")
+    return loss
+
+
+def prune_in_place(model: nn.Module, density: float, reprune: Callable[[float], None], masks: MaskSet,
                    optimization: Optimization, logger: MetricsLogger, state: TrainState) -> float:
     """Prune the trained model in place to `density`: masks refreshed in place (the compiled
     backward reads these very buffers), the new zeros' optimizer moments cleared.  Returns the
-    measured density; a gradual schedule's updates are recorded as events, not printed."""
+    measured density; recorded as a `mask_update` event (a gradual schedule's are not printed)."""
     was_training = model.training
     model.eval()
     reprune(density)
@@ -391,132 +383,3 @@ def _prune_further(model: nn.Module, density: float, reprune: Callable[[float], 
                     f"scheduled {density:.4g} (more than rounding); training goes on at the measured density. "
                     "This is a bug, please report it with the run's metrics.jsonl")
     return measured
-
-
-def _next_stage(model: nn.Module, density: float, reprune: Callable[[float], None], masks: MaskSet,
-                optimization: Optimization, eval_tokens: TokenizedText, config: TrainConfig, logger: MetricsLogger,
-                state: TrainState) -> None:
-    """Iterative pruning's stage boundary: perplexity at the end of the stage, prune to `density`
-    (re-calibrated on the trained model), perplexity again."""
-    evaluation = {**config.evaluation(), "step": state.global_step}
-    before = evaluate_and_log(model, eval_tokens, logger, title=f"End of Stage (step {state.global_step})",
-                              **evaluation)
-    measured = _prune_further(model, density, reprune, masks, optimization, logger, state)
-    after = evaluate_and_log(model, eval_tokens, logger, title=f"Pruned Further: Next Stage (step {state.global_step})",
-                             density=density, **evaluation)
-    logger.info(f"Stage at step {state.global_step}: {before.perplexity:.2f} → pruned to {describe_density(measured)} "
-                f"→ {after.perplexity:.2f}")
-    logger.log({"event": "stage", "step": state.global_step, "epoch": state.epoch, "density": density,
-                "measured_density": measured, "perplexity_before": before.perplexity,
-                "perplexity_after": after.perplexity}, step=state.global_step)
-
-
-def _send_signal(name: str) -> None:
-    """Testing hook: interrupt this process as a user (SIGINT) or a scheduler (SIGTERM) would."""
-    import signal
-    signal.raise_signal({"int": signal.SIGINT, "term": signal.SIGTERM}[name])  # handled before it returns
-
-
-def _flush_window(state: TrainState, window_loss: torch.Tensor, steps: int, tokens_per_step: int, scheduler,
-                  logger: MetricsLogger, bar, tick: float, compiling: bool = False, stop: bool = False) -> bool:
-    """One host sync per `log_every` steps: loss bookkeeping, the NaN check, the log line.
-    Returns whether any process asked to stop (one all-reduce carries the loss and that vote)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        packed = torch.stack([window_loss, torch.full_like(window_loss, float(stop))])
-        dist.all_reduce(packed)
-        window_loss, stop = packed[0] / dist.get_world_size(), bool(packed[1] > 0)
-    total = float(window_loss)
-    if not math.isfinite(total):
-        raise TrainingStopped(f"the training loss became {total} by optimizer step {state.global_step}; "
-                              "the best model so far is kept. Lower --lr or use --mixed-precision bf16 "
-                              "instead of fp16")
-    seconds = time.perf_counter() - tick
-    tokens = steps * tokens_per_step
-    state.epoch_tokens += tokens
-    state.epoch_loss_sum += total
-    state.epoch_batches += steps
-    state.epoch_seconds += seconds
-    if compiling:
-        state.epoch_compile_steps += steps
-        state.epoch_compile_seconds += seconds
-    lr = scheduler.get_last_lr()[0]
-    if bar is not None:
-        bar.update(steps, loss=total / steps, lr=lr)
-    logger.log({"event": "train", "step": state.global_step, "epoch": state.epoch, "loss": total / steps, "lr": lr,
-                "seconds": seconds, "tokens_per_second": tokens / seconds if seconds else None},
-               step=state.global_step)
-    return stop
-
-
-def _steady_rate(state: TrainState) -> float | None:
-    """Tokens/s of the epoch without the window that compiled the model; None if none did."""
-    steps, seconds = state.epoch_batches - state.epoch_compile_steps, state.epoch_seconds - state.epoch_compile_seconds
-    if not state.epoch_compile_steps or steps <= 0 or seconds <= 0:
-        return None
-    return state.epoch_tokens * steps / state.epoch_batches / seconds
-
-
-def _evaluate_holdout(model: nn.Module, holdout: torch.Tensor, config: TrainConfig, logger: MetricsLogger,
-                      state: TrainState, train_blocks: int) -> None:
-    """Loss on the held-out slice of the training text beside the training loss, and the passes
-    made over the training text so far: a falling training loss with a rising held-out loss is
-    memorization, seen without looking at the test set."""
-    block = holdout.shape[1]
-    result = evaluate_perplexity(model, holdout.reshape(-1), token_length=block, stride=block,
-                                 batch_size=config.eval_batch_size, progress=False)
-    train_loss = state.epoch_loss_sum / max(1, state.epoch_batches)
-    passes = state.global_step * config.batch_size / train_blocks
-    logger.info(f"Held-out training text ({holdout.numel():,} tokens): loss {result.mean_nll:.4f} "
-                f"(perplexity {result.perplexity:.2f}) | training loss ({config.loss}) {train_loss:.4f} | "
-                f"{passes:.1f} passes over the training text so far")
-    logger.log({"event": "holdout", "epoch": state.epoch, "loss": result.mean_nll, "perplexity": result.perplexity,
-                "train_loss": train_loss, "passes": passes}, step=state.global_step)
-
-
-def _end_of_epoch(model, tokenizer, masks: MaskSet, eval_tokens, config: TrainConfig, density: float,
-                  logger: MetricsLogger, state: TrainState, history: PerplexityHistory, memory: MemoryTracker,
-                  optimization: Optimization, state_dir: Path, best_dir: Path, best_info: Callable[[], dict],
-                  result: TrainResult) -> None:
-    epoch = state.epoch
-    violations = masks.violations()
-    measured = sparsity_report(model)
-    if violations:
-        raise TrainingStopped(f"{violations} pruned weights are non-zero after epoch {epoch}: the masks were not "
-                              "kept; this is a bug, please report it")
-    average = state.epoch_loss_sum / max(1, state.epoch_batches)
-    tokens_per_second = state.epoch_tokens / state.epoch_seconds if state.epoch_seconds else float("nan")
-    steady = _steady_rate(state)
-    rate = f"{tokens_per_second:,.0f} tokens/s" + (
-        f" ({steady:,.0f} after the first {state.epoch_compile_steps} steps, which compiled)" if steady else "")
-    snapshot = memory.snapshot()
-    logger.info(f"Epoch {epoch} done: average loss {average:.4f} | {state.epoch_batches} batches processed | "
-                f"{rate} | measured {describe_density(measured.density)}"
-                + (f" (scheduled {density:.4g})" if abs(measured.density - density) > 1e-3 else ""))
-    for line in snapshot.lines():
-        logger.info(line)
-    previous_best = history.best
-    evaluation = evaluate_and_log(model, eval_tokens, logger, title=f"Evaluation After Epoch {epoch}", epoch=epoch,
-                                  density=density, history=history, step=state.global_step, **config.evaluation())
-    logger.log({"event": "epoch", "epoch": epoch, "average_loss": average, "batches": state.epoch_batches,
-                "tokens_per_second": tokens_per_second, "steady_tokens_per_second": steady or tokens_per_second,
-                "measured_density": measured.density, "scheduled_density": density,
-                "perplexity": evaluation.perplexity, **snapshot.to_dict()}, step=state.global_step)
-    eligible = epoch >= history.final_from  # iterative pruning: earlier epochs hold more weights than asked
-    improved = eligible and (previous_best is None or evaluation.perplexity < previous_best[1] * (1 - config.min_delta))
-    if improved and config.save_best:
-        save_best_model(model, tokenizer, best_dir, {**best_info(), "epoch": epoch,
-                                                     "perplexity": evaluation.perplexity})
-        logger.info(f"Best model so far saved to {best_dir}")
-    state.bad_epochs = 0 if improved or not eligible else state.bad_epochs + 1
-    if config.patience is not None and state.bad_epochs >= config.patience:
-        logger.info(f"Early stopping: perplexity has not improved for {state.bad_epochs} epoch(s) "
-                    f"(--patience {config.patience})")
-        result.stopped_early = True
-        state.finished = True
-    state.epoch += 1
-    state.epoch_loss_sum, state.epoch_batches, state.epoch_tokens, state.epoch_seconds = 0.0, 0, 0, 0.0
-    state.epoch_compile_steps, state.epoch_compile_seconds = 0, 0.0
-    if state.epoch > config.epochs:
-        state.finished = True
-    state.history = history.to_dict()
-    save_state(state_dir, model, optimization, state, config.identity)

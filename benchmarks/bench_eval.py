@@ -16,6 +16,7 @@ import math
 import torch
 
 from common import forward_flops_per_token, matmul_tflops, opt_model, print_profile, timed
+from utils.config.sections import EvalProtocol
 from utils.eval_utils import evaluate_perplexity
 
 TOKENS = 287_644
@@ -64,7 +65,7 @@ def main() -> None:
         print(f"{name:10} {loop:36} {seconds:8.3f} {flops / seconds / 1e12 / peak * 100:5.1f}%", flush=True)
 
     if args.compile:
-        from utils.eval_utils import _token_stats
+        from utils.eval_utils import score_tokens as _token_stats
         print(f"scoring one batch of {args.batch_size} × 2047 × 50272 fp16 logits, compiled: "
               f"{scoring_milliseconds(_token_stats, args.batch_size):.2f} ms (top score) against "
               f"{scoring_milliseconds(argmax_token_stats, args.batch_size):.2f} ms (argmax)", flush=True)
@@ -72,18 +73,16 @@ def main() -> None:
         model = opt_model(name, torch.float16)
         windows = TOKENS // 2048
         flops = forward_flops_per_token(model, 2048) * windows * 2048
-        seconds = timed(lambda model=model: evaluate_perplexity(model, ids, 2048, 2048, args.batch_size, progress=False))
+        seconds = timed(lambda model=model: evaluate_perplexity(model, ids, EvalProtocol(token_length=2048, stride=2048, batch_size=args.batch_size), progress=False))
         report(name, f"evaluate_perplexity fp16 batch {args.batch_size}", seconds)
         # (compile level, ReLU fused into the GEMM) beyond eager; --profile looks at the last
         variants = [("scoring", True), ("layers", False), ("layers", True)] if args.compile else []
         for level, fused in variants:
-            seconds = timed(lambda model=model, level=level, fused=fused: evaluate_perplexity(
-                model, ids, 2048, 2048, args.batch_size, progress=False, compile=level, fuse_relu=fused))
+            seconds = timed(lambda model=model, level=level, fused=fused: evaluate_perplexity(model, ids, EvalProtocol(token_length=2048, stride=2048, batch_size=args.batch_size, compile=level), progress=False, fuse_relu=fused))
             report(name, f"  compile={level}" + ("" if fused else " (ReLU not fused)"), seconds)
         if args.profile:
             profiled = variants[-1][0] if variants else "off"
-            print_profile(lambda _, model=model: evaluate_perplexity(model, ids, 2048, 2048, args.batch_size,
-                                                                     progress=False, compile=profiled), steps=1)
+            print_profile(lambda _, model=model: evaluate_perplexity(model, ids, EvalProtocol(token_length=2048, stride=2048, batch_size=args.batch_size, compile=profiled), progress=False), steps=1)
         if not args.skip_lineage:
             model = model.float()
             seconds = timed(lambda model=model: lineage_loop(model, ids, 2048), repeats=1)

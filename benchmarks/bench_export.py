@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from common import bench_model
-from utils.export_utils import export_compressed
-from utils.prune_utils import prune_model
+from utils.export.compressed import export_compressed
+from utils.pruning.driver import prune_model
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
             density = pattern[0] / pattern[1] if pattern else float(setting)
             label = "smollm2-135m" if name == "smollm2-shape" and args.smollm2 else name
             if label == "smollm2-135m":
-                from utils.model_utils import load_model, resolve_model
+                from utils.models.loading import load_model, resolve_model
                 model, _ = load_model(resolve_model(args.smollm2), dtype=torch.float32)
             else:
                 model = bench_model(name, torch.float32, device="cpu")

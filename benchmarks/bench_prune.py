@@ -13,11 +13,14 @@ import time
 import torch
 
 from common import gib, opt_model
-from utils.data_utils import calibration_windows, tokenize_source
+from utils.data.sources import calibration_windows, tokenize_source
+from utils.config.sections import EvalProtocol
 from utils.eval_utils import evaluate_perplexity
-from utils.mask_utils import sparsity_report
-from utils.model_utils import load_model, resolve_model
-from utils.prune_utils import METHODS, parse_pattern, prune_model
+from utils.models.sparsity import sparsity_report
+from utils.models.loading import load_model, resolve_model
+from utils.pruning.criteria import parse_pattern
+from utils.pruning.driver import prune_model
+from utils.pruning.methods import METHODS
 
 
 def prune_timed(model, method, density, pattern, calibration):
@@ -71,7 +74,7 @@ def main() -> None:
         del shaped
     if not args.quality:
         return
-    evaluate = lambda m: evaluate_perplexity(m.cuda(), test, 2048, 2048, 8, progress=False).perplexity  # noqa: E731
+    evaluate = lambda m: evaluate_perplexity(m.cuda(), test, EvalProtocol(token_length=2048, stride=2048, batch_size=8), progress=False).perplexity  # noqa: E731
     print(f"dense perplexity: {evaluate(copy.deepcopy(dense)):.3f}", flush=True)
     print(f"{'target':8} " + " ".join(f"{m:>10}" for m in METHODS) + "   (WikiText-2 test perplexity, fp32)")
     for target in ["0.5", "2:4", "0.3", "0.1"]:

@@ -16,9 +16,9 @@ import argparse
 import torch
 
 from common import bench_model, timed
-from utils.model_utils import find_decoder_layers
-from utils.prune_utils import prune_model
-from utils.sparse_kernels import to_semi_structured
+from utils.models.structure import find_decoder_layers
+from utils.pruning.driver import prune_model
+from utils.export.semi_structured import to_semi_structured
 
 
 def layer_prefill(layer, tokens: int) -> float:

@@ -18,11 +18,14 @@ import torch
 
 from common import bench_model, forward_flops_per_token, gib, matmul_tflops, print_profile
 
-from fsdp_finetune import Optimization, Prepared, TrainConfig, init_distributed, prepare_model, shard_model, train_step
-from utils.losses import LossSpec, TrainingObjective
-from utils.mask_utils import MaskSet
-from utils.model_utils import load_model, prunable_linears, resolve_model
-from utils.prune_utils import magnitude_keep
+from utils.config.sections import LossCfg, TrainCfg
+from utils.training.parallel import Prepared, init_distributed, prepare_model, shard_model
+from utils.training.step import Optimization, train_step
+from utils.training.losses import TrainingObjective
+from utils.training.masks import MaskSet
+from utils.models.loading import load_model, resolve_model
+from utils.models.structure import prunable_linears
+from utils.pruning.criteria import magnitude_keep
 
 
 VARIANTS = {"off": "no masks", "on": "masks as the tool applies them (in the compiled backward where the model is compiled)",
@@ -45,7 +48,7 @@ def bench(model, batch: int, block: int, steps: int, variants: tuple[str, ...], 
                 linear.weight.masked_fill_(~magnitude_keep(linear.weight, 0.1), 0.0)
 
     def prepare(model, teacher=None):
-        loss = LossSpec("kd" if teacher is not None else "ce")
+        loss = LossCfg.of("kd" if teacher is not None else "ce")
         if fsdp:  # what one process would cost under fully_shard (the tool trains it plain)
             model = shard_model(model, device, "bf16")
             teacher = shard_model(teacher, device, "bf16") if teacher is not None else None
@@ -58,18 +61,18 @@ def bench(model, batch: int, block: int, steps: int, variants: tuple[str, ...], 
     in_graph = "on" in variants and compile_mode is not None and not fsdp
     own_copy = copy.deepcopy(model) if in_graph else None
     prepared = prepare(model)
-    loops = {"off": (prepared, None, Optimization.create(model, TrainConfig(), device))}
+    loops = {"off": (prepared, None, Optimization.create(model, TrainCfg(), device))}
     for variant in masked:
         if variant == "kd":
             student = copy.deepcopy(model)
             masks = MaskSet.for_model(student)
             if compile_mode is not None and not fsdp:
                 masks.mask_in_backward()
-            loops[variant] = prepare(student, teacher), masks, Optimization.create(student, TrainConfig(), device)
+            loops[variant] = prepare(student, teacher), masks, Optimization.create(student, TrainCfg(), device)
         elif variant == "on" and in_graph:
             masks = MaskSet.for_model(own_copy)
             masks.mask_in_backward()
-            loops[variant] = prepare(own_copy), masks, Optimization.create(own_copy, TrainConfig(), device)
+            loops[variant] = prepare(own_copy), masks, Optimization.create(own_copy, TrainCfg(), device)
         else:
             loops[variant] = (replace(prepared, compile_mode=None) if variant == "eager" else prepared,
                               MaskSet.for_model(prepared.module), loops["off"][2])

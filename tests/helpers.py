@@ -104,11 +104,13 @@ def distributed_eval_worker(rank: int, world: int, store: str, model_dir: str, o
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from utils.config.sections import EvalProtocol
+
     from utils.eval_utils import evaluate_perplexity
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ids = torch.arange(2000) * 7 % model.config.vocab_size
-    result = evaluate_perplexity(model, ids, token_length=128, stride=96, batch_size=3, progress=False)
+    result = evaluate_perplexity(model, ids, EvalProtocol(token_length=128, stride=96, batch_size=3), progress=False)
     if rank == 0:
         with open(out, "w") as handle:
             json.dump({"perplexity": result.perplexity, "accuracy": result.accuracy,
@@ -121,14 +123,14 @@ def mask_agreement_worker(rank: int, world: int, store: str, out: str) -> None:
     test): after `MaskSet.agree` + `refresh` it writes its weight and mask."""
     import torch.distributed as dist
 
-    from utils.mask_utils import MaskSet
+    from utils.training.masks import MaskSet
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     weight = torch.arange(1.0, 13.0).reshape(3, 4)
     weight[:, rank::2] = 0  # rank 0 pruned the even columns, rank 1 the odd ones
     masks = MaskSet.from_zeros({"w": weight})
     masks.agree()
     masks.refresh()
-    torch.save({"weight": weight, "mask": masks._masks[0]}, f"{out}.{rank}")
+    torch.save({"weight": weight, "mask": masks.keep[0]}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
@@ -146,3 +148,16 @@ def broken_cpp_compiler():
             yield
     finally:
         torch._dynamo.reset()
+
+
+class StopAfter:
+    """A training-loop callback that interrupts the run after optimizer step `step`, as a user
+    (Ctrl-C, SIGINT) or a cluster scheduler (SIGTERM) would: the run's own handler takes it."""
+
+    def __init__(self, step: int, signal_name: str = "int"):
+        self.step, self.signal_name = step, signal_name
+
+    def on_step_end(self, trainer) -> None:
+        import signal
+        if trainer.state.global_step == self.step:
+            signal.raise_signal({"int": signal.SIGINT, "term": signal.SIGTERM}[self.signal_name])

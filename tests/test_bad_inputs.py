@@ -6,6 +6,7 @@ import pytest
 
 from conftest import save_tiny
 from extreme_compression_experiment import main
+from helpers import StopAfter
 
 # Found while parsing: nothing is loaded.  (arguments, what the one line must say)
 PARSED = [
@@ -90,8 +91,8 @@ def broken_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
     wiki.mkdir()
     (wiki / "wiki.test.raw").write_text(" = Test = \n")
     made["wiki-without-train"] = wiki
-    from utils.export_utils import export_compressed
-    from utils.model_utils import load_model, resolve_model
+    from utils.export.compressed import export_compressed
+    from utils.models.loading import load_model, resolve_model
     model, _ = load_model(resolve_model(str(made["ok"])))
     export_compressed(model, tokenizer, root / "damaged-export")
     packed = root / "damaged-export" / "model.safetensors"
@@ -161,7 +162,7 @@ def test_bad_inputs_found_later_exit_2_with_one_line(case, make, message, broken
     if make is None:  # a run folder whose saved state was damaged after an interruption
         from test_cli import job_args
         out = tmp_path / "run"
-        assert main(job_args(tiny_llama_dir, text_file, out, "--interrupt-after-steps", "3")) == 130
+        assert main(job_args(tiny_llama_dir, text_file, out), callbacks=[StopAfter(3)]) == 130
         (out / "state" / "train_state.json").write_text("{ not json")
         args = job_args(tiny_llama_dir, text_file, out, "--resume")
     else:

@@ -8,17 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_config import derive_schedule
+from utils.config.validate import derive_schedule
 from extreme_compression_experiment import main
-from helpers import REPO
+from helpers import REPO, StopAfter
 
 CLI = str(REPO / "extreme_compression_experiment.py")
+STOPPING_RUN = str(REPO / "tests" / "stopping_run.py")
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]  # 2 CPU processes (gloo)
 
 
-def run_cli(args, cwd, env=None, timeout=300, launcher=None):
+def run_cli(args, cwd, env=None, timeout=300, launcher=None, stop_after: tuple[int, str] | None = None):
+    """The command line in a process of its own; `stop_after` (step, "int" | "term") interrupts its
+    training after that optimizer step (tests/stopping_run.py)."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    command = (launcher or [sys.executable]) + [CLI, *map(str, args)]
+    entry = [CLI] if stop_after is None else [STOPPING_RUN, *map(str, stop_after)]
+    command = (launcher or [sys.executable]) + [*entry, *map(str, args)]
     return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
@@ -111,7 +115,10 @@ def test_main_job_end_to_end(tmp_path, tiny_llama_dir, text_file, capsys):
         assert line in printed, line
     assert (tmp_path / "log.txt").read_text(encoding="utf-8").count("Final Summary") == 1
     run = json.loads((out / "run.json").read_text())
-    assert run["config"]["density"] == 0.3 and run["versions"]["torch"] == torch.__version__
+    assert run["config"]["prune"]["density"] == 0.3 and run["versions"]["torch"] == torch.__version__
+    assert run["config"]["prune"]["options"] == {"type": "SparseGPTOptions", "batch_size": 8, "blocksize": 128,
+                                                 "percdamp": 0.01, "cuda_graphs": True}
+    assert run["identity"]["density"] == 0.3 and run["identity"]["loss"] == "kd"  # its keys as runs always saved them
     results = json.loads((out / "results.json").read_text())
     assert [e["epoch"] for e in results["epochs"]] == [1, 2] and results["baseline"] > 0
     assert results["best"]["perplexity"] == min([results["baseline"]] + [e["perplexity"] for e in results["epochs"]])
@@ -127,7 +134,7 @@ def test_main_job_end_to_end(tmp_path, tiny_llama_dir, text_file, capsys):
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_llama_dir, text_file, capsys):
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "straight")) == 0
-    assert main(job_args(tiny_llama_dir, text_file, tmp_path / "resumed", "--interrupt-after-steps", "8")) == 130
+    assert main(job_args(tiny_llama_dir, text_file, tmp_path / "resumed"), callbacks=[StopAfter(8)]) == 130
     printed = capsys.readouterr().out
     assert "Interrupted at optimizer step 8" in printed and "--resume" in printed
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "resumed", "--resume")) == 0
@@ -161,7 +168,7 @@ def two_processes_straight_and_resumed(model_dir, text_file, tmp_path: Path, arg
     out, resumed = tmp_path / "run", tmp_path / "resumed"
     result = run_cli(job_args(model_dir, text_file, out, *args), tmp_path, launcher=TORCHRUN_2, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    first = run_cli(job_args(model_dir, text_file, resumed, *args, "--interrupt-after-steps", "3"), tmp_path,
+    first = run_cli(job_args(model_dir, text_file, resumed, *args), tmp_path, stop_after=(3, "int"),
                     launcher=TORCHRUN_2, timeout=600)
     assert first.returncode != 0 and "Saved. Continue with the same command plus --resume" in first.stdout
     second = run_cli(job_args(model_dir, text_file, resumed, *args, "--resume"), tmp_path, launcher=TORCHRUN_2,
@@ -206,8 +213,15 @@ def test_output_survives_an_ascii_console_and_a_pipe(tmp_path, tiny_llama_dir, t
 def test_tensorboard_tracker_receives_the_metrics(tmp_path, tiny_llama_dir, text_file):
     out = tmp_path / "run"
     assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--report-to", "tensorboard")) == 0
-    events = list(out.rglob("events.out.tfevents.*"))
-    assert events and max(path.stat().st_size for path in events) > 200
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = set()
+    for path in out.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    # every metric the run logged, under its event's name: not only the hyperparameter record
+    assert {"train/loss", "train/lr", "evaluation/perplexity", "epoch/perplexity", "epoch/average_loss",
+            "holdout/loss"} <= tags, sorted(tags)
 
 
 def test_a_diverging_run_stops_with_a_message_and_keeps_its_results(tmp_path, tiny_llama_dir, text_file, capsys):

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from helpers import wikitext_dir
-from utils.data_utils import (DataError, calibration_windows, load_text, pack_blocks, read_text_file,
-                              tokenize_source, wikitext_rows_to_text)
+from utils.data.sources import DataError, calibration_windows, load_text, pack_blocks, read_text_file, tokenize_source, wikitext_rows_to_text
 
 
 def test_wikitext_test_string_is_the_papers_exactly():
@@ -95,7 +94,7 @@ def test_hugging_face_dataset_sources_go_through_datasets(tmp_path):
 def test_random_bytes_given_as_text_are_warned_about(tmp_path, tokenizer):
     import os as _os
 
-    from utils.data_utils import tokenize_source, warn_if_not_text
+    from utils.data.sources import tokenize_source, warn_if_not_text
     binary = tmp_path / "weights.txt"
     binary.write_bytes(_os.urandom(20000))
     with pytest.warns(UserWarning, match="does not look like text"):

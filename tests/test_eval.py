@@ -7,8 +7,10 @@ import torch.multiprocessing as mp
 
 from helpers import (ConstantLogits, broken_cpp_compiler, distributed_eval_worker, smollm2_gguf, tiny_model,
                      wikitext_dir)
-from utils.data_utils import DataError, TokenizedText, tokenize_source
-from utils.eval_utils import PerplexityHistory, evaluate_perplexity, plan_windows
+from utils.data.sources import DataError, TokenizedText, tokenize_source
+from utils.config.sections import EvalProtocol
+from utils.eval_utils import CompiledKernels, evaluate_perplexity, plan_windows
+from utils.io.history import PerplexityHistory
 
 
 def test_paper_protocol_uses_full_windows_and_drops_the_tail():
@@ -30,7 +32,7 @@ def test_sliding_windows_score_every_token_but_the_first_exactly_once(num_tokens
 def test_uniform_logits_give_the_vocabulary_size():
     vocab = 37
     ids = torch.randint(0, vocab, (1000,))
-    result = evaluate_perplexity(ConstantLogits(vocab), TokenizedText(ids, 3000, "x"), 128, 128, 2, progress=False)
+    result = evaluate_perplexity(ConstantLogits(vocab), TokenizedText(ids, 3000, "x"), EvalProtocol(token_length=128, stride=128, batch_size=2), progress=False)
     assert result.perplexity == pytest.approx(vocab, rel=1e-6)  # float32 log-softmax
     assert result.windows == 7 and result.scored_tokens == 7 * 127 and result.tokens == 1000
     # bits per byte: log2(37) bits per token, 3 bytes per token
@@ -41,7 +43,7 @@ def test_an_oracle_scores_perplexity_one_and_full_accuracy():
     vocab = 11
     ids = torch.arange(600) % vocab  # token t is always followed by t + 1
     oracle = ConstantLogits(vocab, next_tokens=(torch.arange(vocab) + 1) % vocab)
-    result = evaluate_perplexity(oracle, ids, 64, 48, 4, progress=False)
+    result = evaluate_perplexity(oracle, ids, EvalProtocol(token_length=64, stride=48, batch_size=4), progress=False)
     assert result.perplexity == pytest.approx(1.0, abs=1e-6)
     assert result.accuracy == 1.0
     assert result.scored_tokens == 599
@@ -49,7 +51,7 @@ def test_an_oracle_scores_perplexity_one_and_full_accuracy():
 
 def test_text_shorter_than_one_window_is_a_clear_error():
     with pytest.raises(DataError, match="fewer than one window of 2048"):
-        evaluate_perplexity(ConstantLogits(5), torch.zeros(100, dtype=torch.long), 2048, 2048, progress=False)
+        evaluate_perplexity(ConstantLogits(5), torch.zeros(100, dtype=torch.long), EvalProtocol(token_length=2048, stride=2048), progress=False)
 
 
 def test_batching_does_not_change_the_result_and_mode_is_restored(tiny_llama_dir):
@@ -57,9 +59,9 @@ def test_batching_does_not_change_the_result_and_mode_is_restored(tiny_llama_dir
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     model.train()
     ids = torch.arange(1500) * 13 % model.config.vocab_size
-    one = evaluate_perplexity(model, ids, 128, 100, batch_size=1, progress=False)
+    one = evaluate_perplexity(model, ids, EvalProtocol(token_length=128, stride=100, batch_size=1), progress=False)
     assert model.training
-    many = evaluate_perplexity(model, ids, 128, 100, batch_size=5, progress=False)
+    many = evaluate_perplexity(model, ids, EvalProtocol(token_length=128, stride=100, batch_size=5), progress=False)
     assert many.perplexity == pytest.approx(one.perplexity, rel=1e-5)
     assert many.accuracy == one.accuracy and many.scored_tokens == one.scored_tokens == 1499
 
@@ -68,10 +70,12 @@ def test_compiled_layers_and_scoring_equal_eager_and_leave_the_model_as_it_was()
     from torch._dynamo.utils import counters
     model = tiny_model("opt", 300, layers=6)
     ids = torch.arange(1500) * 13 % model.config.vocab_size
-    eager = evaluate_perplexity(model, ids, 128, 128, batch_size=4, progress=False)
+    eager = evaluate_perplexity(model, ids, EvalProtocol(token_length=128, stride=128, batch_size=4), progress=False)
     graphs = counters["stats"]["unique_graphs"]
+    kernels = CompiledKernels()  # what a run keeps for its evaluations
     for level in ("scoring", "layers", "layers"):  # the second "layers" reuses what the first compiled
-        compiled = evaluate_perplexity(model, ids, 128, 128, batch_size=4, progress=False, compile=level)
+        compiled = evaluate_perplexity(model, ids, EvalProtocol(token_length=128, stride=128, batch_size=4,
+                                                                compile=level), kernels=kernels, progress=False)
         assert compiled.perplexity == pytest.approx(eager.perplexity, rel=1e-5)
         assert compiled.accuracy == eager.accuracy
     layers = model.model.decoder.layers
@@ -80,7 +84,7 @@ def test_compiled_layers_and_scoring_equal_eager_and_leave_the_model_as_it_was()
     # once for all layers, not once a layer
     assert counters["stats"]["unique_graphs"] - graphs <= 4 < len(layers) * 2
     with pytest.raises(ValueError, match="compile must be one of"):
-        evaluate_perplexity(model, ids, 128, 128, compile="model")
+        evaluate_perplexity(model, ids, EvalProtocol(token_length=128, stride=128, compile="model"))
 
 
 def test_linear_relu_fusion_pass_moves_bias_and_relu_into_the_matmul_and_keeps_the_values():
@@ -110,9 +114,9 @@ def test_linear_relu_fusion_pass_moves_bias_and_relu_into_the_matmul_and_keeps_t
 def test_a_failing_compiler_falls_back_to_eager_evaluation():
     model = tiny_model("llama", 300)
     ids = torch.arange(700) * 13 % 300
-    eager = evaluate_perplexity(model, ids, 128, 128, batch_size=2, progress=False)
+    eager = evaluate_perplexity(model, ids, EvalProtocol(token_length=128, stride=128, batch_size=2), progress=False)
     with broken_cpp_compiler(), pytest.warns(UserWarning) as warned:
-        result = evaluate_perplexity(model, ids, 128, 128, batch_size=2, progress=False, compile="layers")
+        result = evaluate_perplexity(model, ids, EvalProtocol(token_length=128, stride=128, batch_size=2, compile="layers"), progress=False)
     messages = " ".join(str(w.message) for w in warned)
     assert "compiled decoder layers failed" in messages and "compiled scoring failed" in messages
     assert result.perplexity == pytest.approx(eager.perplexity, rel=1e-6)
@@ -125,7 +129,7 @@ def test_two_gloo_processes_equal_one(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     ids = torch.arange(2000) * 7 % model.config.vocab_size
-    single = evaluate_perplexity(model, ids, token_length=128, stride=96, batch_size=3, progress=False)
+    single = evaluate_perplexity(model, ids, EvalProtocol(token_length=128, stride=96, batch_size=3), progress=False)
     out = tmp_path / "two.json"
     mp.spawn(distributed_eval_worker, args=(2, str(tmp_path / "store"), str(tiny_llama_dir), str(out)), nprocs=2)
     two = json.loads(out.read_text())
@@ -168,7 +172,7 @@ def _plain_perplexity(model, ids: torch.Tensor, windows: int, length: int) -> fl
 def test_smollm2_wikitext2_protocol_and_first_windows():
     """The real model and data: the paper protocol's counts, and the first 4 windows against
     an independent implementation to 4 significant digits."""
-    from utils.model_utils import load_model, resolve_model
+    from utils.models.loading import load_model, resolve_model
     data, gguf = wikitext_dir(), smollm2_gguf()
     model, tokenizer = load_model(resolve_model(str(gguf)), dtype=torch.float32)
     tokens = tokenize_source(str(data), tokenizer, split="test")
@@ -176,7 +180,7 @@ def test_smollm2_wikitext2_protocol_and_first_windows():
     assert len(plan_windows(tokens.ids.numel(), 2048, 2048)) == 148
     first = tokens.ids[: 4 * 2048]
     share = TokenizedText(first, round(tokens.num_bytes * first.numel() / tokens.ids.numel()), "first windows")
-    ours = evaluate_perplexity(model, share, 2048, 2048, batch_size=2, progress=False)
+    ours = evaluate_perplexity(model, share, EvalProtocol(token_length=2048, stride=2048, batch_size=2), progress=False)
     reference = _plain_perplexity(model, first, 4, 2048)
     assert ours.windows == 4
     assert f"{ours.perplexity:.4g}" == f"{reference:.4g}"

@@ -7,11 +7,13 @@ import torch
 
 from extreme_compression_experiment import main
 from helpers import smollm2_gguf, tiny_model, wikitext_dir
+from utils.config.sections import EvalProtocol
 from utils.eval_utils import evaluate_perplexity
-from utils.export_utils import (compress_matrix, decompress_matrix, export_compressed, load_compressed, pack_bitmask,
-                                unpack_bitmask)
-from utils.model_utils import load_model, resolve_model
-from utils.prune_utils import prune_model
+from utils.export.bitmask import compress_matrix, decompress_matrix, pack_bitmask, unpack_bitmask
+from utils.export.compressed import export_compressed, load_compressed
+from utils.export.registry import reader_for, resolve_source
+from utils.models.loading import load_model, resolve_model
+from utils.pruning.driver import prune_model
 
 
 @pytest.mark.parametrize("shape", [(5, 13), (3, 8), (1, 1), (4, 17)])
@@ -59,7 +61,7 @@ def test_export_round_trips_bit_for_bit_and_keeps_the_perplexity(tmp_path, token
     exported = load_compressed(tmp_path / "bf16")
     assert exported.dtype == torch.bfloat16
     assert all(torch.equal(exported.state_dict()[name], value) for name, value in plain.state_dict().items())
-    scores = [evaluate_perplexity(m, ids, 128, 128, batch_size=2, progress=False).perplexity for m in (plain, exported)]
+    scores = [evaluate_perplexity(m, ids, EvalProtocol(token_length=128, stride=128, batch_size=2), progress=False).perplexity for m in (plain, exported)]
     assert scores[0] == scores[1]
 
 
@@ -99,8 +101,8 @@ def test_smollm2_at_density_0_1_exports_below_40_percent_and_reads_back(tmp_path
     expected = model.state_dict()
     assert all(torch.equal(value, expected[name]) for name, value in back.state_dict().items())
     ids = torch.tensor(tokenizer(wikitext_dir().joinpath("wiki.valid.raw").read_text()[:4000]).input_ids[:256])
-    assert evaluate_perplexity(back, ids, 256, 256, progress=False).perplexity == \
-        evaluate_perplexity(model, ids, 256, 256, progress=False).perplexity
+    assert evaluate_perplexity(back, ids, EvalProtocol(token_length=256, stride=256), progress=False).perplexity == \
+        evaluate_perplexity(model, ids, EvalProtocol(token_length=256, stride=256), progress=False).perplexity
 
 
 def test_prune_only_exports_and_the_export_is_a_model_again(tmp_path, tiny_llama_dir, text_file, capsys):
@@ -114,7 +116,7 @@ def test_prune_only_exports_and_the_export_is_a_model_again(tmp_path, tiny_llama
     export = results["export"]
     assert f"{export['ratio']:.1%} of the dense bfloat16 checkpoint" in out
     assert export["file_bytes"] == (run / "compressed" / "model.safetensors").stat().st_size
-    assert resolve_model(str(run / "compressed")).kind == "compressed"
+    assert resolve_source(str(run / "compressed")).kind == "compressed" == reader_for(run / "compressed").name
     # --eval-only on the export: the pruned model's perplexity up to bf16 rounding of its weights
     assert main([str(a) for a in ["--eval-only", "--model", run / "compressed", "--output-dir", tmp_path / "e",
                                   *common]]) == 0
@@ -131,7 +133,7 @@ def test_prune_only_exports_and_the_export_is_a_model_again(tmp_path, tiny_llama
 def test_semi_structured_swap_says_what_it_needs(tokenizer):
     """The 2:4 kernel path refuses, with the reason, what it cannot run: no GPU, a float32 model,
     a weight that is not 2:4 (these checks are all a CPU can see of it)."""
-    from utils.sparse_kernels import is_two_four, semi_structured_problems
+    from utils.export.semi_structured import is_two_four, semi_structured_problems
     model = tiny_model("opt", len(tokenizer), hidden=64)
     prune_model(model, "magnitude", 0.5, (2, 4), progress=False)
     weight = model.model.decoder.layers[0].fc1.weight

@@ -7,8 +7,8 @@ import torch
 from extreme_compression_experiment import main
 from helpers import tiny_model
 from test_cli import job_args
-from utils.data_utils import DataError
-from utils.generated_text import GenerationSpec, generated_text, sample_rows, split_sources
+from utils.data.sources import DataError
+from utils.data.generated import GenerationSpec, generated_text, sample_rows, split_sources
 
 SETTINGS = dict(temperature=1.0, top_p=0.95, length=12, batch_size=3, seed=0)
 
@@ -67,10 +67,10 @@ def test_generated_text_is_cached_with_its_settings(tokenizer):
 
 
 def test_a_run_trains_on_text_the_dense_model_samples(tmp_path, tiny_llama_dir, text_file, capsys, monkeypatch):
-    import experiment
+    import utils.pipeline.train as training_mode
     loads = []
-    dense_model = experiment._dense_model
-    monkeypatch.setattr(experiment, "_dense_model", lambda *a: loads.append(1) or dense_model(*a))
+    dense_model = training_mode.dense_model
+    monkeypatch.setattr(training_mode, "dense_model", lambda *a: loads.append(1) or dense_model(*a))
     args = ["--train-source", "generated:3k", "--gen-length", "31", "--gen-batch-size", "16", "--loss", "kd",
             "--holdout", "0.05"]
     out = tmp_path / "run"

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import StopAfter
+
 from conftest import save_tiny
 from extreme_compression_experiment import main
 from test_cli import assert_pruned_weights_stayed_zero, job_args, pruned_folder, run_cli
@@ -89,7 +91,7 @@ class _Payload:
 
 def test_resume_unpickles_nothing_from_the_run_folder(tmp_path, tiny_llama_dir, text_file, capsys):
     out = tmp_path / "run"
-    assert main(job_args(tiny_llama_dir, text_file, out, "--interrupt-after-steps", "8")) == 130
+    assert main(job_args(tiny_llama_dir, text_file, out), callbacks=[StopAfter(8)]) == 130
     state = out / "state"
     assert not [p for p in state.rglob("*") if p.suffix in (".pt", ".pkl", ".distcp") or p.name == ".metadata"]
     marker = tmp_path / "code-ran"
@@ -102,7 +104,7 @@ def test_resume_unpickles_nothing_from_the_run_folder(tmp_path, tiny_llama_dir, 
 def test_resume_refuses_changed_settings_and_a_finished_run_stays_finished(tmp_path, tiny_llama_dir, text_file,
                                                                            capsys):
     out = tmp_path / "run"
-    assert main(job_args(tiny_llama_dir, text_file, out, "--interrupt-after-steps", "8")) == 130
+    assert main(job_args(tiny_llama_dir, text_file, out), callbacks=[StopAfter(8)]) == 130
     run_json = (out / "run.json").read_text()
     for extra, message in ((["--sparsity", "0.5"], "--sparsity 0.3 → 0.5"),
                            (["--batch-size", "2"], "--batch-size 4 → 2"), (["--epochs", "3"], "--epochs 2 → 3"),
@@ -126,18 +128,18 @@ def test_a_run_stopped_while_exporting_after_its_last_epoch_writes_its_results_o
         tmp_path, tiny_llama_dir, text_file, capsys, monkeypatch):
     """As measured on the H200: SIGTERM came while a finished run exported its model, after its
     last state was saved; --resume then said "already finished" and left results.json missing."""
-    import experiment
+    import utils.pipeline.deliver as delivery
     out = tmp_path / "run"
-    export = experiment.export_model
+    export = delivery.export_model
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt  # what SIGTERM raises outside the training loop
-    monkeypatch.setattr(experiment, "export_model", stopped)
+    monkeypatch.setattr(delivery, "export_model", stopped)
     assert main(job_args(tiny_llama_dir, text_file, out)) == 130
     assert json.loads((out / "state" / "train_state.json").read_text())["train_state"]["finished"]
     assert not (out / "results.json").exists() and not (out / "compressed").exists()
     saved = json.loads((out / "state" / "train_state.json").read_text())["train_state"]["history"]
-    monkeypatch.setattr(experiment, "export_model", export)
+    monkeypatch.setattr(delivery, "export_model", export)
     assert "with --resume" in capsys.readouterr().err  # the way on names the flag it needs
     assert main(job_args(tiny_llama_dir, text_file, out, "--resume")) == 0
     printed = capsys.readouterr().out
@@ -181,8 +183,7 @@ def test_sigterm_saves_state_and_the_resumed_run_equals_the_straight_one(tmp_pat
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     dropout = ("--compile", "off")
     assert main(job_args(tiny_opt_dir, text_file, straight, *dropout)) == 0
-    result = run_cli(job_args(tiny_opt_dir, text_file, resumed, *dropout, "--interrupt-after-steps", "5",
-                              "--interrupt-signal", "term"), tmp_path)
+    result = run_cli(job_args(tiny_opt_dir, text_file, resumed, *dropout), tmp_path, stop_after=(5, "term"))
     assert result.returncode == 130, result.stderr[-2000:]
     assert "Interrupted at optimizer step 5" in result.stdout
     assert main(job_args(tiny_opt_dir, text_file, resumed, *dropout, "--resume")) == 0
@@ -200,7 +201,7 @@ def test_resume_with_dropout_continues_the_random_stream(tmp_path, tokenizer, te
     tokenizer.save_pretrained(folder)
     args = ("--compile", "off", "--loss", "ce")
     assert main(job_args(folder, text_file, tmp_path / "straight", *args)) == 0
-    assert main(job_args(folder, text_file, tmp_path / "resumed", *args, "--interrupt-after-steps", "3")) == 130
+    assert main(job_args(folder, text_file, tmp_path / "resumed", *args), callbacks=[StopAfter(3)]) == 130
     assert main(job_args(folder, text_file, tmp_path / "resumed", *args, "--resume")) == 0
     finals = [json.loads((tmp_path / name / "results.json").read_text())["final"] for name in ("straight", "resumed")]
     assert finals[1] == finals[0]
@@ -208,7 +209,7 @@ def test_resume_with_dropout_continues_the_random_stream(tmp_path, tokenizer, te
 
 def test_a_resume_after_a_crash_records_each_step_once(tmp_path, tiny_llama_dir, text_file):
     out = tmp_path / "run"
-    assert main(job_args(tiny_llama_dir, text_file, out, "--interrupt-after-steps", "8")) == 130
+    assert main(job_args(tiny_llama_dir, text_file, out), callbacks=[StopAfter(8)]) == 130
     # What a kill -9 after the save leaves behind: lines of steps the saved state does not hold.
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"event": "train", "step": 10, "epoch": 2, "loss": 1.0}) + "\n")
@@ -225,7 +226,7 @@ def test_a_full_disk_while_saving_stops_with_the_results_kept(tmp_path, tiny_lla
                                                               monkeypatch):
     import errno
 
-    import utils.state_utils as state_utils
+    import utils.training.state as state_utils
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "state/weights-rank0.safetensors")
@@ -241,7 +242,7 @@ def test_a_full_disk_while_saving_stops_with_the_results_kept(tmp_path, tiny_lla
 
 
 def test_a_second_interrupt_during_a_save_waits_for_the_folder_to_be_whole():
-    from utils.state_utils import signals_deferred
+    from utils.training.state import signals_deferred
     done = []
     with pytest.raises(KeyboardInterrupt):
         with signals_deferred():
@@ -267,7 +268,8 @@ def test_a_closed_stdout_pipe_does_not_stop_the_run(tmp_path, tiny_llama_dir, te
 def test_mixture_of_experts_with_fused_expert_tensors_is_refused_not_pruned_in_part():
     from helpers import tiny_model
 
-    from utils.model_utils import ModelError, check_prunable
+    from utils.models.hub import ModelError
+    from utils.models.structure import check_prunable
     fused = tiny_model("llama", 64)
     for layer in fused.model.layers:  # transformers 5's fused experts: one 3-D parameter per layer
         layer.mlp.experts = torch.nn.Parameter(torch.zeros(4, 8, 8))
@@ -279,8 +281,8 @@ def test_mixture_of_experts_with_fused_expert_tensors_is_refused_not_pruned_in_p
 def test_gpt2_conv1d_layers_are_pruned_along_their_inputs(method, pattern):
     from helpers import tiny_model
 
-    from utils.model_utils import find_decoder_layers, prunable_linears, weight_matrix
-    from utils.prune_utils import prune_model
+    from utils.models.structure import find_decoder_layers, prunable_linears, weight_matrix
+    from utils.pruning.driver import prune_model
     model = tiny_model("gpt2", 300, hidden=64)
     assert find_decoder_layers(model)[0] == "transformer.h"
     linears = prunable_linears(model)
@@ -313,7 +315,7 @@ def test_gpt2_trains_end_to_end_with_its_pruned_weights_held_at_zero(tmp_path, t
 def test_decoder_layers_come_from_the_model_s_own_block_class():
     from helpers import tiny_model
 
-    from utils.model_utils import find_decoder_layers
+    from utils.models.structure import find_decoder_layers
     model = tiny_model("llama", 64, layers=2)
     # A longer ModuleList of linear-holding blocks (a mixture-of-experts layer's experts) must not win.
     model.model.layers[0].mlp.experts = torch.nn.ModuleList(
@@ -323,7 +325,7 @@ def test_decoder_layers_come_from_the_model_s_own_block_class():
 
 
 def test_the_missing_train_split_never_suggests_the_test_file(tmp_path):
-    from utils.data_utils import DataError, load_text
+    from utils.data.sources import DataError, load_text
     (tmp_path / "wiki.test.raw").write_text("test text\n")
     (tmp_path / "wiki.valid.raw").write_text("valid text\n")
     with pytest.raises(DataError) as error:
@@ -333,14 +335,14 @@ def test_the_missing_train_split_never_suggests_the_test_file(tmp_path):
 
 
 def test_a_damaged_gguf_conversion_is_rebuilt(tmp_path, tokenizer):
-    from utils.model_utils import _readable_folder
+    from utils.models.loading import readable_checkpoint
     folder = save_tiny(tmp_path / "converted", "llama", tokenizer)
-    assert _readable_folder(folder)
+    assert readable_checkpoint(folder)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # a crash or a full disk while it was written
-    assert not _readable_folder(folder)
+    assert not readable_checkpoint(folder)
     (folder / "config.json").write_text("{")
-    assert not _readable_folder(folder)
+    assert not readable_checkpoint(folder)
 
 
 class _Probe(torch.nn.Module):
@@ -358,13 +360,13 @@ class _Probe(torch.nn.Module):
 
 
 def test_a_bos_starts_every_window_where_the_family_needs_it():
+    from utils.config.sections import EvalProtocol
     from utils.eval_utils import evaluate_perplexity
     bos, vocab = 1, 50
     text = torch.cat([torch.tensor([bos]), torch.arange(2, 2 + 40) % vocab])  # the tokenizer's one leading BOS
     papers, per_window = _Probe(vocab), _Probe(vocab)
-    plain = evaluate_perplexity(papers, text, token_length=8, stride=8, batch_size=2, progress=False)
-    with_bos = evaluate_perplexity(per_window, text, token_length=8, stride=8, batch_size=2, progress=False,
-                                   bos_id=bos)
+    plain = evaluate_perplexity(papers, text, EvalProtocol(token_length=8, stride=8, batch_size=2), progress=False)
+    with_bos = evaluate_perplexity(per_window, text, EvalProtocol(token_length=8, stride=8, batch_size=2, bos_id=bos), progress=False)
     assert papers.rows[0][0] == bos and all(row[0] != bos for row in papers.rows[1:])  # one BOS for the text
     assert all(row[0] == bos and len(row) == 8 and bos not in row[1:] for row in per_window.rows)
     assert plain.scored_tokens == 5 * 7  # 41 tokens → 5 windows of 8, the first token of each unscored
@@ -375,7 +377,8 @@ def test_a_bos_starts_every_window_where_the_family_needs_it():
 def test_bos_per_window_is_detected_for_the_families_that_need_it(tokenizer):
     from transformers import GemmaConfig, LlamaConfig
 
-    from utils.model_utils import ModelError, bos_per_window
+    from utils.models.families import bos_per_window
+    from utils.models.hub import ModelError
     with_bos = type("Tokenizer", (), {"bos_token_id": 7})()
     assert bos_per_window("auto", GemmaConfig(), with_bos) == 7
     assert bos_per_window("auto", LlamaConfig(), with_bos) is None  # the papers' protocol for Llama and OPT

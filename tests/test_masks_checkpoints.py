@@ -6,11 +6,14 @@ import torch.nn.utils.prune  # noqa: F401 - imported for torch.nn.utils.prune be
 import torch
 
 from helpers import tiny_model
-from utils.checkpoint_utils import (CheckpointError, import_lineage_checkpoint, load_pruned_model,
-                                    make_pruned_model, pruned_model_dir)
-from utils.mask_utils import MaskSet, sparsity_report
-from utils.model_utils import prunable_linears, resolve_model
-from utils.prune_utils import prune_model
+from utils.io.files import CheckpointError, save_pretrained_atomic
+from utils.pipeline.identity import PruneSpec
+from utils.pruning.cache import import_lineage_checkpoint, load_pruned_model
+from utils.models.sparsity import sparsity_report
+from utils.training.masks import MaskSet
+from utils.models.loading import resolve_model
+from utils.models.structure import prunable_linears
+from utils.pruning.driver import prune_model
 
 
 def _pruned_tiny(density=0.2):
@@ -24,7 +27,7 @@ def test_masked_gradients_hold_pruned_weights_at_exactly_zero_through_adamw(fuse
     model = _pruned_tiny()
     zeros = {n: (l.weight == 0).clone() for n, l in prunable_linears(model).items()}
     masks = MaskSet.for_model(model)
-    assert masks.names[0].endswith(".weight") and masks._masks[0].dtype == torch.bool
+    assert masks.names[0].endswith(".weight") and masks.keep[0].dtype == torch.bool
     unmasked = copy.deepcopy(model)
     model.train(), unmasked.train()
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=fused) for m in (model, unmasked)]
@@ -83,24 +86,24 @@ def test_compiled_gradient_masking_and_clipping_equal_eager():
         model.zero_grad()
         model(input_ids=batch, labels=batch).loss.backward()
         masks.mask_gradients(compiled=compiled)
-        masked = [p.grad.clone() for p in masks._params]
+        masked = [p.grad.clone() for p in masks.parameters]
         model.zero_grad()
         model(input_ids=batch, labels=batch).loss.backward()
         unclipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad * m) for p, m in zip(
-            masks._params, masks._masks)] + [torch.linalg.vector_norm(p.grad) for n, p in model.named_parameters()
+            masks.parameters, masks.keep)] + [torch.linalg.vector_norm(p.grad) for n, p in model.named_parameters()
                                              if n not in masks.names]))
         masks.mask_gradients(compiled=compiled)  # then clipping, as train_step does
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=float(unclipped) / 4)
         clipped = {n: p.grad.clone() for n, p in model.named_parameters()}
         results[compiled] = masked, clipped, float(unclipped)
     (masked, clipped, unclipped), (masked_c, clipped_c, _) = results[False], results[True]
-    for eager, compiled, mask in zip(masked, masked_c, masks._masks):
+    for eager, compiled, mask in zip(masked, masked_c, masks.keep):
         assert torch.equal(eager, compiled) and torch.all(eager[~mask] == 0) and eager.abs().sum() > 0
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped_c.values()]))
     assert float(total) == pytest.approx(unclipped / 4, rel=1e-5)  # the norm of the masked gradients was clipped
     for name, eager in clipped.items():
         torch.testing.assert_close(clipped_c[name], eager, rtol=1e-5, atol=1e-9)
-    for name, mask in zip(masks.names, masks._masks):
+    for name, mask in zip(masks.names, masks.keep):
         assert torch.all(clipped_c[name][~mask] == 0) and torch.equal(clipped_c[name] != 0, masked_c[
             masks.names.index(name)] != 0)
 
@@ -115,10 +118,10 @@ def test_masks_in_the_compiled_backward_equal_masking_after_it_and_leave_the_mod
     batch = torch.randint(0, 61, (2, 16))
     torch.compile(model)(input_ids=batch, labels=batch).loss.backward()
     reference(input_ids=batch, labels=batch).loss.backward()
-    assert any(torch.any(p.grad[~m] != 0) for p, m in zip(reference_masks._params, reference_masks._masks))
+    assert any(torch.any(p.grad[~m] != 0) for p, m in zip(reference_masks.parameters, reference_masks.keep))
     reference_masks.mask_gradients()
     masks.mask_gradients()  # masked in backward already: nothing to do
-    for param, expected, mask in zip(masks._params, reference_masks._params, masks._masks):
+    for param, expected, mask in zip(masks.parameters, reference_masks.parameters, masks.keep):
         assert torch.all(param.grad[~mask] == 0) and param.grad.abs().sum() > 0
         torch.testing.assert_close(param.grad, expected.grad, rtol=1e-4, atol=1e-6)
     masks.release()
@@ -140,12 +143,16 @@ def test_pruned_checkpoint_round_trip_keeps_the_zeros(tmp_path, tokenizer):
     base = tmp_path / "base"
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
-    folder = pruned_model_dir(tmp_path / "pruned_models", "tiny", 0.1, "magnitude", None, "0123456789abcdef")
+    spec = PruneSpec("tiny", "0123456789abcdef", 0.1, "magnitude", None, "uniform", bos=False)
+    folder = spec.folder(tmp_path / "pruned_models")
     assert folder.name == "tiny-0.1-magnitude-0123456789"
-    assert pruned_model_dir("p", "m", 0.5, "wanda", (2, 4), "ffffffffffff").name == "m-0.5-wanda-2of4-ffffffffff"
-    info = make_pruned_model(model, tokenizer, folder, method="magnitude", density=0.1, pattern=None,
-                             calibration=None, device=torch.device("cpu"), calibration_info={}, progress=False)
-    assert info["measured_density"] == pytest.approx(0.1, abs=1e-3) and info["versions"]["torch"]
+    assert PruneSpec("m", "ffffffffffff", 0.5, "wanda", (2, 4), "uniform", bos=False).folder("p").name == \
+        "m-0.5-wanda-2of4-ffffffffff"
+    assert PruneSpec("m", "ffffffffffff", 0.1, "sparsegpt", None, "owl-0.08-5", bos=True,
+                     options=(("blocksize", 64),)).folder("p").name == \
+        "m-0.1-sparsegpt-owl-0.08-5-bos-blocksize64-ffffffffff"
+    prune_model(model, "magnitude", 0.1, progress=False)
+    save_pretrained_atomic(model, tokenizer, folder, info=spec.to_json())
     loaded, _, saved_info = load_pruned_model(resolve_model(str(base)), folder)
     assert saved_info["method"] == "magnitude"
     for (name, a), (_, b) in zip(prunable_linears(model).items(), prunable_linears(loaded).items()):
@@ -159,8 +166,8 @@ def test_corrupt_checkpoint_names_the_folder(tmp_path, tokenizer):
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     folder = tmp_path / "pruned"
-    make_pruned_model(model, tokenizer, folder, method="magnitude", density=0.5, pattern=None, calibration=None,
-                      device=torch.device("cpu"), calibration_info={}, progress=False)
+    prune_model(model, "magnitude", 0.5, progress=False)
+    save_pretrained_atomic(model, tokenizer, folder, info={"method": "magnitude", "density": 0.5})
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match=str(folder)):
         load_pruned_model(resolve_model(str(base)), folder)
@@ -211,7 +218,7 @@ def test_bad_lineage_files_are_refused_with_the_file_name(tmp_path):
 def test_a_cache_entry_another_process_finished_first_is_kept_and_its_temporary_folder_left_alone(tmp_path):
     import json
     import os
-    from utils.checkpoint_utils import save_pretrained_atomic
+    from utils.io.files import save_pretrained_atomic
     model = tiny_model("llama", 64, layers=1, hidden=16)
     folder = tmp_path / "entry"
     others = [tmp_path / "entry.tmp", tmp_path / f"entry.{os.getpid() + 1}.tmp"]  # a training state's, another process's

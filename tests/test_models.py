@@ -1,14 +1,13 @@
 import math
 import os
-import time
 
 import pytest
-import torch
 
-from fsdp_finetune import TrainingStopped, TrainState, _flush_window
+from fsdp_finetune import TrainingStopped, check_finite
 from helpers import smollm2_gguf
-from utils.logging_utils import MetricsLogger, describe_density, safe_text
-from utils.model_utils import ModelError, check_hub_reachable, resolve_model
+from utils.io.events import describe_density, safe_text
+from utils.models.hub import ModelError, check_hub_reachable
+from utils.models.loading import resolve_model
 
 
 def test_short_names_hub_ids_folders_and_gguf(tmp_path, tiny_llama_dir):
@@ -52,13 +51,9 @@ def test_density_is_printed_both_ways():
 
 
 def test_a_nan_loss_stops_with_a_clear_message():
-    class Scheduler:
-        def get_last_lr(self):
-            return [1e-5]
-
     with pytest.raises(TrainingStopped, match="loss became nan by optimizer step 0; the best model so far is kept"):
-        _flush_window(TrainState(), torch.tensor(math.nan, dtype=torch.float64), 1, 8, Scheduler(),
-                      MetricsLogger(), None, time.perf_counter())
+        check_finite(math.nan, 0)
+    assert check_finite(2.5, 3) == 2.5
 
 
 def test_a_missing_model_package_names_the_install_command(monkeypatch):

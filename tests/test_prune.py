@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from helpers import smollm2_gguf, tiny_model, wikitext_dir
-from utils.mask_utils import sparsity_report
-from utils.model_utils import find_decoder_layers, prunable_linears
-from utils.prune_utils import (InputStats, magnitude_keep, parse_pattern, prune_model, sparsegpt_prune,
-                               wanda_keep)
+from utils.models.sparsity import sparsity_report
+from utils.models.structure import find_decoder_layers, prunable_linears
+from utils.pruning.criteria import InputStats, magnitude_keep, parse_pattern, sparsegpt_prune, wanda_keep
+from utils.pruning.driver import prune_model
+from utils.pruning.methods import METHODS, SparseGPTOptions
 
 
 def _correlated_inputs(columns: int, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -119,7 +120,8 @@ def test_prune_model_on_tiny_models(family, method):
     model = tiny_model(family, vocab_size=97)
     untouched = {n: p.clone() for n, p in model.named_parameters() if "layers" not in n}
     calibration = torch.randint(0, 97, (6, 32))
-    report = prune_model(model, method, 0.25, calibration=calibration, batch_size=4, progress=False)
+    report = prune_model(model, method, 0.25, calibration=calibration, options=METHODS[method].options(batch_size=4),
+                         progress=False)
     measured = sparsity_report(model)
     assert measured.density == pytest.approx(0.25, abs=0.01)
     assert set(report.layer_density) == {name for name, _, _ in measured.layers}
@@ -138,15 +140,16 @@ def test_layers_are_found_by_structure():
 
 
 def test_sparsegpt_on_three_layers_of_smollm2():
-    from utils.data_utils import calibration_windows, tokenize_source
-    from utils.model_utils import load_model, resolve_model
+    from utils.data.sources import calibration_windows, tokenize_source
+    from utils.models.loading import load_model, resolve_model
     model, tokenizer = load_model(resolve_model(str(smollm2_gguf())), dtype=torch.float32)
     _, layers = find_decoder_layers(model)
     del layers[3:]
     model.config.num_hidden_layers = 3
     valid = tokenize_source(str(wikitext_dir() / "wiki.valid.raw"), tokenizer, split="train")
     calibration = calibration_windows(valid.ids, 8, 256, seed=0)
-    prune_model(model, "sparsegpt", 0.5, (2, 4), calibration=calibration, batch_size=4, progress=False)
+    prune_model(model, "sparsegpt", 0.5, (2, 4), calibration=calibration, options=SparseGPTOptions(batch_size=4),
+                progress=False)
     for linear in prunable_linears(model).values():
         keep = linear.weight != 0
         assert torch.all(keep.reshape(keep.shape[0], -1, 4).sum(-1) <= 2)
@@ -154,7 +157,7 @@ def test_sparsegpt_on_three_layers_of_smollm2():
 
 
 def test_owl_densities_average_exactly_to_the_request_and_follow_the_outliers():
-    from utils.prune_methods import owl_densities
+    from utils.pruning.criteria import owl_densities
     ratios, sizes = [0.01, 0.05, 0.03, 0.02], [100, 300, 200, 400]
     profile = owl_densities(ratios, sizes, density=0.3, lam=0.08)
     weighted = sum(d * n for d, n in zip(profile, sizes)) / sum(sizes)
@@ -168,7 +171,7 @@ def test_owl_densities_average_exactly_to_the_request_and_follow_the_outliers():
 
 
 def test_outlier_ratio_counts_scores_above_m_times_the_mean():
-    from utils.prune_methods import outlier_ratio
+    from utils.pruning.criteria import outlier_ratio
     weight = torch.tensor([[1.0, 1.0, 1.0, 20.0]])  # scores |w|·‖x‖ with ‖x‖ = 1: mean 5.75
     assert outlier_ratio([weight], [torch.ones(4)], m=3.0) == pytest.approx(0.25)  # 20 > 17.25
     assert outlier_ratio([weight], [torch.ones(4)], m=4.0) == pytest.approx(0.0)  # 20 < 23
@@ -178,7 +181,7 @@ def test_owl_prunes_each_layer_to_its_profile_and_gets_its_own_cache_entry(tmp_p
     import json
 
     from extreme_compression_experiment import main
-    from utils.mask_utils import sparsity_report
+    from utils.models.sparsity import sparsity_report
     from transformers import AutoModelForCausalLM
     base = ["--prune-only", "--model", str(tiny_llama_dir), "--sparsity", "0.3", "--method", "wanda",
             "--eval-source", str(text_file), "--calibration-source", str(text_file), "--token-length", "64",
@@ -201,14 +204,13 @@ def test_owl_prunes_each_layer_to_its_profile_and_gets_its_own_cache_entry(tmp_p
 
 
 def test_one_method_table_drives_the_choices_the_layer_pruners_and_calibration():
-    """A method is a row of utils/pruning_methods.METHODS and a layer function in LAYER_PRUNERS:
-    the CLI offers exactly those names, and a method the table marks uncalibrated prunes without
-    any calibration text (a calibrated one refuses to)."""
+    """A method is a row of utils/pruning/methods.METHODS: the CLI offers exactly those names, and a
+    method the table marks uncalibrated prunes without any calibration text (a calibrated one refuses to)."""
     from extreme_compression_experiment import build_parser
-    from utils.prune_utils import LAYER_PRUNERS, prune_model
-    from utils.pruning_methods import METHODS
+    from utils.pruning.driver import prune_model
+    from utils.pruning.methods import METHODS
     choices = next(a.choices for a in build_parser()._actions if "--method" in a.option_strings)
-    assert list(choices) == list(METHODS) and set(LAYER_PRUNERS) == set(METHODS)
+    assert list(choices) == list(METHODS)
     for name, method in METHODS.items():
         model = tiny_model("llama", 96)
         if method.calibrated:
@@ -217,3 +219,41 @@ def test_one_method_table_drives_the_choices_the_layer_pruners_and_calibration()
         else:
             prune_model(model, name, 0.5, calibration=None, progress=False)
             assert sparsity_report(model).density == pytest.approx(0.5, abs=1 / 64)
+
+
+def test_a_new_method_with_a_knob_of_its_own_is_one_table_row(monkeypatch):
+    """The row's options dataclass gives the flag, the config carries the value to the prune
+    function, and the cache key and the run identity name it: nothing else is edited."""
+    from dataclasses import dataclass, field
+
+    from extreme_compression_experiment import build_parser
+    from utils.config.validate import validate
+    from utils.pipeline.identity import PruneSpec, RunIdentity
+    from utils.pruning.criteria import magnitude_keep
+    from utils.pruning.driver import prune_model
+    from utils.pruning.methods import METHODS, MethodOptions, PruningMethod
+    from utils.pruning.schedule import SparsitySchedule
+
+    @dataclass(frozen=True)
+    class HalfOptions(MethodOptions):
+        scale: float = field(default=1.0, metadata={"flag": "--half-scale", "help": "a knob"})
+
+    seen = []
+
+    def half(weights, stats, density, pattern, options, sweep=None):
+        seen.append(options.scale)
+        for weight in weights:
+            weight.masked_fill_(~magnitude_keep(weight, density, pattern), 0.0)
+
+    monkeypatch.setitem(METHODS, "half", PruningMethod("half", "none", half, "a test method", options=HalfOptions))
+    parser = build_parser()
+    config = validate(parser.parse_args(["--method", "half", "--half-scale", "0.25", "--sparsity", "0.5"]))
+    assert config.prune.options == HalfOptions(scale=0.25)
+    model = tiny_model("llama", 96)
+    prune_model(model, "half", 0.5, options=config.prune.options, progress=False)
+    assert seen and set(seen) == {0.25} and sparsity_report(model).density == pytest.approx(0.5, abs=1 / 64)
+    assert PruneSpec.of(config, "tiny", "0" * 16, None).folder("p").name == "tiny-0.5-half-scale0.25-0000000000"
+    identity = RunIdentity.of(config, "0" * 16, SparsitySchedule.oneshot(0.5), None)
+    assert identity.method_options == {"scale": 0.25}
+    default = validate(parser.parse_args(["--method", "half", "--sparsity", "0.5"]))
+    assert "method_options" not in RunIdentity.of(default, "0" * 16, SparsitySchedule.oneshot(0.5), None).to_json()

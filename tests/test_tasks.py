@@ -74,7 +74,7 @@ def test_eval_only_tasks_report_the_hand_counted_accuracy(tmp_path, tiny_llama_d
 
 def test_a_training_run_scores_and_exports_its_best_model(tmp_path, tiny_llama_dir, text_file, task_dir, capsys):
     from test_cli import job_args
-    from utils.export_utils import load_compressed
+    from utils.export.compressed import load_compressed
     out = tmp_path / "run"
     assert main(job_args(tiny_llama_dir, text_file, out, "--loss", "ce", "--kd-hidden-weight", "0.5",
                          "--tasks", "tiny_choice", "--task-dir", task_dir)) == 0

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from extreme_compression_experiment import main
-from fsdp_finetune import Optimization, TrainConfig, init_distributed, prepare_model, resolve_compile_mode, train_step
-from helpers import broken_cpp_compiler, tiny_model
+from utils.config.sections import TrainCfg
+from utils.training.parallel import init_distributed, prepare_model, resolve_compile_mode
+from utils.training.step import Optimization, train_step
+from helpers import StopAfter, broken_cpp_compiler, tiny_model
 from test_cli import TORCHRUN_2, job_args, run_cli
 
 
@@ -15,7 +17,7 @@ def test_fp16_loss_scaling_skips_overflowing_steps_and_recovers():
     init_distributed(device)
     prepared = prepare_model(tiny_model("llama", 300), device, "fp16")
     model = prepared.module
-    optimization = Optimization.create(model, TrainConfig(mixed_precision="fp16", lr=1e-3, warmup_steps=0), device)
+    optimization = Optimization.create(model, TrainCfg(mixed_precision="fp16", lr=1e-3, warmup_steps=0), device)
     assert optimization.scaler is not None
     model.train()
     batch = torch.arange(64).reshape(2, 32) * 7 % 300
@@ -29,7 +31,7 @@ def test_fp16_loss_scaling_skips_overflowing_steps_and_recovers():
         train_step(prepared, [batch], optimization, None, device, 1.0)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
-    assert Optimization.create(model, TrainConfig(mixed_precision="bf16"), device).scaler is None
+    assert Optimization.create(model, TrainCfg(mixed_precision="bf16"), device).scaler is None
 
 
 def test_compile_modes(monkeypatch):
@@ -90,7 +92,7 @@ def test_fp16_run_resumes_with_its_loss_scale(tmp_path, tiny_llama_dir, text_fil
     import shutil
     fp16 = ("--mixed-precision", "fp16", "--compile", "off")
     assert main(job_args(tiny_llama_dir, text_file, tmp_path / "straight", *fp16)) == 0
-    assert main(job_args(tiny_llama_dir, text_file, tmp_path / "resumed", *fp16, "--interrupt-after-steps", "8")) == 130
+    assert main(job_args(tiny_llama_dir, text_file, tmp_path / "resumed", *fp16), callbacks=[StopAfter(8)]) == 130
     def saved_state(run: str) -> dict:
         return json.loads((tmp_path / run / "state" / "train_state.json").read_text())
 

@@ -1,7 +1,7 @@
 """Perplexity the way the SparseGPT/Wanda papers measure it, fast, and on any number of processes.
 
     ids = tokenize_source("../shared/data/wikitext-2-raw", tokenizer, split="test")
-    result = evaluate_perplexity(model, ids, token_length=2048, stride=2048, batch_size=8)
+    result = evaluate_perplexity(model, ids, EvalProtocol(token_length=2048, stride=2048, batch_size=8))
     print(result.perplexity, result.bits_per_byte, result.accuracy)
 
 Protocol.  stride == token_length (the papers'): non-overlapping windows, the tail that does not
@@ -18,16 +18,19 @@ import functools
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from torch._dynamo.exc import TorchDynamoException
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from .data_utils import DataError, TokenizedText
-from .logging_utils import MetricsLogger, Progress, describe_density
-from .model_utils import ModelError, find_decoder_layers
+from utils.config.sections import EvalProtocol
+from utils.data.sources import DataError, TokenizedText
+from utils.io.events import MetricsLogger, Progress, banner, describe_density
+from utils.io.history import PerplexityHistory
+from utils.models.hub import ModelError
+from utils.models.structure import find_decoder_layers
 
 COMPILE_LEVELS = ("off", "scoring", "layers")
 
@@ -108,7 +111,7 @@ def _forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Te
     return model(input_ids=input_ids, use_cache=False).logits  # (batch, seq, vocab)
 
 
-def _token_stats(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def score_tokens(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL (float32) and whether the target has the top score (the argmax, but for exact
     ties), for (..., vocab) scores in the model's dtype.  logsumexp − target logit is cross-entropy
     without writing log-probs; compiled, the maximum that logsumexp needs anyway answers the
@@ -116,19 +119,6 @@ def _token_stats(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     wide = scores.float()
     target = wide.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return torch.logsumexp(wide, dim=-1) - target, target == wide.amax(-1)
-
-
-_compiled_token_stats = None
-_compiled_layer_forwards: dict[tuple[type, bool], object] = {}
-
-
-def _stats_function(compile: bool):
-    global _compiled_token_stats
-    if not compile:
-        return _token_stats
-    if _compiled_token_stats is None:
-        _compiled_token_stats = torch.compile(_token_stats)
-    return _compiled_token_stats
 
 
 class FuseLinearReLU(CustomGraphPass):
@@ -155,18 +145,31 @@ class FuseLinearReLU(CustomGraphPass):
         return "extreme-compression.FuseLinearReLU.1"
 
 
-def _layer_forward(kind: type, fuse_relu: bool = True):
-    """The torch.compile'd forward shared by every decoder layer of class `kind` (`fuse_relu`: a
-    ReLU after a linear runs in the GEMM's epilogue, FuseLinearReLU)."""
-    key = (kind, fuse_relu)
-    if key not in _compiled_layer_forwards:
-        options = {"post_grad_custom_pre_pass": FuseLinearReLU()} if fuse_relu else None
-        _compiled_layer_forwards[key] = torch.compile(kind.forward, dynamic=False, options=options)
-    return _compiled_layer_forwards[key]
+class CompiledKernels:
+    """The torch.compile'd pieces of evaluation, made on first use and kept by their owner (a run
+    evaluates every epoch; each compiles once): the scoring kernel over the logits, and one
+    decoder-layer forward per layer class (`fuse_relu`: a ReLU after a linear runs in the GEMM's
+    epilogue, FuseLinearReLU)."""
+
+    def __init__(self):
+        self._scoring = None
+        self._layer_forwards: dict[tuple[type, bool], object] = {}
+
+    def token_stats(self):
+        if self._scoring is None:
+            self._scoring = torch.compile(score_tokens)
+        return self._scoring
+
+    def layer_forward(self, kind: type, fuse_relu: bool = True):
+        key = (kind, fuse_relu)
+        if key not in self._layer_forwards:
+            options = {"post_grad_custom_pre_pass": FuseLinearReLU()} if fuse_relu else None
+            self._layer_forwards[key] = torch.compile(kind.forward, dynamic=False, options=options)
+        return self._layer_forwards[key]
 
 
 @contextlib.contextmanager
-def _compiled_layers(model: torch.nn.Module, fuse_relu: bool = True):
+def _compiled_layers(model: torch.nn.Module, kernels: CompiledKernels, fuse_relu: bool = True):
     """Run every decoder layer through one torch.compile'd forward per layer class while inside
     (regional compilation: the layers share the compiled code, so 24 layers compile once; the
     causal mask is still made eagerly outside, which keeps SDPA on its flash kernel).  Nothing
@@ -178,7 +181,7 @@ def _compiled_layers(model: torch.nn.Module, fuse_relu: bool = True):
     if hasattr(model, "reshard") or any(getattr(layer, "_compiled_call_impl", None) for layer in layers):
         layers = []
     for layer in layers:
-        layer.forward = functools.partial(_layer_forward(type(layer), fuse_relu), layer)
+        layer.forward = functools.partial(kernels.layer_forward(type(layer), fuse_relu), layer)
     try:
         yield
     finally:
@@ -187,25 +190,28 @@ def _compiled_layers(model: torch.nn.Module, fuse_relu: bool = True):
 
 
 @torch.no_grad()
-def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Tensor, token_length: int = 2048,
-                        stride: int = 2048, batch_size: int = 1, progress: bool = True,
-                        desc: str = "Computing perplexity", distributed: bool = True,
-                        compile: bool | str = "off", fuse_relu: bool = True,
-                        bos_id: int | None = None) -> PerplexityResult:
-    """Perplexity, bits per byte and next-token accuracy of `model` on `tokens` (see module doc).
+def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Tensor,
+                        protocol: EvalProtocol = EvalProtocol(), *, kernels: CompiledKernels | None = None,
+                        progress: bool = True, desc: str = "Computing perplexity", distributed: bool = True,
+                        fuse_relu: bool = True) -> PerplexityResult:
+    """Perplexity, bits per byte and next-token accuracy of `model` on `tokens` (see module doc),
+    by `protocol`: windows of `token_length` tokens every `stride` (None: token_length), batches of
+    `batch_size` windows.
 
     Under torch.distributed the batches are dealt round-robin to the ranks and the sums are
     all-reduced; every rank runs the same number of forwards (padding with a zero-weight batch)
     so that FSDP's collectives stay in step.  `distributed=False` evaluates every window in this
     process alone (a model only one rank holds, e.g. while the main process prunes).
-    `compile`: "off"; "scoring" (or True) scores the logits with a torch.compile'd kernel; "layers"
+    `protocol.compile`: "off"; "scoring" scores the logits with a torch.compile'd kernel; "layers"
     also runs the decoder layers compiled (once per layer class and window shape; worth it for
     large models evaluated often; `fuse_relu=False` leaves OPT's ReLU out of the GEMM epilogue,
-    for benchmarks).  Compiling the whole model is its owner's choice.
-    `bos_id`: every window starts with this token (families such as Gemma need it): windows hold
-    token_length - 1 tokens of text after it, all of them scored; the text's own leading BOS is
-    dropped.  None keeps the papers' protocol (one BOS at the start of the whole text).
+    for benchmarks); the compiled pieces are `kernels`' (a fresh set when None).  Compiling the
+    whole model is its owner's choice.
+    `protocol.bos_id`: every window starts with this token (families such as Gemma need it):
+    windows hold token_length - 1 tokens of text after it, all of them scored; the text's own
+    leading BOS is dropped.  None keeps the papers' protocol (one BOS at the start of the whole text).
     """
+    token_length, stride, bos_id = protocol.token_length, protocol.window_stride, protocol.bos_id
     ids = tokens.ids if isinstance(tokens, TokenizedText) else tokens
     num_bytes = tokens.num_bytes if isinstance(tokens, TokenizedText) else None
     ids = ids.reshape(-1)
@@ -213,24 +219,25 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
         ids = ids[1:] if ids.numel() and int(ids[0]) == bos_id else ids
         token_length, stride = token_length - 1, min(stride, token_length - 1)
     windows = plan_windows(ids.numel(), token_length, stride)
-    batches = _batches(windows, batch_size)
     grouped = distributed and dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
-    mine = batches[rank::world]
-    rounds = math.ceil(len(batches) / world)
     device = _model_device(model)
-    level = {True: "scoring", False: "off"}.get(compile, compile)
+    level = protocol.compile
     if level not in COMPILE_LEVELS:
-        raise ValueError(f"compile must be one of {COMPILE_LEVELS}, got {compile!r}")
-    token_stats = _stats_function(level != "off")
+        raise ValueError(f"compile must be one of {COMPILE_LEVELS}, got {level!r}")
+    kernels = kernels if kernels is not None or level == "off" else CompiledKernels()
+    token_stats = kernels.token_stats() if level != "off" else score_tokens
     layers = contextlib.ExitStack()  # holds the compiled decoder layers while evaluating; closing restores them
     if level == "layers":
-        layers.enter_context(_compiled_layers(model, fuse_relu))
+        layers.enter_context(_compiled_layers(model, kernels, fuse_relu))
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     # float64 sums: 300k token losses summed in float32 lose the 4th significant digit.
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, scored tokens, correct
+    batches = _batches(windows, protocol.batch_size)
+    mine = batches[rank::world]
+    rounds = math.ceil(len(batches) / world)
     bar = Progress(len(windows), desc, enabled=progress and rank == 0)
     on_device = ids.to(device)  # once; each batch is then a slice on the device
     bos = torch.full((1,), bos_id, dtype=ids.dtype, device=device) if bos_id is not None else None
@@ -261,10 +268,10 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
                 try:
                     nll, correct = token_stats(scores, targets)  # per token, summed in float64 here
                 except TorchDynamoException as error:  # compiling is an optimization: score eagerly
-                    if token_stats is _token_stats:
+                    if token_stats is score_tokens:
                         raise
                     warnings.warn(f"compiled scoring failed ({type(error).__name__}); scoring eagerly", stacklevel=2)
-                    token_stats = _token_stats
+                    token_stats = score_tokens
                     nll, correct = token_stats(scores, targets)
                 totals[0] += weight * nll.double().sum()
                 totals[1] += weight * targets.numel()
@@ -290,102 +297,32 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
                             scored_tokens=int(scored), seconds=time.perf_counter() - start)
 
 
-def _banner(title: str) -> str:
-    rule = "=" * 64
-    return f"{rule}\n{title}\n{rule}"
+@dataclass(frozen=True)
+class Heading:
+    """How one evaluation is printed and recorded: its title and where in the run it stands."""
+    title: str
+    epoch: int | None = None
+    density: float | None = None
+    step: int | None = None
 
 
-@dataclass
-class PerplexityHistory:
-    """Perplexity over a run: the baseline, one entry per epoch, the trend and the summary."""
-
-    baseline: float | None = None
-    dense: float | None = None
-    epochs: list[tuple[int, float]] = field(default_factory=list)
-    final_from: int = 0  # first epoch at the final density (iterative pruning: earlier ones hold more weights)
-
-    def add(self, epoch: int, perplexity: float) -> None:
-        self.epochs = [(e, p) for e, p in self.epochs if e != epoch] + [(epoch, perplexity)]
-
-    @property
-    def best(self) -> tuple[int, float] | None:
-        """(epoch, perplexity) of the best evaluation; epoch 0 is the baseline."""
-        candidates = ([(0, self.baseline)] if self.baseline is not None else []) + self.epochs
-        finite = [(e, p) for e, p in candidates if math.isfinite(p) and e >= self.final_from]
-        return min(finite, key=lambda item: item[1]) if finite else None
-
-    @property
-    def final(self) -> float | None:
-        return self.epochs[-1][1] if self.epochs else self.baseline
-
-    @staticmethod
-    def change(before: float, after: float) -> str:
-        """'↓5.9%' when perplexity fell, '↑2.0%' when it rose."""
-        if not (math.isfinite(before) and math.isfinite(after)) or before == 0:
-            return "n/a"
-        delta = (after - before) / before * 100
-        return f"{'↓' if delta <= 0 else '↑'}{abs(delta):.1f}%"
-
-    def trend_lines(self) -> list[str]:
-        lines = []
-        if self.dense is not None:
-            lines.append(f"Dense model: {self.dense:.2f}")
-        if self.baseline is not None:
-            lines.append(f"Baseline (pruned, before training): {self.baseline:.2f}")
-        for epoch, ppl in self.epochs:
-            trend = f" ({self.change(self.baseline, ppl)})" if self.baseline is not None else ""
-            lines.append(f"Epoch {epoch}: {ppl:.2f}{trend}")
-        return lines
-
-    def summary_lines(self) -> list[str]:
-        lines = [_banner("Final Summary")]
-        if self.dense is not None:
-            lines.append(f"Dense perplexity:    {self.dense:.4f}")
-        if self.baseline is not None:
-            lines.append(f"Baseline perplexity: {self.baseline:.4f}")
-        if self.final is not None:
-            lines.append(f"Final perplexity:    {self.final:.4f}")
-        best = self.best
-        if best is not None:
-            where = "baseline" if best[0] == 0 else f"epoch {best[0]}"
-            lines.append(f"Best perplexity:     {best[1]:.4f} ({where})")
-        if self.baseline is not None and self.final is not None:
-            drop = self.baseline - self.final
-            lines.append(f"Total improvement:   {self.change(self.baseline, self.final)} "
-                         f"({abs(drop):.4f} {'lower' if drop >= 0 else 'higher'} than the baseline)")
-        return lines
-
-    def to_dict(self) -> dict:
-        best = self.best
-        return {"dense": self.dense, "baseline": self.baseline, "final": self.final, "final_from": self.final_from,
-                "epochs": [{"epoch": e, "perplexity": p} for e, p in self.epochs],
-                "best": {"epoch": best[0], "perplexity": best[1]} if best else None}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PerplexityHistory":
-        return cls(baseline=data.get("baseline"), dense=data.get("dense"), final_from=int(data.get("final_from", 0)),
-                   epochs=[(int(e["epoch"]), float(e["perplexity"])) for e in data.get("epochs", [])])
-
-
-def evaluate_and_log(model: torch.nn.Module, tokens: TokenizedText, logger: MetricsLogger, *, title: str,
-                     token_length: int, stride: int, batch_size: int, epoch: int | None = None,
-                     density: float | None = None, history: PerplexityHistory | None = None,
-                     step: int | None = None, distributed: bool = True, compile: bool | str = "off",
-                     bos_id: int | None = None) -> PerplexityResult:
+def evaluate_and_log(model: torch.nn.Module, tokens: TokenizedText, logger: MetricsLogger, heading: Heading,
+                     protocol: EvalProtocol, *, history: PerplexityHistory | None = None,
+                     kernels: CompiledKernels | None = None, distributed: bool = True) -> PerplexityResult:
     """Evaluate, print the block (and the trend when `history` is given), record the event."""
-    result = evaluate_perplexity(model, tokens, token_length=token_length, stride=stride,
-                                 batch_size=batch_size, progress=logger.is_main, distributed=distributed,
-                                 compile=compile, bos_id=bos_id)
-    logger.info(_banner(title))
-    if epoch is not None:
-        logger.info(f"Epoch: {epoch}")
-    if density is not None:
-        logger.info(f"Sparsity: {describe_density(density)}")
+    result = evaluate_perplexity(model, tokens, protocol, kernels=kernels, progress=logger.is_main,
+                                 distributed=distributed)
+    logger.info(banner(heading.title))
+    if heading.epoch is not None:
+        logger.info(f"Epoch: {heading.epoch}")
+    if heading.density is not None:
+        logger.info(f"Sparsity: {describe_density(heading.density)}")
     logger.info(result.summary())
-    if history is not None and epoch is not None:
-        history.add(epoch, result.perplexity)
+    if history is not None and heading.epoch is not None:
+        history.add(heading.epoch, result.perplexity)
         logger.info("Perplexity trend:")
         for line in history.trend_lines():
             logger.info(f"  {line}")
-    logger.log({"event": "evaluation", "title": title, "epoch": epoch, **asdict(result)}, step=step)
+    logger.log({"event": "evaluation", "title": heading.title, "epoch": heading.epoch, **asdict(result)},
+               step=heading.step)
     return result

@@ -1,0 +1,132 @@
+"""The best recovery measured near each density: what `--recipe measured` trains with, and the
+note a run with the brief's lr prints.
+
+    recipe = measured_recipe(0.1)   # → MeasuredRecipe(density=0.1, loss="kd", schedule="gradual", lr=6e-4, ...)
+    recipe.settings()               # → {"loss": "kd", "schedule": "gradual", "layer_density": "auto", "base_lr": ...}
+    default_loss(0.5)               # → "ce+kd": what --loss auto trains with
+    auto_loss_rule()                # → "kd at density ≤ 0.4, ce+kd above"
+    recipe_note(config)             # → "Note: the best recovery measured near density 0.1 ..." or None
+
+Measured with SmolLM2-135M on the H200 over the user's budget: 5 epochs × 1,250 steps × batch 8
+× 512 tokens = 25.6M tokens, on 2.3M tokens of text (`wiki.valid.raw` + the fallback text), the
+full WikiText-2 test protocol; dense 21.61 (BENCHMARKS.md, "Recovery over the full budget" and
+"The table's missing rows", "The table completed", "The last rows").  The brief fixes the
+default lr at 5e-6·√batch; every recipe here trained at a larger one, so a run at the derived lr
+is told what was measured, and `--recipe measured` takes the row's settings (its lr kept under
+the √batch rule; a flag given explicitly still wins).  The loss is free: `--loss auto` (the
+default) takes the row's.  The table is data: a new measurement is a new row.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from utils.config.sections import RunConfig
+
+MEASURED_BATCH = 8
+
+
+@dataclass(frozen=True)
+class MeasuredRecipe:
+    density: float
+    up_to: float  # the recipe is named for densities in (the previous row's up_to, up_to]
+    loss: str
+    schedule: str
+    layer_density: str  # "auto" where the measured run left it so, else the --layer-density it named
+    lr: float  # at MEASURED_BATCH
+    perplexity: float
+    compared: str  # what other recipes measured on the same budget
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr / math.sqrt(MEASURED_BATCH)
+
+    def settings(self) -> dict[str, object]:
+        """The CLI settings of the measured run, by argparse dest (what `--recipe measured` fills in)."""
+        return {"loss": self.loss, "schedule": self.schedule, "layer_density": self.layer_density,
+                "base_lr": self.base_lr}
+
+    def flags(self) -> str:
+        """The settings as flags, less the lr and those at their default: "--loss kd --schedule gradual"."""
+        return " ".join([f"--loss {self.loss}"] + [f"--{name} {value}" for name, value, default in (
+            ("schedule", self.schedule, "oneshot"), ("layer-density", self.layer_density, "auto")) if value != default])
+
+
+RECIPES = (
+    MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4, 66.77,
+                   "iterative at the same lr 75.45, iterative + OWL 76.72, one-shot OWL 79.54; gradual at the "
+                   "derived lr 464.1 after one epoch, one-shot 286.1"),
+    MeasuredRecipe(0.3, 0.4, "kd", "iterative", "owl", 6e-4, 32.56,
+                   "iterative without OWL at the same lr 33.28, gradual 34.18, one-shot OWL 34.91; cross-entropy "
+                   "on wiki.valid at the derived lr (today's recipe) 47.90"),
+    MeasuredRecipe(0.5, 0.6, "ce+kd", "oneshot", "auto", 5e-5, 22.16,
+                   "at 5e-5 cross-entropy 23.29, distillation 26.31, iterative + OWL from 0.8 22.92, gradual "
+                   "24.73; at the derived lr CE + KD 22.82, cross-entropy 23.19, on wiki.valid alone (today's "
+                   "recipe) 25.32"),
+)
+
+
+def measured_recipe(density: float) -> MeasuredRecipe | None:
+    """The row whose band holds `density`, or None (none measured near it)."""
+    low = 0.0
+    for recipe in RECIPES:
+        if low < density <= recipe.up_to:
+            return recipe
+        low = recipe.up_to
+    return None
+
+
+def default_loss(density: float) -> str:
+    """`--loss auto`: the loss of the recipe measured nearest `density` (above the last band, near
+    dense: the last row's, whose cross-entropy term still learns and whose teacher still anchors)."""
+    recipe = measured_recipe(density) or min(RECIPES, key=lambda row: abs(row.density - density))
+    return recipe.loss
+
+
+def auto_loss_rule() -> str:
+    """What `--loss auto` picks, in words, from the table: "kd at density ≤ 0.4, ce+kd above"."""
+    groups: list[list] = []  # [loss, up_to of its last row], consecutive rows of one loss merged
+    for row in RECIPES:
+        if groups and groups[-1][0] == row.loss:
+            groups[-1][1] = row.up_to
+        else:
+            groups.append([row.loss, row.up_to])
+    words = [f"{loss} {'at density ≤' if index == 0 else 'to'} {up_to:g}"
+             for index, (loss, up_to) in enumerate(groups[:-1])]
+    return ", ".join([*words, f"{groups[-1][0]} above" if words else groups[-1][0]])
+
+
+def _lr(value: float) -> str:
+    return f"{value:.1e}".replace("e-0", "e-")  # 6.0e-4, 2.1e-4
+
+
+def _differences(config: RunConfig, recipe: MeasuredRecipe) -> list[str]:
+    """This run's settings where they are not the recipe's (the lr compared under the √batch rule)."""
+    train = config.train
+    differs = [f"--{name} {ours}" for name, ours, theirs in (
+        ("loss", config.loss.kind, recipe.loss), ("schedule", config.schedule.kind, recipe.schedule),
+        ("layer-density", config.prune.layer_density, recipe.layer_density)) if theirs != "auto" and ours != theirs]
+    if not math.isclose(train.lr, recipe.base_lr * math.sqrt(train.batch_size), rel_tol=1e-6):
+        differs.append(f"lr {_lr(train.lr)}" + (f" (derived: {_lr(train.lr / math.sqrt(train.batch_size))} × "
+                                                "√batch)" if train.lr_derived else ""))
+    return differs
+
+
+def recipe_note(config: RunConfig) -> str | None:
+    """What a run prints of the measured recipes: under `--recipe measured` the row it trains with
+    (and any explicit flag that overrode it); at the brief's derived lr the best measured recipe
+    near its density and where this run differs.  Silent otherwise, or far from every row."""
+    recipe, train = measured_recipe(config.prune.density), config.train
+    if recipe is None or not (train.recipe == "measured" or train.lr_derived):
+        return None
+    measured = (f"{recipe.perplexity:.2f} with {recipe.flags()} and lr {_lr(recipe.lr)} at batch {MEASURED_BATCH} "
+                f"(SmolLM2-135M over the user's 25.6M tokens on 2.3M tokens of text, BENCHMARKS.md)")
+    differs = _differences(config, recipe)
+    if train.recipe == "measured":
+        return (f"Recipe: measured near density {recipe.density:g}, {measured}; " +
+                ("overridden here: " + ", ".join(differs) if differs else
+                 f"trained here at lr {_lr(train.lr)} (batch {train.batch_size}, the √batch rule)"))
+    return (f"Note: the best recovery measured near density {recipe.density:g} is {measured}; for comparison "
+            f"{recipe.compared}. This run has " + ", ".join(differs) + f". --recipe measured trains with it "
+            f"({recipe.flags()}, lr {_lr(recipe.base_lr * math.sqrt(train.batch_size))} at batch "
+            f"{train.batch_size} by the √batch rule)")

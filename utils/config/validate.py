@@ -1,0 +1,275 @@
+"""The command line's meaning: argparse's namespace checked and resolved into one typed RunConfig.
+
+    config = validate(build_parser().parse_args(argv), world_size=1)   # ConfigError lists every problem
+
+Every value that parses but makes no sense is found here at once, before any model or text is
+loaded, and refused in one line; `--recipe measured` and the `auto` choices are resolved here
+too, so the pipeline only ever sees concrete settings.  This is the only module that reads the
+namespace: below it, everything takes the sections of utils/config/sections.py.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+from utils.config.recipes import RECIPES, default_loss, measured_recipe
+from utils.config.sections import (CalibrationCfg, EvalProtocol, GenerationCfg, LossCfg, ModelCfg,
+                                   OutputCfg, PruneCfg, RunConfig, ScheduleCfg, TaskCfg, TrainCfg)
+from utils.data.generated import split_sources, token_count
+from utils.data.sources import DataError
+from utils.models.loading import safe_name
+from utils.pruning.criteria import parse_pattern
+from utils.pruning.methods import METHODS, option_flags
+from utils.pruning.profile import resolve_layer_density
+from utils.pruning.schedule import GRADUAL_RAMP, ITERATIVE_START
+from utils.task_eval import lm_eval_missing
+from utils.training.losses import TERMS, optional_terms
+
+BASE_LR = 5e-6  # the brief's lr rule: BASE_LR·sqrt(batch_size)
+
+
+class ConfigError(ValueError):
+    """Every problem of a command line, one clause each; the CLI prints them as one line, exit 2."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def derive_schedule(batch_size: int, base_samples: int = 10000, base_lr: float = BASE_LR) -> tuple[int, float]:
+    """max_step = base_samples // batch_size, lr = base_lr·sqrt(batch_size): every batch size sees
+    the same number of samples per epoch."""
+    return max(1, base_samples // batch_size), base_lr * math.sqrt(batch_size)
+
+
+def world_size_from_launcher() -> int:
+    """How many processes accelerate launch / torchrun started (WORLD_SIZE), 1 when run plainly."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
+    """Every value that parses but makes no sense, found at once (one line lists them all)."""
+    problems = []
+
+    def finite(name: str, value: float | None, low: float, high: float = math.inf, low_open: bool = False,
+               high_open: bool = True, what: str = "") -> None:
+        if value is None:
+            return
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if math.isnan(value) or math.isinf(value) or too_low or too_high:
+            problems.append(f"argument {name}: {value:g} is not {what}")
+
+    finite("--max-grad-norm", args.max_grad_norm, 0, what="a finite number >= 0 (0 turns clipping off)")
+    finite("--weight-decay", args.weight_decay, 0, what="a finite number >= 0")
+    finite("--min-delta", args.min_delta, 0, 1, what="a fraction in [0, 1) (relative perplexity drop)")
+    finite("--holdout", args.holdout, 0, 0.5, what="a fraction in [0, 0.5) of the training text (0 = off)")
+    finite("--kd-temperature", args.kd_temperature, 0, low_open=True, what="a finite number > 0")
+    finite("--kd-weight", args.kd_weight, 0, what="a finite number >= 0")
+    finite("--ce-weight", args.ce_weight, 0, what="a finite number >= 0")
+    for term in optional_terms():
+        finite(term.flag, getattr(args, term.dest), 0, what="a finite number >= 0 (0 = off)")
+    problems += _zero_loss(args)
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        problems.append("argument --warmup-steps: must be 0 or more")
+    if args.seed < 0:
+        problems.append(f"argument --seed: {args.seed} must be 0 or more")
+    finite("--gen-temperature", args.gen_temperature, 0, low_open=True, what="a finite number > 0")
+    finite("--gen-top-p", args.gen_top_p, 0, 1, low_open=True, high_open=False, what="in (0, 1]")
+    if "generated:" in args.train_source:
+        try:
+            generated = split_sources(args.train_source)[1]  # None: "generated:" was only inside a path
+            if generated is not None:
+                token_count(generated)
+        except DataError as error:
+            problems.append(f"argument --train-source: {error}")
+    finite("--owl-lambda", args.owl_lambda, 0, 0.5, low_open=True, high_open=False, what="in (0, 0.5]")
+    finite("--owl-m", args.owl_m, 0, low_open=True, what="a finite number > 0")
+    if args.layer_density == "owl" and args.pattern:
+        problems.append("argument --layer-density owl: an N:M --pattern has one density everywhere; drop one of them")
+    if args.schedule != "oneshot":
+        schedule = f"argument --schedule {args.schedule}"
+        if args.pattern:
+            problems.append(f"{schedule}: works with unstructured densities for now (drop --pattern)")
+        if args.schedule == "gradual" and args.layer_density == "owl":
+            problems.append(f"{schedule}: re-prunes with one density everywhere for now (drop --layer-density owl, "
+                            "or use --schedule iterative with it)")
+        if args.eval_only or args.prune_only or args.export_only:
+            problems.append(f"{schedule}: prunes between training steps; it needs a training run")
+        processes = world_size
+        if processes > 1 and args.parallel == "fsdp":
+            problems.append(f"{schedule}" + (" (--recipe measured)" if args.recipe == "measured" else "") +
+                            f": needs the whole model in each of the {processes} processes (the pruning driver "
+                            "is not sharded); add --parallel ddp (a whole copy per process), or --schedule oneshot" +
+                            (" (the rest of the recipe stays)" if args.recipe == "measured" else ""))
+        if not args.density_steps and args.sparsity >= ITERATIVE_START:
+            problems.append(f"{schedule}: --sparsity {args.sparsity:g} is not below the default "
+                            f"first density ({ITERATIVE_START:g}); give the densities with --density-steps")
+        if args.schedule == "gradual" and args.density_steps and len(args.density_steps) != 2:
+            problems.append("argument --density-steps: --schedule gradual takes two, START,FINAL (e.g. 0.5,0.1)")
+    steps = args.density_steps
+    if steps and (any(not 0 < d <= 1 for d in steps) or any(b >= a for a, b in zip(steps, steps[1:]))
+                  or (args.pattern is None and abs(steps[-1] - args.sparsity) > 1e-12)):
+        problems.append(f"argument --density-steps: '{','.join(f'{d:g}' for d in steps)}' must be decreasing "
+                        f"densities in (0, 1] ending at --sparsity {args.sparsity:g}")
+    if args.tasks:
+        missing = lm_eval_missing()
+        if missing:
+            problems.append(f"argument --tasks: {missing}")
+        if args.export_only:
+            problems.append("argument --tasks: --export-only writes a checkpoint and evaluates nothing; "
+                            "run --eval-only --model THE_EXPORT --tasks ... afterwards")
+    if args.task_dir and not Path(args.task_dir).is_dir():
+        problems.append(f"argument --task-dir: {args.task_dir} is not a folder (of lm-eval task YAML files)")
+    if args.export_only and args.export == "none":
+        problems.append("arguments --export-only and --export none: there would be nothing to do")
+    if args.resume and args.overwrite:
+        problems.append("arguments --resume and --overwrite: choose one (continue the run, or start it over)")
+    stride = args.stride or args.token_length
+    if stride > args.token_length:
+        problems.append(f"argument --stride: {stride} is larger than --token-length {args.token_length}")
+    if args.micro_batch_size and args.batch_size % args.micro_batch_size:
+        problems.append(f"argument --micro-batch-size: {args.micro_batch_size} does not divide --batch-size "
+                        f"{args.batch_size}")
+    elif not (args.eval_only or args.prune_only or args.export_only):
+        micro = args.micro_batch_size or max(1, args.batch_size // world_size)
+        if args.batch_size % (micro * world_size):
+            problems.append(f"argument --batch-size: {args.batch_size} is not a multiple of micro-batch {micro} × "
+                            f"{world_size} processes; pick --micro-batch-size so that it is")
+    for tracker, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if args.report_to == tracker and importlib.util.find_spec(package) is None:
+            problems.append(f"argument --report-to {tracker}: the {package} package is not installed "
+                            f"(pip install {package})")
+    return problems
+
+
+def _zero_loss(args: argparse.Namespace) -> list[str]:
+    """A loss whose every active term has weight 0 trains nothing: refused, naming the weights."""
+    if any(getattr(args, term.dest) for term in optional_terms()):
+        return []
+    kind = args.loss if args.loss != "auto" else default_loss(args.sparsity)
+    weights = {"ce": ("--ce-weight", args.ce_weight), "kd": ("--kd-weight", args.kd_weight)}
+    active = [weights[name] for name in kind.split("+")]
+    if all(value == 0 for _, value in active):
+        names = " and ".join(name for name, _ in active)
+        return [f"argument{'s' if len(active) > 1 else ''} {names}: the loss --loss {kind} would be 0 "
+                f"({'both are' if len(active) > 1 else 'it is'} 0), so nothing would be trained"]
+    return []
+
+
+def _apply_recipe(args: argparse.Namespace) -> list[str]:
+    """--recipe measured: the measured row's settings wherever the command left them unset (None, or
+    "auto"; the lr only without --lr).  Then the unset schedule is one-shot.  Returns the problems."""
+    problems = []
+    if args.recipe == "measured":
+        recipe = measured_recipe(args.sparsity)
+        if args.eval_only or args.prune_only or args.export_only:
+            problems.append("argument --recipe measured: a recovery recipe needs a training run; drop it (or "
+                            "--eval-only, --prune-only, --export-only)")
+        elif args.pattern:
+            problems.append("argument --recipe measured: the measured recipes are unstructured; drop --pattern")
+        elif recipe is None:
+            problems.append(f"argument --recipe measured: no recovery was measured near density {args.sparsity:g} "
+                            f"(rows up to {RECIPES[-1].up_to:g}, utils/config/recipes.py); drop --recipe measured")
+        else:
+            for name, value in recipe.settings().items():
+                if getattr(args, name) in (None, "auto") and not (name == "base_lr" and args.lr is not None):
+                    setattr(args, name, value)
+    args.schedule = args.schedule or "oneshot"
+    return problems
+
+
+def _loss(args: argparse.Namespace, density: float) -> LossCfg:
+    kind = default_loss(density) if args.loss == "auto" else args.loss
+    extra = {name: getattr(args, term.dest) for name, term in TERMS.items() if term.flag}
+    return LossCfg.of(kind, temperature=args.kd_temperature, auto=args.loss == "auto", ce=args.ce_weight,
+                      kd=args.kd_weight, **extra)
+
+
+def _method_options(args: argparse.Namespace):
+    """The --method's options dataclass, with the values of its flags (utils/pruning/methods.py)."""
+    method = METHODS[args.method]
+    values = {option.name: getattr(args, _dest(name, option.name)) for name, option in option_flags()
+              if name == args.method}
+    return method.options(**values)
+
+
+def _dest(method: str, option: str) -> str:
+    return f"{method}_{option}".replace("-", "_")
+
+
+def _train(args: argparse.Namespace, lr_derived: bool) -> TrainCfg:
+    max_step, lr = derive_schedule(args.batch_size, args.base_samples, args.base_lr)
+    max_step, lr = args.max_step or max_step, args.lr or lr
+    total = max_step * args.epochs
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(100, total // 20)
+    generation = GenerationCfg(temperature=args.gen_temperature, top_p=args.gen_top_p, length=args.gen_length,
+                               batch_size=args.gen_batch_size)
+    return TrainCfg(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, epochs=args.epochs,
+                    max_step=max_step, lr=lr, lr_derived=lr_derived, recipe=args.recipe, warmup_steps=warmup,
+                    weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
+                    block_size=args.block_size, train_source=args.train_source, holdout=args.holdout,
+                    generation=generation, mixed_precision=args.mixed_precision, compile=args.compile,
+                    parallel=args.parallel, seed=args.seed, patience=args.patience, min_delta=args.min_delta)
+
+
+def _schedule_problems(args: argparse.Namespace, train: TrainCfg) -> list[str]:
+    """What only the derived step count can tell: stages or updates that do not fit the run."""
+    total = train.total_steps
+    stages = len(args.density_steps) if args.density_steps else args.prune_stages
+    if args.schedule == "iterative" and stages > total:
+        return [f"argument --prune-stages: {stages} stages do not fit in {total} optimizer steps"]
+    if args.schedule == "gradual" and args.prune_every > GRADUAL_RAMP * total:
+        return [f"argument --prune-every: {args.prune_every} steps between updates leave no update in the first "
+                f"{GRADUAL_RAMP:.0%} of {total} optimizer steps; lower it"]
+    return []
+
+
+def validate(args: argparse.Namespace, world_size: int = 1) -> RunConfig:
+    """The RunConfig of a parsed command line, or ConfigError naming every problem at once
+    (`world_size`: the processes the launcher started, world_size_from_launcher())."""
+    lr_derived = args.lr is None and args.base_lr is None and args.recipe == "brief"
+    problems = _apply_recipe(args) + _problems(args, world_size)
+    args.base_lr = args.base_lr or BASE_LR
+    try:
+        pattern = parse_pattern(args.pattern)
+    except ValueError as error:
+        problems.insert(0, f"argument --pattern: {error}")
+        pattern = None
+    train = _train(args, lr_derived)
+    problems += _schedule_problems(args, train)
+    if problems:
+        raise ConfigError(problems)
+    density = pattern[0] / pattern[1] if pattern else args.sparsity
+    mode = "eval" if args.eval_only else "prune" if args.prune_only else "export" if args.export_only else "train"
+    prune = PruneCfg(density=density, method=args.method, pattern=pattern,
+                     layer_density=resolve_layer_density(args.layer_density, density, pattern, args.schedule,
+                                                         args.method),
+                     owl_lambda=args.owl_lambda, owl_m=args.owl_m, options=_method_options(args),
+                     calibration=CalibrationCfg(args.calibration_source, args.nsamples, args.calibration_length,
+                                                args.seed),
+                     cache_dir=args.pruned_dir, skip_dense_eval=args.skip_dense_eval)
+    return RunConfig(
+        mode=mode,
+        model=ModelCfg(args.model, args.dtype, args.cpu, args.bos_per_window),
+        prune=prune,
+        schedule=ScheduleCfg(args.schedule, args.density_steps, args.prune_stages, args.prune_every),
+        loss=_loss(args, density),
+        train=train,
+        eval=EvalProtocol(token_length=args.token_length, stride=args.stride or args.token_length,
+                          batch_size=args.eval_batch_size, compile=args.eval_compile, source=args.eval_source),
+        tasks=TaskCfg(tuple(args.tasks), args.task_dir, args.task_limit, args.task_batch_size),
+        output=OutputCfg(dir=args.output_dir or str(Path("runs") / _default_folder(args.model, mode, prune)),
+                         log_file=args.log_file, resume=args.resume, overwrite=args.overwrite,
+                         report_to=args.report_to, save_best=not args.no_save_best, export=args.export,
+                         export_dtype=args.export_dtype))
+
+
+def _default_folder(model: str, mode: str, prune: PruneCfg) -> str:
+    pattern = prune.pattern
+    method_tag = f"{prune.method}-{pattern[0]}of{pattern[1]}" if pattern else prune.method
+    model_tag = safe_name(Path(model).stem if model.endswith(".gguf") else model)
+    return f"{model_tag}-export" if mode == "export" else f"{model_tag}-{prune.density:g}-{method_tag}"

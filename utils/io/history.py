@@ -1,0 +1,84 @@
+"""Perplexity over a run: the dense model, the baseline, one entry per epoch, the trend and the summary.
+
+    history = PerplexityHistory(dense=21.6, baseline=9579.0)
+    history.add(1, 80.2); history.trend_lines(); history.summary_lines()
+    history.to_dict()     # results.json and the saved state; PerplexityHistory.from_dict reads it back
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from utils.io.events import banner
+
+
+@dataclass
+class PerplexityHistory:
+    """Perplexity over a run: the baseline, one entry per epoch, the trend and the summary."""
+
+    baseline: float | None = None
+    dense: float | None = None
+    epochs: list[tuple[int, float]] = field(default_factory=list)
+    final_from: int = 0  # first epoch at the final density (iterative pruning: earlier ones hold more weights)
+
+    def add(self, epoch: int, perplexity: float) -> None:
+        self.epochs = [(e, p) for e, p in self.epochs if e != epoch] + [(epoch, perplexity)]
+
+    @property
+    def best(self) -> tuple[int, float] | None:
+        """(epoch, perplexity) of the best evaluation; epoch 0 is the baseline."""
+        candidates = ([(0, self.baseline)] if self.baseline is not None else []) + self.epochs
+        finite = [(e, p) for e, p in candidates if math.isfinite(p) and e >= self.final_from]
+        return min(finite, key=lambda item: item[1]) if finite else None
+
+    @property
+    def final(self) -> float | None:
+        return self.epochs[-1][1] if self.epochs else self.baseline
+
+    @staticmethod
+    def change(before: float, after: float) -> str:
+        """'↓5.9%' when perplexity fell, '↑2.0%' when it rose."""
+        if not (math.isfinite(before) and math.isfinite(after)) or before == 0:
+            return "n/a"
+        delta = (after - before) / before * 100
+        return f"{'↓' if delta <= 0 else '↑'}{abs(delta):.1f}%"
+
+    def trend_lines(self) -> list[str]:
+        lines = []
+        if self.dense is not None:
+            lines.append(f"Dense model: {self.dense:.2f}")
+        if self.baseline is not None:
+            lines.append(f"Baseline (pruned, before training): {self.baseline:.2f}")
+        for epoch, ppl in self.epochs:
+            trend = f" ({self.change(self.baseline, ppl)})" if self.baseline is not None else ""
+            lines.append(f"Epoch {epoch}: {ppl:.2f}{trend}")
+        return lines
+
+    def summary_lines(self) -> list[str]:
+        lines = [banner("Final Summary")]
+        if self.dense is not None:
+            lines.append(f"Dense perplexity:    {self.dense:.4f}")
+        if self.baseline is not None:
+            lines.append(f"Baseline perplexity: {self.baseline:.4f}")
+        if self.final is not None:
+            lines.append(f"Final perplexity:    {self.final:.4f}")
+        best = self.best
+        if best is not None:
+            where = "baseline" if best[0] == 0 else f"epoch {best[0]}"
+            lines.append(f"Best perplexity:     {best[1]:.4f} ({where})")
+        if self.baseline is not None and self.final is not None:
+            drop = self.baseline - self.final
+            lines.append(f"Total improvement:   {self.change(self.baseline, self.final)} "
+                         f"({abs(drop):.4f} {'lower' if drop >= 0 else 'higher'} than the baseline)")
+        return lines
+
+    def to_dict(self) -> dict:
+        best = self.best
+        return {"dense": self.dense, "baseline": self.baseline, "final": self.final, "final_from": self.final_from,
+                "epochs": [{"epoch": e, "perplexity": p} for e, p in self.epochs],
+                "best": {"epoch": best[0], "perplexity": best[1]} if best else None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PerplexityHistory":
+        return cls(baseline=data.get("baseline"), dense=data.get("dense"), final_from=int(data.get("final_from", 0)),
+                   epochs=[(int(e["epoch"]), float(e["perplexity"])) for e in data.get("epochs", [])])

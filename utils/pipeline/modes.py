@@ -1,0 +1,108 @@
+"""The modes that do not train: evaluate --model, prune it, or export it; and the evaluation setup
+every evaluating mode shares (the training mode is utils/pipeline/train.py).
+
+    status = evaluate_only(context, start)     # --eval-only
+    status = prune_only(context, start)        # --prune-only
+    status = export_only(context, start)       # --export-only
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+import torch
+
+from utils.data.sources import tokenize_source
+from utils.eval_utils import CompiledKernels, Heading, evaluate_and_log
+from utils.export.registry import load_source
+from utils.io.files import write_json
+from utils.io.history import PerplexityHistory
+from utils.models.loading import parse_dtype
+from utils.models.sparsity import sparsity_report
+from utils.models.structure import count_parameters
+from utils.pipeline.context import Context, Start
+from utils.pipeline.deliver import deliver
+from utils.pipeline.prune_step import pruned_model
+from utils.task_eval import load_tasks
+
+
+def eval_compile(requested: str, training_compiles: bool) -> str:
+    """--eval-compile → evaluate_perplexity's level.  auto compiles the scoring only for the
+    evaluations of a compiled training run (every epoch); a single evaluation before training pays
+    more to compile than it saves."""
+    if requested != "auto":
+        return requested
+    return "scoring" if training_compiles else "off"
+
+
+def prepare_evaluation(context: Context) -> None:
+    """The tasks (names and data checked before any work), the evaluation text and the protocol."""
+    config, accelerator = context.config, context.accelerator
+    with accelerator.main_process_first():
+        context.tasks = load_tasks(list(config.tasks.names), config.tasks.task_dir) if config.tasks.names else None
+    if context.bos is not None:
+        context.logger.info("Every evaluation window, calibration window and training block starts with the BOS "
+                            f"token ({config.model.bos_per_window}: this model family needs it)")
+    with accelerator.main_process_first():
+        context.eval_tokens = tokenize_source(config.eval.source, context.tokenizer, split="test")
+    context.protocol = replace(config.eval, compile=eval_compile(config.eval.compile, training_compiles=False),
+                               bos_id=context.bos)
+    context.kernels = CompiledKernels()
+
+
+def evaluate_only(context: Context, start: Start) -> int:
+    """--eval-only: the perplexity of --model as it is (and its task scores)."""
+    prepare_evaluation(context)
+    config, logger = context.config, context.logger
+    model, _ = load_source(context.source, parse_dtype(config.model.dtype, context.device))
+    model.to(context.device)
+    logger.info(f"{count_parameters(model):,} parameters, {model.dtype}")
+    result = evaluate_and_log(model, context.eval_tokens, logger, Heading("Perplexity"), context.protocol,
+                              kernels=context.kernels)
+    if context.is_main:
+        extras = deliver(context, model, info=None, export=False)
+        write_json(context.output / "results.json", {"model": config.model.name, "eval_source": config.eval.source,
+                                                     "bos_per_window": context.bos is not None, **asdict(result),
+                                                     **extras})
+    return 0
+
+
+def prune_only(context: Context, start: Start) -> int:
+    """--prune-only: the pruned model (cached or made now), its perplexity against the dense
+    model's, its export."""
+    prepare_evaluation(context)
+    config, logger = context.config, context.logger
+    model, info, report = pruned_model(context, context.schedule.initial,
+                                       parse_dtype(config.model.dtype, context.device))
+    history = PerplexityHistory(dense=info.get("dense_perplexity"))
+    for line in report.lines():
+        logger.info(line)
+    model.to(context.device)
+    result = evaluate_and_log(model, context.eval_tokens, logger,
+                              Heading("Pruned Model Evaluation", density=config.prune.density), context.protocol,
+                              kernels=context.kernels)
+    history.baseline = result.perplexity
+    extras = deliver(context, model, info={"model": config.model.name, "pruning": info}) if context.is_main else {}
+    for line in history.summary_lines()[1:3]:
+        logger.info(line)
+    if context.is_main:
+        write_json(context.output / "results.json", {**history.to_dict(), "bos_per_window": context.bos is not None,
+                                                     "pruning": info, **extras})
+    return 1 if "export_error" in extras else 0
+
+
+def export_only(context: Context, start: Start) -> int:
+    """--export-only: --model as it is (its own dtype), written by --export; its sparsity printed first."""
+    model, _ = load_source(context.source)
+    for line in sparsity_report(model).lines():
+        context.logger.info(line)
+    if not context.is_main:
+        return 0
+    extras = deliver(context, model, info={"model": context.config.model.name,
+                                           "model_identity": context.model_identity})
+    write_json(context.output / "results.json", {"model": context.config.model.name, **extras})
+    return 1 if "export_error" in extras else 0
+
+
+def dense_model(context: Context, dtype: torch.dtype | None) -> torch.nn.Module:
+    """The dense --model in `dtype` (float32 when None)."""
+    return load_source(context.source, dtype or torch.float32)[0]

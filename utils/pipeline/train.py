@@ -1,0 +1,178 @@
+"""The training mode: the pruned model (cached or made now), its training text and loss, the
+baseline, the training loop (fsdp_finetune.Trainer), then the best model delivered and summarized.
+
+    status = train(context, start)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fsdp_finetune import Trainer, TrainingJob
+from utils.config.recipes import recipe_note
+from utils.config.sections import RunConfig
+from utils.data.generated import GenerationSpec, split_sources
+from utils.data.training_text import read_training_text, report_budget, training_blocks
+from utils.eval_utils import Heading, evaluate_and_log
+from utils.export.registry import load_source, resolve_source
+from utils.io.files import write_json
+from utils.io.history import PerplexityHistory
+from utils.models.loading import parse_dtype
+from utils.models.structure import count_parameters
+from utils.pipeline.context import Context, Start
+from utils.pipeline.deliver import deliver
+from utils.pipeline.modes import dense_model, eval_compile, prepare_evaluation
+from utils.pipeline.prune_step import pruned_model, repruner
+from utils.task_eval import describe_scores
+from utils.training.losses import describe, loss_record, memorization_passes, needs_teacher
+from utils.training.parallel import compute_dtype, prepare_model, resolve_compile_mode
+
+
+def generation_spec(config: RunConfig) -> GenerationSpec | None:
+    """The `generated:N` part of --train-source with its sampling settings, or None."""
+    generated = split_sources(config.train.train_source)[1]
+    if generated is None:
+        return None
+    train, sampling = config.train, config.train.generation
+    return GenerationSpec.parse(generated, temperature=sampling.temperature, top_p=sampling.top_p,
+                                length=sampling.length or train.block_size, batch_size=sampling.batch_size,
+                                seed=train.seed)
+
+
+def _training_text(context: Context, mixed: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.nn.Module | None]:
+    """Training and held-out blocks of --train-source, its budget printed, and the dense model
+    when it was loaded to sample a generated:N text (distillation's teacher too)."""
+    config, loaded = context.config, []
+
+    def dense() -> torch.nn.Module:  # the dense --model, to sample a generated:N training text from
+        loaded.append(dense_model(context, compute_dtype(mixed)).to(context.device))
+        return loaded[0]
+    text = read_training_text(config.train.train_source, context.tokenizer, generation_spec(config), dense,
+                              context.model_identity["fingerprint"], context.device, context.logger,
+                              first=context.accelerator.main_process_first)
+    blocks, holdout = training_blocks(text, config.train.block_size, config.train.holdout, context.bos)
+    report_budget(text, blocks, holdout, config.train, memorization_passes(config.loss), context.logger)
+    return blocks, holdout, loaded[0] if loaded else None
+
+
+def _teacher(context: Context, mixed: str, sampler: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The dense model the run started from, frozen, in the compute precision (distillation only);
+    `sampler`: that model when it is loaded already (it sampled a generated:N text)."""
+    config, logger = context.config, context.logger
+    logger.report(f"Loss: {describe(config.loss)}" + (
+        f" (--loss auto: the loss of the best recovery measured near density {config.prune.density:g}, "
+        "utils/config/recipes.py)" if config.loss.auto else ""),
+        {"event": "loss", **loss_record(config.loss), "auto": config.loss.auto})
+    if not needs_teacher(config.loss):
+        return None
+    teacher = sampler if sampler is not None else dense_model(context, compute_dtype(mixed))
+    logger.report(f"Teacher: the dense {config.model.name} ({count_parameters(teacher):,} parameters, "
+                  f"{teacher.dtype}), frozen", {"event": "teacher", "parameters": count_parameters(teacher),
+                                                "dtype": str(teacher.dtype)})
+    return teacher
+
+
+def _prepare(context: Context, model: torch.nn.Module, mixed: str):
+    """The model ready to train (sharded or whole, compiled, with its teacher) and its data."""
+    config, logger, device, world = context.config, context.logger, context.device, context.world
+    blocks, holdout, sampler = _training_text(context, mixed)
+    teacher = _teacher(context, mixed, sampler)
+    shards = world if config.train.parallel == "fsdp" else 1
+    micro = config.train.micro_batch_size or max(1, config.train.batch_size // world)
+    compile_mode, compile_note = resolve_compile_mode(config.train.compile, device, shards,
+                                                      accumulation=config.train.batch_size // (micro * world))
+    parallel = f" | parallel: {config.train.parallel} × {world} processes" if world > 1 else ""
+    logger.report(f"Precision: {mixed} | torch.compile: {compile_note}{parallel}",
+                  {"event": "setup", "precision": mixed, "compile": compile_mode, "compile_note": compile_note,
+                   "parallel": config.train.parallel, "processes": world})
+    if shards > 1 and device.type == "cuda":
+        logger.info("Note: FSDP steps run without CUDA graphs; a model that fits one GPU may train faster with "
+                    "--parallel ddp (a whole copy per process, CUDA graphs kept) or on one GPU (BENCHMARKS.md)")
+    note = recipe_note(config)
+    if note:
+        logger.report(note, {"event": "recipe", "note": note})
+    prepared = prepare_model(model, device, mixed, compile_mode, config.train.parallel, teacher=teacher,
+                             loss=config.loss)
+    return prepared, blocks, holdout
+
+
+def train(context: Context, start: Start) -> int:
+    prepare_evaluation(context)
+    config, logger, schedule = context.config, context.logger, context.schedule
+    if schedule.kind != "oneshot":
+        logger.report(f"Sparsity schedule: {schedule.describe()}",
+                      {"event": "sparsity_schedule", "kind": schedule.kind, "stages": [list(s) for s in schedule.stages]})
+    # The first stage's density is what is pruned (and cached) before training.
+    model, info, report = pruned_model(context, schedule.initial, torch.float32)
+    history = PerplexityHistory(dense=info.get("dense_perplexity"))
+    for line in report.lines():
+        logger.info(line)
+    train_cfg = config.train
+    mixed = train_cfg.mixed_precision if train_cfg.mixed_precision != "auto" else (
+        "bf16" if context.device.type == "cuda" else "no")
+    prepared, blocks, holdout = _prepare(context, model, mixed)
+    protocol = replace(context.protocol, compile=eval_compile(config.eval.compile, prepared.compile_mode is not None))
+    reprune = repruner(context, prepared.module) if schedule.kind != "oneshot" else None
+    if schedule.kind != "oneshot":  # only epochs at the final density compete for the best model
+        history.final_from = math.ceil((schedule.stages[-1][0] + 1) / train_cfg.max_step)
+    if not start.resuming:
+        if config.output.resume:
+            logger.info(f"--resume: no saved state in {context.output / 'state'}; starting from the beginning")
+        with prepared.precision():
+            baseline = evaluate_and_log(prepared.module, context.eval_tokens, logger,
+                                        Heading("Baseline Evaluation (Before Training)", density=schedule.initial),
+                                        protocol, kernels=context.kernels)
+        history.baseline = baseline.perplexity
+    pruning = {k: v for k, v in info.items() if k != "layer_density"}
+    best_info = lambda: {"model": config.model.name, "density": config.prune.density,  # noqa: E731
+                         "method": config.prune.method, "pattern": info.get("pattern"),
+                         "loss": loss_record(config.loss), "pruning": pruning}
+    if prepared.compile_mode:
+        logger.info("The first training steps compile the model (minutes on a cold compile cache, seconds when "
+                    "cached); --compile off skips it")
+    job = TrainingJob(prepared, context.tokenizer, blocks, holdout, context.eval_tokens, protocol, schedule, reprune,
+                      start.identity, best_info, history, context.output, loss_kind=config.loss.kind,
+                      resume=start.resuming, save_best=config.output.save_best, kernels=context.kernels)
+    result = Trainer(job, replace(train_cfg, mixed_precision=mixed), logger, start.callbacks).fit()
+    return _finish(context, result, prepared.module, best_info)
+
+
+def _finish(context: Context, result, module: torch.nn.Module, best_info) -> int:
+    """After the loop: the delivered model's tasks and export, the summary, results.json."""
+    config, logger = context.config, context.logger
+    history = result.history
+    if result.error:
+        logger.info(f"error: {result.error}")
+        logger.log({"event": "error", "message": result.error})
+    extras, which = {}, ""
+    if context.is_main and not result.interrupted and (context.tasks is not None or config.output.export != "none"):
+        final, which = _final_model(context, module if context.world == 1 else None)
+        if final is not None:
+            extras = deliver(context, final, info={**best_info(), "model_from": which}, which=which)
+    for line in history.summary_lines():
+        logger.info(line)
+    if "tasks" in extras:
+        logger.info(f"Zero-shot tasks ({which}): {describe_scores(extras['tasks'])}")
+    if "export" in extras:
+        logger.info(f"Compressed: {extras['export']['folder']} ({extras['export']['ratio']:.1%} of the dense size)")
+    if context.is_main:
+        schedule = context.schedule
+        write_json(context.output / "results.json", {
+            **history.to_dict(), **extras, "density": config.prune.density, "loss": loss_record(config.loss),
+            "bos_per_window": context.bos is not None, "schedule": [list(stage) for stage in schedule.stages],
+            "epochs_completed": result.state.epoch - 1, "stopped_early": result.stopped_early,
+            "interrupted": result.interrupted, "error": result.error, "pruning": best_info()["pruning"]})
+    return 130 if result.interrupted else 1 if result.error or "export_error" in extras else 0
+
+
+def _final_model(context: Context, module: torch.nn.Module | None) -> tuple[torch.nn.Module | None, str]:
+    """The model a training run delivers: best/ when it was saved, else the trained module itself
+    (one process; under FSDP its weights are sharded and only best/ has them whole)."""
+    best = Path(context.output) / "best"
+    if (best / "config.json").exists():
+        model, _ = load_source(resolve_source(str(best)), parse_dtype(context.config.model.dtype, context.device))
+        return model, "best model"
+    return module, ("final model" if module is not None else "")

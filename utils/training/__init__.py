@@ -1,0 +1,1 @@
+"""Training pieces the loop in fsdp_finetune.py is made of: loss terms, masks, parallel strategies, one optimizer step, resumable state."""
