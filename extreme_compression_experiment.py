@@ -12,6 +12,7 @@ called `density`.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import signal
 import sys
@@ -268,6 +269,11 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     except (ModelError, DataError, CheckpointError, TaskError) as error:  # bad input found after parsing
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as error:  # a path the file system refuses, a full disk outside training's own handling
+        too_long = error.errno == errno.ENAMETOOLONG
+        print(f"error: {error.strerror or error}: {error.filename or ''}"
+              + (" (shorten the path)" if too_long else "; what was computed before is kept"), file=sys.stderr)
+        return EXIT_USAGE if too_long else 1
     except KeyboardInterrupt:  # outside training (which saves its own state): pruning, evaluation, loading
         print("Interrupted. Finished pruned models and run files are kept (they are written atomically); "
               "run the same command again to continue (with --resume, where a training run saved its state).",

@@ -26,6 +26,7 @@ from typing import Callable, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from safetensors import SafetensorError
 from torch._dynamo.exc import TorchDynamoException
 
 from utils.config.sections import EvalProtocol, TrainCfg
@@ -174,10 +175,10 @@ class Trainer:
             self.result.error = str(error)
         except STOPPING_ERRORS as error:
             self.result.error = stop_message(error)
-        except OSError as error:  # a full disk or a folder gone while saving state or the best model
-            self.result.error = (f"could not write to {self.job.output}: {error.strerror or error} "
-                                 f"({error.filename or ''}); results.json and the last complete state are kept. "
-                                 "Free space, then add --resume")
+        except (OSError, SafetensorError) as error:  # a full disk or a folder gone while saving state or the best model
+            self.result.error = (f"could not write to {self.job.output}: {getattr(error, 'strerror', None) or error} "
+                                 f"({getattr(error, 'filename', None) or ''}); results.json and the last complete "
+                                 "state are kept. Free space, then add --resume")
         except KeyboardInterrupt:
             self._save_interrupted()
         finally:

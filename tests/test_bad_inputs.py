@@ -54,6 +54,38 @@ PARSED = [
     (["--export-only", "--export", "none"], "nothing to do"), (["--export-dtype", "int8"], "invalid choice"),
     (["--export-only", "--tasks", "piqa"], "evaluates nothing"),
     (["--export-only", "--prune-only"], "not allowed with argument"),
+    # values that parse but break the arithmetic later (each was a traceback on dd0f19c)
+    (["--seed", "99999999999999999999"], "is larger than 4294967295"), (["--seed", "4294967296"], "is larger than"),
+    (["--lr", "1e300"], "--lr: 1e+300 is no learning rate"), (["--base-lr", "1e300"], "--base-lr: 1e+300 is no"),
+    (["--kd-temperature", "1e300"], "--kd-temperature: 1e+300 is not a temperature"),
+    (["--kd-temperature", "1e-300"], "--kd-temperature: 1e-300 is not a temperature"),
+    (["--gen-temperature", "1e-300"], "--gen-temperature: 1e-300 is not a temperature"),
+    (["--gen-temperature", "1e300"], "--gen-temperature: 1e+300"), (["--gen-temperature", "nan"], "--gen-temperature: nan"),
+    (["--token-length", "1"], "--token-length: 1 is too short"), (["--block-size", "1"], "--block-size: 1 is too short"),
+    (["--calibration-length", "1"], "--calibration-length: 1 is too short"),
+    (["--gen-length", "1000000000"], "tokens per sampled row is more than any model's positions"),
+    (["--schedule", "gradual", "--prune-every", "1", "--max-step", "1000000000"], "mask updates over"),
+    # what was silently ignored, or accepted inconsistently
+    (["--density-steps", "0.5,0.1"], "a one-shot prune has one density"),
+    (["--train-source", "generated:1.5"], "is 1.5 tokens, not a whole number"),
+    (["--train-source", "generated:0.4"], "give how many tokens"), (["--train-source", "generated:-3"], "how many"),
+    (["--loss", "kd", "--kd-weight", "0"], "the loss --loss kd would be 0"),
+    (["--loss", "ce", "--ce-weight", "0"], "the loss --loss ce would be 0"),
+    (["--sparsity", "0.5", "--ce-weight", "0", "--kd-weight", "0"], "--loss ce+kd would be 0"),  # auto's loss
+    # more of each kind
+    (["--kd-hidden-weight", "nan"], "--kd-hidden-weight: nan"), (["--gen-top-p", "0"], "--gen-top-p: 0"),
+    (["--gen-top-p", "1.5"], "--gen-top-p: 1.5"), (["--owl-lambda", "0.9"], "--owl-lambda: 0.9"),
+    (["--min-delta", "inf"], "--min-delta: inf"), (["--holdout", "nan"], "--holdout: nan"),
+    (["--kd-weight", "inf"], "--kd-weight: inf"), (["--ce-weight", "-1"], "--ce-weight: -1"),
+    (["--weight-decay", "inf"], "--weight-decay: inf"), (["--max-grad-norm", "-0.5"], "--max-grad-norm: -0.5"),
+    (["--lr", "inf"], "must be a positive number"), (["--pattern", "2:3:4"], "N:M"), (["--pattern", "a:b"], "N:M"),
+    (["--stride", "0"], "must be at least 1"), (["--gen-batch-size", "0"], "must be at least 1"),
+    (["--task-limit", "0"], "must be at least 1"), (["--patience", "0"], "must be at least 1"),
+    (["--prune-stages", "0"], "must be at least 1"), (["--prune-every", "0"], "must be at least 1"),
+    (["--density-steps", "0.5,x"], "is not a list of densities"),
+    (["--schedule", "iterative", "--density-steps", "0,0"], "must be decreasing"),
+    (["--sparsity", "1e-400"], "outside (0, 1]"), (["--epochs", "1e3"], "not a whole number"),
+    (["--gen-length", "0"], "must be at least 1"), (["--nsamples", "-5"], "must be at least 1"),
 ]
 
 
@@ -153,6 +185,19 @@ LATER = [
     ("damaged compressed export", lambda m, t, p: ["--eval-only", "--model", m["damaged-export"],
                                                    "--eval-source", t], "cannot read the compressed weights"),
     ("resume of damaged state", None, "train_state.json is damaged"),
+    ("a model path longer than the file system allows", lambda m, t, p: ["--eval-only", "--model", "m" * 300,
+                                                                         "--output-dir", p / "out"],
+     "File name too long"),
+    ("an output path longer than the file system allows", lambda m, t, p: ["--eval-only", "--model", m["ok"],
+                                                                           "--output-dir", p / ("o" * 300)],
+     "File name too long"),
+    ("more calibration windows than the text holds", lambda m, t, p: [
+        "--prune-only", "--model", m["ok"], "--token-length", "64", "--eval-source", t, "--calibration-source", t,
+        "--nsamples", "100000000", "--calibration-length", "64", "--pruned-dir", p / "pr", "--output-dir", p / "out",
+        "--skip-dense-eval"], "--nsamples 100,000,000 windows of 64 tokens"),
+    ("sampled rows longer than the model", lambda m, t, p: [
+        "--model", m["ok"], "--train-source", "generated:1k", "--gen-length", "600", "--eval-source", t],
+     "--gen-length 601 is longer than the 512 positions"),
 ]
 
 
@@ -190,3 +235,11 @@ def test_help_prints_every_option(capsys):
     assert len(flags) > 60 and "--prune-every" in flags and "--gen-top-p" in flags
     for flag in flags:  # every documented flag (testing hooks are hidden)
         assert flag in printed, flag
+
+
+def test_overwrite_is_refused_where_it_would_empty_the_folder_the_model_is_in(broken_models, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--export-only", "--model", str(broken_models["ok"]), "--output-dir", str(broken_models["ok"].parent),
+              "--overwrite"])
+    assert stop.value.code == 2 and "lies inside --output-dir" in capsys.readouterr().err
+    assert (broken_models["ok"] / "config.json").exists()

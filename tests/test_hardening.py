@@ -70,6 +70,11 @@ def test_a_cached_model_of_another_density_is_refused(tmp_path, tokenizer, text_
     fake = Path(str(half).replace("-0.5-", "-0.3-"))
     shutil.copytree(half, fake)
     assert main(prune_args(model_dir, text_file, tmp_path / "third")) == 2
+    assert "pruning.json records another prune: density 0.5 (wanted 0.3)" in capsys.readouterr().err
+    # a record that names the density but weights that hold another are refused by measuring them
+    info = json.loads((fake / "pruning.json").read_text())
+    (fake / "pruning.json").write_text(json.dumps({**info, "density": 0.3}))
+    assert main(prune_args(model_dir, text_file, tmp_path / "fourth")) == 2
     assert "holds density 0.5000, not the requested 0.3" in capsys.readouterr().err
     # The seed lineage's .pt files are checked the same way.
     shutil.rmtree(fake)
@@ -157,7 +162,7 @@ def test_a_new_run_into_a_folder_holding_one_is_refused_unless_overwritten(tmp_p
     out = tmp_path / "run"
     assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1")) == 0
     assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1")) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds the results of a training run" in capsys.readouterr().err
     assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--overwrite")) == 0
     events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert events.count("epoch") == 1  # the old run's lines are gone, not mixed in

@@ -180,9 +180,12 @@ def test_lineage_state_dicts_plain_and_from_torch_prune(tmp_path):
     source = _pruned_tiny(0.3)
     plain = tmp_path / "tiny-0.3.pt"
     torch.save(source.state_dict(), plain)
-    target = tiny_model("llama", 61, seed=1)
+    target = tiny_model("llama", 61)  # the dense model the lineage file was pruned from
+    assert not torch.equal(target.model.layers[0].mlp.up_proj.weight, source.model.layers[0].mlp.up_proj.weight)
     import_lineage_checkpoint(target, plain)
     assert torch.equal(target.model.layers[0].mlp.up_proj.weight, source.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(CheckpointError, match="was saved from another model: its input embeddings"):
+        import_lineage_checkpoint(tiny_model("llama", 61, seed=1), plain)  # same shapes, another model
 
     reparametrized = tiny_model("llama", 61, seed=2)
     linear = reparametrized.model.layers[1].self_attn.q_proj
@@ -191,7 +194,7 @@ def test_lineage_state_dicts_plain_and_from_torch_prune(tmp_path):
     assert "model.layers.1.self_attn.q_proj.weight_orig" in state
     path = tmp_path / "pruned-lineage.pt"
     torch.save(state, path)
-    fresh = tiny_model("llama", 61, seed=3)
+    fresh = tiny_model("llama", 61, seed=2)
     import_lineage_checkpoint(fresh, path)
     kept = fresh.model.layers[1].self_attn.q_proj.weight != 0
     assert kept.float().mean().item() == pytest.approx(0.4, abs=0.01)

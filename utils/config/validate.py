@@ -29,6 +29,14 @@ from utils.task_eval import lm_eval_missing
 from utils.training.losses import TERMS, optional_terms
 
 BASE_LR = 5e-6  # the brief's lr rule: BASE_LR·sqrt(batch_size)
+# Bounds of values that parse but break the arithmetic (measured: --lr 1e300 overflows float32 in
+# AdamW, --kd-temperature 1e300 overflows T², --gen-temperature 1e-300 makes the sampling
+# probabilities inf, a seed past 2^64 / 1_000_003 overflows the per-rank seed).
+MAX_LR = 1e30  # beyond ~3e38 AdamW overflows float32: a traceback instead of the NaN stop
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 1e3
+MAX_SEED = 2 ** 32 - 1
+MAX_GENERATED_ROW = 1 << 20
+MAX_GRADUAL_UPDATES = 100_000  # a gradual schedule's stages are a list: this many at most
 
 
 class ConfigError(ValueError):
@@ -67,7 +75,8 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     finite("--weight-decay", args.weight_decay, 0, what="a finite number >= 0")
     finite("--min-delta", args.min_delta, 0, 1, what="a fraction in [0, 1) (relative perplexity drop)")
     finite("--holdout", args.holdout, 0, 0.5, what="a fraction in [0, 0.5) of the training text (0 = off)")
-    finite("--kd-temperature", args.kd_temperature, 0, low_open=True, what="a finite number > 0")
+    finite("--kd-temperature", args.kd_temperature, MIN_TEMPERATURE, MAX_TEMPERATURE, high_open=False,
+           what=f"a temperature in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (beyond, the scaled logits overflow)")
     finite("--kd-weight", args.kd_weight, 0, what="a finite number >= 0")
     finite("--ce-weight", args.ce_weight, 0, what="a finite number >= 0")
     for term in optional_terms():
@@ -75,9 +84,27 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     problems += _zero_loss(args)
     if args.warmup_steps is not None and args.warmup_steps < 0:
         problems.append("argument --warmup-steps: must be 0 or more")
+    if args.seed > MAX_SEED:
+        problems.append(f"argument --seed: {args.seed} is larger than {MAX_SEED} (seeds are 32-bit here)")
+    for flag, value in (("--lr", args.lr), ("--base-lr", args.base_lr)):
+        if value is not None and value > MAX_LR:
+            problems.append(f"argument {flag}: {value:g} is no learning rate (at most {MAX_LR:g}; "
+                            "the derived one is 5e-06 × √batch)")
+    for flag, value in (("--token-length", args.token_length), ("--block-size", args.block_size),
+                        ("--calibration-length", args.calibration_length)):
+        if value < 2:
+            problems.append(f"argument {flag}: {value} is too short: a window needs 2 tokens or more (one to "
+                            "predict the next)")
+    if args.gen_length is not None and args.gen_length > MAX_GENERATED_ROW:
+        problems.append(f"argument --gen-length: {args.gen_length:,} tokens per sampled row is more than any model's "
+                        f"positions hold (at most {MAX_GENERATED_ROW:,} here; the model's own limit is checked too)")
+    if args.density_steps and args.schedule == "oneshot":
+        problems.append("argument --density-steps: a one-shot prune has one density (--sparsity); add --schedule "
+                        "iterative or --schedule gradual, or drop --density-steps")
     if args.seed < 0:
         problems.append(f"argument --seed: {args.seed} must be 0 or more")
-    finite("--gen-temperature", args.gen_temperature, 0, low_open=True, what="a finite number > 0")
+    finite("--gen-temperature", args.gen_temperature, MIN_TEMPERATURE, MAX_TEMPERATURE, high_open=False,
+           what=f"a temperature in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (beyond, sampling divides by ~0)")
     finite("--gen-top-p", args.gen_top_p, 0, 1, low_open=True, high_open=False, what="in (0, 1]")
     if "generated:" in args.train_source:
         try:
@@ -126,6 +153,9 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
         problems.append(f"argument --task-dir: {args.task_dir} is not a folder (of lm-eval task YAML files)")
     if args.export_only and args.export == "none":
         problems.append("arguments --export-only and --export none: there would be nothing to do")
+    if args.overwrite and args.output_dir and _inside(Path(args.model), Path(args.output_dir)):
+        problems.append(f"argument --overwrite: --model {args.model} lies inside --output-dir {args.output_dir}, "
+                        "which --overwrite empties; copy the model elsewhere first")
     if args.resume and args.overwrite:
         problems.append("arguments --resume and --overwrite: choose one (continue the run, or start it over)")
     stride = args.stride or args.token_length
@@ -144,6 +174,13 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
             problems.append(f"argument --report-to {tracker}: the {package} package is not installed "
                             f"(pip install {package})")
     return problems
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.exists() and path.resolve().is_relative_to(folder.resolve())
+    except OSError:  # a name too long to resolve: reported where it is used
+        return False
 
 
 def _zero_loss(args: argparse.Namespace) -> list[str]:
@@ -225,6 +262,10 @@ def _schedule_problems(args: argparse.Namespace, train: TrainCfg) -> list[str]:
     if args.schedule == "gradual" and args.prune_every > GRADUAL_RAMP * total:
         return [f"argument --prune-every: {args.prune_every} steps between updates leave no update in the first "
                 f"{GRADUAL_RAMP:.0%} of {total} optimizer steps; lower it"]
+    if args.schedule == "gradual" and GRADUAL_RAMP * total / args.prune_every > MAX_GRADUAL_UPDATES:
+        return [f"argument --prune-every: {args.prune_every} steps between updates make "
+                f"{GRADUAL_RAMP * total / args.prune_every:,.0f} mask updates over {total:,} optimizer steps (at most "
+                f"{MAX_GRADUAL_UPDATES:,}); raise --prune-every"]
     return []
 
 

@@ -53,10 +53,12 @@ class GenerationSpec:
 def token_count(part: str) -> int:
     """N of `generated:N` (a count, with an optional k or M: 500k, 2M); DataError when it names none."""
     match = _COUNT.match(part[len(PREFIX):].strip())
-    tokens = int(float(match[1]) * {"": 1, "k": 1e3, "m": 1e6}[match[2].lower()]) if match else 0
-    if tokens < 1:
+    exact = float(match[1]) * {"": 1, "k": 1e3, "m": 1e6}[match[2].lower()] if match else 0.0
+    if exact < 1:
         raise DataError(f"'{part}': give how many tokens to sample, e.g. generated:2M or generated:500000")
-    return tokens
+    if exact != int(exact):  # 1.5 tokens is no count; 1.5k is 1500
+        raise DataError(f"'{part}' is {exact:g} tokens, not a whole number; e.g. generated:2 or generated:1.5k")
+    return int(exact)
 
 
 def split_sources(train_source: str) -> tuple[str, str | None]:

@@ -191,11 +191,21 @@ def read_cached_tokens(path: Path, source: str) -> TokenizedText | None:
 
 
 def write_cached_tokens(path: Path, text: TokenizedText) -> None:
-    """Write a token cache entry atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a token cache entry atomically (a reader never sees half a file).  The cache is an
+    optimization: a full disk or a read-only cache folder warns and the run goes on."""
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save({"ids": text.ids, "num_bytes": text.num_bytes}, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"ids": text.ids, "num_bytes": text.num_bytes}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        import warnings
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        warnings.warn(f"could not cache the token ids in {path} ({error}); they will be tokenized again next time",
+                      stacklevel=2)
 
 
 def warn_if_not_text(text: str, spec: str, limit: float = 0.05) -> float:
@@ -239,6 +249,10 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, length: int, seed: int
     if ids.numel() <= length:
         raise DataError(f"calibration text has {ids.numel()} tokens, fewer than one window of {length}; "
                         "use more text (--calibration-source) or a smaller --calibration-length")
+    if nsamples > ids.numel() - length:  # more windows than start positions: no new information, only memory
+        raise DataError(f"--nsamples {nsamples:,} windows of {length} tokens: the calibration text has "
+                        f"{ids.numel():,} tokens, {ids.numel() - length:,} distinct windows; lower --nsamples or "
+                        "give more text (--calibration-source)")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - length, (nsamples,), generator=generator)
     return torch.stack([ids[s: s + length] for s in starts.tolist()])

@@ -138,34 +138,122 @@ def is_compressed_folder(folder: str | os.PathLike) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
+EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PARTS = ("compressed", "bitmask", "shape")
+# safetensors' dtype names → torch's (what a header may say)
+STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
 def read_manifest(folder: Path) -> dict:
+    """compression.json, its structure checked: the format, a dtype it can be, the compressed names
+    as a list of strings, the tied names as an object of strings."""
     path = Path(folder) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelError(f"{path} cannot be read ({error}); export the model again (--export-only)") from error
-    if manifest.get("format") != FORMAT:
-        raise ModelError(f"{path} describes format {manifest.get('format')!r}, not {FORMAT!r}")
+    problem = None
+    if not isinstance(manifest, dict):
+        problem = f"it holds a {type(manifest).__name__}, not an object"
+    elif manifest.get("format") != FORMAT:
+        problem = f"it describes format {manifest.get('format')!r}, not {FORMAT!r}"
+    elif manifest.get("dtype") not in EXPORT_DTYPES:
+        problem = f"its dtype {manifest.get('dtype')!r} is none of {', '.join(EXPORT_DTYPES)}"
+    elif not isinstance(manifest.get("compressed"), list) or not all(isinstance(n, str) for n in manifest["compressed"]) \
+            or len(set(manifest["compressed"])) != len(manifest["compressed"]):
+        problem = "its 'compressed' is not a list of distinct parameter names"
+    elif not isinstance(manifest.get("tied", {}), dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in manifest.get("tied", {}).items()):
+        problem = "its 'tied' is not an object of parameter names"
+    if problem:
+        raise ModelError(f"{path} is not a manifest this tool wrote ({problem}); export the model again (--export-only)")
     return manifest
 
 
-def decompressed_state(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    """The dense state dict of an export (tied names included), in the dtype it was exported in;
-    `manifest` is its read_manifest."""
+def _expected_shapes(config) -> tuple[type, dict[str, tuple[int, ...]]]:
+    """The causal-LM class of `config` and the shape of every tensor its state dict holds (built on
+    the meta device: no memory)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ModelError(f"{type(config).__name__} is not a causal language model transformers knows") from None
+    with torch.device("meta"):
+        skeleton = model_class(config)
+    return model_class, {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+
+
+def _check_layout(handle, manifest: dict, expected: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor of the architecture accounted for exactly once (stored dense, compressed, or
+    tied), every stored tensor and manifest entry used, shapes and dtypes as the manifest says:
+    checked on the file's header, before anything is read or allocated."""
+    names = set(handle.keys())
+    compressed, tied = manifest["compressed"], manifest.get("tied", {})
+    dtype = EXPORT_DTYPES[manifest["dtype"]]
+    parts = {f"{name}.{part}" for name in compressed for part in PARTS}
+    missing_parts = sorted(parts - names)
+    if missing_parts:
+        raise ModelError(f"the manifest compresses {missing_parts[0].rsplit('.', 1)[0]}, whose {missing_parts[0]} "
+                         f"is not in {WEIGHTS}")
+    stored = (names - parts) | set(compressed)
+    unknown = sorted((stored | set(tied)) - set(expected))
+    if unknown:
+        raise ModelError(f"{WEIGHTS} or the manifest names {unknown[0]}, which this architecture has no tensor of "
+                         f"({len(unknown)} such names; config.json may describe another model)")
+    bad_ties = sorted(name for name, kept in tied.items() if kept not in stored or name in stored)
+    missing = sorted(set(expected) - stored - set(tied))
+    if bad_ties or missing:
+        raise ModelError(f"no weights for {(bad_ties or missing)[0]} ({len(bad_ties) + len(missing)} tensors of the "
+                         f"architecture unaccounted for); the export is incomplete")
+    for name in sorted(stored):
+        shape = _stored_shape(handle, name, compressed, dtype)
+        if shape != expected[name]:
+            raise ModelError(f"{name} is stored as {shape}, but the architecture's is {expected[name]}")
+
+
+def _stored_shape(handle, name: str, compressed: list, dtype: torch.dtype) -> tuple[int, ...]:
+    """The shape a stored tensor declares (for a compressed one, its NAME.shape and the bitmask's
+    fitting it), its dtype checked against the manifest's (never cast)."""
+    if name not in compressed:
+        piece = handle.get_slice(name)
+        kind = STORED_DTYPES.get(piece.get_dtype())
+        if kind is not None and kind.is_floating_point and kind != dtype:
+            raise ModelError(f"{name} is stored in {str(kind).removeprefix('torch.')}, but the manifest says "
+                             f"{str(dtype).removeprefix('torch.')}; export the model again")
+        return tuple(piece.get_shape())
+    shape_piece, values, bitmask = (handle.get_slice(f"{name}.{part}") for part in ("shape", "compressed", "bitmask"))
+    if tuple(shape_piece.get_shape()) != (2,) or shape_piece.get_dtype() != "I64":
+        raise ModelError(f"{name}.shape is not two int64 sizes")
+    rows, cols = (int(size) for size in handle.get_tensor(f"{name}.shape").tolist())
+    if tuple(bitmask.get_shape()) != (rows, -(-cols // 8)) or bitmask.get_dtype() != "U8":
+        raise ModelError(f"{name}.bitmask is {tuple(bitmask.get_shape())} {bitmask.get_dtype()}, not the "
+                         f"({rows}, {-(-cols // 8)}) bytes of a ({rows}, {cols}) matrix")
+    kind = STORED_DTYPES.get(values.get_dtype())
+    if kind != dtype or len(values.get_shape()) != 1:
+        raise ModelError(f"{name}.compressed holds {values.get_dtype()} {tuple(values.get_shape())}, not the manifest's "
+                         f"{str(dtype).removeprefix('torch.')} values")
+    return rows, cols
+
+
+def decompressed_state(folder: Path, manifest: dict, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The dense state dict of an export (tied names included), in the dtype it was exported in,
+    after `_check_layout` against the architecture's `expected` shapes."""
     from safetensors import safe_open
     folder = Path(folder)
     state = {}
     try:
         with safe_open(str(folder / WEIGHTS), framework="pt") as handle:
-            names = set(handle.keys())
+            _check_layout(handle, manifest, expected)
             compressed = set(manifest["compressed"])
+            parts = {f"{name}.{part}" for name in compressed for part in PARTS}
             for name in compressed:
-                state[name] = decompress_matrix(*(handle.get_tensor(f"{name}.{part}")
-                                                  for part in ("compressed", "bitmask", "shape")))
-            suffixes = tuple(f".{part}" for part in ("compressed", "bitmask", "shape"))
-            for name in names:
-                if not (name.endswith(suffixes) and name.rsplit(".", 1)[0] in compressed):
-                    state[name] = handle.get_tensor(name)
+                state[name] = decompress_matrix(*(handle.get_tensor(f"{name}.{part}") for part in PARTS))
+            for name in set(handle.keys()) - parts:
+                state[name] = handle.get_tensor(name)
+    except ModelError:
+        raise
     except Exception as error:  # noqa: BLE001 - safetensors, a missing part or a bad bitmask each raise their own
         raise ModelError(f"cannot read the compressed weights in {folder / WEIGHTS} ({type(error).__name__}: "
                          f"{error}); the file may be truncated; export the model again") from error
@@ -176,20 +264,22 @@ def decompressed_state(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
 
 def load_compressed(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """A compressed export as a plain transformers model (eval mode, on the CPU), weights equal to
-    those exported; `dtype` None keeps the export's."""
+    those exported; `dtype` None keeps the export's.  Refused, naming what is wrong, unless it
+    accounts for every tensor of the architecture its config.json names."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     folder = Path(folder)
     manifest = read_manifest(folder)
-    state = decompressed_state(folder, manifest)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as error:  # noqa: BLE001 - a missing or broken config.json raises many kinds
+        raise ModelError(f"{folder}/config.json cannot be read ({type(error).__name__}); export the model again") from None
+    model_class, expected = _expected_shapes(config)
+    try:
+        state = decompressed_state(folder, manifest, expected)
+    except ModelError as error:
+        raise ModelError(f"{folder}: {error}") from None
     if dtype is not None:
         state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
-    stored = getattr(torch, manifest["dtype"])
-    config = AutoConfig.from_pretrained(folder)
-    try:
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        raise ModelError(f"{folder}: {type(config).__name__} is not a causal language model transformers knows") from None
     # The concrete class (the Auto class needs a path): weights from the state dict, nothing initialized twice.
-    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype or stored)
+    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype or EXPORT_DTYPES[manifest["dtype"]])
     return model.eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from utils.io.events import banner
+from utils.io.events import banner, percent
 
 
 @dataclass
@@ -20,6 +20,8 @@ class PerplexityHistory:
     dense: float | None = None
     epochs: list[tuple[int, float]] = field(default_factory=list)
     final_from: int = 0  # first epoch at the final density (iterative pruning: earlier ones hold more weights)
+    # A schedule's baseline is measured at its first density, above the final one: (start, final), else None
+    densities: tuple[float, float] | None = None
 
     def add(self, epoch: int, perplexity: float) -> None:
         self.epochs = [(e, p) for e, p in self.epochs if e != epoch] + [(epoch, perplexity)]
@@ -47,10 +49,13 @@ class PerplexityHistory:
         lines = []
         if self.dense is not None:
             lines.append(f"Dense model: {self.dense:.2f}")
+        against = f" against the baseline at density {percent(self.densities[0])}" if self.densities else ""
         if self.baseline is not None:
-            lines.append(f"Baseline (pruned, before training): {self.baseline:.2f}")
+            where = (f"pruned to density {percent(self.densities[0])}, where the schedule starts"
+                     if self.densities else "pruned")
+            lines.append(f"Baseline ({where}, before training): {self.baseline:.2f}")
         for epoch, ppl in self.epochs:
-            trend = f" ({self.change(self.baseline, ppl)})" if self.baseline is not None else ""
+            trend = f" ({self.change(self.baseline, ppl)}{against})" if self.baseline is not None else ""
             lines.append(f"Epoch {epoch}: {ppl:.2f}{trend}")
         return lines
 
@@ -68,17 +73,27 @@ class PerplexityHistory:
             lines.append(f"Best perplexity:     {best[1]:.4f} ({where})")
         if self.baseline is not None and self.final is not None:
             drop = self.baseline - self.final
-            lines.append(f"Total improvement:   {self.change(self.baseline, self.final)} "
-                         f"({abs(drop):.4f} {'lower' if drop >= 0 else 'higher'} than the baseline)")
+            than = "than the baseline" if not self.densities else (
+                f"than the baseline, which held density {percent(self.densities[0])}; the final model holds "
+                f"{percent(self.densities[1])}, so this is not a gain from training alone")
+            label = "Total improvement:  " if not self.densities else "Since the baseline: "
+            lines.append(f"{label} {self.change(self.baseline, self.final)} "
+                         f"({abs(drop):.4f} {'lower' if drop >= 0 else 'higher'} {than})")
+        if self.dense and self.final is not None and self.epochs:
+            lines.append(f"Against dense:       {self.final / self.dense:.2f}× the dense perplexity")
         return lines
 
     def to_dict(self) -> dict:
         best = self.best
         return {"dense": self.dense, "baseline": self.baseline, "final": self.final, "final_from": self.final_from,
+                "baseline_density": self.densities[0] if self.densities else None,
                 "epochs": [{"epoch": e, "perplexity": p} for e, p in self.epochs],
-                "best": {"epoch": best[0], "perplexity": best[1]} if best else None}
+                "best": {"epoch": best[0], "perplexity": best[1]} if best else None,
+                "densities": list(self.densities) if self.densities else None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PerplexityHistory":
+        densities = data.get("densities")
         return cls(baseline=data.get("baseline"), dense=data.get("dense"), final_from=int(data.get("final_from", 0)),
-                   epochs=[(int(e["epoch"]), float(e["perplexity"])) for e in data.get("epochs", [])])
+                   epochs=[(int(e["epoch"]), float(e["perplexity"])) for e in data.get("epochs", [])],
+                   densities=tuple(densities) if isinstance(densities, list) and len(densities) == 2 else None)

@@ -13,12 +13,15 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 from utils.io.files import CheckpointError
 
 LOCK_FILE = ".lock"
-RUN_FILES = ("run.json", "metrics.jsonl", "results.json", "state", "best", "compressed")
+RESULT_FILES = ("results.json", "state", "state.old", "best", "compressed")  # what a run computed
+STARTED_FILES = ("run.json", "metrics.jsonl")  # what a start writes before any work
+RUN_FILES = STARTED_FILES + RESULT_FILES
 
 class RunFolderError(CheckpointError):
     """The output folder cannot take this run; the message says which folder and what to do."""
@@ -44,6 +47,16 @@ def check_file_writable(path: Path, what: str) -> None:
     check_writable(path.parent if str(path.parent) else Path("."), f"the folder of {what}")
 
 
+EMPTY_LOCK_SECONDS = 10.0  # a lock with no owner written this long ago is stale (its writer fills it at once)
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return True
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -64,23 +77,45 @@ class RunFolder:
         return self.path / "state"
 
     def has_run(self) -> bool:
-        return any((self.path / name).exists() for name in RUN_FILES)
+        """Whether the folder holds what a run computed (a start that failed before any work left
+        at most run.json and metrics.jsonl, which block nothing)."""
+        return any((self.path / name).exists() for name in RESULT_FILES)
+
+    def previous(self) -> str:
+        """What the run in the folder was, for messages: "a training run", "an --eval-only run", ..."""
+        try:
+            config = json.loads((self.path / "run.json").read_text(encoding="utf-8")).get("config", {})
+        except (OSError, ValueError, AttributeError):
+            return "a run"
+        mode = config.get("mode") if isinstance(config, dict) else None
+        return {"train": "a training run", "eval": "an --eval-only run", "prune": "a --prune-only run",
+                "export": "an --export-only run"}.get(mode, "a run")
 
     def claim(self, training: bool) -> None:
-        """Check the folder can be written, take its lock, and for a training run refuse a
-        folder that holds another run (unless --resume continues it or --overwrite clears it)."""
+        """Check the folder can be written, take its lock, and refuse a folder that holds the results
+        of a run (unless --resume continues a training run or --overwrite clears it): a folder with
+        results is never overwritten."""
         check_writable(self.path, "--output-dir")
         self._lock()
-        if not training or self.resume:
+        if training and self.resume:
+            self._recover_state()
             return
         if self.has_run() and not self.overwrite:
             self.release()
-            raise RunFolderError(f"{self.path} already holds a run; continue it with --resume, start over with "
-                                 "--overwrite, or choose another --output-dir")
-        if self.overwrite:
-            for name in RUN_FILES:
-                target = self.path / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            way = "continue it with --resume, " if training and (self.state_dir.exists() or
+                                                                  self.path.joinpath("state.old").exists()) else ""
+            raise RunFolderError(f"{self.path} already holds the results of {self.previous()}; {way}start over with "
+                                 "--overwrite (its files are deleted), or choose another --output-dir")
+        for name in RUN_FILES if self.overwrite else STARTED_FILES:
+            target = self.path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+    def _recover_state(self) -> None:
+        """A crash inside the state folder's swap can leave only `state.old` (the last complete
+        state): put it back before resuming from it."""
+        old = self.path / "state.old"
+        if not self.state_dir.exists() and (old / "train_state.json").exists():
+            os.replace(old, self.state_dir)
 
     def _lock(self) -> None:
         lock = self.path / LOCK_FILE
@@ -95,6 +130,9 @@ class RunFolder:
                     owner = {}
                 if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
                     lock.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                if not owner and _older_than(lock, EMPTY_LOCK_SECONDS):  # a writer died between creating and filling it
+                    lock.unlink(missing_ok=True)
                     continue
                 raise RunFolderError(f"{self.path} is in use by another run (pid {owner.get('pid')} on "
                                      f"{owner.get('host')}); wait for it, choose another --output-dir, or delete "

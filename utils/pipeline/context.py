@@ -41,6 +41,7 @@ class Context:
     tokenizer: object
     bos: int | None  # every window and block starts with this token (--bos-per-window), or None
     schedule: SparsitySchedule
+    model_config: object = None  # the model's transformers config
     protocol: EvalProtocol | None = None  # config.eval with the model's BOS (evaluating modes)
     eval_tokens: TokenizedText | None = None
     tasks: TaskSet | None = None

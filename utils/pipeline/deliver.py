@@ -6,6 +6,7 @@ exported by `--export` into the run folder.
 from __future__ import annotations
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from utils.export.registry import EXPORTERS, export_model
@@ -32,10 +33,10 @@ def deliver(context: Context, model: nn.Module, info: dict | None, export: bool 
         try:
             report = export_model(name, model, context.tokenizer, context.output,
                                   getattr(torch, config.output.export_dtype), info)
-        except OSError as error:  # a full disk: what was computed stays; the export can be made again later
-            extras["export_error"] = (f"could not write {folder}: {error.strerror or error} "
-                                      f"({error.filename or ''}); the other results are kept. Free space, then "
-                                      "--export-only --model THE_MODEL_FOLDER")
+        except (OSError, SafetensorError) as error:  # a full disk: what was computed stays; export again later
+            extras["export_error"] = (f"could not write {folder}: {getattr(error, 'strerror', None) or error} "
+                                      f"({getattr(error, 'filename', None) or ''}); the other results are kept. "
+                                      "Free space, then --export-only --model THE_MODEL_FOLDER")
             logger.info(f"error: {extras['export_error']}")
             return extras
         for line in report.lines():

@@ -13,8 +13,9 @@ so their folders still resume; a key an older run did not save reads as None.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from utils.config.sections import RunConfig, flag
@@ -56,9 +57,18 @@ class RunIdentity:
     method_options: dict | None = flag("--method")  # only options set away from their defaults
     loss_terms: dict | None = flag("--loss")  # the weights of terms beyond ce, kd and hidden (future ones)
     bos_per_window: bool | None = flag("--bos-per-window")
+    # What the numbers in results.json are measured with: one history never mixes two protocols.
+    eval_source: str | None = flag("--eval-source")
+    token_length: int | None = flag("--token-length")
+    stride: int | None = flag("--stride")
+    eval_dtype: str | None = flag("--dtype")
+    model_content: str | None = flag("--model")  # the whole files' digest: an edit in place is another model
+    # Fields the saved run did not record (saved before they existed): not compared.
+    unrecorded: frozenset = field(default=frozenset(), compare=False, metadata={"flag": None})
 
     @classmethod
-    def of(cls, config: RunConfig, fingerprint: str, schedule: SparsitySchedule, bos: int | None) -> "RunIdentity":
+    def of(cls, config: RunConfig, fingerprint: str, schedule: SparsitySchedule, bos: int | None,
+           content: str | None = None) -> "RunIdentity":
         prune, train, loss = config.prune, config.train, config.loss
         generation = train.generation if split_sources(train.train_source)[1] is not None else None
         distilled = loss.weight("kd") is not None
@@ -80,25 +90,32 @@ class RunIdentity:
             if needs_calibration(prune.method) else None,
             method_options=non_default_options(prune.options) or None,
             loss_terms={term.name: term.weight for term in loss.terms if term.name not in ("ce", "kd", "hidden")}
-            or None, bos_per_window=bos is not None)
+            or None, bos_per_window=bos is not None, eval_source=config.eval.source,
+            token_length=config.eval.token_length, stride=config.eval.window_stride, eval_dtype=config.model.dtype,
+            model_content=content)
 
     def to_json(self) -> dict:
-        """The JSON runs save; fields added since the shape change are left out while unset, so a
-        run saved before them reads back equal."""
-        return {key: value for key, value in asdict(self).items() if value is not None or key not in ADDED}
+        """The JSON runs save (run.json's "identity", and the saved state's)."""
+        return {field.name: getattr(self, field.name) for field in _compared()}
 
     @classmethod
     def from_json(cls, data: dict) -> "RunIdentity":
-        return cls(**{field.name: data.get(field.name) for field in fields(cls)})
+        """A saved identity; the fields it lacks (a run saved before they existed) are `unrecorded`."""
+        names = [field.name for field in _compared()]
+        return cls(**{name: data.get(name) for name in names},
+                   unrecorded=frozenset(name for name in names if name not in data))
 
 
-ADDED = ("method_options", "loss_terms")  # RunIdentity fields newer than the runs saved before them
+def _compared() -> list:
+    return [field for field in fields(RunIdentity) if field.metadata.get("flag")]
 
 
 def changed_flags(saved: RunIdentity, current: RunIdentity) -> list[str]:
-    """The flags whose values differ between a saved run and this command, with both values."""
+    """The flags whose values differ between a saved run and this command, with both values (a
+    field the saved run did not record is not compared)."""
     return [f"{field.metadata['flag']} {_show(getattr(saved, field.name))} → {_show(getattr(current, field.name))}"
-            for field in fields(RunIdentity) if getattr(saved, field.name) != getattr(current, field.name)]
+            for field in _compared() if field.name not in saved.unrecorded
+            and getattr(saved, field.name) != getattr(current, field.name)]
 
 
 def _show(value) -> str:
@@ -123,15 +140,21 @@ class PruneSpec:
     profile: str  # DensityProfile.tag
     bos: bool  # calibration windows start with the BOS token
     options: tuple[tuple[str, object], ...] = ()  # method options away from their defaults
+    # (source, nsamples, length, seed) of the calibration windows, for a prune that reads activations
+    calibration: tuple | None = None
 
     @classmethod
     def of(cls, config: RunConfig, model_name: str, fingerprint: str, bos: int | None,
-           density: float | None = None) -> "PruneSpec":
-        """`density`: another than the config's (a schedule's first stage)."""
-        prune = config.prune
+           density: float | None = None, calibration_length: int | None = None) -> "PruneSpec":
+        """`density`: another than the config's (a schedule's first stage); `calibration_length`:
+        the windows' length as the model's positions cap it."""
+        prune, calibration = config.prune, config.prune.calibration
+        calibrated = needs_calibration(prune.method) or profile_of(config).owl
         return cls(model_name, fingerprint, prune.density if density is None else density, prune.method,
                    prune.pattern, profile_of(config).tag, bos is not None,
-                   tuple(sorted(non_default_options(prune.options).items())))
+                   tuple(sorted(non_default_options(prune.options).items())),
+                   (calibration.source, calibration.nsamples, calibration_length or calibration.length,
+                    calibration.seed) if calibrated else None)
 
     def folder(self, root: str | Path) -> Path:
         """The cache folder: readable name, then any setting besides density and method that changes
@@ -140,7 +163,22 @@ class PruneSpec:
         variant = ("" if self.profile == "uniform" else f"-{self.profile}") + ("-bos" if self.bos else "")
         variant += "".join(f"-{name}{value:g}" if isinstance(value, float) else f"-{name}{value}"
                            for name, value in self.options)
+        if self.calibration is not None:  # a seed or sample sweep prunes anew: the windows are in the key
+            variant += "-cal" + hashlib.sha256(json.dumps(list(self.calibration)).encode()).hexdigest()[:8]
         return Path(root) / f"{self.model_name}-{self.density:g}-{self.method}{pattern}{variant}-{self.fingerprint[:10]}"
+
+    def legacy_folder(self, root: str | Path) -> Path:
+        """Where the code before the calibration joined the key kept this prune (its pruning.json
+        says which calibration made it: `calibrated_as` checks it)."""
+        return replace(self, calibration=None).folder(root)
+
+    def calibrated_as(self, info: dict) -> bool:
+        """Whether a pruning.json's calibration record is this spec's."""
+        if self.calibration is None:
+            return True
+        record = info.get("calibration") or {}
+        return (record.get("source"), record.get("nsamples"), record.get("length"), record.get("seed")) == \
+            self.calibration
 
     def lineage_file(self, root: str | Path) -> Path:
         """Where the seed lineage kept its pruned state dicts: pruned_models/{model}-{sparsity}.pt."""

@@ -9,6 +9,7 @@ the repruner its later stages call.
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,7 +25,8 @@ from utils.models.sparsity import SparsityReport, sparsity_report
 from utils.models.structure import check_prunable
 from utils.pipeline.context import Context
 from utils.pipeline.identity import PruneSpec, profile_of
-from utils.pruning.cache import check_density, check_pruned_info, import_lineage_checkpoint, load_pruned_model
+from utils.pruning.cache import (check_density, check_pruned_info, import_lineage_checkpoint, load_pruned_model,
+                                 read_info)
 from utils.pruning.driver import check_feasible_density, density_tolerance, prune_model
 from utils.pruning.methods import needs_calibration
 from utils.pruning.schedule import Repruner, SparsitySchedule
@@ -54,14 +56,20 @@ def pruned_model(context: Context, density: float, dtype: torch.dtype | None
     make it now; whatever is loaded is checked against the model and its density measured.
     Returns (model, info, its measured sparsity report)."""
     config, logger = context.config, context.logger
-    spec = PruneSpec.of(config, context.source.name, context.model_identity["fingerprint"], context.bos, density)
-    folder, lineage = spec.folder(config.prune.cache_dir), spec.lineage_file(config.prune.cache_dir)
+    length = min(config.prune.calibration.length, position_limit(context.model_config) or 10 ** 9)
+    spec = PruneSpec.of(config, context.source.name, context.model_identity["fingerprint"], context.bos, density,
+                        calibration_length=length)
+    folder, lineage = _cache_entry(spec, config.prune.cache_dir), spec.lineage_file(config.prune.cache_dir)
+    stale = _stale(folder, context.model_identity)
+    if stale:
+        logger.info(f"The cached prune in {folder} was made from other weights than --model has now ({stale}); "
+                    "pruning again")
     if density == 1 and not config.prune.pattern:  # nothing to prune: the dense model is the baseline
         model, _ = load_source(context.source, dtype)
         return model, {"method": "none", "density": 1.0}, sparsity_report(model)
     loaded_from = None  # where a model pruned earlier came from: its density is checked
     with context.accelerator.main_process_first():
-        if (folder / "pruning.json").exists():
+        if (folder / "pruning.json").exists() and not stale:
             logger.info(f"Loading pruned model from {folder}")
             model, _, info = load_pruned_model(context.source, folder, dtype=dtype)
             check_pruned_info(info, folder, context.model_identity)  # pruned from another model: its own message
@@ -79,7 +87,7 @@ def pruned_model(context: Context, density: float, dtype: torch.dtype | None
         else:
             if not context.is_main:  # pragma: no cover - the main process failed first
                 raise RuntimeError(f"the main process did not write {folder}")
-            model, info = _prune_now(context, spec, folder, dtype)
+            model, info = _prune_now(context, spec, folder, dtype, replace=bool(stale))
     check_prunable(model)  # also a cached or lineage model: fused expert tensors would hide from the density
     report = sparsity_report(model)
     if loaded_from is not None:
@@ -87,6 +95,30 @@ def pruned_model(context: Context, density: float, dtype: torch.dtype | None
     if info.get("dense_protocol") != _dense_protocol(context) and not config.prune.skip_dense_eval:
         info["dense_perplexity"] = None  # measured on other text; not comparable
     return model, info, report
+
+
+def _cache_entry(spec: PruneSpec, root: str) -> Path:
+    """The cache folder of `spec`: its own, or the one the code before the calibration joined the
+    key wrote, when its pruning.json says it was calibrated the same way."""
+    folder, legacy = spec.folder(root), spec.legacy_folder(root)
+    if not (folder / "pruning.json").exists() and (legacy / "pruning.json").exists():
+        try:
+            if spec.calibrated_as(read_info(legacy)):
+                return legacy
+        except CheckpointError:
+            pass  # a damaged legacy entry is not this spec's; pruning now writes the new one
+    return folder
+
+
+def _stale(folder: Path, identity: dict) -> str:
+    """Why a cache entry no longer matches the model's files ("" when it does, or cannot tell: one
+    written before whole-file digests were recorded)."""
+    try:
+        recorded = (read_info(folder).get("model_identity") or {}).get("content")
+    except CheckpointError:
+        return ""  # missing or damaged: the load says so
+    current = identity.get("content")
+    return f"their digest was {recorded}, now {current}" if recorded and current and recorded != current else ""
 
 
 def calibration_of(context: Context, model_config) -> tuple[torch.Tensor, dict]:
@@ -100,8 +132,10 @@ def calibration_of(context: Context, model_config) -> tuple[torch.Tensor, dict]:
                      "seed": calibration.seed, "bos_per_window": bos is not None}
 
 
-def _prune_now(context: Context, spec: PruneSpec, folder, dtype: torch.dtype | None) -> tuple[nn.Module, dict]:
-    """Prune --model now (its dense perplexity measured first) and save it to the cache `folder`."""
+def _prune_now(context: Context, spec: PruneSpec, folder, dtype: torch.dtype | None,
+               replace: bool = False) -> tuple[nn.Module, dict]:
+    """Prune --model now (its dense perplexity measured first) and save it to the cache `folder`
+    (`replace`: over a stale entry; otherwise an entry another process finished first is kept)."""
     config, logger, device = context.config, context.logger, context.device
     prune, density = config.prune, spec.density
     logger.info(f"No pruned model at {folder}: pruning now with {prune.method} ({describe_density(density)})")
@@ -135,7 +169,7 @@ def _prune_now(context: Context, spec: PruneSpec, folder, dtype: torch.dtype | N
                          "python": platform.python_version()},
             "model": config.model.name, "model_identity": context.model_identity, "dense_perplexity": dense,
             "dense_protocol": _dense_protocol(context)}
-    save_pretrained_atomic(model, context.tokenizer, folder, info=info, keep_existing=True)  # two runs may prune at once
+    save_pretrained_atomic(model, context.tokenizer, folder, info=info, keep_existing=not replace)  # runs prune at once
     logger.info(f"Pruned in {info['seconds']:.1f} s; saved to {folder}")
     logger.log({"event": "pruning", **{k: v for k, v in info.items() if k != "layer_density"}})
     return model, info

@@ -17,6 +17,7 @@ import torch
 
 from fsdp_finetune import STOPPING_ERRORS, stop_message
 from utils.config.sections import RunConfig
+from utils.data.generated import split_sources
 from utils.export.registry import resolve_source
 from utils.io.events import MetricsLogger, describe_density, quiet_transformers_progress
 from utils.io.files import write_json
@@ -31,7 +32,7 @@ from utils.pipeline.modes import evaluate_only, export_only, prune_only
 from utils.pipeline.train import train
 from utils.pipeline.prune_step import sparsity_schedule
 from utils.training.parallel import init_distributed
-from utils.training.state import read_meta
+from utils.training.state import check_position, read_meta
 
 
 # One function per mode: (context, start) → the exit status.
@@ -120,6 +121,8 @@ def _check_lengths(config: RunConfig, model_config) -> None:
     asked = [("--token-length", config.eval.token_length)]
     if config.mode == "train":
         asked.append(("--block-size", config.train.block_size))
+        if split_sources(config.train.train_source)[1] is not None:  # a sampled row: its start token, then its tokens
+            asked.append(("--gen-length", 1 + (config.train.generation.length or config.train.block_size)))
     for flag, value in asked:
         if value > limit:
             raise ModelError(f"{flag} {value} is longer than the {limit} positions {config.model.name} supports; "
@@ -151,8 +154,8 @@ def _run(config: RunConfig, accelerator, folder: RunFolder, logger: MetricsLogge
         tokenizer = load_tokenizer(source)
     bos = bos_per_window(config.model.bos_per_window, model_config, tokenizer)
     schedule = sparsity_schedule(config)
-    context = Context(config, accelerator, logger, folder, source, identity, tokenizer, bos, schedule)
-    run_identity = RunIdentity.of(config, identity["fingerprint"], schedule, bos).to_json()
+    context = Context(config, accelerator, logger, folder, source, identity, tokenizer, bos, schedule, model_config)
+    run_identity = RunIdentity.of(config, identity["fingerprint"], schedule, bos, identity.get("content")).to_json()
     meta = _check_resume(config, folder, run_identity)
     if meta is not None and meta["train_state"].get("finished"):
         if _delivered(folder.path, meta["train_state"]):
@@ -197,5 +200,6 @@ def _check_resume(config: RunConfig, folder: RunFolder, identity: dict) -> dict 
         raise RunFolderError(f"--resume would mix two runs in {folder.path}: " + ", ".join(differences)
                              + ". Resume with the saved settings (its run.json), or start a new run with another "
                                "--output-dir (a longer schedule is a new run: --model its best/ folder)")
+    check_position(meta, folder.state_dir, config.train.max_step, config.train.epochs)
     return meta
 

@@ -118,6 +118,7 @@ def train(context: Context, start: Start) -> int:
     reprune = repruner(context, prepared.module) if schedule.kind != "oneshot" else None
     if schedule.kind != "oneshot":  # only epochs at the final density compete for the best model
         history.final_from = math.ceil((schedule.stages[-1][0] + 1) / train_cfg.max_step)
+        history.densities = (schedule.initial, schedule.final)
     if not start.resuming:
         if config.output.resume:
             logger.info(f"--resume: no saved state in {context.output / 'state'}; starting from the beginning")

@@ -111,7 +111,23 @@ def import_lineage_checkpoint(model: nn.Module, path: str | os.PathLike) -> None
             details.append(f"{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} "
                            f"vs {tuple(expected[wrong[0]].shape)})")
         raise CheckpointError(f"{path} does not match {type(model).__name__}: " + "; ".join(details))
+    _check_origin(model, state, expected, path)
     model.load_state_dict(state, strict=False)
+
+
+def _check_origin(model: nn.Module, state: dict, expected: dict, path: Path) -> None:
+    """A lineage file is found by the model's folder name, so another model's with the same shapes
+    could match: pruning never touches the input embeddings, so a pruned copy of --model has
+    --model's own (compared at the lower of the two precisions)."""
+    embeddings = model.get_input_embeddings().weight
+    name = next((key for key, tensor in expected.items() if tensor.data_ptr() == embeddings.data_ptr()), None)
+    if name is None or name not in state:
+        return
+    saved, own = state[name], expected[name]
+    low = saved.dtype if saved.element_size() <= own.element_size() else own.dtype
+    if not torch.equal(saved.to(low), own.to(low)):
+        raise CheckpointError(f"{path} was saved from another model: its input embeddings ({name}) differ from "
+                              "--model's; move it out of --pruned-dir, or give the model it was pruned from")
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

@@ -129,13 +129,56 @@ def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
 def read_meta(folder: Path) -> dict:
     path = folder / META_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: {folder} holds no finished resumable state; "
                               "start again without --resume (or delete the folder)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is damaged ({error}); start again without --resume, "
                               f"or delete {folder}") from error
+    _check_meta(meta, path)
+    return meta
+
+
+# What train_state.json must hold, by key: the JSON types each value may have.
+_NUMBER = (int, float)
+META_SHAPE = {"train_state": dict, "optimizer": dict, "identity": dict, "layout": dict, "scheduler": dict}
+STATE_SHAPE = {"global_step": int, "epoch": int, "epoch_loss_sum": _NUMBER, "epoch_batches": int,
+               "epoch_tokens": int, "epoch_seconds": _NUMBER, "epoch_compile_steps": int,
+               "epoch_compile_seconds": _NUMBER, "bad_epochs": int, "history": dict, "finished": bool}
+
+
+def _check_meta(meta, path: Path) -> None:
+    """Refuse a train_state.json that parses but is not what a save writes (a key missing, a value
+    of another type), naming the key: it would otherwise fail deep inside the resume."""
+    def wrong(where: str, shape: dict, data) -> str | None:
+        if not isinstance(data, dict):
+            return f"{where} is a {type(data).__name__}, not an object"
+        for key, kind in shape.items():
+            if key not in data:
+                return f"{where} has no '{key}'"
+            value = data[key]
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                return f"'{key}' is {value!r}, not {getattr(kind, '__name__', 'a number')}"
+        return None
+    problem = wrong("it", META_SHAPE, meta) or wrong("its train_state", STATE_SHAPE, meta["train_state"]) or \
+        wrong("its optimizer", {"param_groups": list, "scalars": dict}, meta["optimizer"])
+    if problem:
+        raise CheckpointError(f"{path} is not a saved training state ({problem}); start again without --resume, "
+                              f"or delete {path.parent}")
+
+
+def check_position(meta: dict, folder: Path, max_step: int, epochs: int) -> None:
+    """Refuse saved state whose position does not fit this run's schedule (a step past its end, an
+    epoch that does not hold its step): continuing from it would skip or repeat training."""
+    state = meta["train_state"]
+    step, epoch = state["global_step"], state["epoch"]
+    total = max_step * epochs
+    fits = 0 <= step <= total and 1 <= epoch <= epochs + 1 and (epoch - 1) * max_step <= step <= epoch * max_step
+    if not fits:
+        raise CheckpointError(f"{folder / META_FILE} says optimizer step {step} in epoch {epoch}, which this run's "
+                              f"{epochs} epochs × {max_step} steps do not hold; start again without --resume, or "
+                              f"delete {folder}")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -155,7 +198,7 @@ def _like(param: torch.Tensor, value: torch.Tensor, device: torch.device) -> tor
     value = value.to(device)
     if hasattr(param, "to_local") and value.shape == local_part(param).shape:
         from torch.distributed.tensor import DTensor
-        return DTensor.fromlocal_part(value, param.device_mesh, param.placements, run_check=False,
+        return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
                                   shape=param.shape, stride=param.stride())
     return value
 
