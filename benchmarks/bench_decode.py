@@ -1,0 +1,621 @@
+"""Sparse decode kernels on the GPU (issue 24): utils/export/sparse_linear.py against dense bf16 cuBLAS.
+
+    python benchmarks/bench_decode.py sweep                 # kernel vs reference, torch.compile, launch tuning
+    python benchmarks/bench_decode.py full                  # + the tables: linears, break-even rule, whole model
+    python benchmarks/bench_decode.py full --smol M.gguf --text wiki.txt --two-four
+    python benchmarks/bench_decode.py memory --device cpu   # the weights' bytes only (no GPU needed)
+
+Shapes: opt-1.3b (hidden 2048, ffn 8192, 24 layers) and opt-6.7b (4096, 16384, 32), random weights
+magnitude-pruned per matrix to each density. Every time is the median of CUDA-graph replays:
+- "linears": one decoder layer's six linears (q, k, v, o, fc1, fc2, with bias) at M rows, called in
+  turn on COPIES distinct copies of the weights so that they come from memory, not the 50 MB L2;
+- "model": one greedy decode step of OPTForCausalLM (bf16, static KV cache, the step's mask,
+  positions and argmax inside the graph), or the prefill of 2048 tokens (eager, no cache).
+The kernel is checked against the float64 reference of the same layout (max relative error).
+Nothing here asserts a time. Imports nothing of the project but utils.export.sparse_linear (and bitmask).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.export.sparse_layout import EllMatrix, SparseRule, pack, reference_linear, unpack  # noqa: E402
+from utils.export.sparse_linear import SparseLinear, sparse_linear, to_sparse_linears  # noqa: E402
+
+
+def _kernels():
+    """utils/export/triton_kernels.py (it imports Triton: GPU phases only)."""
+    import utils.export.triton_kernels as kernels
+    return kernels
+
+LAYOUTS = ("col16", "delta8", "bitmask")
+
+SHAPES = {"opt-1.3b": (2048, 8192, 24, 32), "opt-6.7b": (4096, 16384, 32, 32)}  # hidden, ffn, layers, heads
+COPIES = {"opt-1.3b": 16, "opt-6.7b": 4}  # distinct weight copies timed in a row: far more bytes than the L2
+OUT = Path(os.environ.get("OUT", "/tmp"))
+DEVICE = "cuda"
+CHECK_CASES = [((300, 1000), 0.02), ((4096, 4096), 0.1), ((2048, 8192), 0.3), ((8192, 2048), 0.5), ((1000, 40000), 0.1)]
+RESULTS: dict = {}
+
+
+def log(*parts):
+    print(*parts, flush=True)
+
+
+# --------------------------------------------------------------------------- measuring
+
+def graph_seconds(fn, replays: int = 20, repeats: int = 7) -> float:
+    """Median seconds of one fn() as replays of a captured CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / replays)
+    del graph
+    return statistics.median(times)
+
+
+def eager_seconds(fn, repeats: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(gib: float = 4.0) -> float:
+    """Bytes read + written per second of a large device-to-device copy."""
+    source = torch.randint(0, 255, (int(gib * 2 ** 30),), dtype=torch.uint8, device=DEVICE)
+    target = torch.empty_like(source)
+    seconds = eager_seconds(lambda: target.copy_(source), repeats=10)
+    return 2 * gib * 2 ** 30 / seconds
+
+
+def magnitude_prune(weight: torch.Tensor, density: float) -> torch.Tensor:
+    """The weight with all but its `density` largest magnitudes set to zero."""
+    if density >= 1.0:
+        return weight
+    keep = max(1, round(density * weight.numel()))
+    threshold = weight.abs().flatten().float().kthvalue(weight.numel() - keep + 1).values
+    return weight * (weight.abs() >= threshold)
+
+
+def clone_packed(packed: EllMatrix) -> EllMatrix:
+    return EllMatrix(packed.values.clone(), packed.index.clone(), packed.block_ptr.clone(), packed.shape,
+                     packed.encoding, packed.rows_per_block, packed.nnz)
+
+
+def layer_shapes(name: str) -> list[tuple[int, int]]:
+    hidden, ffn = SHAPES[name][:2]
+    return [(hidden, hidden)] * 4 + [(ffn, hidden), (hidden, ffn)]  # (out, in): q, k, v, o, fc1, fc2
+
+
+# --------------------------------------------------------------------------- correctness
+
+def relative_errors(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max |y - ref| / max |ref|, ||y - ref|| / ||ref||); NaN anywhere gives inf."""
+    y, ref = y.double(), ref.double()
+    if not torch.isfinite(y).all():
+        return math.inf, math.inf
+    diff = (y - ref).abs()
+    return float(diff.max() / ref.abs().max()), float(diff.norm() / ref.norm())
+
+
+@torch.no_grad()
+def check_kernels() -> float:
+    """Kernel and scatter against the float64 reference on fresh random inputs; the worst max relative error."""
+    worst = 0.0
+    log("\n## kernel vs float64 reference (fresh inputs; output poisoned with NaN before each call)")
+    for (rows, cols), density in CHECK_CASES:
+        weight = magnitude_prune(torch.randn(rows, cols, device=DEVICE), density).bfloat16()
+        bias = torch.randn(rows, device=DEVICE).bfloat16()
+        for encoding in LAYOUTS:
+            packed = pack(weight, encoding, 8)
+            scatter_exact = torch.equal(_kernels().kernel_unpack(packed), weight) and torch.equal(unpack(packed), weight)
+            errors = []
+            for m in (1, 3, 16, 17, 64):
+                x = torch.randn(m, cols, device=DEVICE).bfloat16()
+                out = torch.full((m, rows), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+                y = _kernels().kernel_linear(x, packed, bias, out=out)
+                ref = reference_linear(x, packed, bias, accumulate=torch.float64, round_to_input=False)
+                errors.append(relative_errors(y, ref))
+            materialized = sparse_linear(x, packed, bias, max_rows=16)  # 64 rows: the dense temporary
+            errors.append(relative_errors(materialized, ref))
+            worst_max = max(e[0] for e in errors)
+            worst = max(worst, worst_max)
+            log(f"{rows:>6} x {cols:<6} density {density:<4} {encoding:6} | max rel err {worst_max:.2e} | "
+                f"norm rel err {max(e[1] for e in errors):.2e} | scatter/unpack exact {scatter_exact} "
+                f"(M = 1, 3, 16, 17, 64 kernel; 64 materialized)")
+            worst = worst if scatter_exact else math.inf
+    # graph capture: new inputs copied into the captured buffers give the new outputs
+    weight = magnitude_prune(torch.randn(4096, 4096, device=DEVICE), 0.1).bfloat16()
+    packed = pack(weight)
+    static = {m: torch.randn(m, 4096, device=DEVICE).bfloat16() for m in (1, 16, 100)}
+    outputs = {}
+    graph = torch.cuda.CUDAGraph()
+    for m, x in static.items():  # warm up (compiles)
+        sparse_linear(x, packed, None, 16)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        for m, x in static.items():
+            outputs[m] = sparse_linear(x, packed, None, 16)
+    graph_errors = []
+    for _ in range(2):
+        for x in static.values():
+            x.copy_(torch.randn_like(x))
+        graph.replay()
+        for m, x in static.items():
+            graph_errors.append(relative_errors(outputs[m], x.double() @ weight.double().T)[0])
+    log(f"CUDA graph replay with fresh inputs (M = 1, 16 kernel; 100 materialized): max rel err {max(graph_errors):.2e}")
+    RESULTS["max_rel_err"] = max(worst, max(graph_errors))
+    return RESULTS["max_rel_err"]
+
+
+@torch.no_grad()
+def check_compile() -> None:
+    """torch.compile (inductor, CUDA graphs through mode reduce-overhead, no graph break) of two SparseLinears."""
+    first, second = (magnitude_prune(torch.randn(out, inp, device=DEVICE), 0.1).bfloat16()
+                     for out, inp in ((1024, 512), (512, 1024)))
+    module = torch.nn.Sequential(SparseLinear(pack(first)), torch.nn.ReLU(), SparseLinear(pack(second)))
+    started = time.time()
+    try:
+        compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+        errors = []
+        for m in (1, 16, 64, 1, 16):
+            x = torch.randn(m, 512, device=DEVICE).bfloat16()
+            expected = (torch.relu(x.double() @ first.double().T).bfloat16().double() @ second.double().T)
+            errors.append(relative_errors(compiled(x), expected)[0])
+        log(f"torch.compile(mode='reduce-overhead', fullgraph=True): M = 1, 16, 64, 1, 16 max rel err {max(errors):.2e} "
+            f"({time.time() - started:.0f} s with compilation)")
+    except Exception as error:  # noqa: BLE001 - recorded, the run goes on
+        log(f"torch.compile failed: {type(error).__name__}: {error}"[:800])
+
+
+# --------------------------------------------------------------------------- the linears alone
+
+@torch.no_grad()
+def build_layer(name: str, density: float, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(seed)
+    return [(magnitude_prune(torch.randn(out, inp, device=DEVICE), density).bfloat16(),
+             torch.randn(out, device=DEVICE).bfloat16() * 0.01) for out, inp in layer_shapes(name)]
+
+
+@torch.no_grad()
+def time_linears(name: str, layer, layout: str, m: int, rows_per_block: int = 8, launch=None,
+                 path: str = "kernel") -> dict:
+    """Per-layer seconds of the six linears at M rows; layout 'dense' or an encoding."""
+    copies = COPIES[name]
+    inputs = [torch.randn(m, w.shape[1], device=DEVICE).bfloat16() for w, _ in layer]
+    if layout == "dense":
+        weights = [[(w.clone(), b.clone()) for w, b in layer] for _ in range(copies)]
+        nbytes = sum(w.numel() * 2 for w, _ in layer)
+
+        def run():
+            for copy in weights:
+                for (w, b), x in zip(copy, inputs):
+                    F.linear(x, w, b)
+    else:
+        packed = [pack(w, layout, rows_per_block) for w, _ in layer]
+        weights = [[(clone_packed(p), b.clone()) for p, (_, b) in zip(packed, layer)] for _ in range(copies)]
+        nbytes = sum(p.nbytes for p in packed)
+
+        def run():
+            for copy in weights:
+                for (p, b), x in zip(copy, inputs):
+                    if path == "kernel":
+                        _kernels().kernel_linear(x, p, b, launch=launch)
+                    else:
+                        F.linear(x, _kernels().kernel_unpack(p), b)
+    seconds = graph_seconds(run) / copies
+    return {"seconds": seconds, "bytes": nbytes, "bandwidth": nbytes / seconds}
+
+
+CANDIDATES = {("ell", 1): [(256, 4, False), (512, 8, False), (1024, 8, False),  # ell_matmul, vectorized slots
+                          (128, 4, True), (256, 4, True), (512, 8, True), (1024, 8, True)],  # ell_matvec
+              ("ell", 16): [(32, 2), (64, 2), (64, 4)],
+              ("bitmask", 1): [(8, 2), (16, 4), (32, 4), (32, 8), (64, 8)],
+              ("bitmask", 16): [(4, 2), (8, 4), (16, 4)]}
+
+
+def tune(args) -> None:
+    """The launch parameters of each kernel on the opt-6.7b layer (ELL at density 0.1, bitmask at 0.5);
+    the best replace _kernels().LAUNCH for the rest of the run."""
+    name = "opt-6.7b"
+    log(f"\n## launch tuning, {name} layer's six linears (µs per layer, CUDA graph)")
+    for density, layouts in ((0.1, ("col16", "delta8", "bitmask")), (0.5, ("bitmask", "delta8"))):
+        layer = build_layer(name, density)
+        for m in (1, 16):
+            dense = time_linears(name, layer, "dense", m)["seconds"]
+            for layout in layouts:
+                kind = "bitmask" if layout == "bitmask" else "ell"
+                cells, best = [], None
+                for launch in CANDIDATES[(kind, 1 if m == 1 else 16)]:
+                    try:
+                        seconds = time_linears(name, layer, layout, m, args.rows_per_block, launch)["seconds"]
+                    except Exception as error:  # noqa: BLE001 - a launch the compiler refuses is a cell
+                        cells.append(f"{launch}: {type(error).__name__}")
+                        continue
+                    cells.append(f"{launch}: {seconds * 1e6:.1f}")
+                    best = min(best or (seconds, launch), (seconds, launch))
+                log(f"density {density} M {m} {layout:7}: dense {dense * 1e6:.1f} | best {best[1]} {best[0] * 1e6:.1f} µs "
+                    f"({dense / best[0]:.2f}x) | " + ", ".join(cells))
+                if (density == 0.1) == (kind == "ell") and layout != "delta8":
+                    _kernels().LAUNCH[(kind, 1 if m == 1 else 16)] = best[1]
+        del layer
+    log(f"launch parameters used from here on: {_kernels().LAUNCH}")
+    RESULTS["launch"] = {str(k): v for k, v in _kernels().LAUNCH.items()}
+
+
+# --------------------------------------------------------------------------- the full table
+
+def linears_table(args, bandwidth: float) -> dict:
+    log("\n## linears alone: one layer's q, k, v, o, fc1, fc2 (bias), CUDA graph over distinct weight copies;"
+        " prefill = 2048 rows through the dense temporary + cuBLAS")
+    log("| shape | density | layout | MB/layer | decode M=1 µs (×dense) | GB/s | M=16 µs (×dense) | prefill 2048 µs (×dense) |")
+    log("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    table = {}
+    for name in args.shapes:
+        reference = {}
+        for density in (1.0, 0.5, 0.3, 0.1):
+            layer = build_layer(name, density)
+            for layout in ("dense",) if density == 1.0 else LAYOUTS:
+                cells = {m: time_linears(name, layer, layout, m, args.rows_per_block) for m in (1, 16)}
+                prefill = time_linears(name, layer, layout, 2048, args.rows_per_block, path="materialize")
+                if layout == "dense":
+                    reference = {1: cells[1]["seconds"], 16: cells[16]["seconds"], 2048: prefill["seconds"]}
+                row = {"mb": cells[1]["bytes"] / 1e6, **{m: c["seconds"] for m, c in cells.items()},
+                       "prefill": prefill["seconds"], "bandwidth": cells[1]["bandwidth"]}
+                table[f"{name} {density} {layout}"] = row
+                log(f"| {name} | {density} | {layout} | {row['mb']:.1f} | {row[1] * 1e6:.1f} "
+                    f"({reference[1] / row[1]:.2f}x) | {row['bandwidth'] / 1e9:.0f} | {row[16] * 1e6:.1f} "
+                    f"({reference[16] / row[16]:.2f}x) | {row['prefill'] * 1e6:.0f} ({reference[2048] / row['prefill']:.2f}x) |")
+            del layer
+    log(f"(copy bandwidth {bandwidth / 1e9:.0f} GB/s read + write: a layer's bytes over it is its floor)")
+    return table
+
+
+def break_even(args) -> SparseRule:
+    """bitmask_above: the density from which the bitmask kernel beats ELL (M = 1); max_density: where the
+    better of the two stops beating dense cuBLAS (M = 1); max_rows: up to where the kernel beats the
+    dense temporary + cuBLAS."""
+    log("\n## break-even (M = 1 by density: speed-up over dense of col16 / bitmask; by rows: kernel / materialize µs)")
+    ell_below, max_density, max_rows = [], [], []
+    for name in args.shapes:
+        dense_layer = build_layer(name, 1.0)
+        dense = time_linears(name, dense_layer, "dense", 1)["seconds"]
+        del dense_layer
+        cells, crossing, loses = [], None, None
+        for density in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
+            layer = build_layer(name, density)
+            ell = time_linears(name, layer, args.ell, 1, args.rows_per_block)["seconds"]
+            bitmask = time_linears(name, layer, "bitmask", 1, args.rows_per_block)["seconds"]
+            cells.append(f"{density}: {dense / ell:.2f}/{dense / bitmask:.2f}")
+            if crossing is None and bitmask < ell:
+                crossing = density
+            if loses is None and min(ell, bitmask) > dense:
+                loses = density
+            del layer
+        ell_below.append(crossing or 1.0)
+        max_density.append(round((loses or 0.8) - 0.1, 2))
+        log(f"{name}: " + ", ".join(cells))
+        for density in (0.1, 0.5):
+            layer = build_layer(name, density)
+            layout = args.ell if density < min(ell_below) else "bitmask"
+            cells, last = [], 0
+            for m in (1, 2, 4, 8, 16, 32, 64, 128):
+                kernel = time_linears(name, layer, layout, m, args.rows_per_block)["seconds"]
+                materialize = time_linears(name, layer, layout, m, args.rows_per_block, path="materialize")["seconds"]
+                cells.append(f"M{m}: {kernel * 1e6:.0f}/{materialize * 1e6:.0f}")
+                if kernel < materialize and last == m // 2:
+                    last = m
+            max_rows.append(last)
+            log(f"{name} density {density} {layout}: " + ", ".join(cells))
+            del layer
+    bitmask_above = None if min(ell_below) >= 1.0 else round(min(ell_below) - 0.05, 2)
+    rule = SparseRule(max_density=min(max_density), max_rows=min(max_rows), ell_encoding=args.ell,
+                      bitmask_above=bitmask_above, rows_per_block=args.rows_per_block)
+    log(f"measured rule: {rule}")
+    RESULTS["rule"] = rule.__dict__
+    return rule
+
+
+def opt_model(name: str):
+    from transformers import OPTConfig, OPTForCausalLM
+    hidden, ffn, layers, heads = SHAPES[name]
+    config = OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
+                       vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=hidden,
+                       do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEVICE):
+            model = OPTForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+@torch.no_grad()
+def decode_seconds(model, batch: int, prompt: int = 64, steps: int = 32) -> float:
+    """Seconds of one greedy decode step (static KV cache) as CUDA-graph replays."""
+    from transformers import StaticCache
+    max_len = prompt + 8
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=DEVICE)
+    token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    layers = cache.layers
+    positions = torch.arange(max_len, device=DEVICE)
+
+    def step():
+        seen = layers[0].cumulative_length  # tokens in the cache = the new token's position
+        mask = (positions <= seen).view(1, 1, 1, max_len).expand(batch, 1, 1, max_len)
+        out = model(token, attention_mask=mask, position_ids=seen.clone().view(1, 1).expand(batch, 1),
+                    past_key_values=cache, use_cache=True)
+        token.copy_(out.logits[:, -1:].argmax(-1))
+
+    def rewind():
+        for layer in layers:
+            layer.cumulative_length.fill_(prompt)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    rewind()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    times = []
+    for _ in range(steps // 4):
+        rewind()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(4):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / 4)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def model_table(args, rule: SparseRule, bandwidth: float) -> dict:
+    log("\n## whole model: OPTForCausalLM random init bf16; decode = one greedy step, static KV cache, CUDA graph;"
+        " prefill = 2048 tokens, batch 1, eager")
+    log("| shape | density | kernels | weights GiB (% dense) | decode@1 tok/s (×dense) | decode@16 tok/s (×dense) | prefill tok/s (×dense) |")
+    log("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    rows = {}
+    for name in args.shapes:
+        model = opt_model(name)
+        linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith("lm_head")}
+        ids = torch.randint(0, model.config.vocab_size, (1, 2048), device=DEVICE)
+        reference = None
+        for density in (1.0, 0.5, 0.3, 0.1):
+            for n, linear in linears.items():  # nested magnitude pruning: the same masks as from the dense weights
+                linear.weight.copy_(magnitude_prune(linear.weight, density))
+            forced = SparseRule(max_density=1.0, max_rows=rule.max_rows, bitmask_above=rule.bitmask_above,
+                                ell_encoding=rule.ell_encoding, rows_per_block=rule.rows_per_block)
+            swapped = [] if density == 1.0 else to_sparse_linears(model, forced)
+            layouts = sorted({model.get_submodule(n).encoding for n in swapped})
+            torch.cuda.synchronize()
+            row = {"bytes": weight_bytes(model),
+                   "decode1": 1 / decode_seconds(model, 1), "decode16": 16 / decode_seconds(model, 16),
+                   "prefill": 2048 / eager_seconds(lambda: model(ids, use_cache=False), repeats=3)}
+            reference = reference or row
+            rows[f"{name} {density}"] = row
+            log(f"| {name} | {density} | {'cuBLAS' if density == 1.0 else '+'.join(layouts)} | {row['bytes'] / 2 ** 30:.2f} "
+                f"({row['bytes'] / reference['bytes']:.0%}) | {row['decode1']:,.0f} ({row['decode1'] / reference['decode1']:.2f}x) | "
+                f"{row['decode16']:,.0f} ({row['decode16'] / reference['decode16']:.2f}x) | "
+                f"{row['prefill']:,.0f} ({row['prefill'] / reference['prefill']:.2f}x) |")
+            for n in swapped:  # back to the dense modules for the next density
+                parent, _, child = n.rpartition(".")
+                setattr(model.get_submodule(parent), child, linears[n])
+        log(f"{name}: decode@1 floor at {bandwidth / 1e9:.0f} GB/s: dense {reference['bytes'] / bandwidth * 1e3:.2f} ms/token")
+        model = linears = None  # the next shape's model takes its place
+        torch.cuda.empty_cache()
+    return rows
+
+
+@torch.no_grad()
+def memory_table(args) -> None:
+    """The weights' bytes of the whole OPT model with its decoder linears packed (no time: runs on the CPU
+    as well, `--device cpu`): one layer's six matrices packed, times the layers, plus what stays dense
+    (embeddings, positions, layer norms, biases; the LM head is tied to the embeddings)."""
+    log("\n## weights' memory, whole OPT model (decoder linears packed, the rest dense bf16)")
+    log("| shape | density | layout | linears MB/layer | model GiB | % of dense bf16 |")
+    log("| --- | ---: | --- | ---: | ---: | ---: |")
+    for name in args.shapes:
+        hidden, ffn, layers, _ = SHAPES[name]
+        linear_weights = sum(out * inp for out, inp in layer_shapes(name))
+        # embeddings + positions (2048 + 2) + final norm; per layer two norms and the biases
+        other = (50272 + 2050) * hidden + 2 * hidden + layers * (4 * hidden + 5 * hidden + ffn)
+        dense = 2 * (other + layers * linear_weights)
+        log(f"| {name} | 1.0 | dense | {2 * linear_weights / 1e6:.1f} | {dense / 2 ** 30:.2f} | 100% |")
+        for density in (0.5, 0.3, 0.1):
+            layer = build_layer(name, density)
+            for layout in LAYOUTS:
+                per_layer = sum(pack(w, layout, args.rows_per_block).nbytes for w, _ in layer)
+                total = 2 * other + layers * per_layer
+                log(f"| {name} | {density} | {layout} | {per_layer / 1e6:.1f} | {total / 2 ** 30:.2f} | {total / dense:.1%} |")
+            del layer
+
+
+# --------------------------------------------------------------------------- SmolLM2 and 2:4
+
+@torch.no_grad()
+def smol_perplexity(args, rule: SparseRule) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = Path(args.smol)
+    log(f"\n## SmolLM2-135M ({gguf.name}, dequantized to bf16), decoder linears magnitude-pruned to 0.1")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16).to(DEVICE).eval()
+    for name, linear in model.named_modules():
+        if type(linear) is torch.nn.Linear and not name.endswith("lm_head"):
+            linear.weight.copy_(magnitude_prune(linear.weight, 0.1))
+    ids = tokenizer(Path(args.text).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    window = 512
+    windows = ids[: (ids.numel() // window) * window].view(-1, window)[: args.windows].to(DEVICE)
+
+    def perplexity() -> float:
+        total, count = 0.0, 0
+        for chunk in windows.split(8):
+            logits = model(chunk).logits[:, :-1].float()
+            total += float(F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
+            count += chunk[:, 1:].numel()
+        return math.exp(total / count)
+
+    dense = perplexity()
+    forced = SparseRule(max_density=1.0, max_rows=10 ** 9, bitmask_above=rule.bitmask_above,
+                        ell_encoding=rule.ell_encoding)
+    swapped = to_sparse_linears(model, forced)  # the kernel at every M
+    sparse = perplexity()
+    log(f"{len(swapped)} linears swapped | {windows.numel():,} tokens in {windows.shape[0]} windows of {window}")
+    log(f"perplexity dense kernels {dense:.4f} | sparse kernel {sparse:.4f} | relative difference "
+        f"{abs(sparse - dense) / dense:.2e} (target <= 1e-3)")
+    RESULTS["smol"] = {"dense": dense, "sparse": sparse, "tokens": windows.numel()}
+
+
+def two_four(args, bandwidth: float) -> None:
+    """torchao's sm90 paths on 2:4 weights: fp8 dense and fp8 2:4 (CUTLASS) against bf16 dense, linears alone."""
+    log("\n## 2:4 on Hopper through torchao (linears alone, same method as above)")
+    try:
+        import torchao
+        from torchao.quantization import (Float8DynamicActivationFloat8SemiSparseWeightConfig,
+                                          Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_)
+        log(f"torchao {torchao.__version__}")
+    except Exception as error:  # noqa: BLE001 - record exactly what failed
+        log(f"torchao import failed: {type(error).__name__}: {error}")
+        return
+    name = args.shapes[-1]
+    for label, config in (("bf16 dense", None), ("fp8 dense (rowwise)", lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())),
+                          ("fp8 2:4 CUTLASS", lambda: Float8DynamicActivationFloat8SemiSparseWeightConfig())):
+        try:
+            copies = COPIES[name]
+            modules = []
+            for _ in range(copies):
+                layer = torch.nn.ModuleList()
+                for out, inp in layer_shapes(name):
+                    linear = torch.nn.Linear(inp, out, device=DEVICE, dtype=torch.bfloat16)
+                    weight = linear.weight.detach().view(out, -1, 4)
+                    keep = weight.abs().topk(2, dim=-1).indices
+                    mask = torch.zeros_like(weight, dtype=torch.bool).scatter_(-1, keep, True)
+                    linear.weight.data = (weight * mask).view(out, inp)
+                    layer.append(linear)
+                if config is not None:
+                    quantize_(layer, config())
+                modules.append(layer)
+            cells = []
+            for m in (1, 16, 2048):
+                inputs = [torch.randn(m, inp, device=DEVICE, dtype=torch.bfloat16) for _, inp in layer_shapes(name)]
+
+                def run():
+                    for layer in modules:
+                        for linear, x in zip(layer, inputs):
+                            linear(x)
+                try:
+                    seconds, how = graph_seconds(run) / copies, "graph"
+                except Exception as error:  # noqa: BLE001
+                    torch.cuda.synchronize()
+                    seconds, how = eager_seconds(run) / copies, f"eager ({type(error).__name__})"
+                cells.append(f"M={m}: {seconds * 1e6:.1f} µs [{how}]")
+            log(f"{name} {label}: " + " | ".join(cells))
+        except Exception as error:  # noqa: BLE001
+            log(f"{name} {label}: failed: {type(error).__name__}: {error}"[:600])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("phase", choices=("sweep", "full", "memory"))
+    parser.add_argument("--device", default="cuda", help="memory runs on the CPU too")
+    parser.add_argument("--shapes", default="opt-1.3b,opt-6.7b")
+    parser.add_argument("--ell", default="col16", choices=("delta8", "col16"), help="the ELL encoding of the rule")
+    parser.add_argument("--rows-per-block", type=int, default=8)
+    parser.add_argument("--smol", help="SmolLM2 GGUF file: perplexity of sparse against dense kernels")
+    parser.add_argument("--text", help="text for the perplexity")
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--two-four", action="store_true")
+    parser.add_argument("--skip-model", action="store_true")
+    args = parser.parse_args()
+    args.shapes = args.shapes.split(",")
+    if args.phase == "memory":
+        global DEVICE
+        DEVICE = args.device
+        torch.manual_seed(0)
+        memory_table(args)
+        return
+    import transformers
+    log(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | transformers {transformers.__version__} | "
+        f"triton {__import__('triton').__version__}")
+    bandwidth = copy_bandwidth()
+    log(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
+    RESULTS["bandwidth"] = bandwidth
+    started = time.time()
+    check_kernels()
+    if args.phase == "sweep":
+        check_compile()
+    tune(args)
+    if args.phase == "full":
+        RESULTS["linears"] = linears_table(args, bandwidth)
+        rule = break_even(args)
+        sections = [] if args.skip_model else [lambda: RESULTS.setdefault("model", model_table(args, rule, bandwidth))]
+        sections += [lambda: smol_perplexity(args, rule)] if args.smol else []
+        sections += [lambda: two_four(args, bandwidth)] if args.two_four else []
+        for section in sections:  # one that fails prints why; the others still run
+            try:
+                section()
+            except Exception:  # noqa: BLE001
+                import traceback
+                log(traceback.format_exc()[-3000:])
+                torch.cuda.synchronize()
+    log(f"\n{time.time() - started:.0f} s")
+    (OUT / f"bench_decode_{args.phase}.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

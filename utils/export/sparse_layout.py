@@ -1,0 +1,252 @@
+"""Sparse decode layouts: a pruned W kept compressed, packed and unpacked exactly, with a pure-torch y = x @ W.T.
+
+    packed = pack(weight)                            # EllMatrix; unpack(packed) equals weight bit for bit
+    y = reference_linear(x, packed)                  # pure torch, what the kernel is checked against
+    swapped = to_sparse_linears(model, SparseRule()) # decoder nn.Linear → SparseLinear where sparse enough
+
+The layout, row-blocked ELL: rows are cut in blocks of `rows_per_block`; every row of a block gets the
+same number of slots (the block's longest row, rounded up to 8 so that each row starts 16-byte
+aligned), and a block's slots lie row-major in one run, `block_ptr[b]` its first. A slot holds a value
+and its column: "col16" stores the column (int16, 4 bytes a kept weight), "delta8" one byte, the gap
+to the previous column (a row's columns are the running sum; a gap over 255 takes extra slots of
+delta 255 and value 0; 3 bytes a kept weight). Padding slots hold value 0. "col16" is the default:
+on the H200 it beat "delta8" at every point timed although it moves a third more bytes, because the
+kernel is bound by its gathers of x, not by memory (BENCHMARKS.md, "Sparse decode kernels").
+"bitmask" holds the export's own values + bitmask (1 bit a weight + 2 bytes a kept one), with a
+per-weight kernel for mid densities; it is checked in Triton's interpreter, not yet timed.
+
+Which weights are kept is `weight != 0`, as in the bitmask export (utils/export/bitmask.py): a -0.0
+is not kept and comes back as +0.0, equal to it; every other value comes back bit for bit.
+
+The ELL kernel (Triton, imported only on the GPU path) runs one row block per program: it streams
+the block's slots, gathers x at their columns and accumulates in fp32, so its work and its bytes grow
+with the kept weights, not with the matrix. It serves calls of up to `SparseRule.max_rows` rows
+(decode); a call with more rows (prefill) scatters the weight into a dense temporary for that call
+alone and runs cuBLAS. Both are graph-capturable (no host reads; shapes fixed by the input's), and
+under torch.compile the layer is the custom op `extreme_compression::sparse_linear` (both seen working
+on the H200: CUDA-graph replay and mode="reduce-overhead", fullgraph).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from utils.export.bitmask import pack_bitmask, unpack_bitmask
+
+ENCODINGS = {"delta8": 0, "col16": 1, "col32": 2, "bitmask": 3}
+ELL_ENCODINGS = ("delta8", "col16", "col32")
+SLOT_ALIGN = 8  # slots per row come in multiples of 8: 16-byte aligned bf16 rows
+MAX_DELTA = 255
+
+
+@dataclass(frozen=True)
+class SparseRule:
+    """When and how a linear runs sparse (benchmarks/bench_decode.py measures it; BENCHMARKS.md).
+
+    max_density: a linear denser than this stays a dense nn.Linear. The col16 kernel at one row beat
+        cuBLAS by 2.42x at density 0.1 and lost (0.81x) at 0.5 on the opt-6.7b layer (H200); its time
+        grows with the slots, so the two cross near 0.38.
+    max_rows: calls with at most this many rows (batch × new tokens) run the sparse kernel; more rows
+        materialize the weight for the call and run cuBLAS (prefill).
+    ell_encoding: the ELL index ("col16" measured faster than "delta8" at every point timed).
+    bitmask_above: hold linears denser than this as values + bitmask instead of ELL slots (None:
+        never; its kernel is written and checked in Triton's interpreter but not yet timed).
+    """
+    max_density: float = 0.35
+    max_rows: int = 16
+    ell_encoding: str = "col16"
+    bitmask_above: Optional[float] = None
+    rows_per_block: int = 8
+
+    def __post_init__(self):
+        for name in ("max_density", "bitmask_above"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a fraction of kept weights in [0, 1], not {value}")
+        if self.max_rows < 0:
+            raise ValueError(f"max_rows must be >= 0, not {self.max_rows}")
+        if self.ell_encoding not in ELL_ENCODINGS:
+            raise ValueError(f"ell_encoding {self.ell_encoding!r} is not one of {list(ELL_ENCODINGS)}")
+        _check_rows_per_block(self.rows_per_block)
+
+    def encoding_for(self, density: float) -> str:
+        return "bitmask" if self.bitmask_above is not None and density > self.bitmask_above else self.ell_encoding
+
+
+def _check_rows_per_block(rows_per_block: int) -> None:
+    if rows_per_block not in (1, 2, 4, 8, 16, 32, 64):
+        raise ValueError(f"rows_per_block must be a power of two up to 64, not {rows_per_block}")
+
+
+@dataclass
+class EllMatrix:
+    """A (rows, cols) matrix as row-blocked ELL slots, or as values + bitmask (module docstring).
+
+    ELL: values (slots,) with zeros in padding and gap slots; index (slots,) uint8 deltas (delta8),
+    int16 (col16) or int32 (col32) columns; block_ptr (blocks + 1,) the first slot of each row block.
+    bitmask: values (nnz,) row-major; index (rows * words,) int32, bit b of word w of a row is its
+    column 32w + b; block_ptr (rows + 1,) int64, each row's first value."""
+    values: torch.Tensor
+    index: torch.Tensor
+    block_ptr: torch.Tensor
+    shape: tuple[int, int]
+    encoding: str
+    rows_per_block: int
+    nnz: int
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.shape[0] * self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.values, self.index, self.block_ptr))
+
+    def to(self, device) -> "EllMatrix":
+        return EllMatrix(self.values.to(device), self.index.to(device), self.block_ptr.to(device), self.shape,
+                         self.encoding, self.rows_per_block, self.nnz)
+
+
+# --------------------------------------------------------------------------- the layout
+
+def pack(weight: torch.Tensor, encoding: str = "col16", rows_per_block: int = 8) -> EllMatrix:
+    """A 2-D weight (dense, with its pruned entries zero) → EllMatrix, on the weight's device."""
+    if weight.ndim != 2:
+        raise ValueError(f"pack takes a 2-D weight, not shape {tuple(weight.shape)}")
+    mask = weight != 0
+    return pack_parts(weight[mask], mask, encoding, rows_per_block)
+
+
+def pack_parts(values: torch.Tensor, mask: torch.Tensor, encoding: str = "col16",
+               rows_per_block: int = 8) -> EllMatrix:
+    """The kept values in row-major order and the (rows, cols) bool mask (the bitmask export's
+    `NAME.compressed` and unpacked `NAME.bitmask`) → EllMatrix, without a dense matrix."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding {encoding!r} is not one of {sorted(ENCODINGS)}")
+    _check_rows_per_block(rows_per_block)
+    rows, cols = mask.shape
+    if encoding == "col16" and cols > 1 << 16:
+        raise ValueError(f"col16 holds columns below 65536, not {cols}; use col32")
+    device, long = mask.device, torch.int64
+    row_ids, col_ids = mask.nonzero(as_tuple=True)  # row-major: the order of `values`
+    if row_ids.numel() != values.numel():
+        raise ValueError(f"the mask keeps {row_ids.numel()} weights for {values.numel()} values")
+    nnz = row_ids.numel()
+    if bool((values == 0).any()):
+        raise ValueError("a kept value is zero: the layout tells kept slots by their non-zero value")
+    if encoding == "bitmask":
+        return _pack_bitmask(values, mask, rows_per_block)
+    if encoding == "delta8":
+        first = torch.ones(nnz, dtype=torch.bool, device=device)
+        first[1:] = row_ids[1:] != row_ids[:-1]
+        previous = torch.zeros_like(col_ids)
+        previous[1:] = col_ids[:-1]
+        gap = col_ids - torch.where(first, torch.zeros_like(previous), previous)  # the first: its column
+        gaps = torch.div(gap - 1, MAX_DELTA, rounding_mode="floor").clamp_min(0)  # extra slots of delta 255
+        code = gap - MAX_DELTA * gaps
+        index_dtype = torch.uint8
+    else:
+        gaps = torch.zeros_like(col_ids)
+        code = col_ids - (col_ids >= 1 << 15).to(long) * (1 << 16) if encoding == "col16" else col_ids
+        index_dtype = torch.int16 if encoding == "col16" else torch.int32
+    width = gaps + 1
+    row_slots = torch.zeros(rows, dtype=long, device=device).index_add_(0, row_ids, width)
+    blocks = -(-rows // rows_per_block)
+    padded = torch.zeros(blocks * rows_per_block, dtype=long, device=device)
+    padded[:rows] = row_slots
+    per_row = (padded.view(blocks, rows_per_block).amax(1) + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
+    block_ptr = torch.zeros(blocks + 1, dtype=long, device=device)
+    block_ptr[1:] = torch.cumsum(per_row * rows_per_block, 0)
+    total = int(block_ptr[-1])
+    row_start = _row_starts(block_ptr, per_row, rows_per_block)[:rows]
+    # each kept weight sits after every slot before it in its row, its own gap slots included
+    before_row = torch.cumsum(row_slots, 0) - row_slots
+    slot = row_start[row_ids] + torch.cumsum(width, 0) - before_row[row_ids] - 1
+    out_values = torch.zeros(total, dtype=values.dtype, device=device)
+    out_values[slot] = values
+    out_index = torch.zeros(total, dtype=index_dtype, device=device)
+    out_index[slot] = code.to(index_dtype)
+    extra = int(gaps.sum()) if nnz else 0
+    if extra:
+        owner = slot.repeat_interleave(gaps) - gaps.repeat_interleave(gaps)
+        rank = torch.arange(extra, device=device) - (torch.cumsum(gaps, 0) - gaps).repeat_interleave(gaps)
+        out_index[owner + rank] = MAX_DELTA
+    pointer_dtype = torch.int32 if total < 2 ** 31 else torch.int64
+    return EllMatrix(out_values, out_index, block_ptr.to(pointer_dtype), (rows, cols), encoding, rows_per_block, nnz)
+
+
+def _pack_bitmask(values: torch.Tensor, mask: torch.Tensor, rows_per_block: int) -> EllMatrix:
+    rows, cols = mask.shape
+    words = -(-cols // 32)
+    padded = torch.zeros(rows, words * 32, dtype=torch.bool, device=mask.device)
+    padded[:, :cols] = mask
+    packed = pack_bitmask(padded)  # (rows, 4 * words) uint8: bit i of byte j is column 8j + i
+    row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=mask.device)
+    row_ptr[1:] = torch.cumsum(mask.sum(1), 0)
+    # little-endian words: bit b of word w is byte 4w + b // 8, bit b % 8, column 32w + b
+    return EllMatrix(values.contiguous(), packed.view(torch.int32).flatten(), row_ptr, (rows, cols), "bitmask",
+                     rows_per_block, values.numel())
+
+
+def _row_starts(block_ptr: torch.Tensor, per_row: torch.Tensor, rows_per_block: int) -> torch.Tensor:
+    """The first slot of every row (padding rows of the last block included)."""
+    local = torch.arange(rows_per_block, device=block_ptr.device, dtype=torch.int64)
+    return (block_ptr[:-1, None].to(torch.int64) + local[None, :] * per_row[:, None]).flatten()
+
+
+def slot_columns(packed: EllMatrix) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every slot, int64; padding and gap slots included (their value is zero)."""
+    block_ptr = packed.block_ptr.to(torch.int64)
+    rows_per_block = packed.rows_per_block
+    per_row = (block_ptr[1:] - block_ptr[:-1]) // rows_per_block
+    lengths = per_row.repeat_interleave(rows_per_block)
+    row = torch.arange(lengths.numel(), device=block_ptr.device).repeat_interleave(lengths)
+    code = packed.index.to(torch.int64)
+    if packed.encoding == "delta8":
+        running = torch.zeros(code.numel() + 1, dtype=torch.int64, device=code.device)
+        running[1:] = torch.cumsum(code, 0)
+        starts = _row_starts(block_ptr, per_row, rows_per_block)
+        column = running[1:] - running[starts][row]
+    else:
+        column = code & 0xFFFF if packed.encoding == "col16" else code
+    return row, column
+
+
+def unpack(packed: EllMatrix) -> torch.Tensor:
+    """EllMatrix → the dense (rows, cols) matrix, on its device (pure torch)."""
+    rows, cols = packed.shape
+    if packed.encoding == "bitmask":
+        mask = unpack_bitmask(packed.index.view(torch.uint8).view(rows, -1), cols)
+        if int(mask.sum()) != packed.nnz or packed.values.numel() != packed.nnz:
+            raise ValueError(f"the layout does not describe a {rows} x {cols} matrix of {packed.nnz} kept weights")
+        dense = torch.zeros(rows, cols, dtype=packed.values.dtype, device=packed.values.device)
+        dense[mask] = packed.values
+        return dense
+    row, column = slot_columns(packed)
+    kept = packed.values != 0
+    row, column = row[kept], column[kept]
+    if kept.sum() != packed.nnz or (row.numel() and (int(row.max()) >= rows or int(column.max()) >= cols)):
+        raise ValueError(f"the layout does not describe a {rows} x {cols} matrix of {packed.nnz} kept weights")
+    dense = torch.zeros(rows, cols, dtype=packed.values.dtype, device=packed.values.device)
+    dense[row, column] = packed.values[kept]
+    return dense
+
+
+def reference_linear(x: torch.Tensor, packed: EllMatrix, bias: torch.Tensor | None = None,
+                     accumulate: torch.dtype = torch.float32, round_to_input: bool = True) -> torch.Tensor:
+    """x @ W.T (+ bias) in `accumulate` precision (rounded to x's dtype unless told not to): the
+    kernel's reference."""
+    out = x.to(accumulate) @ unpack(packed).to(accumulate).T
+    if bias is not None:
+        out = out + bias.to(accumulate)
+    return out.to(x.dtype) if round_to_input else out
+
+
+# --------------------------------------------------------------------------- the Triton kernels
+
+# Launch parameters by kernel and rows per call (1, or up to 16 a program); measured on the H200
+# (bench_decode.py): "ell": (BLOCK_P slots a row per step, num_warps[, spread]); "bitmask": (ROWS a
+# program, num_warps). ELL tiles have the layout's rows_per_block rows. The ELL entries are the sweep's
+# best (H200, BENCHMARKS.md); spread (ell_matvec) and the bitmask entries are untimed guesses.
