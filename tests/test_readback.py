@@ -287,3 +287,17 @@ def test_a_schedule_s_summary_says_its_baseline_held_another_density():
     oneshot = PerplexityHistory(baseline=300.0, dense=21.6)
     oneshot.add(1, 60.0)
     assert "Total improvement:   ↓80.0%" in "\n".join(oneshot.summary_lines())
+
+
+def test_a_tokenizer_that_reads_nothing_names_the_missing_tokenizer_files():
+    """A model folder without its tokenizer files can give a tokenizer with no vocabulary: it made
+    '0 tokens' of the evaluation text, and the message blamed the text."""
+    from utils.data.sources import DataError, tokenize_text
+
+    class Empty:
+        bos_token_id, eos_token_id = 1, 2
+
+        def __call__(self, text):
+            return {"input_ids": [1]}
+    with pytest.raises(DataError, match="does the model folder hold its tokenizer files"):
+        tokenize_text("The tower is 324 metres tall.", Empty(), "wiki.test.raw")
