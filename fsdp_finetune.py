@@ -85,6 +85,7 @@ class TrainingJob:
     resume: bool = False
     save_best: bool = True
     kernels: CompiledKernels | None = None
+    compiles: bool = False  # training compiles (its first log window is not the steady rate)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class Trainer:
                             "processes": self.world})
         self.window_loss = torch.zeros((), device=self.device, dtype=torch.float64)  # not yet folded into state
         self.window_steps, self.bar = 0, None
-        self.compiling = job.prepared.compile_mode is not None  # this process's first log window compiles
+        self.compiling = job.compiles  # this process's first log window compiles
 
     def _resume(self) -> None:
         self.state = load_state(self.state_dir, self.model, self.optimization)

@@ -50,6 +50,9 @@ def test_a_run_folder_and_a_cached_prune_from_before_the_move_resume_and_hit(tmp
     # the old code's uninterrupted run, on this machine bit for bit; elsewhere float sums may round differently
     assert results["final"] == pytest.approx(expected["final"], rel=1e-6)
     assert [e["epoch"] for e in results["epochs"]] == [1, 2]
+    before = json.loads((FIXTURE / "run" / "results.json").read_text())  # what the old code recorded
+    assert results["loss"] == before["loss"] and results["schedule"] == before["schedule"]
+    assert set(before) <= set(results)  # every key it wrote is still written
 
 
 def test_a_cache_entry_whose_record_names_another_prune_is_refused(tmp_path, monkeypatch, capsys):

@@ -70,6 +70,8 @@ class LossCfg:
     terms: tuple[LossTerm, ...] = (LossTerm("ce", 1.0),)
     temperature: float = flag("--kd-temperature", 1.0)
     auto: bool = flag("--loss", False)  # --loss auto chose the terms (utils/config/recipes.py)
+    # --ce-weight and --kd-weight as given, also where --loss has no such term (results.json records them)
+    given: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def of(cls, kind: str = "ce", *, temperature: float = 1.0, auto: bool = False, **weights: float) -> "LossCfg":
@@ -80,7 +82,8 @@ class LossCfg:
         main = kind.split("+")
         terms = [LossTerm(name, weights.get(name, 1.0)) for name in main]
         terms += [LossTerm(name, weight) for name, weight in weights.items() if name not in ("ce", "kd") and weight]
-        return cls(terms=tuple(terms), temperature=temperature, auto=auto)
+        given = tuple((name, weights.get(name, 1.0)) for name in ("ce", "kd"))
+        return cls(terms=tuple(terms), temperature=temperature, auto=auto, given=given)
 
     def weight(self, name: str) -> float | None:
         return next((term.weight for term in self.terms if term.name == name), None)

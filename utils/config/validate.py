@@ -187,7 +187,11 @@ def _zero_loss(args: argparse.Namespace) -> list[str]:
     """A loss whose every active term has weight 0 trains nothing: refused, naming the weights."""
     if any(getattr(args, term.dest) for term in optional_terms()):
         return []
-    kind = args.loss if args.loss != "auto" else default_loss(args.sparsity)
+    try:
+        pattern = parse_pattern(args.pattern)
+    except ValueError:  # reported on its own
+        pattern = None
+    kind = args.loss if args.loss != "auto" else default_loss(pattern[0] / pattern[1] if pattern else args.sparsity)
     weights = {"ce": ("--ce-weight", args.ce_weight), "kd": ("--kd-weight", args.kd_weight)}
     active = [weights[name] for name in kind.split("+")]
     if all(value == 0 for _, value in active):

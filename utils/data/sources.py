@@ -225,7 +225,8 @@ def warn_if_not_text(text: str, spec: str, limit: float = 0.05) -> float:
 def tokenize_text(text: str, tokenizer, source: str = "<text>") -> TokenizedText:
     # Default special tokens, as the papers' `tokenizer(text, return_tensors="pt")` does (OPT's BOS).
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    special = {int(i) for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None}
+    special = {int(i) for i in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None))
+               if i is not None}
     if text.strip() and all(int(i) in special for i in ids[:64].tolist()) and ids.numel() <= 2:
         # a tokenizer without its vocabulary (a model folder missing its tokenizer files) reads nothing
         raise DataError(f"the tokenizer turned {len(text):,} characters of '{source}' into {ids.numel()} token(s); "

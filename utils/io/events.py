@@ -166,9 +166,9 @@ class MetricsLogger:
         """Print `line` and record `event`, what it says as data: one call, so nothing is printed
         that is not also recorded."""
         self.info(line)
-        self.log(event, step=step)
+        self.log(event, step=step, track=False)  # settings, not metrics: a tracker would count a step for each
 
-    def log(self, event: dict[str, Any], step: int | None = None) -> None:
+    def log(self, event: dict[str, Any], step: int | None = None, track: bool = True) -> None:
         """Record one event (a dict) in metrics.jsonl and the trackers."""
         if not self.is_main:
             return
@@ -176,7 +176,7 @@ class MetricsLogger:
         if self.metrics_path:
             with open(self.metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if self.tracker_log:
+        if self.tracker_log and track:
             numeric = {f"{event.get('event', 'metric')}/{k}": v for k, v in event.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
             if numeric:

@@ -3,7 +3,7 @@
     folder = default_cache_dir() / "tokens"     # $EXTREME_COMPRESSION_CACHE or ~/.cache/extreme-compression
     check_hub_reachable("facebook/opt-125m")    # ModelError within seconds when offline and not cached
 
-Both `model_utils` and `data_utils` need these; keeping them here keeps those two free of each other.
+Both `models/loading.py` and `data/sources.py` need these; keeping them here keeps those two free of each other.
 """
 from __future__ import annotations
 

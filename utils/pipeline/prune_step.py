@@ -60,15 +60,15 @@ def pruned_model(context: Context, density: float, dtype: torch.dtype | None
     spec = PruneSpec.of(config, context.source.name, context.model_identity["fingerprint"], context.bos, density,
                         calibration_length=length)
     folder, lineage = _cache_entry(spec, config.prune.cache_dir), spec.lineage_file(config.prune.cache_dir)
-    stale = _stale(folder, context.model_identity)
-    if stale:
-        logger.info(f"The cached prune in {folder} was made from other weights than --model has now ({stale}); "
-                    "pruning again")
     if density == 1 and not config.prune.pattern:  # nothing to prune: the dense model is the baseline
         model, _ = load_source(context.source, dtype)
         return model, {"method": "none", "density": 1.0}, sparsity_report(model)
     loaded_from = None  # where a model pruned earlier came from: its density is checked
-    with context.accelerator.main_process_first():
+    with context.accelerator.main_process_first():  # the others look once the main process re-pruned
+        stale = _stale(folder, context.model_identity)
+        if stale:
+            logger.info(f"The cached prune in {folder} was made from other weights than --model has now ({stale}); "
+                        "pruning again")
         if (folder / "pruning.json").exists() and not stale:
             logger.info(f"Loading pruned model from {folder}")
             model, _, info = load_pruned_model(context.source, folder, dtype=dtype)

@@ -96,7 +96,7 @@ def _prepare(context: Context, model: torch.nn.Module, mixed: str):
         logger.report(note, {"event": "recipe", "note": note})
     prepared = prepare_model(model, device, mixed, compile_mode, config.train.parallel, teacher=teacher,
                              loss=config.loss)
-    return prepared, blocks, holdout
+    return prepared, blocks, holdout, compile_mode
 
 
 def train(context: Context, start: Start) -> int:
@@ -113,8 +113,9 @@ def train(context: Context, start: Start) -> int:
     train_cfg = config.train
     mixed = train_cfg.mixed_precision if train_cfg.mixed_precision != "auto" else (
         "bf16" if context.device.type == "cuda" else "no")
-    prepared, blocks, holdout = _prepare(context, model, mixed)
-    protocol = replace(context.protocol, compile=eval_compile(config.eval.compile, prepared.compile_mode is not None))
+    # compile_mode: how training compiles, also under FSDP (where Prepared.compile_mode is None: its layers compile)
+    prepared, blocks, holdout, compile_mode = _prepare(context, model, mixed)
+    protocol = replace(context.protocol, compile=eval_compile(config.eval.compile, compile_mode is not None))
     reprune = repruner(context, prepared.module) if schedule.kind != "oneshot" else None
     if schedule.kind != "oneshot":  # only epochs at the final density compete for the best model
         history.final_from = math.ceil((schedule.stages[-1][0] + 1) / train_cfg.max_step)
@@ -131,12 +132,13 @@ def train(context: Context, start: Start) -> int:
     best_info = lambda: {"model": config.model.name, "density": config.prune.density,  # noqa: E731
                          "method": config.prune.method, "pattern": info.get("pattern"),
                          "loss": loss_record(config.loss), "pruning": pruning}
-    if prepared.compile_mode:
+    if compile_mode:
         logger.info("The first training steps compile the model (minutes on a cold compile cache, seconds when "
                     "cached); --compile off skips it")
     job = TrainingJob(prepared, context.tokenizer, blocks, holdout, context.eval_tokens, protocol, schedule, reprune,
                       start.identity, best_info, history, context.output, loss_kind=config.loss.kind,
-                      resume=start.resuming, save_best=config.output.save_best, kernels=context.kernels)
+                      resume=start.resuming, save_best=config.output.save_best, kernels=context.kernels,
+                      compiles=compile_mode is not None)
     result = Trainer(job, replace(train_cfg, mixed_precision=mixed), logger, start.callbacks).fit()
     return _finish(context, result, prepared.module, best_info)
 

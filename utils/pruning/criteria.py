@@ -1,5 +1,5 @@
 """Pruning methods as pure functions of tensors: a weight (and statistics of its input) → a
-pruned weight and a keep mask.  No hooks, no devices, no models: `prune_utils` drives these.
+pruned weight and a keep mask.  No hooks, no devices, no models: `driver.py` drives these.
 
     keep = magnitude_keep(weight, density=0.1)                      # per matrix
     keep = wanda_keep(weight, stats.sq_norm, density=0.5, pattern=(2, 4))

@@ -124,8 +124,9 @@ def memorization_passes(loss: LossCfg) -> float:
 
 def loss_record(loss: LossCfg) -> dict:
     """The loss as results.json and best/pruning.json record it."""
-    return {"kind": loss.kind, "temperature": loss.temperature, "ce_weight": loss.weight("ce"),
-            "kd_weight": loss.weight("kd"), "hidden_weight": loss.weight("hidden") or 0.0}
+    given = dict(loss.given)
+    return {"kind": loss.kind, "temperature": loss.temperature, "ce_weight": given.get("ce", loss.weight("ce")),
+            "kd_weight": given.get("kd", loss.weight("kd")), "hidden_weight": loss.weight("hidden") or 0.0}
 
 
 class TrainingObjective(nn.Module):

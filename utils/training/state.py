@@ -274,7 +274,7 @@ class TrainState:
 
 def save_state(folder: Path, model: nn.Module, optimization: Optimization, state: TrainState,
                identity: dict) -> None:
-    """Resumable state (utils/state_utils.py: safetensors + JSON, nothing pickled), written beside
+    """Resumable state (utils/training/state.py: safetensors + JSON, nothing pickled), written beside
     the previous one and swapped in only when complete."""
     save_training_state(folder, model, optimization.optimizer,
                         {"train_state": asdict(state), **optimization.extra_state(), "identity": identity})
