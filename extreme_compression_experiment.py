@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "one BOS for the whole text)")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--output-dir", default=None, help="run folder (default: runs/{model}-{sparsity}-{method})")
+    output.add_argument("--output-dir", default=None, help="run folder (default: runs/{model}-{sparsity}-{method}; --eval-only: "
+                                                             "runs/{model}-eval, --prune-only: runs/{model}-{sparsity}-"
+                                                             "{method}-pruned, --export-only: runs/{model}-export)")
     output.add_argument("--log-file", default=None, help="also write the console output to this file")
     output.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its saved state (the run's settings must match)")

@@ -231,3 +231,15 @@ def test_a_diverging_run_stops_with_a_message_and_keeps_its_results(tmp_path, ti
     assert "error: the training loss became nan" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert "loss became nan" in results["error"] and results["baseline"] > 0
+
+
+def test_each_mode_has_a_default_folder_of_its_own():
+    """A folder with results is never overwritten: an --eval-only in the training run's folder would block it."""
+    from extreme_compression_experiment import build_parser
+    from utils.config.validate import validate
+    parser = build_parser()
+    folders = {mode: validate(parser.parse_args(["--model", "smollm2-135m", *flags])).output.dir
+               for mode, flags in (("train", []), ("eval", ["--eval-only"]), ("prune", ["--prune-only"]),
+                                   ("export", ["--export-only"]))}
+    assert folders == {"train": "runs/smollm2-135m-0.1-sparsegpt", "eval": "runs/smollm2-135m-eval",
+                       "prune": "runs/smollm2-135m-0.1-sparsegpt-pruned", "export": "runs/smollm2-135m-export"}

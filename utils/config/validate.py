@@ -317,4 +317,8 @@ def _default_folder(model: str, mode: str, prune: PruneCfg) -> str:
     pattern = prune.pattern
     method_tag = f"{prune.method}-{pattern[0]}of{pattern[1]}" if pattern else prune.method
     model_tag = safe_name(Path(model).stem if model.endswith(".gguf") else model)
-    return f"{model_tag}-export" if mode == "export" else f"{model_tag}-{prune.density:g}-{method_tag}"
+    # each mode its own default folder: a folder with results is never overwritten, so an --eval-only
+    # in the training run's default folder would block that run (and the other way round)
+    return {"export": f"{model_tag}-export", "eval": f"{model_tag}-eval",
+            "prune": f"{model_tag}-{prune.density:g}-{method_tag}-pruned"}.get(
+        mode, f"{model_tag}-{prune.density:g}-{method_tag}")
