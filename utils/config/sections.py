@@ -130,6 +130,11 @@ class TrainCfg:
     def total_steps(self) -> int:
         return self.epochs * self.max_step
 
+    @property
+    def sampled_length(self) -> int:
+        """Tokens per row of a generated:N text: --gen-length, else --block-size."""
+        return self.generation.length or self.block_size
+
 
 @dataclass(frozen=True)
 class EvalProtocol:

@@ -82,7 +82,7 @@ class RunIdentity:
             train_source=train.train_source, holdout=train.holdout, seed=train.seed,
             generation=None if generation is None else {  # None without generated:N: older runs resume
                 "temperature": generation.temperature, "top_p": generation.top_p,
-                "length": generation.length or train.block_size, "batch_size": generation.batch_size},
+                "length": train.sampled_length, "batch_size": generation.batch_size},
             mixed_precision=train.mixed_precision, loss=loss.kind,
             kd_temperature=loss.temperature if distilled else None, kd_weight=loss.weight("kd"),
             ce_weight=loss.weight("ce"), kd_hidden_weight=loss.weight("hidden"),  # None when off: older runs resume

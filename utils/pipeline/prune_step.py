@@ -56,9 +56,8 @@ def pruned_model(context: Context, density: float, dtype: torch.dtype | None
     make it now; whatever is loaded is checked against the model and its density measured.
     Returns (model, info, its measured sparsity report)."""
     config, logger = context.config, context.logger
-    length = min(config.prune.calibration.length, position_limit(context.model_config) or 10 ** 9)
     spec = PruneSpec.of(config, context.source.name, context.model_identity["fingerprint"], context.bos, density,
-                        calibration_length=length)
+                        calibration_length=_calibration_length(config, context.model_config))
     folder, lineage = _cache_entry(spec, config.prune.cache_dir), spec.lineage_file(config.prune.cache_dir)
     if density == 1 and not config.prune.pattern:  # nothing to prune: the dense model is the baseline
         model, _ = load_source(context.source, dtype)
@@ -121,10 +120,15 @@ def _stale(folder: Path, identity: dict) -> str:
     return f"their digest was {recorded}, now {current}" if recorded and current and recorded != current else ""
 
 
+def _calibration_length(config: RunConfig, model_config) -> int:
+    """--calibration-length as the model's positions cap it (what the windows hold, and the cache key)."""
+    return min(config.prune.calibration.length, position_limit(model_config) or 10 ** 9)
+
+
 def calibration_of(context: Context, model_config) -> tuple[torch.Tensor, dict]:
     """The calibration windows (the papers': random windows of the calibration text, `--seed`) and their description."""
     calibration, bos = context.config.prune.calibration, context.bos
-    length = min(calibration.length, position_limit(model_config) or 10 ** 9)
+    length = _calibration_length(context.config, model_config)
     ids = tokenize_source(calibration.source, context.tokenizer, split="train")
     text_length = length - 1 if bos is not None else length
     windows = with_bos(calibration_windows(ids.ids, calibration.nsamples, text_length, calibration.seed), bos)

@@ -123,7 +123,7 @@ def _check_lengths(config: RunConfig, model_config) -> None:
         asked.append(("--block-size", config.train.block_size))
         if split_sources(config.train.train_source)[1] is not None:  # a sampled row: its start token, then its tokens
             flag = "--gen-length" if config.train.generation.length else "--block-size (the sampled rows' length)"
-            asked.append((flag, 1 + (config.train.generation.length or config.train.block_size)))
+            asked.append((flag, 1 + config.train.sampled_length))
     for flag, value in asked:
         if value > limit:
             raise ModelError(f"{flag} {value} is longer than the {limit} positions {config.model.name} supports; "

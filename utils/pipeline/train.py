@@ -38,7 +38,7 @@ def generation_spec(config: RunConfig) -> GenerationSpec | None:
         return None
     train, sampling = config.train, config.train.generation
     return GenerationSpec.parse(generated, temperature=sampling.temperature, top_p=sampling.top_p,
-                                length=sampling.length or train.block_size, batch_size=sampling.batch_size,
+                                length=train.sampled_length, batch_size=sampling.batch_size,
                                 seed=train.seed)
 
 

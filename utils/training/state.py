@@ -21,7 +21,7 @@ import contextlib
 import json
 import signal
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -143,9 +143,6 @@ def read_meta(folder: Path) -> dict:
 # What train_state.json must hold, by key: the JSON types each value may have.
 _NUMBER = (int, float)
 META_SHAPE = {"train_state": dict, "optimizer": dict, "identity": dict, "layout": dict, "scheduler": dict}
-STATE_SHAPE = {"global_step": int, "epoch": int, "epoch_loss_sum": _NUMBER, "epoch_batches": int,
-               "epoch_tokens": int, "epoch_seconds": _NUMBER, "epoch_compile_steps": int,
-               "epoch_compile_seconds": _NUMBER, "bad_epochs": int, "history": dict, "finished": bool}
 
 
 def _check_meta(meta, path: Path) -> None:
@@ -161,11 +158,17 @@ def _check_meta(meta, path: Path) -> None:
             if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
                 return f"'{key}' is {value!r}, not {getattr(kind, '__name__', 'a number')}"
         return None
-    problem = wrong("it", META_SHAPE, meta) or wrong("its train_state", STATE_SHAPE, meta["train_state"]) or \
+    problem = wrong("it", META_SHAPE, meta) or wrong("its train_state", _state_shape(), meta["train_state"]) or \
         wrong("its optimizer", {"param_groups": list, "scalars": dict}, meta["optimizer"])
     if problem:
         raise CheckpointError(f"{path} is not a saved training state ({problem}); start again without --resume, "
                               f"or delete {path.parent}")
+
+
+def _state_shape() -> dict:
+    """What each TrainState field may hold in JSON, from its annotation (a float may be saved as an int)."""
+    kinds = {"int": int, "float": _NUMBER, "dict": dict, "bool": bool}
+    return {field.name: kinds[field.type] for field in fields(TrainState)}
 
 
 def check_position(meta: dict, folder: Path, max_step: int, epochs: int) -> None:
