@@ -81,14 +81,27 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default said once: not for a flag without one (None, a switch) or whose help says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, ()) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="extreme_compression_experiment.py", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=_Help)
     mode = parser.add_argument_group("what to run").add_mutually_exclusive_group()
     mode.add_argument("--eval-only", action="store_true", help="only measure the perplexity of --model (no pruning)")
     mode.add_argument("--prune-only", action="store_true", help="prune, save, report dense and pruned perplexity")
     mode.add_argument("--export-only", action="store_true",
-                      help="write --model (e.g. a run's best/ folder) as a compressed checkpoint, nothing else")
+                      help="write --model (e.g. a run's best/ folder) in --export's format (compressed, dense), nothing else")
+    mode.add_argument("--compare", nargs="+", metavar="RUN", default=None,
+                      help="compare run folders: a markdown table, a JSON file and a plot of their results.json "
+                           "into --output-dir (default runs/comparison); quick looks get a table of their own"),
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="opt-125m",
@@ -142,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = parser.add_argument_group("training")
     train.add_argument("--recipe", default="brief", choices=["brief", "measured"],
-                       help="brief (the default): each flag at its own default, the lr by the brief's rule (--base-lr); "
+                       help="brief (the default): each flag at its own default, the lr by the default rule 5e-6·√batch (--base-lr); "
                             "measured: the recovery measured best "
                             "near --sparsity (utils/config/recipes.py, BENCHMARKS.md): its --loss, --schedule, "
                             "--layer-density and lr (kept under the √batch rule); a flag given explicitly still wins")
@@ -153,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, default=5, help="epochs of --max-step optimizer steps")
     train.add_argument("--base-samples", type=_positive_int, default=10000, help="max_step = base_samples // batch_size")
     train.add_argument("--base-lr", type=_positive_float, default=None,
-                       help=f"lr = base_lr * sqrt(batch_size) (default {BASE_LR:g}, the brief's rule)")
+                       help=f"lr = base_lr * sqrt(batch_size) (default {BASE_LR:g})")
     train.add_argument("--max-step", type=_positive_int, default=None, help="override the derived steps per epoch")
     train.add_argument("--lr", type=_positive_float, default=None, help="override the derived peak learning rate")
     train.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 5%% of all steps, at most 100)")
@@ -208,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--token-length", type=_positive_int, default=2048, help="tokens per evaluation window")
     evaluation.add_argument("--stride", type=_positive_int, default=None,
                             help="tokens between window starts (default: --token-length, the papers' protocol)")
+    evaluation.add_argument("--eval-windows", type=_positive_int, default=None,
+                            help="score only the first N windows of the evaluation text: a quick look (minutes on a "
+                                 "CPU), labelled everywhere as not the papers' protocol and never compared with it")
     evaluation.add_argument("--eval-batch-size", type=_positive_int, default=4, help="windows per forward")
     evaluation.add_argument("--eval-compile", default="auto", choices=["auto", "off", "scoring", "layers"],
                             help="torch.compile in evaluation: scoring = the loss/accuracy kernel over the logits; "
@@ -232,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "runs/{model}-eval, --prune-only: runs/{model}-{sparsity}-"
                                                              "{method}-pruned, --export-only: runs/{model}-export)")
     output.add_argument("--log-file", default=None, help="also write the console output to this file")
+    output.add_argument("--log-every", type=_positive_int, default=None,
+                        help="a training progress line (and metrics.jsonl record) every N optimizer steps "
+                             "(default: every 10 steps or 30 s, whichever comes first)")
     output.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its saved state (the run's settings must match)")
     output.add_argument("--overwrite", action="store_true",
@@ -239,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
                         help="experiment tracker, through accelerate")
     output.add_argument("--no-save-best", action="store_true", help="do not save the best-perplexity model")
+    output.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of best/: float32 keeps the trained master weights bit for bit; bfloat16 "
+                             "halves the folder, and its perplexity may then differ slightly from the summary's")
+    output.add_argument("--keep-state", action="store_true",
+                        help="keep state/ (the resumable optimizer state, about 3× the model in float32) after a "
+                             "run finishes; by default it is removed then (best/ and the export stay)")
     output.add_argument("--export", default="compressed", choices=[*EXPORTERS, "none"],
                         help="also write the pruned (--prune-only) or best model in this format into the run folder: "
                              + "; ".join(f"{e.name} (OUTPUT/{e.folder}): {e.summary}" for e in EXPORTERS.values())
@@ -248,13 +273,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_reference() -> str:
+    """docs/flags.md: every flag by group, its default and its help (a test keeps the file equal to this)."""
+    parser, formatter = build_parser(), _Help("")
+    lines = ["# Flags", "", "Every flag of `extreme_compression_experiment.py` (also `--help`). Regenerate this page with",
+             "`python -c \"import extreme_compression_experiment as e; print(e.flag_reference(), end='')\" > docs/flags.md`.",
+             ""]
+    for group in parser._action_groups:
+        actions = [action for action in group._group_actions if action.option_strings and action.dest != "help"]
+        if not actions:
+            continue
+        lines += [f"## {group.title}", "", "| flag | default | what |", "| --- | --- | --- |"]
+        for action in actions:
+            default = "" if action.default in (None, False, ()) else f"`{action.default}`"
+            text = " ".join((formatter._get_help_string(action) or "").replace("%%", "%").split())
+            text = text.replace("(default: %(default)s)", "").replace("|", "\\|").strip()
+            lines.append(f"| `{', '.join(action.option_strings)}` | {default} | {text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None, callbacks=()) -> int:
     """The command line; `callbacks` see the training loop after every step (fsdp_finetune.Callback)."""
     make_console_safe(sys.stdout)
     make_console_safe(sys.stderr)
     parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compare:  # reads results.json files only: no model, no torch work
+        from utils.io.report import run_compare
+        return run_compare(args.compare, args.output_dir, sys.stderr)
     try:
-        config = validate(parser.parse_args(argv), world_size_from_launcher())
+        config = validate(args, world_size_from_launcher())
     except ConfigError as error:
         parser.error(str(error))
     from utils.data.sources import DataError

@@ -17,7 +17,6 @@ interrupt a run there, as a user would).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,7 @@ from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from safetensors import SafetensorError
-from torch._dynamo.exc import TorchDynamoException
 
 from utils.config.sections import EvalProtocol, TrainCfg
 from utils.data.sources import TokenizedText
@@ -36,33 +33,14 @@ from utils.io.events import MetricsLogger, describe_density
 from utils.io.history import PerplexityHistory
 from utils.io.memory import MemoryTracker
 from utils.models.sparsity import sparsity_report
-from utils.pruning.driver import density_tolerance
 from utils.pruning.schedule import SparsitySchedule
 from utils.training.masks import MaskSet
 from utils.training.parallel import Prepared
+from utils.training.progress import LogCadence, estimate_line
+from utils.training.reprune import prune_in_place
+from utils.training.stopping import STOPPING_ERRORS, TrainingStopped, check_finite, stop_message  # noqa: F401
 from utils.training.state import StopRequests, TrainState, load_state, save_best_model, save_state
 from utils.training.step import BlockSampler, Optimization, train_step
-
-LOG_EVERY = 10  # optimizer steps per log line (one host sync each)
-
-
-class TrainingStopped(RuntimeError):
-    """Raised when a run must stop (NaN loss); the message says what was kept."""
-
-
-# Errors that end a run with a message and its results kept, instead of a traceback.
-STOPPING_ERRORS = (torch.cuda.OutOfMemoryError, TorchDynamoException)
-
-
-def stop_message(error: BaseException) -> str:
-    """What went wrong and what to do about it, with the first line of the error itself."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return ("out of memory: lower --micro-batch-size (gradient accumulation keeps the effective batch), "
-                "--block-size, --eval-batch-size or --token-length, or use more GPUs with accelerate launch "
-                f"({first})")
-    return (f"torch.compile failed ({type(error).__name__}: {first}); run again with --compile off "
-            "(add --resume to continue from the last finished epoch)")
 
 
 @dataclass
@@ -86,6 +64,9 @@ class TrainingJob:
     save_best: bool = True
     kernels: CompiledKernels | None = None
     compiles: bool = False  # training compiles (its first log window is not the steady rate)
+    started: float = 0.0  # when this process began the run (time.monotonic), for its wall time
+    save_dtype: torch.dtype = torch.float32  # best/'s weights (--save-dtype)
+    eval_seconds: float | None = None  # how long one evaluation took (the baseline), for the time estimate
 
 
 @dataclass
@@ -95,10 +76,21 @@ class TrainResult:
     stopped_early: bool = False
     interrupted: bool = False
     error: str | None = None  # why the run stopped short (NaN loss, out of memory, compilation); best model kept
+    earlier_seconds: float = 0.0  # wall time of the processes that ran this run before a --resume
+
+    def summary_title(self, total_steps: int) -> str:
+        """The summary's heading: an interrupted or failed run's summary does not read like a finished one."""
+        if self.interrupted:
+            return (f"Summary So Far: INTERRUPTED at optimizer step {self.state.global_step} of {total_steps} "
+                    "(continue with the same command plus --resume)")
+        if self.error:
+            return "Summary So Far: the run STOPPED SHORT (the error above); the best model is kept"
+        return "Final Summary"
 
 
 class Callback(Protocol):
     def on_step_end(self, trainer: "Trainer") -> None: ...
+    # optional: on_epoch_end(trainer), after an epoch's state is saved (run.py draws curves.png there)
 
 
 class Trainer:
@@ -121,6 +113,8 @@ class Trainer:
         self.history = job.history
         self.state = TrainState(history=self.history.to_dict())
         self.stop: StopRequests | None = None
+        self.cadence = LogCadence(train.log_every, self.world)
+        self.estimated, self.last_eval_seconds = False, job.eval_seconds
 
     # ------------------------------------------------------------------ setup
 
@@ -141,7 +135,8 @@ class Trainer:
         self.memory = MemoryTracker(self.device)
         # A finished state resumed (its results were not all written): nothing trains, the run delivers.
         self.result = TrainResult(self.history, self.state,
-                                  stopped_early=self.state.finished and self.state.epoch <= train.epochs)
+                                  stopped_early=self.state.finished and self.state.epoch <= train.epochs,
+                                  earlier_seconds=self.state.timings.get("wall_seconds", 0.0))
         self.logger.report(f"Training: {train.epochs} epochs × {train.max_step} steps, batch {train.batch_size} "
                            f"= {self.micro} per micro-batch × {self.accumulation} accumulation × {self.world} "
                            f"processes, lr {train.lr:.3g}",
@@ -191,14 +186,14 @@ class Trainer:
     def _run_epoch(self) -> None:
         state, train = self.state, self.train
         epoch_end = state.epoch * train.max_step
-        self.bar = self.logger.progress(train.max_step, f"Epoch {state.epoch}/{train.epochs}")
-        self.bar.update(state.global_step - (state.epoch - 1) * train.max_step)
+        self.bar = self.logger.progress(train.max_step, f"Epoch {state.epoch}/{train.epochs}", unit="steps",
+                                        initial=state.global_step - (state.epoch - 1) * train.max_step)
         self.model.train()
         self.tick = time.perf_counter()
         while state.global_step < epoch_end:
             self.step()
             stopping = self.stop.requested and self.world == 1  # several processes agree at the window's end
-            if self.window_steps == LOG_EVERY or state.global_step == epoch_end:
+            if self.cadence.due(self.window_steps, time.perf_counter() - self.tick) or state.global_step == epoch_end:
                 stopping = self._flush_window(self.bar)
             if stopping:
                 raise KeyboardInterrupt
@@ -243,7 +238,7 @@ class Trainer:
                                 history=history, kernels=self.job.kernels)
 
     def _flush_window(self, bar) -> bool:
-        """One host sync per LOG_EVERY steps: loss bookkeeping, the NaN check, the log line.
+        """One host sync per log window (LogCadence): loss bookkeeping, the NaN check, the log line.
         Returns whether any process asked to stop (one all-reduce carries the loss and that vote)."""
         state, window_loss, stop = self.state, self.window_loss, bool(self.stop.requested)
         if self.world > 1:
@@ -257,6 +252,9 @@ class Trainer:
         state.epoch_loss_sum += total
         state.epoch_batches += steps
         state.epoch_seconds += seconds
+        state.timings["training_seconds"] = state.timings.get("training_seconds", 0.0) + seconds
+        if not self.compiling and not self.estimated and bar is not None:
+            self._estimate(seconds / steps)
         if self.compiling:
             state.epoch_compile_steps += steps
             state.epoch_compile_seconds += seconds
@@ -270,6 +268,19 @@ class Trainer:
         self.window_loss.zero_()
         return stop
 
+    def _estimate(self, seconds_per_step: float) -> None:
+        """Once a process, after its first window that did not compile: the time left."""
+        self.estimated = True
+        remaining = self.train.total_steps - self.state.global_step
+        evaluations = self.train.epochs - self.state.epoch + 1
+        line, event = estimate_line(seconds_per_step, remaining, evaluations, self.last_eval_seconds)
+        self.logger.report(line, event)
+
+    def _save_state(self) -> None:
+        self.state.history = self.history.to_dict()
+        self.state.timings["wall_seconds"] = self.result.earlier_seconds + time.monotonic() - self.job.started
+        save_state(self.state_dir, self.model, self.optimization, self.state, self.job.identity)
+
     def _save_interrupted(self) -> None:
         self.result.interrupted = True
         if self.bar is not None:
@@ -278,8 +289,7 @@ class Trainer:
             self._flush_window(None)
         self.logger.info(f"Interrupted at optimizer step {self.state.global_step}: saving resumable state to "
                          f"{self.state_dir} ...")
-        self.state.history = self.history.to_dict()
-        save_state(self.state_dir, self.model, self.optimization, self.state, self.job.identity)
+        self._save_state()
         self.logger.info("Saved. Continue with the same command plus --resume.")
 
     # ------------------------------------------------------------------ end of epoch
@@ -287,6 +297,7 @@ class Trainer:
     def end_epoch(self) -> None:
         """Held-out loss, the mask check, perplexity with its trend, the best model, the saved state."""
         state, train, job = self.state, self.train, self.job
+        self.holdout_record = {}
         with job.prepared.precision():
             if job.holdout is not None:
                 self._evaluate_holdout()
@@ -302,7 +313,8 @@ class Trainer:
                                  evaluation.perplexity < previous_best[1] * (1 - train.min_delta))
         if improved and job.save_best:
             save_best_model(self.model, job.tokenizer, self.best_dir,
-                            {**job.best_info(), "epoch": state.epoch, "perplexity": evaluation.perplexity})
+                            {**job.best_info(), "epoch": state.epoch, "perplexity": evaluation.perplexity},
+                            dtype=job.save_dtype)
             self.logger.info(f"Best model so far saved to {self.best_dir}")
         state.bad_epochs = 0 if improved or not eligible else state.bad_epochs + 1
         if train.patience is not None and state.bad_epochs >= train.patience:
@@ -310,10 +322,15 @@ class Trainer:
                              f"(--patience {train.patience})")
             self.result.stopped_early = True
             state.finished = True
+        self.history.details[state.epoch] = {"train_loss": measured["average_loss"], "accuracy": evaluation.accuracy,
+                                             "bits_per_byte": evaluation.bits_per_byte, **self.holdout_record}
+        self.last_eval_seconds = evaluation.seconds
+        state.timings["evaluation_seconds"] = state.timings.get("evaluation_seconds", 0.0) + evaluation.seconds
         state.next_epoch()
         state.finished = state.finished or state.epoch > train.epochs
-        state.history = self.history.to_dict()
-        save_state(self.state_dir, self.model, self.optimization, state, job.identity)
+        self._save_state()
+        for callback in self.callbacks:
+            getattr(callback, "on_epoch_end", lambda trainer: None)(self)
 
     def _report_epoch(self, density: float) -> tuple[dict, dict]:
         """The mask check and the epoch's lines: loss, rate, measured density; memory."""
@@ -334,6 +351,7 @@ class Trainer:
                          + (f" (scheduled {density:.4g})" if abs(measured.density - density) > 1e-3 else ""))
         for line in snapshot.lines():
             self.logger.info(line)
+        self.logger.log(measured.event(epoch=state.epoch, step=state.global_step), track=False)
         return ({"average_loss": average, "batches": state.epoch_batches, "tokens_per_second": tokens_per_second,
                  "steady_tokens_per_second": steady or tokens_per_second, "measured_density": measured.density},
                 snapshot.to_dict())
@@ -346,42 +364,18 @@ class Trainer:
         block = holdout.shape[1]
         result = evaluate_perplexity(self.model, holdout.reshape(-1),
                                      EvalProtocol(token_length=block, stride=block,
-                                                  batch_size=self.job.protocol.batch_size), progress=False)
+                                                  batch_size=self.job.protocol.batch_size),
+                                     progress=self.logger.is_main, desc="Held-out loss")
+        state.timings["evaluation_seconds"] = state.timings.get("evaluation_seconds", 0.0) + result.seconds
         train_loss = state.epoch_loss_sum / max(1, state.epoch_batches)
         passes = state.global_step * self.train.batch_size / self.job.blocks.shape[0]
-        self.logger.info(f"Held-out training text ({holdout.numel():,} tokens): loss {result.mean_nll:.4f} "
-                         f"(perplexity {result.perplexity:.2f}) | training loss ({self.job.loss_kind}) "
-                         f"{train_loss:.4f} | {passes:.1f} passes over the training text so far")
-        self.logger.log({"event": "holdout", "epoch": state.epoch, "loss": result.mean_nll,
+        kind = self.job.loss_kind
+        beside = (f"training cross-entropy {train_loss:.4f}" if kind == "ce" else
+                  f"training loss {train_loss:.4f} ({kind}: not a cross-entropy on the text, not comparable)")
+        self.logger.info(f"Held-out training text ({holdout.numel():,} tokens): cross-entropy {result.mean_nll:.4f} "
+                         f"(perplexity {result.perplexity:.2f}) | {beside} | {passes:.3g} passes over the "
+                         "training text so far")
+        self.holdout_record = {"holdout_loss": result.mean_nll, "holdout_perplexity": result.perplexity}
+        self.logger.log({"event": "holdout", "epoch": state.epoch, "step": state.global_step, "loss": result.mean_nll,
                          "perplexity": result.perplexity, "train_loss": train_loss, "passes": passes},
                         step=state.global_step)
-
-
-def check_finite(loss: float, step: int) -> float:
-    """`loss`, or TrainingStopped when it is NaN or infinite (the weights may be already)."""
-    if not math.isfinite(loss):
-        raise TrainingStopped(f"the training loss became {loss} by optimizer step {step}; the best model so far is "
-                              "kept. Lower --lr or use --mixed-precision bf16 instead of fp16")
-    return loss
-
-
-def prune_in_place(model: nn.Module, density: float, reprune: Callable[[float], None], masks: MaskSet,
-                   optimization: Optimization, logger: MetricsLogger, state: TrainState) -> float:
-    """Prune the trained model in place to `density`: masks refreshed in place (the compiled
-    backward reads these very buffers), the new zeros' optimizer moments cleared.  Returns the
-    measured density; recorded as a `mask_update` event (a gradual schedule's are not printed)."""
-    was_training = model.training
-    model.eval()
-    reprune(density)
-    model.train(was_training)
-    masks.agree()  # --parallel ddp: every copy pruned itself; all keep rank 0's masks
-    masks.refresh()
-    masks.mask_optimizer_state(optimization.optimizer)
-    measured = sparsity_report(model).density
-    logger.log({"event": "mask_update", "step": state.global_step, "epoch": state.epoch, "density": density,
-                "measured_density": measured}, step=state.global_step)
-    if abs(measured - density) > density_tolerance(model):
-        logger.info(f"Warning: the prune at step {state.global_step} left {describe_density(measured)}, not the "
-                    f"scheduled {density:.4g} (more than rounding); training goes on at the measured density. "
-                    "This is a bug, please report it with the run's metrics.jsonl")
-    return measured

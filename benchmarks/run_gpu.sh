@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How the numbers in BENCHMARKS.md were taken on a lent GPU machine (see ../shared/DEVICE.md for
+# How the numbers in docs/benchmark-log.md were taken on a lent GPU machine (see ../shared/DEVICE.md for
 # getting the SmolLM2 GGUF there as /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf and WikiText into .data/).
 #   bash benchmarks/run_gpu.sh bench     # evaluation, training and pruning speed
 #   bash benchmarks/run_gpu.sh quality   # SmolLM2 pruning table
@@ -69,7 +69,7 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 )
 # EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen).
 # RUN_LIMIT: seconds each run may take (timeout), so that a call's summary and results still come back.
-# The table's missing rows (BENCHMARKS.md, "The table's missing rows"), taken in three calls of one
+# The table's missing rows (docs/benchmark-log.md, "The table's missing rows"), taken in three calls of one
 # warm machine: a run stopped by RUN_LIMIT saves its state (SIGTERM) and the next call's --resume
 # continues it exactly; a run with no state starts fresh (SKIP_PRUNE=1: each run prunes what it needs).
 #   SKIP_PRUNE=1 RUN_LIMIT=505 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
@@ -78,14 +78,14 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 #       "gkd-mix-lr6e-4@0.1 iowlkd-mix-lr6e-4@0.1 ce@0.5 ce@1.0"
 #   SKIP_PRUNE=1 RUN_LIMIT=420 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
 #       "kd-mix-lr6e-4@1.0 ce-mix-lr5e-5@0.5 cekd-mix-lr5e-5@0.5"
-# "The table completed" (BENCHMARKS.md), three calls of one warm machine, the same way:
+# "The table completed" (docs/benchmark-log.md), three calls of one warm machine, the same way:
 #   SKIP_PRUNE=1 RUN_LIMIT=515 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
 #       "gkd-mix@0.1 ikd-mix-lr6e-4@0.1 iowlkd-mix-lr6e-4@0.1 today@0.3 gkd-mix-lr6e-4@0.3 kd-mix-lr5e-5@0.5"
 #   SKIP_PRUNE=1 RUN_LIMIT=520 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
 #       "ikd-mix-lr6e-4@0.1 iowlkd-mix-lr6e-4@0.1 gkd-mix-lr6e-4@0.3"
 #   SKIP_PRUNE=1 RUN_LIMIT=555 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
 #       "kd-mix-lr5e-5@0.5 today@0.3 icekd-mix-lr5e-5@0.5"
-# "The last rows" (BENCHMARKS.md), four calls of one warm machine (the first three the same four runs):
+# "The last rows" (docs/benchmark-log.md), four calls of one warm machine (the first three the same four runs):
 #   SKIP_PRUNE=1 RUN_LIMIT=530 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes \
 #       "ikd-mix-lr6e-4@0.3 iowlkd-mix-lr6e-4@0.3 gcekd-mix-lr5e-5@0.5 iowlcekd-mix-lr5e-5@0.5"
 #   (the same with RUN_LIMIT=555, then RUN_LIMIT=570)

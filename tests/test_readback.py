@@ -155,7 +155,7 @@ def test_a_crash_inside_the_state_swap_resumes_from_state_old(interrupted, tmp_p
     out = tmp_path / "run"
     shutil.copytree(interrupted, out)
     os.replace(out / "state", out / "state.old")  # the moment between moving the old state away and the new in
-    assert main(job_args(tiny_llama_dir, text_file, out, "--resume")) == 0
+    assert main(job_args(tiny_llama_dir, text_file, out, "--resume", "--keep-state")) == 0
     assert "Resumed from" in capsys.readouterr().out and (out / "state" / "train_state.json").exists()
 
 
@@ -179,8 +179,11 @@ def test_a_folder_with_results_is_never_overwritten_by_another_mode(interrupted,
 
 def test_a_start_that_failed_before_any_work_blocks_nothing(tmp_path, tiny_llama_dir, text_file, capsys):
     out = tmp_path / "run"
-    missing = tmp_path / "no-such-text.txt"
-    assert main(job_args(tiny_llama_dir, missing, out)) == 2  # fails on the text, after run.json was written
+    short = tmp_path / "short.txt"
+    short.write_text("too short for one window", encoding="utf-8")
+    args = job_args(tiny_llama_dir, text_file, out)
+    args[args.index("--eval-source") + 1] = str(short)
+    assert main(args) == 2  # fails on the text, after run.json was written
     assert (out / "run.json").exists()
     assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1")) == 0
     assert "already holds" not in capsys.readouterr().err

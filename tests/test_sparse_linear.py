@@ -1,7 +1,7 @@
 """The sparse decode layout, its reference, SparseLinear, the swap and load_sparse, on the CPU.
 
 The Triton kernel itself runs on the GPU only; benchmarks/bench_decode.py checks it against
-`reference_linear` there (BENCHMARKS.md). These tests pin what the kernel is checked against.
+`reference_linear` there (docs/benchmark-log.md). These tests pin what the kernel is checked against.
 """
 import json
 

@@ -52,11 +52,23 @@ class PerplexityResult:
     tokens: int  # tokens in the text
     scored_tokens: int
     seconds: float
+    total_windows: int | None = None  # the text's windows when only the first `windows` were scored
+
+    @property
+    def quick(self) -> bool:
+        return self.total_windows is not None and self.windows < self.total_windows
 
     def summary(self) -> str:
         return (f"Perplexity: {self.perplexity:.4f} | bits/byte {self.bits_per_byte:.4f} | "
                 f"next-token accuracy {self.accuracy * 100:.2f}% | {self.windows} windows, "
-                f"{self.tokens:,} tokens ({self.seconds:.1f} s)")
+                f"{self.tokens:,} tokens ({self.seconds:.1f} s)" + (f"\n{quick_label(self.windows, self.total_windows)}"
+                                                                   if self.quick else ""))
+
+
+def quick_label(windows: int, total: int) -> str:
+    """What every quick-look number carries: it is not the papers' protocol."""
+    return (f"QUICK LOOK (--eval-windows): the first {windows} of the text's {total} windows, not the papers' "
+            "protocol; not comparable with full-protocol numbers")
 
 
 def plan_windows(num_tokens: int, token_length: int, stride: int) -> list[Window]:
@@ -219,6 +231,8 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
         ids = ids[1:] if ids.numel() and int(ids[0]) == bos_id else ids
         token_length, stride = token_length - 1, min(stride, token_length - 1)
     windows = plan_windows(ids.numel(), token_length, stride)
+    total_windows = len(windows)
+    windows = windows[:protocol.windows] if protocol.windows else windows
     grouped = distributed and dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
     device = _model_device(model)
@@ -238,7 +252,7 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
     batches = _batches(windows, protocol.batch_size)
     mine = batches[rank::world]
     rounds = math.ceil(len(batches) / world)
-    bar = Progress(len(windows), desc, enabled=progress and rank == 0)
+    bar = Progress(len(windows), desc, enabled=progress and rank == 0, unit="windows")
     on_device = ids.to(device)  # once; each batch is then a slice on the device
     bos = torch.full((1,), bos_id, dtype=ids.dtype, device=device) if bos_id is not None else None
     try:
@@ -290,11 +304,14 @@ def evaluate_perplexity(model: torch.nn.Module, tokens: TokenizedText | torch.Te
         dist.all_reduce(totals)
     nll, scored, correct = totals.tolist()
     mean_nll = nll / scored
+    covered = windows[-1].end - windows[0].begin  # tokens of the text the scored windows span
     scored_bytes = num_bytes * scored / ids.numel() if num_bytes else float("nan")
     return PerplexityResult(perplexity=math.exp(mean_nll), mean_nll=mean_nll,
                             bits_per_byte=nll / math.log(2) / scored_bytes if num_bytes else float("nan"),
-                            accuracy=correct / scored, windows=len(windows), tokens=ids.numel(),
-                            scored_tokens=int(scored), seconds=time.perf_counter() - start)
+                            accuracy=correct / scored, windows=len(windows),
+                            tokens=ids.numel() if len(windows) == total_windows else covered,
+                            scored_tokens=int(scored), seconds=time.perf_counter() - start,
+                            total_windows=total_windows if len(windows) < total_windows else None)
 
 
 @dataclass(frozen=True)

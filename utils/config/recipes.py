@@ -9,7 +9,7 @@ note a run with the brief's lr prints.
 
 Measured with SmolLM2-135M on the H200 over the user's budget: 5 epochs × 1,250 steps × batch 8
 × 512 tokens = 25.6M tokens, on 2.3M tokens of text (`wiki.valid.raw` + the fallback text), the
-full WikiText-2 test protocol; dense 21.61 (BENCHMARKS.md, "Recovery over the full budget" and
+full WikiText-2 test protocol; dense 21.61 (docs/benchmark-log.md, "Recovery over the full budget" and
 "The table's missing rows", "The table completed", "The last rows").  The brief fixes the
 default lr at 5e-6·√batch; every recipe here trained at a larger one, so a run at the derived lr
 is told what was measured, and `--recipe measured` takes the row's settings (its lr kept under
@@ -58,11 +58,11 @@ RECIPES = (
                    "derived lr 464.1 after one epoch, one-shot 286.1"),
     MeasuredRecipe(0.3, 0.4, "kd", "iterative", "owl", 6e-4, 32.56,
                    "iterative without OWL at the same lr 33.28, gradual 34.18, one-shot OWL 34.91; cross-entropy "
-                   "on wiki.valid at the derived lr (today's recipe) 47.90"),
+                   "on wiki.valid alone at the derived lr 47.90"),
     MeasuredRecipe(0.5, 0.6, "ce+kd", "oneshot", "auto", 5e-5, 22.16,
                    "at 5e-5 cross-entropy 23.29, distillation 26.31, iterative + OWL from 0.8 22.92, gradual "
-                   "24.73; at the derived lr CE + KD 22.82, cross-entropy 23.19, on wiki.valid alone (today's "
-                   "recipe) 25.32"),
+                   "24.73; at the derived lr CE + KD 22.82, cross-entropy 23.19, cross-entropy on wiki.valid alone "
+                   "25.32"),
 )
 
 

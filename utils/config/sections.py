@@ -125,6 +125,7 @@ class TrainCfg:
     seed: int = flag("--seed", 0)
     patience: int | None = flag("--patience", None)
     min_delta: float = flag("--min-delta", 0.0)
+    log_every: int | None = flag("--log-every", None)  # None: every 10 steps or 30 s (utils/training/progress.py)
 
     @property
     def total_steps(self) -> int:
@@ -146,10 +147,16 @@ class EvalProtocol:
     compile: str = flag("--eval-compile", "off")  # off | scoring | layers (auto resolved by the pipeline)
     source: str = flag("--eval-source", "wikitext2")
     bos_id: int | None = flag("--bos-per-window", None)
+    windows: int | None = flag("--eval-windows", None)  # only the first N windows: a quick look, not the protocol
 
     @property
     def window_stride(self) -> int:
         return self.stride or self.token_length
+
+    @property
+    def quick(self) -> bool:
+        """Only part of the text is scored: the numbers are a quick look, not the papers' protocol."""
+        return self.windows is not None
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,8 @@ class OutputCfg:
     save_best: bool = flag("--no-save-best", True)
     export: str = flag("--export", "compressed")
     export_dtype: str = flag("--export-dtype", "bfloat16")
+    keep_state: bool = flag("--keep-state", False)  # a finished run's state/ stays (else it is removed)
+    save_dtype: str = flag("--save-dtype", "float32")  # best/'s weights (float32: the trained master weights)
 
 
 MODES = ("eval", "prune", "export", "train")

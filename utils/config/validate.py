@@ -19,10 +19,11 @@ from utils.config.recipes import RECIPES, default_loss, measured_recipe
 from utils.config.sections import (CalibrationCfg, EvalProtocol, GenerationCfg, LossCfg, ModelCfg,
                                    OutputCfg, PruneCfg, RunConfig, ScheduleCfg, TaskCfg, TrainCfg)
 from utils.data.generated import split_sources, token_count
-from utils.data.sources import DataError
-from utils.models.loading import safe_name
+from utils.data.sources import TEXT_SUFFIXES, DataError
+from utils.models.hub import ModelError
+from utils.models.loading import resolve_model, safe_name
 from utils.pruning.criteria import parse_pattern
-from utils.pruning.methods import METHODS, option_flags
+from utils.pruning.methods import METHODS, needs_calibration, option_flags
 from utils.pruning.profile import resolve_layer_density
 from utils.pruning.schedule import GRADUAL_RAMP, ITERATIVE_START
 from utils.task_eval import lm_eval_missing
@@ -173,6 +174,41 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
         if args.report_to == tracker and importlib.util.find_spec(package) is None:
             problems.append(f"argument --report-to {tracker}: the {package} package is not installed "
                             f"(pip install {package})")
+    return problems + _model_problems(args) + _source_problems(args)
+
+
+def _model_problems(args: argparse.Namespace) -> list[str]:
+    """A --model that names nothing (a mistyped short name: the close ones suggested), found in
+    milliseconds, before the heavy libraries load."""
+    try:
+        resolve_model(args.model)
+    except ModelError as error:
+        return [f"argument --model: {error}"]
+    except OSError as error:  # a name the file system refuses, e.g. longer than it allows
+        return [f"argument --model: {error.strerror or error} (shorten the path)"]
+    return []
+
+
+def _source_problems(args: argparse.Namespace) -> list[str]:
+    """Text sources that name local paths which do not exist, each under its own flag."""
+    mode_reads = {"--eval-source": not args.export_only,
+                  "--train-source": not (args.eval_only or args.prune_only or args.export_only),
+                  "--calibration-source": not (args.eval_only or args.export_only) and needs_calibration(args.method)}
+    problems = []
+    for name, used in mode_reads.items():
+        spec = getattr(args, name[2:].replace("-", "_"))
+        if not used or spec == "wikitext2" or spec.startswith("hf:"):
+            continue
+        try:
+            parts = [part for part in split_sources(spec)[0].split(",") if part] if name == "--train-source" else [spec]
+        except DataError:  # two generated: parts, reported with the training text's checks
+            continue
+        missing = [part for part in parts if part != "wikitext2" and not part.startswith("hf:")
+                   and not Path(part).expanduser().exists()
+                   and (len(parts) > 1 or "/" in part or "\\" in part or Path(part).suffix in TEXT_SUFFIXES)]
+        if missing:
+            problems.append(f"argument {name}: text source not found: {', '.join(missing)} (give an existing file "
+                            "or folder, 'wikitext2', or hf:NAME:CONFIG:SPLIT:COLUMN)")
     return problems
 
 
@@ -254,7 +290,8 @@ def _train(args: argparse.Namespace, lr_derived: bool) -> TrainCfg:
                     weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
                     block_size=args.block_size, train_source=args.train_source, holdout=args.holdout,
                     generation=generation, mixed_precision=args.mixed_precision, compile=args.compile,
-                    parallel=args.parallel, seed=args.seed, patience=args.patience, min_delta=args.min_delta)
+                    parallel=args.parallel, seed=args.seed, patience=args.patience, min_delta=args.min_delta,
+                    log_every=args.log_every)
 
 
 def _schedule_problems(args: argparse.Namespace, train: TrainCfg) -> list[str]:
@@ -305,12 +342,13 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> RunConfig:
         loss=_loss(args, density),
         train=train,
         eval=EvalProtocol(token_length=args.token_length, stride=args.stride or args.token_length,
-                          batch_size=args.eval_batch_size, compile=args.eval_compile, source=args.eval_source),
+                          batch_size=args.eval_batch_size, compile=args.eval_compile, source=args.eval_source,
+                          windows=args.eval_windows),
         tasks=TaskCfg(tuple(args.tasks), args.task_dir, args.task_limit, args.task_batch_size),
         output=OutputCfg(dir=args.output_dir or str(Path("runs") / _default_folder(args.model, mode, prune)),
                          log_file=args.log_file, resume=args.resume, overwrite=args.overwrite,
                          report_to=args.report_to, save_best=not args.no_save_best, export=args.export,
-                         export_dtype=args.export_dtype))
+                         export_dtype=args.export_dtype, keep_state=args.keep_state, save_dtype=args.save_dtype))
 
 
 def _default_folder(model: str, mode: str, prune: PruneCfg) -> str:

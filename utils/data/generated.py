@@ -120,7 +120,7 @@ def generated_text(spec: GenerationSpec, load_dense: Callable[[], torch.nn.Modul
         raise DataError("--train-source generated:N needs a BOS or end-of-text token to start each sample from; "
                         "this tokenizer has neither")
     model = load_dense()
-    bar = logger.progress(spec.rows, "Sampling training text") if logger is not None else None
+    bar = logger.progress(spec.rows, "Sampling training text", unit="rows") if logger is not None else None
     if logger is not None:
         logger.info(f"Generated text: sampling {spec.rows:,} rows of {spec.length} tokens from the dense model "
                     f"(temperature {spec.temperature:g}, top-p {spec.top_p:g}, seed {spec.seed}, "

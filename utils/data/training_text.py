@@ -53,6 +53,11 @@ def training_blocks(text: TokenizedText, block_size: int, holdout: float,
     return split_holdout(with_bos(pack_blocks(text.ids, text_block), bos), holdout)
 
 
+def count(number: int) -> str:
+    """25_600_000 -> '25.6M', 81_920 -> '81,920'."""
+    return f"{number / 1e6:.1f}M" if number >= 1e6 else f"{number:,}"
+
+
 def report_budget(text: TokenizedText, blocks: torch.Tensor, holdout: torch.Tensor | None, train: TrainCfg,
                   memorizes_after: float, logger) -> float:
     """Print the text, the budget and its passes over the text (warning past `memorizes_after`
@@ -62,9 +67,10 @@ def report_budget(text: TokenizedText, blocks: torch.Tensor, holdout: torch.Tens
     logger.info(f"Training text: {text.ids.numel():,} tokens → {blocks.shape[0]:,} blocks of {block_size}{held}")
     per_epoch = train.max_step * train.batch_size / blocks.shape[0]
     total = per_epoch * train.epochs
+    tokens = train.epochs * train.max_step * train.batch_size * block_size
     logger.info(f"Budget: {train.epochs} epochs × {train.max_step} steps × {train.batch_size} blocks = "
-                f"{train.epochs * train.max_step * train.batch_size * block_size / 1e6:.1f}M tokens = "
-                f"{per_epoch:.1f} passes over the training text per epoch, {total:.1f} in all")
+                f"{count(tokens)} tokens = {per_epoch:.3g} passes over the training text per epoch, {total:.3g} in "
+                "all (the time it takes is estimated after the first steps)")
     logger.log({"event": "budget", "train_tokens": int(blocks.numel()), "passes_per_epoch": per_epoch,
                 "passes": total, "holdout_tokens": int(holdout.numel()) if holdout is not None else 0})
     if total > memorizes_after:

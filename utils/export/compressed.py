@@ -60,6 +60,9 @@ class ExportReport:
         return self.file_bytes / self.dense_bytes
 
     def lines(self) -> list[str]:
+        if self.format == "dense":
+            return [f"Dense export: {self.folder} | {format_bytes(self.file_bytes)} on disk, every weight "
+                    f"{self.dtype}, the zeros included (a plain Hugging Face folder)"]
         biggest = ", ".join(f"{name} {format_bytes(size)}" for name, size in self.largest_dense)
         return [f"Compressed export: {self.folder} | {format_bytes(self.file_bytes)} on disk = {self.ratio:.1%} of "
                 f"the dense {self.dtype} checkpoint ({format_bytes(self.dense_bytes)})",

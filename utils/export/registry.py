@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from utils.export.compressed import ExportReport, export_compressed, is_compressed_folder, load_compressed
+from utils.export.dense import export_dense, is_never
 from utils.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
 
 
@@ -34,6 +35,9 @@ class Exporter:
 EXPORTERS: dict[str, Exporter] = {exporter.name: exporter for exporter in (
     Exporter("compressed", "compressed", export_compressed, is_compressed_folder, load_compressed,
              "non-zeros + bitmasks: the size the pruned model really has; --model reads it back"),
+    Exporter("dense", "dense", export_dense, is_never, lambda folder, dtype: load_model(resolve_model(str(folder)),
+                                                                                       dtype=dtype)[0],
+             "a plain Hugging Face folder, zeros included, for tools that read only dense checkpoints"),
 )}
 
 

@@ -4,7 +4,7 @@ semi-structured sparse tensor (cuSPARSELt, or CUTLASS on Ampere), for inference.
     problems = semi_structured_problems(model)      # [] when every decoder linear can be swapped
     swapped = to_semi_structured(model)             # how many linears now run sparse kernels
 
-Measured by benchmarks/bench_sparse.py (BENCHMARKS.md). PyTorch's semi-structured tensors are a
+Measured by benchmarks/bench_sparse.py (docs/benchmark-log.md). PyTorch's semi-structured tensors are a
 prototype: CUTLASS kernels exist for sm80 only, and cuSPARSELt's Hopper support came later
 (pytorch/pytorch#132009). The swap therefore says what it needs and refuses anything else.
 """

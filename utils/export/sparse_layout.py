@@ -11,7 +11,7 @@ and its column: "col16" stores the column (int16, 4 bytes a kept weight), "delta
 to the previous column (a row's columns are the running sum; a gap over 255 takes extra slots of
 delta 255 and value 0; 3 bytes a kept weight). Padding slots hold value 0. "col16" is the default:
 on the H200 it beat "delta8" at every point timed although it moves a third more bytes, because the
-kernel is bound by its gathers of x, not by memory (BENCHMARKS.md, "Sparse decode kernels").
+kernel is bound by its gathers of x, not by memory (docs/benchmark-log.md, "Sparse decode kernels").
 "bitmask" holds the export's own values + bitmask (1 bit a weight + 2 bytes a kept one), with a
 per-weight kernel for mid densities; it is checked in Triton's interpreter, not yet timed.
 
@@ -43,7 +43,7 @@ MAX_DELTA = 255
 
 @dataclass(frozen=True)
 class SparseRule:
-    """When and how a linear runs sparse (benchmarks/bench_decode.py measures it; BENCHMARKS.md).
+    """When and how a linear runs sparse (benchmarks/bench_decode.py measures it; docs/benchmark-log.md).
 
     max_density: a linear denser than this stays a dense nn.Linear. The col16 kernel at one row beat
         cuBLAS by 2.42x at density 0.1 and lost (0.81x) at 0.5 on the opt-6.7b layer (H200); its time
@@ -249,4 +249,4 @@ def reference_linear(x: torch.Tensor, packed: EllMatrix, bias: torch.Tensor | No
 # Launch parameters by kernel and rows per call (1, or up to 16 a program); measured on the H200
 # (bench_decode.py): "ell": (BLOCK_P slots a row per step, num_warps[, spread]); "bitmask": (ROWS a
 # program, num_warps). ELL tiles have the layout's rows_per_block rows. The ELL entries are the sweep's
-# best (H200, BENCHMARKS.md); spread (ell_matvec) and the bitmask entries are untimed guesses.
+# best (H200, docs/benchmark-log.md); spread (ell_matvec) and the bitmask entries are untimed guesses.

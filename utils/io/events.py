@@ -67,22 +67,25 @@ def is_interactive(stream: TextIO | None = None) -> bool:
 
 
 class Progress:
-    """A progress bar on a terminal; a plain line every `every` seconds when piped.
+    """A progress bar on a terminal; a plain line every `every` seconds when piped, with the rate
+    and the time left: "Epoch 1/5: 20/2500 (0.8%) | 0.52 steps/s | ETA 1h19m | loss=3.2140".
 
     Carriage-return bars turn log files into one giant line; a researcher tailing a log wants
-    "Computing perplexity: 60/148" lines instead.
+    plain lines instead.  `initial`: units done before this bar began (a resumed epoch); the
+    rate counts only what this bar saw.
     """
 
     def __init__(self, total: int, desc: str, enabled: bool = True, every: float = 10.0,
-                 stream: TextIO | None = None):
-        self.total, self.desc, self.enabled, self.every = total, desc, enabled, every
+                 stream: TextIO | None = None, initial: int = 0, unit: str = "it"):
+        self.total, self.desc, self.enabled, self.every, self.unit = total, desc, enabled, every, unit
         self.stream = stream or sys.stdout
-        self.count = 0
+        self.count = self.initial = initial
         self.postfix: dict[str, Any] = {}
         self._bar = None
-        self._last = time.monotonic()
+        self._started = self._last = time.monotonic()
         if enabled and is_interactive(self.stream):
-            self._bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=False)
+            self._bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=False,
+                             initial=initial, unit=unit)
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         if not self.enabled:
@@ -99,9 +102,22 @@ class Progress:
             self._last = now
             self._write_line()
 
+    def rate(self) -> float | None:
+        """Units per second since this bar began, or None before the first."""
+        seconds, done = time.monotonic() - self._started, self.count - self.initial
+        return done / seconds if done > 0 and seconds > 0 else None
+
     def _write_line(self) -> None:
         extra = " ".join(f"{k}={_fmt(v)}" for k, v in self.postfix.items())
-        line = f"{self.desc}: {self.count}/{self.total}" + (f" {extra}" if extra else "")
+        line = f"{self.desc}: {self.count}/{self.total}"
+        if self.total:
+            line += f" ({self.count / self.total:.0%})"
+        rate = self.rate()
+        if rate:
+            line += f" | {rate:.3g} {self.unit}/s"
+            if self.count < self.total:
+                line += f" | ETA {duration((self.total - self.count) / rate)}"
+        line += f" | {extra}" if extra else ""
         try:
             self.stream.write(safe_text(line, getattr(self.stream, "encoding", None)) + "\n")
             self.stream.flush()
@@ -121,6 +137,16 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def duration(seconds: float) -> str:
+    """42 -> '42s', 125 -> '2m05s', 4000 -> '1h06m'."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _fmt(value: Any) -> str:
@@ -182,9 +208,9 @@ class MetricsLogger:
             if numeric:
                 self.tracker_log(numeric, step)
 
-    def progress(self, total: int, desc: str, every: float = 10.0) -> Progress:
+    def progress(self, total: int, desc: str, every: float = 10.0, initial: int = 0, unit: str = "it") -> Progress:
         return Progress(total, desc, enabled=self.is_main and self.stream is not None, every=every,
-                        stream=self.stream)
+                        stream=self.stream, initial=initial, unit=unit)
 
     def close(self) -> None:
         if self._log_file:

@@ -22,6 +22,9 @@ class PerplexityHistory:
     final_from: int = 0  # first epoch at the final density (iterative pruning: earlier ones hold more weights)
     # A schedule's baseline is measured at its first density, above the final one: (start, final), else None
     densities: tuple[float, float] | None = None
+    # Per epoch, what was measured beside perplexity (accuracy, bits/byte, training and held-out loss)
+    details: dict[int, dict] = field(default_factory=dict)
+    quick: str | None = None  # set when perplexity is a quick look (--eval-windows): said in every summary
 
     def add(self, epoch: int, perplexity: float) -> None:
         self.epochs = [(e, p) for e, p in self.epochs if e != epoch] + [(epoch, perplexity)]
@@ -59,8 +62,8 @@ class PerplexityHistory:
             lines.append(f"Epoch {epoch}: {ppl:.2f}{trend}")
         return lines
 
-    def summary_lines(self) -> list[str]:
-        lines = [banner("Final Summary")]
+    def summary_lines(self, title: str = "Final Summary") -> list[str]:
+        lines = [banner(title)] + ([self.quick] if self.quick else [])
         if self.dense is not None:
             lines.append(f"Dense perplexity:    {self.dense:.4f}")
         if self.baseline is not None:
@@ -87,13 +90,17 @@ class PerplexityHistory:
         best = self.best
         return {"dense": self.dense, "baseline": self.baseline, "final": self.final, "final_from": self.final_from,
                 "baseline_density": self.densities[0] if self.densities else None,
-                "epochs": [{"epoch": e, "perplexity": p} for e, p in self.epochs],
+                "epochs": [{"epoch": e, "perplexity": p, **self.details.get(e, {})} for e, p in self.epochs],
+                "quick_look": self.quick,
                 "best": {"epoch": best[0], "perplexity": best[1]} if best else None,
                 "densities": list(self.densities) if self.densities else None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PerplexityHistory":
         densities = data.get("densities")
+        epochs = data.get("epochs", [])
         return cls(baseline=data.get("baseline"), dense=data.get("dense"), final_from=int(data.get("final_from", 0)),
-                   epochs=[(int(e["epoch"]), float(e["perplexity"])) for e in data.get("epochs", [])],
+                   epochs=[(int(e["epoch"]), float(e["perplexity"])) for e in epochs],
+                   details={int(e["epoch"]): {k: v for k, v in e.items() if k not in ("epoch", "perplexity")}
+                            for e in epochs if len(e) > 2}, quick=data.get("quick_look"),
                    densities=tuple(densities) if isinstance(densities, list) and len(densities) == 2 else None)

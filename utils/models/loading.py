@@ -10,6 +10,7 @@ seconds and says how to run offline, instead of minutes of retries.
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import re
@@ -63,7 +64,7 @@ def resolve_model(spec: str) -> ModelSource:
     path = Path(key).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
-            raise ModelError(f"GGUF file not found: {path}")
+            raise ModelError(f"GGUF file not found: {path} (--model takes an existing .gguf file)")
         return ModelSource("gguf", str(path.parent), path.name, name=safe_name(path.stem))
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -72,8 +73,11 @@ def resolve_model(spec: str) -> ModelSource:
         return ModelSource("folder", str(path), name=safe_name(path.resolve().name))
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", key) and not path.exists():
         return ModelSource("hub", key, name=safe_name(key.split("/")[-1]))
-    raise ModelError(f"unknown model '{spec}': not a local folder or .gguf file, not a hub id (owner/name), "
-                     "not a short name (" + ", ".join([*OPT_SHORT_NAMES, *PACKAGED_MODELS]) + ")")
+    names = [*OPT_SHORT_NAMES, *PACKAGED_MODELS]
+    close = difflib.get_close_matches(key.lower(), names, n=3, cutoff=0.6)
+    guess = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ModelError(f"unknown model '{spec}': {guess}not a local folder or .gguf file, not a hub id (owner/name), "
+                     "not a short name (" + ", ".join(names) + ")")
 
 
 def _gguf_cache_folder(source: ModelSource) -> Path:

@@ -64,6 +64,11 @@ class SparsityReport:
         return {"density": self.density, "nonzeros": self.nonzeros, "numel": self.numel,
                 "layers": {name: nz / n for name, nz, n in self.layers}}
 
+    def event(self, **where) -> dict:
+        """A `sparsity` event for metrics.jsonl: the counts of every linear (curves.png draws them)."""
+        return {"event": "sparsity", **where, "density": self.density,
+                "layers": [[name, nz, n] for name, nz, n in self.layers]}
+
 
 @torch.no_grad()
 def nonzero_counts(groups: list[list[torch.Tensor]]) -> list[int]:

@@ -6,7 +6,8 @@ logger, the model's source, identity and tokenizer, and the evaluation protocol 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ class Context:
     eval_tokens: TokenizedText | None = None
     tasks: TaskSet | None = None
     kernels: CompiledKernels | None = None
+    started: float = field(default_factory=time.monotonic)  # when the run began (time.monotonic)
 
     @property
     def device(self) -> torch.device:

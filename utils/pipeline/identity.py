@@ -61,6 +61,7 @@ class RunIdentity:
     eval_source: str | None = flag("--eval-source")
     token_length: int | None = flag("--token-length")
     stride: int | None = flag("--stride")
+    eval_windows: int | None = flag("--eval-windows")
     eval_dtype: str | None = flag("--dtype")
     model_content: str | None = flag("--model")  # the whole files' digest: an edit in place is another model
     # Fields the saved run did not record (saved before they existed): not compared.
@@ -91,7 +92,8 @@ class RunIdentity:
             method_options=non_default_options(prune.options) or None,
             loss_terms={term.name: term.weight for term in loss.terms if term.name not in ("ce", "kd", "hidden")}
             or None, bos_per_window=bos is not None, eval_source=config.eval.source,
-            token_length=config.eval.token_length, stride=config.eval.window_stride, eval_dtype=config.model.dtype,
+            token_length=config.eval.token_length, stride=config.eval.window_stride,
+            eval_windows=config.eval.windows, eval_dtype=config.model.dtype,
             model_content=content)
 
     def to_json(self) -> dict:

@@ -22,6 +22,7 @@ from utils.models.structure import count_parameters
 from utils.pipeline.context import Context, Start
 from utils.pipeline.deliver import deliver
 from utils.pipeline.prune_step import pruned_model
+from utils.pipeline.record import quick_note, run_record
 from utils.task_eval import load_tasks
 
 
@@ -60,9 +61,9 @@ def evaluate_only(context: Context, start: Start) -> int:
                               kernels=context.kernels)
     if context.is_main:
         extras = deliver(context, model, info=None, export=False)
-        write_json(context.output / "results.json", {"model": config.model.name, "eval_source": config.eval.source,
+        write_json(context.output / "results.json", {**run_record(context), "eval_source": config.eval.source,
                                                      "bos_per_window": context.bos is not None, **asdict(result),
-                                                     **extras})
+                                                     "quick_look": quick_note(context.protocol), **extras})
     return 0
 
 
@@ -73,7 +74,7 @@ def prune_only(context: Context, start: Start) -> int:
     config, logger = context.config, context.logger
     model, info, report = pruned_model(context, context.schedule.initial,
                                        parse_dtype(config.model.dtype, context.device))
-    history = PerplexityHistory(dense=info.get("dense_perplexity"))
+    history = PerplexityHistory(dense=info.get("dense_perplexity"), quick=quick_note(context.protocol))
     for line in report.lines():
         logger.info(line)
     model.to(context.device)
@@ -82,11 +83,12 @@ def prune_only(context: Context, start: Start) -> int:
                               kernels=context.kernels)
     history.baseline = result.perplexity
     extras = deliver(context, model, info={"model": config.model.name, "pruning": info}) if context.is_main else {}
-    for line in history.summary_lines()[1:3]:
+    for line in history.summary_lines()[1:3 + bool(history.quick)]:  # dense and pruned (and the quick-look note)
         logger.info(line)
     if context.is_main:
-        write_json(context.output / "results.json", {**history.to_dict(), "bos_per_window": context.bos is not None,
-                                                     "pruning": info, **extras})
+        write_json(context.output / "results.json", {**run_record(context), **history.to_dict(),
+                                                     "bos_per_window": context.bos is not None, "pruning": info,
+                                                     **extras})
     return 1 if "export_error" in extras else 0
 
 
@@ -99,7 +101,7 @@ def export_only(context: Context, start: Start) -> int:
         return 0
     extras = deliver(context, model, info={"model": context.config.model.name,
                                            "model_identity": context.model_identity})
-    write_json(context.output / "results.json", {"model": context.config.model.name, **extras})
+    write_json(context.output / "results.json", {**run_record(context), **extras})
     return 1 if "export_error" in extras else 0
 
 

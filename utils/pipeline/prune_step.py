@@ -47,7 +47,8 @@ def sparsity_schedule(config: RunConfig) -> SparsitySchedule:
 def _dense_protocol(context: Context) -> str:
     """The text and protocol a cached prune's dense perplexity was measured with."""
     protocol = context.config.eval
-    return f"{protocol.source}|{protocol.token_length}|{protocol.window_stride}|{context.bos}"
+    quick = f"|first {protocol.windows} windows" if protocol.quick else ""  # the full protocol's key as before
+    return f"{protocol.source}|{protocol.token_length}|{protocol.window_stride}|{context.bos}{quick}"
 
 
 def pruned_model(context: Context, density: float, dtype: torch.dtype | None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -146,6 +147,7 @@ def _header(config: RunConfig, accelerator, logger: MetricsLogger) -> None:
 
 
 def _run(config: RunConfig, accelerator, folder: RunFolder, logger: MetricsLogger, callbacks) -> int:
+    started = time.monotonic()
     _header(config, accelerator, logger)
     source = resolve_source(config.model.name)
     model_config = load_config(source)
@@ -155,9 +157,12 @@ def _run(config: RunConfig, accelerator, folder: RunFolder, logger: MetricsLogge
         tokenizer = load_tokenizer(source)
     bos = bos_per_window(config.model.bos_per_window, model_config, tokenizer)
     schedule = sparsity_schedule(config)
-    context = Context(config, accelerator, logger, folder, source, identity, tokenizer, bos, schedule, model_config)
+    context = Context(config, accelerator, logger, folder, source, identity, tokenizer, bos, schedule, model_config,
+                      started=started)
     run_identity = RunIdentity.of(config, identity["fingerprint"], schedule, bos, identity.get("content")).to_json()
     meta = _check_resume(config, folder, run_identity)
+    if meta is None and config.mode == "train" and config.output.resume and _finished(folder.path, logger):
+        return 0
     if meta is not None and meta["train_state"].get("finished"):
         if _delivered(folder.path, meta["train_state"]):
             logger.info(f"The run in {folder.path} is already finished; its summary:")
@@ -179,6 +184,21 @@ def _run(config: RunConfig, accelerator, folder: RunFolder, logger: MetricsLogge
             logger.log({"event": "resume", "step": state["global_step"], "epoch": state["epoch"],
                         "dropped_events": dropped})
     return MODES[config.mode](context, Start(run_identity, resuming=meta is not None, callbacks=tuple(callbacks)))
+
+
+def _finished(output: Path, logger: MetricsLogger) -> bool:
+    """A finished run whose state/ was removed at its end (without --keep-state): --resume prints
+    its summary from results.json instead of starting it again."""
+    try:
+        results = json.loads((output / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(results, dict) or results.get("finished") is not True:
+        return False
+    logger.info(f"The run in {output} is already finished; its summary (from results.json):")
+    for line in PerplexityHistory.from_dict(results).summary_lines():
+        logger.info(line)
+    return True
 
 
 def _delivered(output: Path, train_state: dict) -> bool:

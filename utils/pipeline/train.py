@@ -6,6 +6,7 @@ baseline, the training loop (fsdp_finetune.Trainer), then the best model deliver
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,13 +20,16 @@ from utils.data.training_text import read_training_text, report_budget, training
 from utils.eval_utils import Heading, evaluate_and_log
 from utils.export.registry import load_source, resolve_source
 from utils.io.files import write_json
+from utils.io.events import duration
 from utils.io.history import PerplexityHistory
+from utils.io.plots import MISSING as PLOTS_MISSING, write_curves
 from utils.models.loading import parse_dtype
 from utils.models.structure import count_parameters
 from utils.pipeline.context import Context, Start
 from utils.pipeline.deliver import deliver
 from utils.pipeline.modes import dense_model, eval_compile, prepare_evaluation
 from utils.pipeline.prune_step import pruned_model, repruner
+from utils.pipeline.record import quick_note, run_record
 from utils.task_eval import describe_scores
 from utils.training.losses import describe, loss_record, memorization_passes, needs_teacher
 from utils.training.parallel import compute_dtype, prepare_model, resolve_compile_mode
@@ -107,9 +111,10 @@ def train(context: Context, start: Start) -> int:
                       {"event": "sparsity_schedule", "kind": schedule.kind, "stages": [list(s) for s in schedule.stages]})
     # The first stage's density is what is pruned (and cached) before training.
     model, info, report = pruned_model(context, schedule.initial, torch.float32)
-    history = PerplexityHistory(dense=info.get("dense_perplexity"))
+    history = PerplexityHistory(dense=info.get("dense_perplexity"), quick=quick_note(context.protocol))
     for line in report.lines():
         logger.info(line)
+    logger.log(report.event(when="pruned"), track=False)
     train_cfg = config.train
     mixed = train_cfg.mixed_precision if train_cfg.mixed_precision != "auto" else (
         "bf16" if context.device.type == "cuda" else "no")
@@ -120,6 +125,7 @@ def train(context: Context, start: Start) -> int:
     if schedule.kind != "oneshot":  # only epochs at the final density compete for the best model
         history.final_from = math.ceil((schedule.stages[-1][0] + 1) / train_cfg.max_step)
         history.densities = (schedule.initial, schedule.final)
+    eval_seconds = None
     if not start.resuming:
         if config.output.resume:
             logger.info(f"--resume: no saved state in {context.output / 'state'}; starting from the beginning")
@@ -128,6 +134,7 @@ def train(context: Context, start: Start) -> int:
                                         Heading("Baseline Evaluation (Before Training)", density=schedule.initial),
                                         protocol, kernels=context.kernels)
         history.baseline = baseline.perplexity
+        eval_seconds = baseline.seconds
     pruning = {k: v for k, v in info.items() if k != "layer_density"}
     best_info = lambda: {"model": config.model.name, "density": config.prune.density,  # noqa: E731
                          "method": config.prune.method, "pattern": info.get("pattern"),
@@ -138,8 +145,10 @@ def train(context: Context, start: Start) -> int:
     job = TrainingJob(prepared, context.tokenizer, blocks, holdout, context.eval_tokens, protocol, schedule, reprune,
                       start.identity, best_info, history, context.output, loss_kind=config.loss.kind,
                       resume=start.resuming, save_best=config.output.save_best, kernels=context.kernels,
-                      compiles=compile_mode is not None)
-    result = Trainer(job, replace(train_cfg, mixed_precision=mixed), logger, start.callbacks).fit()
+                      compiles=compile_mode is not None, started=context.started,
+                      save_dtype=getattr(torch, config.output.save_dtype), eval_seconds=eval_seconds)
+    callbacks = [*start.callbacks, Curves(context)] if context.is_main else start.callbacks
+    result = Trainer(job, replace(train_cfg, mixed_precision=mixed), logger, callbacks).fit()
     return _finish(context, result, prepared.module, best_info)
 
 
@@ -155,20 +164,63 @@ def _finish(context: Context, result, module: torch.nn.Module, best_info) -> int
         final, which = _final_model(context, module if context.world == 1 else None)
         if final is not None:
             extras = deliver(context, final, info={**best_info(), "model_from": which}, which=which)
-    for line in history.summary_lines():
+    record = run_record(context, result.earlier_seconds)
+    timings = {"wall_seconds": record["wall_seconds"], **{key: round(value, 3) for key, value in
+                                                          result.state.timings.items() if key != "wall_seconds"}}
+    for line in history.summary_lines(result.summary_title(config.train.total_steps)):
         logger.info(line)
     if "tasks" in extras:
         logger.info(f"Zero-shot tasks ({which}): {describe_scores(extras['tasks'])}")
     if "export" in extras:
-        logger.info(f"Compressed: {extras['export']['folder']} ({extras['export']['ratio']:.1%} of the dense size)")
+        logger.info(f"Export ({extras['export']['format']}): {extras['export']['folder']} "
+                    f"({extras['export']['ratio']:.1%} of the dense size, "
+                    f"{config.output.export_dtype}; the perplexities above were measured in the training precision, "
+                    "so the export's own may differ slightly: --eval-only --model it)")
+    logger.info(f"Time: {duration(timings['wall_seconds'])} in all (training {duration(timings.get('training_seconds', 0))}"
+                f", evaluation during training {duration(timings.get('evaluation_seconds', 0))})")
+    note = recipe_note(config)
+    if note and not result.interrupted and config.train.lr_derived:  # the most useful line, once more at the end
+        logger.info(note)
+    finished = result.state.finished and not result.interrupted and not result.error
     if context.is_main:
         schedule = context.schedule
+        last = history.details.get(history.epochs[-1][0], {}) if history.epochs else {}
         write_json(context.output / "results.json", {
-            **history.to_dict(), **extras, "density": config.prune.density, "loss": loss_record(config.loss),
+            **record, **history.to_dict(), **extras, "loss": loss_record(config.loss),
             "bos_per_window": context.bos is not None, "schedule": [list(stage) for stage in schedule.stages],
             "epochs_completed": result.state.epoch - 1, "stopped_early": result.stopped_early,
-            "interrupted": result.interrupted, "error": result.error, "pruning": best_info()["pruning"]})
+            "interrupted": result.interrupted, "error": result.error, "finished": finished,
+            "accuracy": last.get("accuracy"), "holdout_loss": last.get("holdout_loss"),
+            "tokens_trained": result.state.global_step * config.train.batch_size * config.train.block_size,
+            "timings": timings, "pruning": best_info()["pruning"]})
+        if finished and not config.output.keep_state:
+            remove_state(context.output, logger)
+        picture = write_curves(context.output)
+        logger.info(f"Curves: {picture}" if picture else f"No curves.png: {PLOTS_MISSING}")
     return 130 if result.interrupted else 1 if result.error or "export_error" in extras else 0
+
+
+class Curves:
+    """Draws curves.png into the run folder after every epoch (main process)."""
+
+    def __init__(self, context: Context):
+        self.folder = context.output
+
+    def on_step_end(self, trainer) -> None:
+        pass
+
+    def on_epoch_end(self, trainer) -> None:
+        write_curves(self.folder, trainer.history.to_dict())
+
+
+def remove_state(output: Path, logger) -> None:
+    """A finished run's resumable state is not needed again (a --resume of it prints its summary
+    from results.json): removed, unless --keep-state."""
+    sizes = [path.stat().st_size for name in ("state", "state.old") for path in (output / name).rglob("*")
+             if path.is_file()]
+    for name in ("state", "state.old"):
+        shutil.rmtree(output / name, ignore_errors=True)
+    logger.info(f"Removed {output / 'state'} ({sum(sizes) / 2**20:,.0f} MiB of resumable state; --keep-state keeps it)")
 
 
 def _final_model(context: Context, module: torch.nn.Module | None) -> tuple[torch.nn.Module | None, str]:

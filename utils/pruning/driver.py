@@ -241,7 +241,7 @@ def prune_model(model: nn.Module, method: str, density: float | list[float], pat
             if calibration is None:
                 raise ValueError(f"{method} needs calibration data")
             inputs = capture_layer_inputs(model, calibration, device, options.batch_size)
-        with Progress(len(layers), f"Pruning ({method})", enabled=progress) as bar:
+        with Progress(len(layers), f"Pruning ({method})", enabled=progress, unit="layers") as bar:
             for index, layer in enumerate(layers):
                 inputs = _prune_in_turn(layer, job, profile[index], inputs, last=index + 1 == len(layers))
                 bar.update(1)

@@ -6,7 +6,7 @@
     resolve_layer_density("auto", 0.1, None, "oneshot", "sparsegpt")   # → "owl"
 
 OWL (outlier-weighted layer-wise sparsity, driver.owl_profile) gives layers with more activation
-outliers more weights.  Measured on SmolLM2-135M with SparseGPT (BENCHMARKS.md, "Recovery at 0.1,
+outliers more weights.  Measured on SmolLM2-135M with SparseGPT (docs/benchmark-log.md, "Recovery at 0.1,
 0.3, 0.5" and "Recovery over the full budget"): at density 0.1 it lowers the pruned perplexity
 9,579 → 7,297 and the recovered one 167.2 → 141.8 (distillation, 5.1M tokens); at 0.3 the pruned
 one 183.3 → 177.9, and every recipe that recovered 0.3 best (41.0, 38.9, 34.9) used it; at 0.5 it

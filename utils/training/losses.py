@@ -69,7 +69,7 @@ class Term:
     hidden_states: bool  # reads every decoder layer's output
     # Above this many passes over the training text, the run is warned that it memorizes: with a
     # cross-entropy term "a few"; pure distillation was measured to memorize later (SmolLM2-135M,
-    # BENCHMARKS.md "Recovery over the full budget": its held-out loss still fell after 11.9 passes
+    # docs/benchmark-log.md "Recovery over the full budget": its held-out loss still fell after 11.9 passes
     # over 2.15M tokens and after 20 over 254k, and rose by 40 passes).
     memorization_passes: float
     words: str  # how the run describes it beside other terms

@@ -153,6 +153,8 @@ def _check_meta(meta, path: Path) -> None:
             return f"{where} is a {type(data).__name__}, not an object"
         for key, kind in shape.items():
             if key not in data:
+                if key in _ADDED_LATER:  # saved before the field existed
+                    continue
                 return f"{where} has no '{key}'"
             value = data[key]
             if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
@@ -169,6 +171,9 @@ def _state_shape() -> dict:
     """What each TrainState field may hold in JSON, from its annotation (a float may be saved as an int)."""
     kinds = {"int": int, "float": _NUMBER, "dict": dict, "bool": bool}
     return {field.name: kinds[field.type] for field in fields(TrainState)}
+
+
+_ADDED_LATER = {"timings"}  # TrainState fields that states saved before them lack: checked only when present
 
 
 def check_position(meta: dict, folder: Path, max_step: int, epochs: int) -> None:
@@ -259,6 +264,9 @@ class TrainState:
     bad_epochs: int = 0
     history: dict = field(default_factory=dict)
     finished: bool = False
+    # Seconds so far, over every process that ran this run: training, evaluation, wall (added later:
+    # a state saved before it existed has none and resumes with zeros)
+    timings: dict = field(default_factory=dict)
 
     def next_epoch(self) -> None:
         """Move on to the next epoch, its sums started anew."""
@@ -289,10 +297,15 @@ def load_state(folder: Path, model: nn.Module, optimization: Optimization) -> Tr
     return TrainState(**meta["train_state"])
 
 
-def save_best_model(model: nn.Module, tokenizer, folder: Path, info: dict) -> None:
-    """Gather the full weights (a collective) and let rank 0 write them atomically."""
+def save_best_model(model: nn.Module, tokenizer, folder: Path, info: dict,
+                    dtype: torch.dtype = torch.float32) -> None:
+    """Gather the full weights (a collective) and let rank 0 write them atomically; floating-point
+    weights in `dtype` (float32: the master weights as trained)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dtype != torch.float32:
+        full = {name: value.to(dtype) if value.is_floating_point() else value for name, value in full.items()}
+        info = {**info, "saved_dtype": str(dtype).removeprefix("torch.")}
     if dist.get_rank() == 0:
         save_pretrained_atomic(model, tokenizer, folder, info=info, state_dict=full)
     dist.barrier()

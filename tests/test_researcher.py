@@ -1,0 +1,242 @@
+"""What a researcher sees: quick looks, pictures, runs compared, progress and summaries that say
+what happened, a finished run's disk, the help text, early messages, a dense export, the package."""
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from extreme_compression_experiment import build_parser, main
+from helpers import REPO, StopAfter
+from test_cli import job_args
+from utils.config.sections import EvalProtocol
+from utils.data.sources import TokenizedText
+from utils.eval_utils import evaluate_perplexity
+from utils.io.events import Progress
+from utils.io.report import markdown, read_row
+from utils.training.progress import WINDOW_SECONDS, WINDOW_STEPS, LogCadence
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def cli(*args) -> int:
+    return main([str(arg) for arg in args])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_llama_dir, text_file):
+    """A finished training run (2 epochs × 6 steps) and its console."""
+    out = tmp_path_factory.mktemp("finished") / "finished-run"
+    stream = io.StringIO()
+    import contextlib
+    with contextlib.redirect_stdout(stream):
+        assert main(job_args(tiny_llama_dir, text_file, out)) == 0
+    return out, stream.getvalue()
+
+
+def test_a_quick_look_scores_the_first_windows_exactly_and_says_so(tmp_path, tiny_llama_dir, text_file, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    ids = AutoTokenizer.from_pretrained(tiny_llama_dir)(text_file.read_text(), return_tensors="pt").input_ids[0]
+    text = TokenizedText(ids, num_bytes=10_000, source="t")
+    quick = evaluate_perplexity(model, text, EvalProtocol(token_length=64, windows=3, batch_size=2), progress=False)
+    cut = evaluate_perplexity(model, ids[:3 * 64], EvalProtocol(token_length=64, batch_size=2), progress=False)
+    full = evaluate_perplexity(model, text, EvalProtocol(token_length=64, batch_size=2), progress=False)
+    assert quick.windows == 3 and quick.perplexity == cut.perplexity and quick.quick and not full.quick
+    assert quick.total_windows == full.windows > 3 and "QUICK LOOK" in quick.summary()
+    out = tmp_path / "eval"
+    assert cli("--model", tiny_llama_dir, "--eval-only", "--eval-source", text_file, "--token-length", "64",
+               "--eval-windows", "2", "--output-dir", out) == 0
+    assert "QUICK LOOK" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["windows"] == 2 and results["protocol"]["paper"] is False and "QUICK LOOK" in results["quick_look"]
+
+
+def test_a_finished_run_leaves_its_pictures_timings_and_no_state(finished, tiny_llama_dir, text_file, capsys):
+    out, printed = finished
+    assert (out / "curves.png").read_bytes()[:8] == PNG and f"Curves: {out / 'curves.png'}" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["finished"] is True and results["mode"] == "train" and results["protocol"]["paper"] is True
+    assert results["tokens_trained"] == 2 * 6 * 4 * 32
+    timings = results["timings"]
+    assert timings["wall_seconds"] >= timings["training_seconds"] > 0 and timings["evaluation_seconds"] > 0
+    last = results["epochs"][-1]
+    assert results["accuracy"] == last["accuracy"] and 0 <= last["accuracy"] <= 1
+    assert results["holdout_loss"] == last["holdout_loss"] > 0 and last["train_loss"] > 0
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {e["when"] for e in events if e["event"] == "sparsity" and "when" in e} == {"pruned"}
+    assert [e["epoch"] for e in events if e["event"] == "sparsity" and "epoch" in e] == [1, 2]
+    # what a person reads: the held-out line names its loss, the time in all, the state removed
+    assert "Held-out training text" in printed and "cross-entropy" in printed and "not comparable" in printed
+    assert "Time: " in printed and "in all (training" in printed
+    assert not (out / "state").exists() and "--keep-state keeps it" in printed
+    # --resume of a finished run whose state was removed prints its summary and trains nothing
+    assert main(job_args(tiny_llama_dir, text_file, out, "--resume")) == 0
+    again = capsys.readouterr().out
+    assert "already finished" in again and "Final Summary" in again and "Epoch 1/" not in again
+
+
+def test_keep_state_and_save_dtype(tmp_path, tiny_llama_dir, text_file):
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--keep-state", "--save-dtype",
+                         "bfloat16")) == 0
+    assert (out / "state" / "train_state.json").exists()
+    from safetensors import safe_open
+    with safe_open(str(out / "best" / "model.safetensors"), "pt") as weights:
+        dtypes = {weights.get_tensor(name).dtype for name in weights.keys()}
+    assert dtypes == {torch.bfloat16}
+    assert json.loads((out / "best" / "pruning.json").read_text())["saved_dtype"] == "bfloat16"
+
+
+def test_an_interrupted_summary_says_so_and_how_to_continue(tmp_path, tiny_llama_dir, text_file, capsys):
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out), callbacks=[StopAfter(8)]) == 130
+    printed = capsys.readouterr().out
+    assert "Final Summary" not in printed
+    assert "INTERRUPTED at optimizer step 8 of 12 (continue with the same command plus --resume)" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["finished"] is False and (out / "state" / "train_state.json").exists()
+
+
+def test_a_resume_may_not_turn_the_full_protocol_into_a_quick_look(tmp_path, tiny_llama_dir, text_file, capsys):
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out), callbacks=[StopAfter(4)]) == 130
+    capsys.readouterr()
+    assert main(job_args(tiny_llama_dir, text_file, out, "--resume", "--eval-windows", "1")) == 2
+    assert "--eval-windows None → 1" in capsys.readouterr().err
+
+
+def test_compare_three_runs_one_table_per_protocol(tmp_path, finished, tiny_llama_dir, text_file, capsys):
+    run, _ = finished
+    other = tmp_path / "other"
+    assert main(job_args(tiny_llama_dir, text_file, other, "--epochs", "1", "--sparsity", "0.5")) == 0
+    quick = tmp_path / "quick"
+    assert main(job_args(tiny_llama_dir, text_file, quick, "--epochs", "1", "--eval-windows", "2")) == 0
+    capsys.readouterr()
+    report = tmp_path / "report"
+    assert cli("--compare", run, other, quick, "--output-dir", report) == 0
+    table = (report / "comparison.md").read_text()
+    assert (report / "comparison.png").read_bytes()[:8] == PNG
+    paper, quick_part = table.split("QUICK LOOK" if "QUICK LOOK" in table else "quick look", 1)
+    assert "| quick |" not in paper and "| quick |" in quick_part  # never mixed with the papers' protocol
+    for folder in (run, other, quick):
+        results = json.loads((folder / "results.json").read_text())
+        line = next(line for line in table.splitlines() if line.startswith(f"| {folder.name} |"))
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[4] == f"{results['final']:.2f}"
+        assert cells[5] == f"{results['best']['perplexity']:.2f} ({results['best']['epoch']})"
+        assert cells[6] == f"{results['best']['perplexity'] / results['dense']:.2f}×"
+        assert cells[2] == f"{results['density']:.4g}"
+        row = read_row(folder)
+        assert row.final == results["final"] and row.export_bytes == results["export"]["file_bytes"]
+    data = json.loads((report / "comparison.json").read_text())
+    assert [r["run"] for r in data["runs"]] == ["finished-run", "other", "quick"]
+    # a folder that is not a run is named, exit 2
+    assert cli("--compare", run, tmp_path / "nothing") == 2
+    assert "nothing has no results.json" in capsys.readouterr().err
+
+
+def test_the_markdown_never_puts_a_quick_look_beside_the_paper_protocol(finished):
+    row = read_row(finished[0])
+    row.protocol = "paper"
+    quick = type(row)(**{**row.__dict__, "run": "q", "protocol": "quick look: first 2 windows of x"})
+    text = markdown([quick, row])
+    assert text.index("the papers' protocol") < text.index("NOT the papers' protocol")
+    assert text.index(f"| {row.run} |") < text.index("NOT the papers' protocol") < text.index("| q |")
+
+
+def test_progress_lines_carry_rate_and_eta_and_the_cadence_is_by_time():
+    stream = io.StringIO()
+    bar = Progress(100, "Epoch 1/1", every=0.0, stream=stream, initial=10, unit="steps")
+    bar._started -= 10.0  # 10 s ago
+    bar.update(10, loss=1.5)
+    line = stream.getvalue().strip()
+    assert line.startswith("Epoch 1/1: 20/100 (20%) | ") and "steps/s | ETA 1m" in line and "loss=1.5000" in line
+    assert LogCadence(None).due(1, WINDOW_SECONDS) and LogCadence(None).due(WINDOW_STEPS, 0.0)
+    assert not LogCadence(None).due(1, 1.0) and not LogCadence(None, world=2).due(1, WINDOW_SECONDS)
+    assert LogCadence(3).due(3, 0.0) and not LogCadence(3).due(2, 1000.0)
+
+
+def test_help_says_each_default_once_and_never_none():
+    text = build_parser().format_help()
+    assert "default: None" not in text and "default: False" not in text
+    for action in build_parser()._actions:
+        rendered = build_parser()._get_formatter()._get_help_string(action) or ""
+        assert rendered.count("(default:") + rendered.count("(the default)") <= 1, action.option_strings
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "smollm-135m"], "did you mean smollm2-135m?"),
+    (["--model", "opt-1.3"], "did you mean opt-1.3b"),
+    (["--model", "gone.gguf"], "--model takes an existing .gguf file"),
+    (["--train-source", "no/such.txt"], "argument --train-source: text source not found: no/such.txt"),
+    (["--eval-only", "--eval-source", "missing/wiki"], "argument --eval-source: text source not found"),
+])
+def test_a_mistyped_model_or_missing_text_is_named_before_any_library_loads(args, message, tmp_path):
+    command = [sys.executable, "-X", "importtime", str(REPO / "extreme_compression_experiment.py"), *args]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr
+    assert "| transformers" not in done.stderr and "| accelerate" not in done.stderr  # not imported at all
+
+
+def test_export_dense_writes_a_plain_folder_with_the_same_weights(finished, tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "dense-export"
+    assert cli("--export-only", "--model", finished[0] / "best", "--export", "dense", "--export-dtype", "float32",
+               "--output-dir", out) == 0
+    plain = AutoModelForCausalLM.from_pretrained(out / "dense")
+    best = AutoModelForCausalLM.from_pretrained(finished[0] / "best")
+    for (name, a), (_, b) in zip(plain.state_dict().items(), best.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert json.loads((out / "results.json").read_text())["export"]["format"] == "dense"
+
+
+def test_pip_install_gives_a_package_importable_from_anywhere(tmp_path, finished):
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "requirements.txt", "extreme_compression_experiment.py",
+                 "fsdp_finetune.py"):
+        shutil.copy(REPO / name, source / name)
+    for package in ("utils", "extreme_compression"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--target", target, source], check=True, capture_output=True, timeout=300)
+    assert (target / "bin" / "extreme-compression").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import sys; import extreme_compression as e; assert e.__file__.startswith(sys.argv[1]); "
+            "m = e.load_compressed(sys.argv[2]); print(type(m).__name__, sum(p.numel() for p in m.parameters()))")
+    done = subprocess.run([sys.executable, "-c", code, str(target), str(finished[0] / "compressed")], cwd=elsewhere,
+                          env={"PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "LlamaForCausalLM"
+
+
+def test_density_per_decoder_layer_groups_linears_by_their_layer_index():
+    from utils.io.plots import layer_densities
+    assert layer_densities([["model.layers.0", 1, 4], ["model.layers.1.mlp.up_proj", 2, 4],
+                            ["model.layers.1.mlp.down_proj", 0, 4], ["model.layers.10", 1, 1]]) == [0.25, 0.25, 1.0]
+
+
+def test_without_matplotlib_a_run_says_how_to_get_its_pictures(monkeypatch, tmp_path):
+    from utils.io import plots
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert plots.write_curves(tmp_path, {"epochs": []}) is None and "pip install matplotlib" in plots.MISSING
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_the_flag_reference_is_current_and_the_readme_short_with_working_links():
+    import re
+    from extreme_compression_experiment import flag_reference
+    assert (REPO / "docs" / "flags.md").read_text(encoding="utf-8") == flag_reference()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 150
+    assert readme.splitlines()[8].startswith("pip install -r requirements.txt && python extreme_compression_experiment.py")
+    for page in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+        for link in re.findall(r"\]\(([^)#:]+)\)", page.read_text(encoding="utf-8")):
+            assert (page.parent / link).exists(), (page.name, link)

@@ -1,0 +1,140 @@
+"""Pictures of a run, drawn from what it recorded (results.json, metrics.jsonl), with matplotlib.
+
+    write_curves(Path("runs/x"))     # runs/x/curves.png; None (and a note once) without matplotlib
+
+curves.png: perplexity per epoch against the dense model and the pruned model before training,
+the training and held-out losses against optimizer steps, and the density of every decoder layer.
+matplotlib is optional (`pip install matplotlib`): the core of the tool stays light, and a run
+without it says once how to get the pictures.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+MISSING = "pictures (curves.png, --compare's plot) need matplotlib: pip install matplotlib"
+
+
+def pyplot():
+    """matplotlib's pyplot on a file-only backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg", force=True)  # files only: no display, no GUI toolkit
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_events(folder: Path) -> list[dict]:
+    """metrics.jsonl's events (a line cut short by a crash is skipped)."""
+    events = []
+    try:
+        lines = (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return events
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
+def layer_densities(layers: list) -> list[float]:
+    """[[linear name, nonzeros, numel], ...] → the density of each decoder layer (by the layer
+    index in the names), in layer order."""
+    kept, total = defaultdict(int), defaultdict(int)
+    for name, nonzeros, numel in layers:
+        match = re.search(r"(?:^|\.)(\d+)(?=\.|$)", name)  # model.layers.3, model.layers.3.mlp.up_proj
+        index = int(match.group(1)) if match else -1
+        kept[index] += nonzeros
+        total[index] += numel
+    return [kept[i] / total[i] for i in sorted(total) if total[i]]
+
+
+def write_curves(folder: Path, history: dict | None = None) -> Path | None:
+    """Draw the run in `folder` into folder/curves.png; `history`: PerplexityHistory.to_dict()
+    (else results.json's).  Returns the file, or None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    folder = Path(folder)
+    if history is None:
+        try:
+            history = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            history = {}
+    events = read_events(folder)
+    figure, (perplexity, loss, density) = plt.subplots(1, 3, figsize=(16, 4.6))
+    _perplexity_panel(perplexity, history)
+    _loss_panel(loss, events)
+    _density_panel(density, events)
+    start = next((e for e in events if e.get("event") == "start"), {})
+    title = f"{start.get('model', folder.name)}: {folder.name}"
+    if history.get("quick_look"):
+        title += "\nQUICK LOOK (--eval-windows): not the papers' protocol"
+    figure.suptitle(title)
+    figure.tight_layout()
+    path = folder / "curves.png"
+    tmp = path.with_name("curves.tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    tmp.replace(path)  # a reader never sees half a picture
+    return path
+
+
+def _perplexity_panel(axes, history: dict) -> None:
+    epochs = [(e["epoch"], e["perplexity"]) for e in history.get("epochs") or [] if _finite(e.get("perplexity"))]
+    baseline, dense = history.get("baseline"), history.get("dense")
+    if _finite(baseline):
+        epochs = [(0, baseline)] + epochs
+        axes.axhline(baseline, color="tab:red", linestyle=":", label=f"pruned, before training ({baseline:.2f})")
+    if epochs:
+        axes.plot([e for e, _ in epochs], [p for _, p in epochs], "o-", color="tab:blue", label="after each epoch")
+    if _finite(dense):
+        axes.axhline(dense, color="black", linestyle="--", label=f"dense ({dense:.2f})")
+    values = [p for _, p in epochs] + ([dense] if _finite(dense) else [])
+    if values and max(values) / max(min(values), 1e-9) > 20:
+        axes.set_yscale("log")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set(title="Perplexity (epoch 0: before training)", xlabel="epoch", ylabel="perplexity")
+    axes.legend(fontsize=8)
+
+
+def _loss_panel(axes, events: list[dict]) -> None:
+    train = [(e["step"], e["loss"]) for e in events if e.get("event") == "train" and _finite(e.get("loss"))]
+    held = [(e["step"], e["loss"]) for e in events if e.get("event") == "holdout" and "step" in e
+            and _finite(e.get("loss"))]
+    kind = next((e.get("kind") for e in events if e.get("event") == "loss"), None)
+    if train:
+        axes.plot(*zip(*train), color="tab:blue", linewidth=1, label=f"training loss ({kind or 'as trained'})")
+    if held:
+        axes.plot(*zip(*held), "s-", color="tab:orange", label="held-out cross-entropy")
+    axes.set(title="Loss", xlabel="optimizer step", ylabel="loss")
+    if train or held:
+        axes.legend(fontsize=8)
+
+
+def _density_panel(axes, events: list[dict]) -> None:
+    last = next((e for e in reversed(events) if e.get("event") == "sparsity" and e.get("layers")), None)
+    if last is None:
+        axes.set(title="Density per decoder layer (not recorded)")
+        return
+    values = layer_densities(last["layers"])
+    axes.bar(range(len(values)), values, color="tab:green")
+    axes.set_xticks(range(0, len(values), max(1, len(values) // 12)))
+    overall = last.get("density")
+    if _finite(overall):
+        axes.axhline(overall, color="black", linestyle="--", label=f"overall {overall:.4f}")
+        axes.legend(fontsize=8)
+    axes.set(title="Density per decoder layer (weights kept)", xlabel="decoder layer", ylabel="density")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

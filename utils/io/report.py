@@ -1,0 +1,179 @@
+"""Runs side by side: one markdown table, one JSON file and one plot from the runs' results.json.
+
+    python extreme_compression_experiment.py --compare runs/a runs/b runs/c [--output-dir runs/comparison]
+    rows = compare_runs([Path("runs/a"), Path("runs/b")], Path("runs/comparison"))
+
+Quick looks (--eval-windows) are never mixed with the papers' protocol: they get a table (and a
+panel) of their own, and so does every other protocol (another text, window length or stride).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from utils.io.events import duration
+from utils.io.files import write_json
+from utils.io.plots import MISSING as PLOTS_MISSING, pyplot
+
+
+class ReportError(ValueError):
+    """A folder that is not a finished or running run's folder; the message names it."""
+
+
+@dataclass
+class Row:
+    """One run's line of the comparison, every number straight from its results.json."""
+    run: str
+    model: str
+    mode: str
+    density: float | None
+    recipe: str
+    final: float | None
+    best: float | None
+    best_epoch: int | None
+    dense: float | None
+    times_dense: float | None  # best / dense
+    tokens: int | None
+    wall_seconds: float | None
+    export_bytes: int | None
+    protocol: str  # "paper" or what differs (a quick look, another text or window)
+    epochs: list  # [(epoch, perplexity)]
+
+
+def read_row(folder: Path) -> Row:
+    path = folder / "results.json"
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"--compare: {folder} has no results.json (not a run folder, or a run that has not "
+                          "finished an epoch); give run folders such as runs/smollm2-135m-0.1-sparsegpt") from None
+    except ValueError as error:
+        raise ReportError(f"--compare: {path} is damaged ({error})") from None
+    if not isinstance(results, dict):
+        raise ReportError(f"--compare: {path} is not a results file")
+    best = results.get("best") or {}
+    best_value = best.get("perplexity") if results.get("mode") != "eval" else results.get("perplexity")
+    final = results.get("final") if results.get("mode") != "eval" else results.get("perplexity")
+    dense = results.get("dense")
+    recipe = " ".join(str(part) for part in (results.get("recipe"), (results.get("loss") or {}).get("kind"),
+                                             results.get("schedule_kind"), results.get("method")) if part)
+    return Row(run=folder.name, model=str(results.get("model", "?")).rstrip("/").split("/")[-1], mode=str(results.get("mode", "train")),
+               density=results.get("density"), recipe=recipe or "-", final=final, best=best_value,
+               best_epoch=best.get("epoch"), dense=dense,
+               times_dense=best_value / dense if _number(best_value) and _number(dense) and dense else None,
+               tokens=results.get("tokens_trained"), wall_seconds=(results.get("timings") or {}).get(
+                   "wall_seconds", results.get("wall_seconds")),
+               export_bytes=(results.get("export") or {}).get("file_bytes"), protocol=_protocol(results),
+               epochs=[(e["epoch"], e["perplexity"]) for e in results.get("epochs") or []])
+
+
+def _protocol(results: dict) -> str:
+    protocol = results.get("protocol") or {}
+    if protocol.get("paper") is False:
+        return f"quick look: first {protocol.get('windows')} windows of {protocol.get('source')}"
+    if protocol and (protocol.get("token_length"), protocol.get("stride")) != (2048, 2048):
+        return f"{protocol.get('source')}, windows of {protocol.get('token_length')} every {protocol.get('stride')}"
+    return "paper" if not protocol or protocol.get("source") in ("wikitext2",) or \
+        str(protocol.get("source", "")).rstrip("/").endswith(("wikitext-2-raw", "wiki.test.raw")) else f"text {protocol.get('source')}"
+
+
+HEADER = ("| run | model | density | recipe | final | best (epoch) | × dense | tokens | wall time | export |\n"
+          "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+
+def table_line(row: Row) -> str:
+    best = _fmt(row.best) + (f" ({row.best_epoch})" if row.best_epoch is not None else "")
+    return (f"| {row.run} | {row.model} | {_fmt(row.density, '.4g')} | {row.recipe} | {_fmt(row.final)} | {best} | "
+            f"{_fmt(row.times_dense, '.2f')}× | {_count(row.tokens)} | "
+            f"{duration(row.wall_seconds) if _number(row.wall_seconds) else '-'} | "
+            f"{(f'{row.export_bytes / 2**20:,.1f} MiB') if _number(row.export_bytes) else '-'} |")
+
+
+def markdown(rows: list[Row]) -> str:
+    """One table per protocol, the papers' first; quick looks are never in the same table."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.protocol, []).append(row)
+    parts = ["# Runs compared", ""]
+    for protocol in sorted(groups, key=_order):
+        title = ("WikiText-2 test, the papers' protocol" if protocol == "paper" else
+                 f"{protocol}: NOT the papers' protocol, not comparable with the table above" if
+                 protocol.startswith("quick") else f"{protocol}: another protocol")
+        parts += [f"## {title}", "", HEADER, *(table_line(row) for row in groups[protocol]), ""]
+    parts.append("Perplexity: lower is better. × dense: the best perplexity over the dense model's, measured in "
+                 "the same run. Every number is the run's results.json.")
+    return "\n".join(parts) + "\n"
+
+
+def compare_runs(folders: list[Path], output: Path) -> tuple[list[Row], list[Path]]:
+    """Write comparison.md, comparison.json and (with matplotlib) comparison.png into `output`;
+    returns the rows and the files written."""
+    rows = [read_row(Path(folder)) for folder in folders]
+    if (output / "results.json").exists():
+        raise ReportError(f"--output-dir {output} holds a run's results; the comparison goes into a folder of its "
+                          "own (default runs/comparison)")
+    output.mkdir(parents=True, exist_ok=True)
+    written = [output / "comparison.md", output / "comparison.json"]
+    written[0].write_text(markdown(rows), encoding="utf-8")
+    write_json(written[1], {"runs": [asdict(row) for row in rows]})
+    picture = _plot(rows, output / "comparison.png")
+    return rows, written + ([picture] if picture else [])
+
+
+def _plot(rows: list[Row], path: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
+    protocols = sorted({row.protocol for row in rows}, key=_order)
+    figure, panels = plt.subplots(1, len(protocols), figsize=(7 * len(protocols), 4.6), squeeze=False)
+    for axes, protocol in zip(panels[0], protocols):
+        for row in (r for r in rows if r.protocol == protocol):
+            if row.epochs:
+                line, = axes.plot([e for e, _ in row.epochs], [p for _, p in row.epochs], "o-", label=row.run)
+                if _number(row.dense):
+                    axes.axhline(row.dense, color=line.get_color(), linestyle="--", linewidth=0.8)
+            elif _number(row.final):
+                axes.axhline(row.final, linestyle=":", label=f"{row.run} ({row.mode})")
+        axes.set(title="paper protocol" if protocol == "paper" else protocol, xlabel="epoch", ylabel="perplexity")
+        axes.set_yscale("log")
+        axes.legend(fontsize=8)
+    figure.suptitle("Perplexity per epoch (dashed: each run's dense model)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def run_compare(folders: list[str], output: str | None, stream) -> int:
+    """--compare: the table printed and written; 0, or 2 with the message for a folder it cannot read."""
+    try:
+        rows, written = compare_runs([Path(folder) for folder in folders], Path(output or "runs/comparison"))
+    except ReportError as error:
+        print(f"error: {error}", file=stream)
+        return 2
+    print(markdown(rows), end="")
+    print("Written: " + ", ".join(str(path) for path in written))
+    if not any(path.suffix == ".png" for path in written):
+        print(f"No comparison.png: {PLOTS_MISSING}")
+    return 0
+
+
+def _order(protocol: str) -> tuple[bool, bool]:
+    """The papers' protocol first, quick looks last."""
+    return protocol != "paper", protocol.startswith("quick")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return format(value, spec) if _number(value) else "-"
+
+
+def _count(tokens) -> str:
+    if not _number(tokens):
+        return "-"
+    return f"{tokens / 1e6:.1f}M" if tokens >= 1e6 else f"{tokens:,}"

@@ -1,0 +1,46 @@
+"""How often the training loop reports, and what it says of the time left.
+
+    cadence = LogCadence(every=None, world=1)
+    cadence.due(steps=3, seconds=31.0)          # True: at least every 30 s by default
+    estimate_line(seconds_per_step=0.2, remaining_steps=1000, evaluations=5, evaluation_seconds=12.0)
+
+A log window ends with one host sync (the loss read back, the NaN check, the line), so it is
+not closed every step on a GPU; on a CPU a step can take half a minute, and a person should not
+wait six minutes for the first line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from utils.io.events import duration
+
+WINDOW_STEPS = 10  # a window's steps by default (GPU: about a second)
+WINDOW_SECONDS = 30.0  # ... or this long, whichever comes first (one process)
+
+
+@dataclass(frozen=True)
+class LogCadence:
+    """When a log window closes: every `every` steps when given (--log-every); else after
+    WINDOW_STEPS steps or WINDOW_SECONDS, whichever comes first.  Several processes close windows
+    by steps only: a window's end is a collective, and their clocks would not agree."""
+    every: int | None
+    world: int = 1
+
+    def due(self, steps: int, seconds: float) -> bool:
+        if self.every is not None:
+            return steps >= self.every
+        return steps >= WINDOW_STEPS or (self.world == 1 and seconds >= WINDOW_SECONDS)
+
+
+def estimate_line(seconds_per_step: float, remaining_steps: int, evaluations: int,
+                  evaluation_seconds: float | None) -> tuple[str, dict]:
+    """The time left, from the steps measured so far (and the last evaluation's time); the line
+    and its event."""
+    training = seconds_per_step * remaining_steps
+    evaluating = evaluations * evaluation_seconds if evaluation_seconds else 0.0
+    also = (f" + {evaluations} evaluation(s) of about {duration(evaluation_seconds)} = {duration(training + evaluating)}"
+            if evaluating else "")
+    line = (f"Time: {duration(seconds_per_step)} per optimizer step so far → about {duration(training)} for the "
+            f"{remaining_steps:,} steps left{also}")
+    return line, {"event": "estimate", "seconds_per_step": seconds_per_step, "remaining_steps": remaining_steps,
+                  "training_seconds": training, "evaluation_seconds": evaluating}
