@@ -86,7 +86,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, ()) or "default" in text.lower():
+        if action.default is None or action.default is False or action.default == () or "default" in text.lower():
             return text
         return super()._get_help_string(action)
 
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write --model (e.g. a run's best/ folder) in --export's format (compressed, dense), nothing else")
     mode.add_argument("--compare", nargs="+", metavar="RUN", default=None,
                       help="compare run folders: a markdown table, a JSON file and a plot of their results.json "
-                           "into --output-dir (default runs/comparison); quick looks get a table of their own"),
+                           "into --output-dir (default runs/comparison); quick looks get a table of their own")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="opt-125m",
@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "dtype on GPU, float16 for OPT); "
                             "training keeps float32 master weights")
     model.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    model.add_argument("--kernels", default="auto", choices=["auto", "dense", "sparse"],
+                       help="how a compressed export runs: dense (decompressed into plain linears), sparse "
+                            "(SparseLinear: GPU kernels for up to 16 rows, a dense temporary for more; on the CPU the "
+                            "pure-torch reference of the same layout), auto: sparse for --generate on a GPU, dense "
+                            "for perplexity (2048-token windows are prefill, where the kernels do not win). "
+                            "A training or --prune-only run with sparse also evaluates its export both ways")
 
     prune = parser.add_argument_group("pruning")
     prune.add_argument("--sparsity", type=_density, default=0.1,
@@ -138,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                             f"default: --prune-stages geometric steps from {ITERATIVE_START:g}); gradual: START,FINAL "
                             f"(default {ITERATIVE_START:g},--sparsity)")
     prune.add_argument("--prune-stages", type=_positive_int, default=4, help="iterative: how many stages")
+    prune.add_argument("--reprune-method", default="auto", choices=["auto", *METHODS],
+                       help="the method of a schedule's later prunes (auto: magnitude for gradual, --method for "
+                            "iterative); a calibrated one (sparsegpt, wanda) makes gradual updates on the first "
+                            "--reprune-nsamples calibration windows, and every update keeps the zeros it finds")
+    prune.add_argument("--reprune-nsamples", type=_positive_int, default=16,
+                       help="gradual with a calibrated --reprune-method: calibration windows per update")
     prune.add_argument("--prune-every", type=_positive_int, default=50,
                        help="gradual: optimizer steps between two mask updates")
     prune.add_argument("--layer-density", default="auto", choices=LAYER_DENSITIES,
@@ -154,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                            default=option.default, help=f"{method}: {option.metadata.get('help', option.name)}")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--recipe", default="brief", choices=["brief", "measured"],
-                       help="brief (the default): each flag at its own default, the lr by the default rule 5e-6·√batch (--base-lr); "
+    train.add_argument("--recipe", default="default", choices=["default", "measured"],
+                       type=lambda value: "default" if value == "brief" else value,  # the name it had before
+                       help="default: each flag at its own default, the lr by the rule 5e-6·√batch (--base-lr); "
                             "measured: the recovery measured best "
                             "near --sparsity (utils/config/recipes.py, BENCHMARKS.md): its --loss, --schedule, "
                             "--layer-density and lr (kept under the √batch rule); a flag given explicitly still wins")
@@ -204,10 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the training forward (auto: reduce-overhead, i.e. CUDA graphs, on one "
                             "GPU without gradient accumulation; default under FSDP or with accumulation; off on "
                             "the CPU or without Triton). The first steps compile: minutes on a cold cache")
-    train.add_argument("--parallel", default="fsdp", choices=["fsdp", "ddp"],
+    train.add_argument("--parallel", default="fsdp", choices=["fsdp", "hsdp", "ddp"],
                        help="how the processes of accelerate launch share the work: fsdp shards weights, gradients "
-                            "and optimizer state (models larger than one GPU); ddp gives each a whole copy and "
-                            "averages gradients after backward, so a process keeps CUDA graphs (models that fit)")
+                            "and optimizer state over all processes (models larger than one GPU); hsdp shards inside "
+                            "each machine and replicates across machines (LOCAL_WORLD_SIZE processes a machine; "
+                            "several machines); ddp gives each a whole copy and averages gradients after backward, "
+                            "so a process keeps CUDA graphs (models that fit)")
+    train.add_argument("--dist-timeout", type=_positive_float, default=30.0,
+                       help="minutes a collective (an all-reduce, a barrier) may wait for the other processes before "
+                            "the job fails; the wait for the main process's pruning is apart (up to 24 h)")
     train.add_argument("--seed", type=int, default=0, help="calibration windows and data order")
     train.add_argument("--patience", type=_positive_int, default=None,
                        help="stop when perplexity has not improved for this many epochs")
@@ -238,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--task-limit", type=_positive_int, default=None,
                             help="at most this many examples per task (a quick look; the papers use all)")
     evaluation.add_argument("--task-batch-size", type=_positive_int, default=8, help="lm-eval requests per forward")
+    evaluation.add_argument("--generate", type=_positive_int, default=None,
+                            help="--eval-only: also time greedy generation of N new tokens from --prompt (batch 1, KV "
+                                 "cache): tokens/s, printed and recorded")
+    evaluation.add_argument("--prompt", default="The history of the city", help="--generate's prompt")
     evaluation.add_argument("--bos-per-window", default="auto", choices=["auto", "on", "off"],
                             help="start every evaluation window, calibration window and training block with the "
                                  "BOS token (auto: for families that need it, e.g. Gemma; off: the papers' protocol, "
@@ -285,7 +307,8 @@ def flag_reference() -> str:
             continue
         lines += [f"## {group.title}", "", "| flag | default | what |", "| --- | --- | --- |"]
         for action in actions:
-            default = "" if action.default in (None, False, ()) else f"`{action.default}`"
+            default = "" if action.default is None or action.default is False or action.default == () \
+                else f"`{action.default}`"
             text = " ".join((formatter._get_help_string(action) or "").replace("%%", "%").split())
             text = text.replace("(default: %(default)s)", "").replace("|", "\\|").strip()
             lines.append(f"| `{', '.join(action.option_strings)}` | {default} | {text} |")
@@ -300,6 +323,10 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.compare:  # reads results.json files only: no model, no torch work
+        ignored = [action.option_strings[0] for action in parser._actions if action.option_strings
+                   and action.dest not in ("compare", "output_dir", "help") and getattr(args, action.dest) != action.default]
+        if ignored:
+            parser.error(f"--compare reads run folders only; drop {', '.join(ignored)}")
         from utils.io.report import run_compare
         return run_compare(args.compare, args.output_dir, sys.stderr)
     try:

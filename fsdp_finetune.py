@@ -38,7 +38,7 @@ from utils.training.masks import MaskSet
 from utils.training.parallel import Prepared
 from utils.training.progress import LogCadence, estimate_line
 from utils.training.reprune import prune_in_place
-from utils.training.stopping import STOPPING_ERRORS, TrainingStopped, check_finite, stop_message  # noqa: F401
+from utils.training.stopping import STOPPING_ERRORS, TrainingStopped, check_finite, stop_message
 from utils.training.state import StopRequests, TrainState, load_state, save_best_model, save_state
 from utils.training.step import BlockSampler, Optimization, train_step
 
@@ -90,7 +90,7 @@ class TrainResult:
 
 class Callback(Protocol):
     def on_step_end(self, trainer: "Trainer") -> None: ...
-    # optional: on_epoch_end(trainer), after an epoch's state is saved (run.py draws curves.png there)
+    # optional: on_epoch_end(trainer), after an epoch's state is saved (utils/pipeline/train.py draws curves.png there)
 
 
 class Trainer:
@@ -139,7 +139,7 @@ class Trainer:
                                   earlier_seconds=self.state.timings.get("wall_seconds", 0.0))
         self.logger.report(f"Training: {train.epochs} epochs × {train.max_step} steps, batch {train.batch_size} "
                            f"= {self.micro} per micro-batch × {self.accumulation} accumulation × {self.world} "
-                           f"processes, lr {train.lr:.3g}",
+                           f"process{'es' if self.world > 1 else ''}, lr {train.lr:.3g}",
                            {"event": "training", "micro_batch_size": self.micro, "accumulation": self.accumulation,
                             "processes": self.world})
         self.window_loss = torch.zeros((), device=self.device, dtype=torch.float64)  # not yet folded into state
@@ -193,7 +193,8 @@ class Trainer:
         while state.global_step < epoch_end:
             self.step()
             stopping = self.stop.requested and self.world == 1  # several processes agree at the window's end
-            if self.cadence.due(self.window_steps, time.perf_counter() - self.tick) or state.global_step == epoch_end:
+            if self.cadence.due(self.window_steps, time.perf_counter() - self.tick, self.compiling) or \
+                    state.global_step == epoch_end:
                 stopping = self._flush_window(self.bar)
             if stopping:
                 raise KeyboardInterrupt
@@ -297,7 +298,7 @@ class Trainer:
     def end_epoch(self) -> None:
         """Held-out loss, the mask check, perplexity with its trend, the best model, the saved state."""
         state, train, job = self.state, self.train, self.job
-        self.holdout_record = {}
+        self.holdout_record, self.holdout_seconds = {}, 0.0
         with job.prepared.precision():
             if job.holdout is not None:
                 self._evaluate_holdout()
@@ -324,7 +325,8 @@ class Trainer:
             state.finished = True
         self.history.details[state.epoch] = {"train_loss": measured["average_loss"], "accuracy": evaluation.accuracy,
                                              "bits_per_byte": evaluation.bits_per_byte, **self.holdout_record}
-        self.last_eval_seconds = evaluation.seconds
+        # the time left, once more after the first epoch: now with the held-out evaluation's time too
+        self.last_eval_seconds, self.estimated = evaluation.seconds + self.holdout_seconds, state.epoch > 1
         state.timings["evaluation_seconds"] = state.timings.get("evaluation_seconds", 0.0) + evaluation.seconds
         state.next_epoch()
         state.finished = state.finished or state.epoch > train.epochs
@@ -367,6 +369,7 @@ class Trainer:
                                                   batch_size=self.job.protocol.batch_size),
                                      progress=self.logger.is_main, desc="Held-out loss")
         state.timings["evaluation_seconds"] = state.timings.get("evaluation_seconds", 0.0) + result.seconds
+        self.holdout_seconds = result.seconds
         train_loss = state.epoch_loss_sum / max(1, state.epoch_batches)
         passes = state.global_step * self.train.batch_size / self.job.blocks.shape[0]
         kind = self.job.loss_kind

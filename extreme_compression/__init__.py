@@ -4,7 +4,8 @@ once the repository is installed (`pip install .`).
     from extreme_compression import load_compressed, evaluate_perplexity, EvalProtocol
     model = load_compressed("runs/x/compressed")            # a plain transformers model, bit for bit
     model = load_sparse("runs/x/compressed", device="cuda") # sparse decode kernels (utils/export/sparse_model.py)
-    main(["--model", "smollm2-135m", "--eval-only", ...])   # the command line, in-process; returns its exit status
+    main(["--model", "smollm2-135m", "--eval-only", ...])   # the command line, in-process: its exit status
+                                                            # (bad arguments raise SystemExit(2), as argparse does)
 
 The command is `extreme-compression` (the same as `python extreme_compression_experiment.py`).
 """

@@ -134,6 +134,35 @@ def mask_agreement_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+def exchange_worker(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of a gloo group (spawned by a test): the gradients of its own batches over 2
+    micro-batches, averaged by GradientExchange overlapped and after the backward, and by hand."""
+    import torch.distributed as dist
+
+    from utils.training.exchange import GradientExchange
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = tiny_model("llama", 50, layers=3, hidden=32)
+    batches = [torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(10 * rank + i)) for i in range(2)]
+    grads = {}
+    for overlap in (True, False, None):
+        model.zero_grad(set_to_none=True)
+        exchange = GradientExchange(model, overlap=bool(overlap)) if overlap is not None else None
+        for index, batch in enumerate(batches):
+            if exchange is not None:
+                exchange.arm(last=index == len(batches) - 1)
+            (model(input_ids=batch, labels=batch).loss / len(batches)).backward()
+        if exchange is not None:
+            exchange.finish()
+            exchange.close()
+        else:  # by hand: one all-reduce per gradient
+            for param in model.parameters():
+                dist.all_reduce(param.grad)
+                param.grad /= world
+        grads[str(overlap)] = {name: param.grad.clone() for name, param in model.named_parameters()}
+    torch.save(grads, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
 @contextlib.contextmanager
 def broken_cpp_compiler():
     """Inductor with a C++ compiler that does not exist and no graph cache: every compilation on

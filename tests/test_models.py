@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from fsdp_finetune import TrainingStopped, check_finite
+from utils.training.stopping import TrainingStopped, check_finite
 from helpers import smollm2_gguf
 from utils.io.events import describe_density, safe_text
 from utils.models.hub import ModelError, check_hub_reachable

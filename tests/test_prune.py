@@ -4,7 +4,7 @@ import torch
 from helpers import smollm2_gguf, tiny_model, wikitext_dir
 from utils.models.sparsity import sparsity_report
 from utils.models.structure import find_decoder_layers, prunable_linears
-from utils.pruning.criteria import InputStats, magnitude_keep, parse_pattern, sparsegpt_prune, wanda_keep
+from utils.pruning.criteria import InputStats, Solver, magnitude_keep, parse_pattern, sparsegpt_prune, wanda_keep
 from utils.pruning.driver import prune_model
 from utils.pruning.methods import METHODS, SparseGPTOptions
 
@@ -58,7 +58,7 @@ def test_every_method_keeps_exactly_n_of_every_m(pattern):
 
 def test_sparsegpt_is_exact_per_block_and_writes_positive_zeros():
     weight = torch.randn(30, 300)
-    pruned, keep = sparsegpt_prune(weight, _hessian(_correlated_inputs(300)), 0.3, blocksize=128)
+    pruned, keep = sparsegpt_prune(weight, _hessian(_correlated_inputs(300)), 0.3, solver=Solver(blocksize=128))
     for start, width in ((0, 128), (128, 128), (256, 44)):
         assert int(keep[:, start:start + width].sum()) == 30 * width - round(30 * width * 0.7)
     assert torch.equal(pruned == 0, ~keep | (pruned == 0))

@@ -64,8 +64,8 @@ def test_a_finished_run_leaves_its_pictures_timings_and_no_state(finished, tiny_
     timings = results["timings"]
     assert timings["wall_seconds"] >= timings["training_seconds"] > 0 and timings["evaluation_seconds"] > 0
     last = results["epochs"][-1]
-    assert results["accuracy"] == last["accuracy"] and 0 <= last["accuracy"] <= 1
-    assert results["holdout_loss"] == last["holdout_loss"] > 0 and last["train_loss"] > 0
+    assert results["final_accuracy"] == last["accuracy"] and 0 <= last["accuracy"] <= 1
+    assert results["final_holdout_loss"] == last["holdout_loss"] > 0 and last["train_loss"] > 0
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {e["when"] for e in events if e["event"] == "sparsity" and "when" in e} == {"pruned"}
     assert [e["epoch"] for e in events if e["event"] == "sparsity" and "epoch" in e] == [1, 2]
@@ -77,6 +77,45 @@ def test_a_finished_run_leaves_its_pictures_timings_and_no_state(finished, tiny_
     assert main(job_args(tiny_llama_dir, text_file, out, "--resume")) == 0
     again = capsys.readouterr().out
     assert "already finished" in again and "Final Summary" in again and "Epoch 1/" not in again
+    # ... and a command that would change it is refused as for any resume, its state gone or not
+    assert main(job_args(tiny_llama_dir, text_file, out, "--resume", "--epochs", "3")) == 2
+    assert "--epochs 2 → 3" in capsys.readouterr().err
+
+
+def test_the_state_stays_when_it_is_the_only_copy_of_the_trained_model(tmp_path, tiny_llama_dir, text_file, capsys):
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--no-save-best", "--export", "none")) == 0
+    assert (out / "state" / "train_state.json").exists() and "only copy of the trained model" in capsys.readouterr().out
+
+
+def test_a_picture_that_fails_never_ends_a_run(tmp_path, tiny_llama_dir, text_file, capsys, monkeypatch):
+    from utils.io import plots
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+    monkeypatch.setattr(plots, "figure_class", lambda: broken)
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("curves.png could not be drawn (RuntimeError: no fonts)") == 3  # 2 epochs + the end
+    assert json.loads((out / "results.json").read_text())["finished"] is True
+
+
+def test_log_every_sets_the_training_lines(tmp_path, tiny_llama_dir, text_file):
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--log-every", "2")) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps == [2, 4, 6]
+
+
+def test_a_quick_dense_number_is_never_reused_by_a_full_protocol_run(tmp_path, tiny_llama_dir, text_file):
+    quick = tmp_path / "quick"
+    assert main(job_args(tiny_llama_dir, text_file, quick, "--epochs", "1", "--eval-windows", "1")) == 0
+    full = tmp_path / "full"
+    assert main(job_args(tiny_llama_dir, text_file, full, "--epochs", "1")) == 0  # the same cached prune
+    quick_dense = json.loads((quick / "results.json").read_text())["dense"]
+    assert quick_dense > 0 and json.loads((full / "results.json").read_text())["dense"] is None
 
 
 def test_keep_state_and_save_dtype(tmp_path, tiny_llama_dir, text_file):
@@ -132,6 +171,7 @@ def test_compare_three_runs_one_table_per_protocol(tmp_path, finished, tiny_llam
         assert cells[2] == f"{results['density']:.4g}"
         row = read_row(folder)
         assert row.final == results["final"] and row.export_bytes == results["export"]["file_bytes"]
+    assert all(line.endswith("| finished |") for line in table.splitlines() if line.startswith(("| other", "| quick")))
     data = json.loads((report / "comparison.json").read_text())
     assert [r["run"] for r in data["runs"]] == ["finished-run", "other", "quick"]
     # a folder that is not a run is named, exit 2
@@ -225,7 +265,8 @@ def test_density_per_decoder_layer_groups_linears_by_their_layer_index():
 
 def test_without_matplotlib_a_run_says_how_to_get_its_pictures(monkeypatch, tmp_path):
     from utils.io import plots
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing matplotlib raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert plots.write_curves(tmp_path, {"epochs": []}) is None and "pip install matplotlib" in plots.MISSING
     assert not (tmp_path / "curves.png").exists()
 
@@ -240,3 +281,60 @@ def test_the_flag_reference_is_current_and_the_readme_short_with_working_links()
     for page in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
         for link in re.findall(r"\]\(([^)#:]+)\)", page.read_text(encoding="utf-8")):
             assert (page.parent / link).exists(), (page.name, link)
+
+
+def test_every_exporters_folder_and_the_picture_count_as_results_of_a_run():
+    from utils.export.registry import EXPORTERS
+    from utils.io.run_folder import RESULT_FILES
+    assert {exporter.folder for exporter in EXPORTERS.values()} | {"best", "curves.png"} <= set(RESULT_FILES)
+
+
+def test_compare_marks_interrupted_runs_and_runs_of_other_modes(tmp_path, tiny_llama_dir, text_file, capsys):
+    stopped = tmp_path / "stopped"
+    assert main(job_args(tiny_llama_dir, text_file, stopped), callbacks=[StopAfter(3)]) == 130
+    evaluated = tmp_path / "evaluated"
+    assert cli("--model", tiny_llama_dir, "--eval-only", "--eval-source", text_file, "--token-length", "64",
+               "--output-dir", evaluated) == 0
+    assert cli("--compare", stopped, evaluated, "--output-dir", tmp_path / "report") == 0
+    table = (tmp_path / "report" / "comparison.md").read_text()
+    assert "| stopped |" in table and "| interrupted |" in table.split("| stopped |")[1].splitlines()[0]
+    row = next(line for line in table.splitlines() if line.startswith("| evaluated |"))
+    evaluation = json.loads((evaluated / "results.json").read_text())
+    assert row.endswith("| eval |") and f"| {evaluation['perplexity']:.2f} |" in row
+
+
+def test_compare_refuses_the_flags_it_would_ignore(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--compare", "runs/a", "--sparsity", "0.3"])
+    assert stop.value.code == 2 and "--compare reads run folders only; drop --sparsity" in capsys.readouterr().err
+
+
+def test_sparse_kernels_give_the_dense_kernels_perplexity_and_text_on_the_same_export(finished, text_file, tmp_path):
+    export = finished[0] / "compressed"
+    runs = {}
+    for kind in ("dense", "sparse"):
+        out = tmp_path / kind
+        assert cli("--eval-only", "--model", export, "--kernels", kind, "--eval-source", text_file, "--token-length",
+                   "64", "--generate", "6", "--prompt", "the model", "--output-dir", out) == 0
+        runs[kind] = json.loads((out / "results.json").read_text())
+    assert runs["sparse"]["perplexity"] == pytest.approx(runs["dense"]["perplexity"], rel=1e-5)  # float32 on the CPU
+    for kind, results in runs.items():
+        generated = results["generate"]
+        assert generated["kernels"] == kind and generated["new_tokens"] == 6 and generated["tokens_per_second"] > 0
+    assert runs["sparse"]["generate"]["text"] == runs["dense"]["generate"]["text"]  # greedy: the same tokens
+    events = [json.loads(line) for line in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "kernels" and e["kind"] == "sparse" and e["sparse_linears"] > 0 for e in events)
+
+
+def test_a_run_with_sparse_kernels_evaluates_its_export_both_ways(tmp_path, tiny_llama_dir, text_file, capsys):
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--kernels", "sparse")) == 0
+    compared = json.loads((out / "results.json").read_text())["kernels"]
+    assert compared["relative_difference"] < 1e-5 and compared["dense"] > 0
+    assert "with sparse kernels (relative difference" in capsys.readouterr().out
+
+
+def test_sparse_kernels_need_a_compressed_export(tiny_llama_dir, text_file, tmp_path, capsys):
+    assert cli("--eval-only", "--model", tiny_llama_dir, "--kernels", "sparse", "--eval-source", text_file,
+               "--token-length", "64", "--output-dir", tmp_path / "out") == 2
+    assert "--kernels sparse runs a compressed export" in capsys.readouterr().err

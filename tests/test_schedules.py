@@ -9,6 +9,7 @@ import torch
 from extreme_compression_experiment import main
 from helpers import StopAfter
 from test_cli import job_args
+from utils.config.sections import ScheduleCfg
 
 
 
@@ -120,8 +121,9 @@ def test_gradual_schedule_follows_the_cubic_and_holds_the_final_density():
     assert every_step.final == 0.1 and all(b < a for a, b in zip(densities, densities[1:]))
 
 
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt", "wanda"])
 def test_gradual_pruning_updates_masks_in_place_as_scheduled_and_resumes_exactly(tmp_path, tiny_llama_dir, text_file,
-                                                                                  capsys):
+                                                                                  capsys, method):
     from test_cli import assert_pruned_weights_stayed_zero, pruned_folder
     from utils.models.sparsity import sparsity_report
     from utils.pruning.schedule import SparsitySchedule
@@ -129,11 +131,13 @@ def test_gradual_pruning_updates_masks_in_place_as_scheduled_and_resumes_exactly
     # 12 steps, the ramp ends at step 7: updates at steps 2, 4, 6 (cubic) and 7 (the final density)
     args = ("--schedule", "gradual", "--density-steps", "0.5,0.3", "--prune-every", "2", "--max-step", "6",
             "--epochs", "2", "--loss", "ce", "--lr", "1e-3")
+    if method != "magnitude":  # calibrated updates on 2 of the 4 calibration windows, keeping the zeros they find
+        args += ("--reprune-method", method, "--reprune-nsamples", "2")
     expected = SparsitySchedule.gradual(0.3, 12, every=2, start=0.5)
     straight = tmp_path / "straight"
     assert main(job_args(tiny_llama_dir, text_file, straight, *args)) == 0
     printed = capsys.readouterr().out
-    assert "Sparsity schedule: gradual: 0.5 (step 0), then magnitude updates from step 2" in printed
+    assert f"Sparsity schedule: gradual: 0.5 (step 0), then {method} updates from step 2" in printed
     assert "End of Stage" not in printed  # gradual updates are not evaluated one by one
     events = events_of(straight)
     updates = [e for e in events if e["event"] == "mask_update"]
@@ -188,7 +192,8 @@ def test_an_iterative_owl_stage_asks_no_layer_for_more_than_it_holds_and_reaches
     prune_model(model, "magnitude", held, progress=False)
     unbounded = owl_profile(model, calibration, 0.3, 0.2, 2.0)
     assert unbounded[favoured] > held[favoured] + 0.05  # what the stage would ask for without the bound
-    Repruner.for_schedule("iterative", model, "magnitude", DensityProfile("owl", 0.2, 2.0), lambda: calibration,
+    Repruner.for_schedule(ScheduleCfg("iterative"), model, "magnitude", DensityProfile("owl", 0.2, 2.0),
+                          lambda: calibration,
                           torch.device("cpu"))(0.3)
     report = sparsity_report(model)
     layers = [nonzeros / numel for _, nonzeros, numel in report.layers]
@@ -238,7 +243,7 @@ def test_a_gradual_update_reads_counts_back_a_few_times_not_once_per_weight(tiny
     took 5.4 s against 1.0 s without, while the update alone took 0.12 s on an idle GPU; each host
     read of a count (then one per weight) waits for the GPU.  Now: one read for the prune's per-layer
     densities, one for the density the update logs (and that report's host-side table)."""
-    from fsdp_finetune import prune_in_place
+    from utils.training.reprune import prune_in_place
     from utils.training.state import TrainState
     from utils.io.events import MetricsLogger
     from utils.models.sparsity import sparsity_report
@@ -259,7 +264,7 @@ def test_a_gradual_update_reads_counts_back_a_few_times_not_once_per_weight(tiny
 def test_a_stage_that_misses_its_density_says_so(tiny_llama_dir):
     """What would have flagged the iterative + OWL stages that ended at 0.0935 for 0.1."""
     import io
-    from fsdp_finetune import prune_in_place
+    from utils.training.reprune import prune_in_place
     from utils.training.state import TrainState
     from utils.io.events import MetricsLogger
     from utils.pruning.driver import prune_model
@@ -304,3 +309,32 @@ def test_gradual_updates_keep_every_tensor_address_and_compile_nothing_new(tmp_p
         frames.append(counter.frame_count)
     assert frames[0] >= 1 and frames[1] == frames[0]  # the training step compiled, and once only
     assert moved == []
+
+
+def test_a_calibrated_update_keeps_the_zeros_it_finds_and_prunes_each_matrix_exactly():
+    from utils.pruning.criteria import Solver, allocate, magnitude_keep, sparsegpt_prune, wanda_keep
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 256, generator=generator)
+    right = weight[:, 128:]
+    right[right.abs() < 1.6] = 0  # an earlier prune's zeros, uneven: about 89% of the right half, none on the left
+    frozen = weight == 0
+    inputs = torch.randn(512, 256, generator=generator)
+    hessian = inputs.T @ inputs
+    # without them held, SparseGPT's updates bring some earlier zeros back where a block has more zeros than it prunes
+    plain, _ = sparsegpt_prune(weight, hessian, 0.3, row_splits=[16, 32], solver=Solver(blocksize=64))
+    assert plain[frozen].count_nonzero() > 0
+    pruned, keep = sparsegpt_prune(weight, hessian, 0.3, row_splits=[16, 32], solver=Solver(blocksize=64),
+                                   frozen=frozen)
+    assert pruned[frozen].count_nonzero() == 0 and not keep[frozen].any()
+    for rows in (16, 32):  # each matrix of the stack prunes what it prunes without them: 4 blocks of 64 columns
+        part = pruned[:16] if rows == 16 else pruned[16:]
+        assert int((part == 0).sum()) == 4 * round(rows * 64 * 0.7)
+    norms = inputs.square().sum(0)
+    kept = wanda_keep(weight, norms, 0.3, frozen=frozen)
+    assert not kept[frozen].any() and int((~kept).sum()) == 48 * (256 - round(256 * 0.3))
+    kept = magnitude_keep(weight, 0.3, frozen=frozen)
+    assert not kept[frozen].any() and int(kept.sum()) == round(weight.numel() * 0.3)
+    counts = allocate(70, [5, 30, 0], [40, 40, 40])
+    assert sum(counts) == 70 and all(count >= held for count, held in zip(counts, [5, 30, 0]))
+    with pytest.raises(ValueError, match="zero already"):
+        allocate(10, [5, 6], [20, 20])

@@ -120,7 +120,7 @@ def recipe_note(config: RunConfig) -> str | None:
     if recipe is None or not (train.recipe == "measured" or train.lr_derived):
         return None
     measured = (f"{recipe.perplexity:.2f} with {recipe.flags()} and lr {_lr(recipe.lr)} at batch {MEASURED_BATCH} "
-                f"(SmolLM2-135M over the user's 25.6M tokens on 2.3M tokens of text, BENCHMARKS.md)")
+                f"(SmolLM2-135M-Instruct, 25.6M training tokens on 2.3M tokens of text, BENCHMARKS.md)")
     differs = _differences(config, recipe)
     if train.recipe == "measured":
         return (f"Recipe: measured near density {recipe.density:g}, {measured}; " +

@@ -25,6 +25,7 @@ class ModelCfg:
     dtype: str = flag("--dtype", "auto")  # evaluation and pruning weights; training keeps float32 masters
     cpu: bool = flag("--cpu", False)
     bos_per_window: str = flag("--bos-per-window", "auto")
+    kernels: str = flag("--kernels", "auto")  # dense | sparse | auto (utils/pipeline/kernels.py)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class ScheduleCfg:
     density_steps: tuple[float, ...] | None = flag("--density-steps", None)
     stages: int = flag("--prune-stages", 4)
     every: int = flag("--prune-every", 50)
+    # a later prune's method: auto = the kind's (gradual: magnitude; iterative: --method)
+    reprune_method: str = flag("--reprune-method", "auto")
+    reprune_nsamples: int = flag("--reprune-nsamples", 16)  # calibration windows of a calibrated gradual update
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class TrainCfg:
     max_step: int = flag("--max-step", 1250)
     lr: float = flag("--lr", 5e-6 * 8 ** 0.5)
     lr_derived: bool = flag("--lr", True)  # neither --lr, --base-lr nor --recipe measured: the brief's rule
-    recipe: str = flag("--recipe", "brief")
+    recipe: str = flag("--recipe", "default")
     warmup_steps: int = flag("--warmup-steps", 0)
     weight_decay: float = flag("--weight-decay", 0.0)
     max_grad_norm: float | None = flag("--max-grad-norm", 1.0)  # None: no clipping
@@ -126,6 +130,7 @@ class TrainCfg:
     patience: int | None = flag("--patience", None)
     min_delta: float = flag("--min-delta", 0.0)
     log_every: int | None = flag("--log-every", None)  # None: every 10 steps or 30 s (utils/training/progress.py)
+    dist_timeout: float = flag("--dist-timeout", 30.0)  # minutes a collective may wait (pruning waits apart)
 
     @property
     def total_steps(self) -> int:
@@ -165,6 +170,8 @@ class TaskCfg:
     task_dir: str | None = flag("--task-dir", None)
     limit: int | None = flag("--task-limit", None)
     batch_size: int = flag("--task-batch-size", 8)
+    generate: int | None = flag("--generate", None)  # new tokens of the generation benchmark (--eval-only)
+    prompt: str = flag("--prompt", "The history of the city")
 
 
 @dataclass(frozen=True)

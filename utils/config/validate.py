@@ -28,6 +28,7 @@ from utils.pruning.profile import resolve_layer_density
 from utils.pruning.schedule import GRADUAL_RAMP, ITERATIVE_START
 from utils.task_eval import lm_eval_missing
 from utils.training.losses import TERMS, optional_terms
+from utils.training.parallel import SHARDED, MeshError, mesh_shape
 
 BASE_LR = 5e-6  # the brief's lr rule: BASE_LR·sqrt(batch_size)
 # Bounds of values that parse but break the arithmetic (measured: --lr 1e300 overflows float32 in
@@ -73,6 +74,18 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
             problems.append(f"argument {name}: {value:g} is not {what}")
 
     finite("--max-grad-norm", args.max_grad_norm, 0, what="a finite number >= 0 (0 turns clipping off)")
+    if args.kernels == "sparse" and not args.eval_only and args.export != "compressed":
+        problems.append("argument --kernels sparse: a training or --prune-only run evaluates its compressed export "
+                        "with both kernels; keep --export compressed")
+    if args.generate and not args.eval_only:
+        problems.append("argument --generate: the generation benchmark runs with --eval-only (on an export: "
+                        "--eval-only --model runs/x/compressed --generate 128)")
+    finite("--dist-timeout", args.dist_timeout, 0, low_open=True, what="a positive number of minutes")
+    if args.parallel == "hsdp" and world_size > 1:
+        try:
+            mesh_shape(world_size, int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None)
+        except MeshError as error:
+            problems.append(f"argument --parallel: {error}")
     finite("--weight-decay", args.weight_decay, 0, what="a finite number >= 0")
     finite("--min-delta", args.min_delta, 0, 1, what="a fraction in [0, 1) (relative perplexity drop)")
     finite("--holdout", args.holdout, 0, 0.5, what="a fraction in [0, 0.5) of the training text (0 = off)")
@@ -99,6 +112,9 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     if args.gen_length is not None and args.gen_length > MAX_GENERATED_ROW:
         problems.append(f"argument --gen-length: {args.gen_length:,} tokens per sampled row is more than any model's "
                         f"positions hold (at most {MAX_GENERATED_ROW:,} here; the model's own limit is checked too)")
+    if args.reprune_method != "auto" and args.schedule == "oneshot":
+        problems.append("argument --reprune-method: only a schedule's later prunes use it; add --schedule gradual "
+                        "or iterative")
     if args.density_steps and args.schedule == "oneshot":
         problems.append("argument --density-steps: a one-shot prune has one density (--sparsity); add --schedule "
                         "iterative or --schedule gradual, or drop --density-steps")
@@ -127,8 +143,12 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
                             "or use --schedule iterative with it)")
         if args.eval_only or args.prune_only or args.export_only:
             problems.append(f"{schedule}: prunes between training steps; it needs a training run")
+        calibrated_updates = args.reprune_method in METHODS and needs_calibration(args.reprune_method)
+        if args.schedule == "gradual" and calibrated_updates and args.reprune_nsamples > args.nsamples:
+            problems.append(f"argument --reprune-nsamples: {args.reprune_nsamples} is more than the --nsamples "
+                            f"{args.nsamples} calibration windows it takes them from")
         processes = world_size
-        if processes > 1 and args.parallel == "fsdp":
+        if processes > 1 and args.parallel in SHARDED:
             problems.append(f"{schedule}" + (" (--recipe measured)" if args.recipe == "measured" else "") +
                             f": needs the whole model in each of the {processes} processes (the pruning driver "
                             "is not sharded); add --parallel ddp (a whole copy per process), or --schedule oneshot" +
@@ -291,7 +311,7 @@ def _train(args: argparse.Namespace, lr_derived: bool) -> TrainCfg:
                     block_size=args.block_size, train_source=args.train_source, holdout=args.holdout,
                     generation=generation, mixed_precision=args.mixed_precision, compile=args.compile,
                     parallel=args.parallel, seed=args.seed, patience=args.patience, min_delta=args.min_delta,
-                    log_every=args.log_every)
+                    log_every=args.log_every, dist_timeout=args.dist_timeout)
 
 
 def _schedule_problems(args: argparse.Namespace, train: TrainCfg) -> list[str]:
@@ -313,7 +333,7 @@ def _schedule_problems(args: argparse.Namespace, train: TrainCfg) -> list[str]:
 def validate(args: argparse.Namespace, world_size: int = 1) -> RunConfig:
     """The RunConfig of a parsed command line, or ConfigError naming every problem at once
     (`world_size`: the processes the launcher started, world_size_from_launcher())."""
-    lr_derived = args.lr is None and args.base_lr is None and args.recipe == "brief"
+    lr_derived = args.lr is None and args.base_lr is None and args.recipe == "default"
     problems = _apply_recipe(args) + _problems(args, world_size)
     args.base_lr = args.base_lr or BASE_LR
     try:
@@ -336,15 +356,17 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> RunConfig:
                      cache_dir=args.pruned_dir, skip_dense_eval=args.skip_dense_eval)
     return RunConfig(
         mode=mode,
-        model=ModelCfg(args.model, args.dtype, args.cpu, args.bos_per_window),
+        model=ModelCfg(args.model, args.dtype, args.cpu, args.bos_per_window, args.kernels),
         prune=prune,
-        schedule=ScheduleCfg(args.schedule, args.density_steps, args.prune_stages, args.prune_every),
+        schedule=ScheduleCfg(args.schedule, args.density_steps, args.prune_stages, args.prune_every,
+                             args.reprune_method, args.reprune_nsamples),
         loss=_loss(args, density),
         train=train,
         eval=EvalProtocol(token_length=args.token_length, stride=args.stride or args.token_length,
                           batch_size=args.eval_batch_size, compile=args.eval_compile, source=args.eval_source,
                           windows=args.eval_windows),
-        tasks=TaskCfg(tuple(args.tasks), args.task_dir, args.task_limit, args.task_batch_size),
+        tasks=TaskCfg(tuple(args.tasks), args.task_dir, args.task_limit, args.task_batch_size, args.generate,
+                      args.prompt),
         output=OutputCfg(dir=args.output_dir or str(Path("runs") / _default_folder(args.model, mode, prune)),
                          log_file=args.log_file, resume=args.resume, overwrite=args.overwrite,
                          report_to=args.report_to, save_best=not args.no_save_best, export=args.export,
@@ -354,7 +376,10 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> RunConfig:
 def _default_folder(model: str, mode: str, prune: PruneCfg) -> str:
     pattern = prune.pattern
     method_tag = f"{prune.method}-{pattern[0]}of{pattern[1]}" if pattern else prune.method
-    model_tag = safe_name(Path(model).stem if model.endswith(".gguf") else model)
+    path = Path(model)
+    # a local folder: its last two names (runs/x/compressed → x-compressed), not the path with its slashes
+    model_tag = safe_name(path.stem if model.endswith(".gguf") else "-".join(path.resolve().parts[-2:])
+                          if path.is_dir() else model)
     # each mode its own default folder: a folder with results is never overwritten, so an --eval-only
     # in the training run's default folder would block that run (and the other way round)
     return {"export": f"{model_tag}-export", "eval": f"{model_tag}-eval",

@@ -18,11 +18,15 @@ from utils.io.files import save_pretrained_atomic
 def export_dense(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype = torch.bfloat16,
                  info: dict | None = None) -> ExportReport:
     """Write `model` in `dtype` as a plain save_pretrained folder (atomically)."""
-    state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
-             for name, tensor in model.state_dict().items()}
+    cast, state = {}, {}
+    for name, tensor in model.state_dict().items():  # tied tensors stay one (save_pretrained then writes it once)
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in cast:
+            cast[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        state[name] = cast[key]
     folder = save_pretrained_atomic(model, tokenizer, Path(folder), info=info, state_dict=state)
     size = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
-    dense = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+    dense = sum(tensor.numel() * tensor.element_size() for tensor in cast.values())
     return ExportReport(folder=str(folder), format="dense", dtype=str(dtype).removeprefix("torch."), file_bytes=size,
                         dense_bytes=dense, dense_tensor_bytes=dense)
 

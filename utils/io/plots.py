@@ -18,15 +18,15 @@ from pathlib import Path
 MISSING = "pictures (curves.png, --compare's plot) need matplotlib: pip install matplotlib"
 
 
-def pyplot():
-    """matplotlib's pyplot on a file-only backend, or None when matplotlib is not installed."""
+def figure_class():
+    """matplotlib's Figure, or None when matplotlib is not installed.  A Figure made directly (not
+    through pyplot) draws to files without choosing a backend for the whole process: a notebook
+    that imports the tool keeps its own."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    matplotlib.use("Agg", force=True)  # files only: no display, no GUI toolkit
-    import matplotlib.pyplot as plt
-    return plt
+    return Figure
 
 
 def read_events(folder: Path) -> list[dict]:
@@ -61,8 +61,8 @@ def layer_densities(layers: list) -> list[float]:
 def write_curves(folder: Path, history: dict | None = None) -> Path | None:
     """Draw the run in `folder` into folder/curves.png; `history`: PerplexityHistory.to_dict()
     (else results.json's).  Returns the file, or None without matplotlib."""
-    plt = pyplot()
-    if plt is None:
+    Figure = figure_class()
+    if Figure is None:
         return None
     folder = Path(folder)
     if history is None:
@@ -71,7 +71,8 @@ def write_curves(folder: Path, history: dict | None = None) -> Path | None:
         except (OSError, ValueError):
             history = {}
     events = read_events(folder)
-    figure, (perplexity, loss, density) = plt.subplots(1, 3, figsize=(16, 4.6))
+    figure = Figure(figsize=(16, 4.6))
+    perplexity, loss, density = figure.subplots(1, 3)
     _perplexity_panel(perplexity, history)
     _loss_panel(loss, events)
     _density_panel(density, events)
@@ -84,7 +85,6 @@ def write_curves(folder: Path, history: dict | None = None) -> Path | None:
     path = folder / "curves.png"
     tmp = path.with_name("curves.tmp.png")
     figure.savefig(tmp, dpi=110)
-    plt.close(figure)
     tmp.replace(path)  # a reader never sees half a picture
     return path
 
@@ -114,11 +114,16 @@ def _loss_panel(axes, events: list[dict]) -> None:
     kind = next((e.get("kind") for e in events if e.get("event") == "loss"), None)
     if train:
         axes.plot(*zip(*train), color="tab:blue", linewidth=1, label=f"training loss ({kind or 'as trained'})")
+    axes.set(title="Loss", xlabel="optimizer step", ylabel=f"training loss ({kind or 'as trained'})")
+    lines = list(axes.get_lines())
     if held:
-        axes.plot(*zip(*held), "s-", color="tab:orange", label="held-out cross-entropy")
-    axes.set(title="Loss", xlabel="optimizer step", ylabel="loss")
-    if train or held:
-        axes.legend(fontsize=8)
+        # distillation is another quantity than the held-out cross-entropy: an axis of its own
+        other = axes if kind == "ce" else axes.twinx()
+        lines += other.plot(*zip(*held), "s-", color="tab:orange", label="held-out cross-entropy")
+        if other is not axes:
+            other.set_ylabel("held-out cross-entropy", color="tab:orange")
+    if lines:
+        axes.legend(lines, [line.get_label() for line in lines], fontsize=8)
 
 
 def _density_panel(axes, events: list[dict]) -> None:
@@ -130,10 +135,11 @@ def _density_panel(axes, events: list[dict]) -> None:
     axes.bar(range(len(values)), values, color="tab:green")
     axes.set_xticks(range(0, len(values), max(1, len(values) // 12)))
     overall = last.get("density")
+    title = "Density per decoder layer (weights kept)"
     if _finite(overall):
-        axes.axhline(overall, color="black", linestyle="--", label=f"overall {overall:.4f}")
-        axes.legend(fontsize=8)
-    axes.set(title="Density per decoder layer (weights kept)", xlabel="decoder layer", ylabel="density")
+        axes.axhline(overall, color="black", linestyle="--")
+        title += f"\noverall {overall:.4f} (dashed)"
+    axes.set(title=title, xlabel="decoder layer", ylabel="density")
 
 
 def _finite(value) -> bool:

@@ -15,7 +15,10 @@ from pathlib import Path
 
 from utils.io.events import duration
 from utils.io.files import write_json
-from utils.io.plots import MISSING as PLOTS_MISSING, pyplot
+from utils.io.plots import MISSING as PLOTS_MISSING, figure_class
+
+
+NOT_RECORDED = "protocol not recorded"
 
 
 class ReportError(ValueError):
@@ -39,6 +42,7 @@ class Row:
     wall_seconds: float | None
     export_bytes: int | None
     protocol: str  # "paper" or what differs (a quick look, another text or window)
+    status: str  # finished, interrupted, stopped short, or the mode of a run that does not train
     epochs: list  # [(epoch, perplexity)]
 
 
@@ -58,19 +62,42 @@ def read_row(folder: Path) -> Row:
     final = results.get("final") if results.get("mode") != "eval" else results.get("perplexity")
     dense = results.get("dense")
     recipe = " ".join(str(part) for part in (results.get("recipe"), (results.get("loss") or {}).get("kind"),
-                                             results.get("schedule_kind"), results.get("method")) if part)
+                                             results.get("schedule_kind"), results.get("method"),
+                                             results.get("layer_density") if results.get("layer_density") != "uniform"
+                                             else None) if part)
     return Row(run=folder.name, model=str(results.get("model", "?")).rstrip("/").split("/")[-1], mode=str(results.get("mode", "train")),
                density=results.get("density"), recipe=recipe or "-", final=final, best=best_value,
                best_epoch=best.get("epoch"), dense=dense,
                times_dense=best_value / dense if _number(best_value) and _number(dense) and dense else None,
                tokens=results.get("tokens_trained"), wall_seconds=(results.get("timings") or {}).get(
                    "wall_seconds", results.get("wall_seconds")),
-               export_bytes=(results.get("export") or {}).get("file_bytes"), protocol=_protocol(results),
+               export_bytes=(results.get("export") or {}).get("file_bytes"), protocol=_protocol(results, folder),
+               status=_status(results),
                epochs=[(e["epoch"], e["perplexity"]) for e in results.get("epochs") or []])
 
 
-def _protocol(results: dict) -> str:
-    protocol = results.get("protocol") or {}
+def _status(results: dict) -> str:
+    if results.get("mode") not in (None, "train"):
+        return str(results["mode"])
+    if results.get("interrupted"):
+        return "interrupted"
+    if results.get("error") or results.get("export_error"):
+        return "stopped short"
+    return "finished" if results.get("finished", results.get("interrupted") is False) else "unfinished"
+
+
+def _protocol(results: dict, folder: Path) -> str:
+    """How the run measured perplexity: results.json's record, else run.json's evaluation settings
+    (runs made before results.json recorded it), else "protocol not recorded"."""
+    protocol = results.get("protocol")
+    if protocol is None:
+        try:
+            config = json.loads((folder / "run.json").read_text(encoding="utf-8"))["config"]["eval"]
+            protocol = {"source": config["source"], "token_length": config["token_length"],
+                        "stride": config.get("stride") or config["token_length"], "windows": config.get("windows"),
+                        "paper": config.get("windows") is None}
+        except (OSError, ValueError, KeyError, TypeError):
+            return NOT_RECORDED
     if protocol.get("paper") is False:
         return f"quick look: first {protocol.get('windows')} windows of {protocol.get('source')}"
     if protocol and (protocol.get("token_length"), protocol.get("stride")) != (2048, 2048):
@@ -79,8 +106,8 @@ def _protocol(results: dict) -> str:
         str(protocol.get("source", "")).rstrip("/").endswith(("wikitext-2-raw", "wiki.test.raw")) else f"text {protocol.get('source')}"
 
 
-HEADER = ("| run | model | density | recipe | final | best (epoch) | × dense | tokens | wall time | export |\n"
-          "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+HEADER = ("| run | model | density | recipe | final | best (epoch) | × dense | tokens | wall time | export | status |\n"
+          "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
 
 
 def table_line(row: Row) -> str:
@@ -88,7 +115,7 @@ def table_line(row: Row) -> str:
     return (f"| {row.run} | {row.model} | {_fmt(row.density, '.4g')} | {row.recipe} | {_fmt(row.final)} | {best} | "
             f"{_fmt(row.times_dense, '.2f')}× | {_count(row.tokens)} | "
             f"{duration(row.wall_seconds) if _number(row.wall_seconds) else '-'} | "
-            f"{(f'{row.export_bytes / 2**20:,.1f} MiB') if _number(row.export_bytes) else '-'} |")
+            f"{(f'{row.export_bytes / 2**20:,.1f} MiB') if _number(row.export_bytes) else '-'} | {row.status} |")
 
 
 def markdown(rows: list[Row]) -> str:
@@ -99,8 +126,10 @@ def markdown(rows: list[Row]) -> str:
     parts = ["# Runs compared", ""]
     for protocol in sorted(groups, key=_order):
         title = ("WikiText-2 test, the papers' protocol" if protocol == "paper" else
-                 f"{protocol}: NOT the papers' protocol, not comparable with the table above" if
-                 protocol.startswith("quick") else f"{protocol}: another protocol")
+                 f"{protocol}: NOT the papers' protocol, not comparable with full-protocol numbers" if
+                 protocol.startswith("quick") else
+                 "Protocol not recorded (older runs): not comparable with the other tables" if
+                 protocol == NOT_RECORDED else f"{protocol}: another protocol")
         parts += [f"## {title}", "", HEADER, *(table_line(row) for row in groups[protocol]), ""]
     parts.append("Perplexity: lower is better. × dense: the best perplexity over the dense model's, measured in "
                  "the same run. Every number is the run's results.json.")
@@ -116,18 +145,21 @@ def compare_runs(folders: list[Path], output: Path) -> tuple[list[Row], list[Pat
                           "own (default runs/comparison)")
     output.mkdir(parents=True, exist_ok=True)
     written = [output / "comparison.md", output / "comparison.json"]
-    written[0].write_text(markdown(rows), encoding="utf-8")
+    tmp = written[0].with_name("comparison.md.tmp")
+    tmp.write_text(markdown(rows), encoding="utf-8")
+    tmp.replace(written[0])  # a reader never sees half a table
     write_json(written[1], {"runs": [asdict(row) for row in rows]})
     picture = _plot(rows, output / "comparison.png")
     return rows, written + ([picture] if picture else [])
 
 
 def _plot(rows: list[Row], path: Path) -> Path | None:
-    plt = pyplot()
-    if plt is None:
+    Figure = figure_class()
+    if Figure is None:
         return None
     protocols = sorted({row.protocol for row in rows}, key=_order)
-    figure, panels = plt.subplots(1, len(protocols), figsize=(7 * len(protocols), 4.6), squeeze=False)
+    figure = Figure(figsize=(7 * len(protocols), 4.6))
+    panels = figure.subplots(1, len(protocols), squeeze=False)
     for axes, protocol in zip(panels[0], protocols):
         for row in (r for r in rows if r.protocol == protocol):
             if row.epochs:
@@ -141,8 +173,9 @@ def _plot(rows: list[Row], path: Path) -> Path | None:
         axes.legend(fontsize=8)
     figure.suptitle("Perplexity per epoch (dashed: each run's dense model)")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(tmp, dpi=110)
+    tmp.replace(path)
     return path
 
 
@@ -161,8 +194,8 @@ def run_compare(folders: list[str], output: str | None, stream) -> int:
 
 
 def _order(protocol: str) -> tuple[bool, bool]:
-    """The papers' protocol first, quick looks last."""
-    return protocol != "paper", protocol.startswith("quick")
+    """The papers' protocol first, quick looks and unknown protocols last."""
+    return protocol != "paper", protocol.startswith("quick") or protocol == NOT_RECORDED
 
 
 def _number(value) -> bool:

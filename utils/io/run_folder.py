@@ -19,9 +19,12 @@ from pathlib import Path
 from utils.io.files import CheckpointError
 
 LOCK_FILE = ".lock"
-RESULT_FILES = ("results.json", "state", "state.old", "best", "compressed")  # what a run computed
+# What a run computed: results, state, models (best/ and every exporter's folder: tests/test_researcher.py
+# keeps this in step with utils/export/registry.EXPORTERS) and its picture
+RESULT_FILES = ("results.json", "state", "state.old", "best", "compressed", "dense", "curves.png")
 STARTED_FILES = ("run.json", "metrics.jsonl")  # what a start writes before any work
 RUN_FILES = STARTED_FILES + RESULT_FILES
+
 
 class RunFolderError(CheckpointError):
     """The output folder cannot take this run; the message says which folder and what to do."""

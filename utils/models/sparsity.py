@@ -9,6 +9,7 @@ training state work on each process's own shard.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,16 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
 def any_sharded(tensors) -> bool:
     """Whether any is an FSDP2 shard (a DTensor), whose counts must be summed over the ranks."""
     return any(hasattr(t, "to_local") for t in tensors)
+
+
+def replication(tensors) -> int:
+    """How many processes hold each shard of these DTensors (HSDP: one per machine; FSDP: 1): a sum
+    over all processes counts every shard this many times."""
+    for tensor in tensors:
+        if hasattr(tensor, "placements"):
+            return math.prod(tensor.device_mesh.size(dim) for dim, placement in enumerate(tensor.placements)
+                             if placement.is_replicate())
+    return 1
 
 
 def all_reduce_sum(values: torch.Tensor, sharded: bool) -> torch.Tensor:
@@ -89,8 +100,9 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     prefix, layers = find_decoder_layers(model)
     groups = [[linear.weight for linear in find_linears(layer).values()] for layer in layers]
     sharded = any(any_sharded(weights) for weights in groups)
+    replicas = replication([w for group in groups for w in group])
     groups = [[local_part(w) for w in weights] for weights in groups]
     counts = [[float(nonzeros), float(sum(w.numel() for w in weights))]
               for nonzeros, weights in zip(nonzero_counts(groups), groups)]
-    totals = all_reduce_sum(torch.tensor(counts, dtype=torch.float64), sharded)
+    totals = all_reduce_sum(torch.tensor(counts, dtype=torch.float64), sharded) / replicas
     return SparsityReport([(f"{prefix}.{i}", int(nz), int(n)) for i, (nz, n) in enumerate(totals.tolist())])

@@ -20,6 +20,7 @@ from utils.io.run_folder import RunFolder
 from utils.models.loading import ModelSource
 from utils.pruning.schedule import SparsitySchedule
 from utils.task_eval import TaskSet
+from utils.training.parallel import MainFirst
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Context:
     tasks: TaskSet | None = None
     kernels: CompiledKernels | None = None
     started: float = field(default_factory=time.monotonic)  # when the run began (time.monotonic)
+    first: MainFirst = field(default_factory=lambda: MainFirst(True, 1))  # the main process first, the others after
 
     @property
     def device(self) -> torch.device:

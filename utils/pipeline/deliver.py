@@ -11,6 +11,7 @@ from torch import nn
 
 from utils.export.registry import EXPORTERS, export_model
 from utils.pipeline.context import Context
+from utils.pipeline.kernels import both_kernels
 from utils.task_eval import describe_scores, evaluate_tasks
 
 
@@ -43,4 +44,6 @@ def deliver(context: Context, model: nn.Module, info: dict | None, export: bool 
             logger.info(line)
         logger.log({"event": "export", **report.to_dict()})
         extras["export"] = report.to_dict()
+        if config.model.kernels == "sparse" and name == "compressed":  # the same weights through both kernels
+            extras["kernels"] = both_kernels(context, folder)
     return extras

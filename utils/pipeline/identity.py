@@ -35,6 +35,7 @@ class RunIdentity:
     pattern: list | None = flag("--pattern")
     layer_density: str | None = flag("--layer-density")
     schedule: list | None = flag("--schedule/--density-steps/--prune-stages")
+    reprune: dict | None = flag("--reprune-method/--reprune-nsamples")  # None: the kind's own (older runs resume)
     batch_size: int | None = flag("--batch-size")
     max_step: int | None = flag("--max-step")
     epochs: int | None = flag("--epochs")
@@ -77,7 +78,8 @@ class RunIdentity:
         return cls(
             model_fingerprint=fingerprint, density=prune.density, method=prune.method,
             pattern=list(prune.pattern) if prune.pattern else None, layer_density=profile_of(config).tag,
-            schedule=[list(stage) for stage in schedule.stages], batch_size=train.batch_size,
+            schedule=[list(stage) for stage in schedule.stages], reprune=reprune_record(config),
+            batch_size=train.batch_size,
             max_step=train.max_step, epochs=train.epochs, lr=train.lr, warmup_steps=train.warmup_steps,
             weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, block_size=train.block_size,
             train_source=train.train_source, holdout=train.holdout, seed=train.seed,
@@ -102,10 +104,25 @@ class RunIdentity:
 
     @classmethod
     def from_json(cls, data: dict) -> "RunIdentity":
-        """A saved identity; the fields it lacks (a run saved before they existed) are `unrecorded`."""
+        """A saved identity; the fields it lacks (a run saved before they existed) are `unrecorded`,
+        except those whose absence has one meaning (every older run measured the full protocol)."""
         names = [field.name for field in _compared()]
-        return cls(**{name: data.get(name) for name in names},
-                   unrecorded=frozenset(name for name in names if name not in data))
+        missing = [name for name in names if name not in data and name not in MEANT_WHEN_MISSING]
+        return cls(**{name: data.get(name) for name in names}, unrecorded=frozenset(missing))
+
+
+# Fields added later whose absence from a saved run still says what it was: compared as None.
+MEANT_WHEN_MISSING = {"eval_windows", "reprune"}  # before the flags: the full protocol, the kind's own re-prunes
+
+
+def reprune_record(config: RunConfig) -> dict | None:
+    """What a schedule's later prunes use, when --reprune-method chose it (None: the kind's own, as
+    every run before the flag): the method, and the windows of a calibrated gradual update."""
+    schedule = config.schedule
+    if schedule.kind == "oneshot" or schedule.reprune_method == "auto":
+        return None
+    calibrated = schedule.kind == "gradual" and needs_calibration(schedule.reprune_method)
+    return {"method": schedule.reprune_method, "nsamples": schedule.reprune_nsamples if calibrated else None}
 
 
 def _compared() -> list:

@@ -22,6 +22,7 @@ from utils.models.structure import count_parameters
 from utils.pipeline.context import Context, Start
 from utils.pipeline.deliver import deliver
 from utils.pipeline.prune_step import pruned_model
+from utils.pipeline.kernels import generation_benchmark, kernels_for, model_for
 from utils.pipeline.record import quick_note, run_record
 from utils.task_eval import load_tasks
 
@@ -37,13 +38,13 @@ def eval_compile(requested: str, training_compiles: bool) -> str:
 
 def prepare_evaluation(context: Context) -> None:
     """The tasks (names and data checked before any work), the evaluation text and the protocol."""
-    config, accelerator = context.config, context.accelerator
-    with accelerator.main_process_first():
+    config = context.config
+    with context.first():
         context.tasks = load_tasks(list(config.tasks.names), config.tasks.task_dir) if config.tasks.names else None
     if context.bos is not None:
         context.logger.info("Every evaluation window, calibration window and training block starts with the BOS "
                             f"token ({config.model.bos_per_window}: this model family needs it)")
-    with accelerator.main_process_first():
+    with context.first():
         context.eval_tokens = tokenize_source(config.eval.source, context.tokenizer, split="test")
     context.protocol = replace(config.eval, compile=eval_compile(config.eval.compile, training_compiles=False),
                                bos_id=context.bos)
@@ -54,17 +55,32 @@ def evaluate_only(context: Context, start: Start) -> int:
     """--eval-only: the perplexity of --model as it is (and its task scores)."""
     prepare_evaluation(context)
     config, logger = context.config, context.logger
-    model, _ = load_source(context.source, parse_dtype(config.model.dtype, context.device))
-    model.to(context.device)
+    model, kind = model_for(context, "perplexity")
     logger.info(f"{count_parameters(model):,} parameters, {model.dtype}")
     result = evaluate_and_log(model, context.eval_tokens, logger, Heading("Perplexity"), context.protocol,
                               kernels=context.kernels)
     if context.is_main:
         extras = deliver(context, model, info=None, export=False)
+        if config.tasks.generate:
+            extras["generate"] = _generate(context, model, kind)
         write_json(context.output / "results.json", {**run_record(context), "eval_source": config.eval.source,
                                                      "bos_per_window": context.bos is not None, **asdict(result),
                                                      "quick_look": quick_note(context.protocol), **extras})
+        logger.info(f"Results: {context.output / 'results.json'}")
     return 0
+
+
+def _generate(context: Context, model: torch.nn.Module, kind: str) -> dict:
+    """--generate: greedy tokens/s of --model with the kernels --kernels gives generation."""
+    if kernels_for(context, "generate") != kind:
+        model, kind = model_for(context, "generate")
+    tasks = context.config.tasks
+    record = {**generation_benchmark(model, context.tokenizer, tasks.prompt, tasks.generate, context.device),
+              "kernels": kind}
+    context.logger.report(f"Generation: {record['new_tokens']} new tokens in {record['seconds']:.2f} s = "
+                          f"{record['tokens_per_second']:,.1f} tokens/s (batch 1, greedy, {kind} kernels, after a "
+                          f"{record['prompt_tokens']}-token prompt): {record['text']!r}", {"event": "generate", **record})
+    return record
 
 
 def prune_only(context: Context, start: Start) -> int:
@@ -89,6 +105,7 @@ def prune_only(context: Context, start: Start) -> int:
         write_json(context.output / "results.json", {**run_record(context), **history.to_dict(),
                                                      "bos_per_window": context.bos is not None, "pruning": info,
                                                      **extras})
+        logger.info(f"Results: {context.output / 'results.json'}")
     return 1 if "export_error" in extras else 0
 
 
@@ -102,6 +119,7 @@ def export_only(context: Context, start: Start) -> int:
     extras = deliver(context, model, info={"model": context.config.model.name,
                                            "model_identity": context.model_identity})
     write_json(context.output / "results.json", {**run_record(context), **extras})
+    context.logger.info(f"Results: {context.output / 'results.json'}")
     return 1 if "export_error" in extras else 0
 
 

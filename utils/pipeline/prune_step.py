@@ -64,7 +64,7 @@ def pruned_model(context: Context, density: float, dtype: torch.dtype | None
         model, _ = load_source(context.source, dtype)
         return model, {"method": "none", "density": 1.0}, sparsity_report(model)
     loaded_from = None  # where a model pruned earlier came from: its density is checked
-    with context.accelerator.main_process_first():  # the others look once the main process re-pruned
+    with context.first():  # the others look once the main process pruned (a store wait, not a collective)
         stale = _stale(folder, context.model_identity)
         if stale:
             logger.info(f"The cached prune in {folder} was made from other weights than --model has now ({stale}); "
@@ -184,6 +184,6 @@ def repruner(context: Context, model: nn.Module) -> Repruner:
     """The schedule's later prunes of `model` (utils/pruning/schedule.Repruner), calibrated on the
     same windows as the first prune where the method or the profile reads activations."""
     config = context.config
-    return Repruner.for_schedule(config.schedule.kind, model, config.prune.method, profile_of(config),
+    return Repruner.for_schedule(config.schedule, model, config.prune.method, profile_of(config),
                                  lambda: calibration_of(context, model.config)[0], context.device,
                                  config.prune.options)

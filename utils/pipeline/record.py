@@ -10,6 +10,7 @@ import time
 
 from utils.config.sections import EvalProtocol
 from utils.pipeline.context import Context
+from utils.pipeline.identity import profile_of
 
 
 def protocol_record(protocol: EvalProtocol) -> dict:
@@ -34,6 +35,7 @@ def run_record(context: Context, earlier_seconds: float = 0.0) -> dict:
               "wall_seconds": round(earlier_seconds + time.monotonic() - context.started, 3)}
     if config.mode in ("prune", "train"):
         record.update(density=config.prune.density, method=config.prune.method,
+                      layer_density=profile_of(config).tag,
                       pattern=list(config.prune.pattern) if config.prune.pattern else None)
     if config.mode == "train":
         train = config.train

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import platform
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
-from fsdp_finetune import STOPPING_ERRORS, stop_message
 from utils.config.sections import RunConfig
 from utils.data.generated import split_sources
 from utils.export.registry import resolve_source
@@ -32,7 +32,8 @@ from utils.pipeline.identity import RunIdentity, changed_flags
 from utils.pipeline.modes import evaluate_only, export_only, prune_only
 from utils.pipeline.train import train
 from utils.pipeline.prune_step import sparsity_schedule
-from utils.training.parallel import init_distributed
+from utils.training.parallel import MainFirst, init_distributed
+from utils.training.stopping import STOPPING_ERRORS, stop_message
 from utils.training.state import check_position, read_meta
 
 
@@ -52,7 +53,9 @@ def _make_accelerator(config: RunConfig):
     report_to = config.output.report_to
     # On a machine without a GPU, cpu=True is what makes accelerate join a torchrun/accelerate-launch
     # group (MULTI_CPU) instead of running every process as a lone main process.
-    accelerator = Accelerator(cpu=config.model.cpu or not torch.cuda.is_available(),
+    from accelerate.utils import InitProcessGroupKwargs
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=config.train.dist_timeout))
+    accelerator = Accelerator(cpu=config.model.cpu or not torch.cuda.is_available(), kwargs_handlers=[timeout],
                               log_with=None if report_to == "none" else report_to, project_dir=config.output.dir)
     init_distributed(accelerator.device)
     return accelerator
@@ -153,15 +156,16 @@ def _run(config: RunConfig, accelerator, folder: RunFolder, logger: MetricsLogge
     model_config = load_config(source)
     _check_lengths(config, model_config)
     identity = model_identity(source)
-    with accelerator.main_process_first():
+    first = MainFirst(accelerator.is_main_process, accelerator.num_processes)
+    with first():
         tokenizer = load_tokenizer(source)
     bos = bos_per_window(config.model.bos_per_window, model_config, tokenizer)
     schedule = sparsity_schedule(config)
     context = Context(config, accelerator, logger, folder, source, identity, tokenizer, bos, schedule, model_config,
-                      started=started)
+                      started=started, first=first)
     run_identity = RunIdentity.of(config, identity["fingerprint"], schedule, bos, identity.get("content")).to_json()
     meta = _check_resume(config, folder, run_identity)
-    if meta is None and config.mode == "train" and config.output.resume and _finished(folder.path, logger):
+    if meta is None and config.mode == "train" and config.output.resume and _finished(folder, logger, run_identity):
         return 0
     if meta is not None and meta["train_state"].get("finished"):
         if _delivered(folder.path, meta["train_state"]):
@@ -186,19 +190,32 @@ def _run(config: RunConfig, accelerator, folder: RunFolder, logger: MetricsLogge
     return MODES[config.mode](context, Start(run_identity, resuming=meta is not None, callbacks=tuple(callbacks)))
 
 
-def _finished(output: Path, logger: MetricsLogger) -> bool:
+def _finished(folder: RunFolder, logger: MetricsLogger, identity: dict) -> bool:
     """A finished run whose state/ was removed at its end (without --keep-state): --resume prints
-    its summary from results.json instead of starting it again."""
+    its summary from results.json instead of starting it again; a command that would change the
+    run is refused as for any resume (its identity is run.json's)."""
+    output = folder.path
     try:
         results = json.loads((output / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        saved = json.loads((output / "run.json").read_text(encoding="utf-8")).get("identity", {})
+    except (OSError, ValueError, AttributeError):
         return False
     if not isinstance(results, dict) or results.get("finished") is not True:
         return False
+    _refuse_changes(folder, saved, identity)
     logger.info(f"The run in {output} is already finished; its summary (from results.json):")
     for line in PerplexityHistory.from_dict(results).summary_lines():
         logger.info(line)
     return True
+
+
+def _refuse_changes(folder: RunFolder, saved: dict, identity: dict) -> None:
+    differences = changed_flags(RunIdentity.from_json(saved if isinstance(saved, dict) else {}),
+                                RunIdentity.from_json(identity))
+    if differences:
+        raise RunFolderError(f"--resume would mix two runs in {folder.path}: " + ", ".join(differences)
+                             + ". Resume with the saved settings (its run.json), or start a new run with another "
+                               "--output-dir (a longer schedule is a new run: --model its best/ folder)")
 
 
 def _delivered(output: Path, train_state: dict) -> bool:
@@ -216,11 +233,7 @@ def _check_resume(config: RunConfig, folder: RunFolder, identity: dict) -> dict 
     if not config.output.resume or not (folder.state_dir / "train_state.json").exists():
         return None
     meta = read_meta(folder.state_dir)
-    differences = changed_flags(RunIdentity.from_json(meta.get("identity", {})), RunIdentity.from_json(identity))
-    if differences:
-        raise RunFolderError(f"--resume would mix two runs in {folder.path}: " + ", ".join(differences)
-                             + ". Resume with the saved settings (its run.json), or start a new run with another "
-                               "--output-dir (a longer schedule is a new run: --model its best/ folder)")
+    _refuse_changes(folder, meta.get("identity", {}), identity)
     check_position(meta, folder.state_dir, config.train.max_step, config.train.epochs)
     return meta
 

@@ -6,7 +6,7 @@ baseline, the training loop (fsdp_finetune.Trainer), then the best model deliver
 from __future__ import annotations
 
 import math
-import shutil
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,17 +22,18 @@ from utils.export.registry import load_source, resolve_source
 from utils.io.files import write_json
 from utils.io.events import duration
 from utils.io.history import PerplexityHistory
-from utils.io.plots import MISSING as PLOTS_MISSING, write_curves
 from utils.models.loading import parse_dtype
 from utils.models.structure import count_parameters
 from utils.pipeline.context import Context, Start
 from utils.pipeline.deliver import deliver
+from utils.pipeline.keep import Curves, draw_curves, tidy_state
 from utils.pipeline.modes import dense_model, eval_compile, prepare_evaluation
 from utils.pipeline.prune_step import pruned_model, repruner
 from utils.pipeline.record import quick_note, run_record
+from utils.pruning.schedule import reprune_method
 from utils.task_eval import describe_scores
 from utils.training.losses import describe, loss_record, memorization_passes, needs_teacher
-from utils.training.parallel import compute_dtype, prepare_model, resolve_compile_mode
+from utils.training.parallel import SHARDED, compute_dtype, mesh_shape, prepare_model, resolve_compile_mode
 
 
 def generation_spec(config: RunConfig) -> GenerationSpec | None:
@@ -56,7 +57,7 @@ def _training_text(context: Context, mixed: str) -> tuple[torch.Tensor, torch.Te
         return loaded[0]
     text = read_training_text(config.train.train_source, context.tokenizer, generation_spec(config), dense,
                               context.model_identity["fingerprint"], context.device, context.logger,
-                              first=context.accelerator.main_process_first)
+                              first=context.first)
     blocks, holdout = training_blocks(text, config.train.block_size, config.train.holdout, context.bos)
     report_budget(text, blocks, holdout, config.train, memorization_passes(config.loss), context.logger)
     return blocks, holdout, loaded[0] if loaded else None
@@ -84,12 +85,17 @@ def _prepare(context: Context, model: torch.nn.Module, mixed: str):
     config, logger, device, world = context.config, context.logger, context.device, context.world
     blocks, holdout, sampler = _training_text(context, mixed)
     teacher = _teacher(context, mixed, sampler)
-    shards = world if config.train.parallel == "fsdp" else 1
+    shards = world if config.train.parallel in SHARDED else 1
     micro = config.train.micro_batch_size or max(1, config.train.batch_size // world)
     compile_mode, compile_note = resolve_compile_mode(config.train.compile, device, shards,
                                                       accumulation=config.train.batch_size // (micro * world))
     parallel = f" | parallel: {config.train.parallel} × {world} processes" if world > 1 else ""
-    logger.report(f"Precision: {mixed} | torch.compile: {compile_note}{parallel}",
+    if world > 1 and config.train.parallel == "hsdp":
+        machines, local = mesh_shape(world, int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None)
+        parallel += f" ({machines} machines × {local} processes: sharded within a machine, replicated across)"
+    meaning = {"no": " (float32 throughout)", "bf16": " (autocast over float32 weights)",
+               "fp16": " (autocast over float32 weights, loss scaling)"}.get(mixed, "")
+    logger.report(f"Precision: {mixed}{meaning} | torch.compile: {compile_note}{parallel}",
                   {"event": "setup", "precision": mixed, "compile": compile_mode, "compile_note": compile_note,
                    "parallel": config.train.parallel, "processes": world})
     if shards > 1 and device.type == "cuda":
@@ -107,7 +113,8 @@ def train(context: Context, start: Start) -> int:
     prepare_evaluation(context)
     config, logger, schedule = context.config, context.logger, context.schedule
     if schedule.kind != "oneshot":
-        logger.report(f"Sparsity schedule: {schedule.describe()}",
+        later = reprune_method(config.schedule, config.prune.method)
+        logger.report(f"Sparsity schedule: {schedule.describe(later)}",
                       {"event": "sparsity_schedule", "kind": schedule.kind, "stages": [list(s) for s in schedule.stages]})
     # The first stage's density is what is pruned (and cached) before training.
     model, info, report = pruned_model(context, schedule.initial, torch.float32)
@@ -147,7 +154,7 @@ def train(context: Context, start: Start) -> int:
                       resume=start.resuming, save_best=config.output.save_best, kernels=context.kernels,
                       compiles=compile_mode is not None, started=context.started,
                       save_dtype=getattr(torch, config.output.save_dtype), eval_seconds=eval_seconds)
-    callbacks = [*start.callbacks, Curves(context)] if context.is_main else start.callbacks
+    callbacks = [*start.callbacks, Curves(context.output, logger)] if context.is_main else start.callbacks
     result = Trainer(job, replace(train_cfg, mixed_precision=mixed), logger, callbacks).fit()
     return _finish(context, result, prepared.module, best_info)
 
@@ -176,12 +183,13 @@ def _finish(context: Context, result, module: torch.nn.Module, best_info) -> int
                     f"({extras['export']['ratio']:.1%} of the dense size, "
                     f"{config.output.export_dtype}; the perplexities above were measured in the training precision, "
                     "so the export's own may differ slightly: --eval-only --model it)")
-    logger.info(f"Time: {duration(timings['wall_seconds'])} in all (training {duration(timings.get('training_seconds', 0))}"
-                f", evaluation during training {duration(timings.get('evaluation_seconds', 0))})")
+    logger.report(f"Time: {duration(timings['wall_seconds'])} in all (training "
+                  f"{duration(timings.get('training_seconds', 0))}, evaluation during training "
+                  f"{duration(timings.get('evaluation_seconds', 0))})", {"event": "timings", **timings})
     note = recipe_note(config)
     if note and not result.interrupted and config.train.lr_derived:  # the most useful line, once more at the end
         logger.info(note)
-    finished = result.state.finished and not result.interrupted and not result.error
+    finished = result.state.finished and not result.interrupted and not result.error and "export_error" not in extras
     if context.is_main:
         schedule = context.schedule
         last = history.details.get(history.epochs[-1][0], {}) if history.epochs else {}
@@ -190,37 +198,15 @@ def _finish(context: Context, result, module: torch.nn.Module, best_info) -> int
             "bos_per_window": context.bos is not None, "schedule": [list(stage) for stage in schedule.stages],
             "epochs_completed": result.state.epoch - 1, "stopped_early": result.stopped_early,
             "interrupted": result.interrupted, "error": result.error, "finished": finished,
-            "accuracy": last.get("accuracy"), "holdout_loss": last.get("holdout_loss"),
+            "final_accuracy": last.get("accuracy"), "final_holdout_loss": last.get("holdout_loss"),
             "tokens_trained": result.state.global_step * config.train.batch_size * config.train.block_size,
             "timings": timings, "pruning": best_info()["pruning"]})
-        if finished and not config.output.keep_state:
-            remove_state(context.output, logger)
-        picture = write_curves(context.output)
-        logger.info(f"Curves: {picture}" if picture else f"No curves.png: {PLOTS_MISSING}")
+        logger.info(f"Results: {context.output / 'results.json'}")
+        if finished:
+            tidy_state(context.output, logger, config.output.keep_state,
+                       delivered=(context.output / "best" / "config.json").exists() or "export" in extras)
+        draw_curves(context.output, logger, final=True)
     return 130 if result.interrupted else 1 if result.error or "export_error" in extras else 0
-
-
-class Curves:
-    """Draws curves.png into the run folder after every epoch (main process)."""
-
-    def __init__(self, context: Context):
-        self.folder = context.output
-
-    def on_step_end(self, trainer) -> None:
-        pass
-
-    def on_epoch_end(self, trainer) -> None:
-        write_curves(self.folder, trainer.history.to_dict())
-
-
-def remove_state(output: Path, logger) -> None:
-    """A finished run's resumable state is not needed again (a --resume of it prints its summary
-    from results.json): removed, unless --keep-state."""
-    sizes = [path.stat().st_size for name in ("state", "state.old") for path in (output / name).rglob("*")
-             if path.is_file()]
-    for name in ("state", "state.old"):
-        shutil.rmtree(output / name, ignore_errors=True)
-    logger.info(f"Removed {output / 'state'} ({sum(sizes) / 2**20:,.0f} MiB of resumable state; --keep-state keeps it)")
 
 
 def _final_model(context: Context, module: torch.nn.Module | None) -> tuple[torch.nn.Module | None, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -33,6 +34,38 @@ def _prune_count(total: int, density: float) -> int:
     return total - int(round(total * density))
 
 
+def allocate(total: int, fixed: list[int], sizes: list[int]) -> list[int]:
+    """`total` prunes split over groups of `sizes` weights, `fixed` of which must be pruned in
+    each (weights already zero that stay zero): each group its fixed ones plus a share of the rest
+    in proportion to its free weights, rounded so that the counts sum to `total` exactly."""
+    extra = total - sum(fixed)
+    if extra < 0:
+        raise ValueError(f"{sum(fixed):,} weights are zero already, more than the {total:,} to prune: the "
+                         "density asked for is above what the weights hold")
+    free = [size - held for size, held in zip(sizes, fixed)]
+    counts, cumulative, given = [], 0, 0
+    for held, room in zip(fixed, free):
+        cumulative += room
+        share = round(extra * cumulative / sum(free)) if sum(free) else 0
+        counts.append(held + share - given)
+        given = share
+    return counts
+
+
+def _pruned_first(score: torch.Tensor, frozen: torch.Tensor | None) -> torch.Tensor:
+    """Scores in which the `frozen` positions (weights that must stay zero) rank below every other."""
+    return score if frozen is None else score.masked_fill(frozen, -1.0)
+
+
+def _row_keep(score: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Prune the `counts[r]` lowest scores of each row r."""
+    rows, cols = score.shape
+    pruned = torch.arange(cols, device=score.device).expand(rows, cols) < counts.to(score.device).unsqueeze(1)
+    keep = torch.ones_like(score, dtype=torch.bool)
+    keep.scatter_(1, score.argsort(dim=1, stable=True), ~pruned)
+    return keep
+
+
 def _nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the n highest-scoring of every m consecutive columns in each row."""
     rows, cols = score.shape
@@ -44,44 +77,68 @@ def _nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(rows, cols)
 
 
-def magnitude_keep(weight: torch.Tensor, density: float, pattern: Pattern = None) -> torch.Tensor:
-    """Keep the largest |w|: per matrix (unstructured) or per group of m (N:M)."""
+def magnitude_keep(weight: torch.Tensor, density: float, pattern: Pattern = None,
+                   frozen: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the largest |w|: per matrix (unstructured) or per group of m (N:M).  `frozen`: positions
+    pruned whatever their value (a calibrated update keeps earlier zeros at zero; unstructured only)."""
     score = weight.detach().abs().float()
     if pattern:
         return _nm_keep(score, *pattern)
     keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     count = _prune_count(score.numel(), density)
+    allocate(count, [int(frozen.sum())] if frozen is not None else [0], [score.numel()])  # enough room
+    score = _pruned_first(score, frozen)
     if count:
         keep[score.flatten().topk(count, largest=False).indices] = False
     return keep.view_as(score)
 
 
 def wanda_keep(weight: torch.Tensor, input_sq_norm: torch.Tensor, density: float,
-               pattern: Pattern = None) -> torch.Tensor:
-    """Wanda: score |W_ij|·‖X_j‖₂, ranked within each output row (or each group of m)."""
+               pattern: Pattern = None, frozen: torch.Tensor | None = None) -> torch.Tensor:
+    """Wanda: score |W_ij|·‖X_j‖₂, ranked within each output row (or each group of m).  `frozen`:
+    positions pruned whatever their score; each row then prunes its frozen ones plus a share of the
+    matrix's rest (`allocate`), the matrix's count the same as without."""
     score = weight.detach().abs().float() * input_sq_norm.float().sqrt().reshape(1, -1)
     if pattern:
         return _nm_keep(score, *pattern)
     count = _prune_count(score.shape[1], density)
+    if frozen is not None:
+        rows, cols = score.shape
+        counts = allocate(rows * count, frozen.sum(dim=1).tolist(), [cols] * rows)
+        return _row_keep(_pruned_first(score, frozen), torch.tensor(counts))
     keep = torch.ones_like(score, dtype=torch.bool)
     if count:
         keep.scatter_(1, score.topk(count, dim=1, largest=False).indices, False)
     return keep
 
 
+@dataclass(frozen=True)
+class Solver:
+    """How SparseGPT solves: columns pruned together, the Hessian's dampening (a fraction of its
+    mean diagonal), and what runs one block's column loop (None: `column_sweep`, eagerly)."""
+    blocksize: int = 128
+    percdamp: float = 0.01
+    sweep: Callable | None = None
+
+
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, density: float, pattern: Pattern = None,
-                    row_splits: list[int] | None = None, blocksize: int = 128,
-                    percdamp: float = 0.01, sweep: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    row_splits: list[int] | None = None, solver: Solver = Solver(),
+                    frozen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh 2023): prune column blocks with an adaptive mask and
     compensate the error in the columns not yet processed.
 
     weight: (rows, cols), several matrices that share one input may be stacked by rows;
     `row_splits` gives their row counts so the unstructured mask is chosen per matrix.
-    `sweep` runs the column loop of one block (default: `column_sweep`, eagerly).
+    `solver`: block size, dampening and the column loop's runner.
+    `frozen` (unstructured only): positions pruned whatever their score, e.g. the zeros of an
+    earlier prune, which the error updates of earlier columns would otherwise bring back; each
+    block then prunes its frozen ones plus a share of the rest (`allocate`), each matrix's count
+    the same as without.
     Returns (pruned weight in float32 with exact zeros, keep mask).
     """
     rows, cols = weight.shape
     row_splits = row_splits or [rows]
+    blocksize, percdamp, sweep = solver.blocksize, solver.percdamp, solver.sweep
     W = weight.detach().float().clone()
     H = hessian.float().clone()
     dead = torch.diag(H) == 0
@@ -91,6 +148,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, density: float,
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     keep = torch.ones_like(W, dtype=torch.bool)
     prune_fraction = 1 - density
+    counts = _block_counts(frozen, rows, cols, row_splits, blocksize, prune_fraction) if frozen is not None else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         # Columns are rows here: column i of the block is the contiguous row WT[i].
@@ -101,9 +159,11 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, density: float,
         if pattern is None:
             score = WT.square() / d.square().unsqueeze(1)
             start = 0
-            for size in row_splits:
+            if frozen is not None:
+                score = _pruned_first(score, frozen[:, i1:i2].t())
+            for split, size in enumerate(row_splits):
                 part = score[:, start:start + size]
-                count = int(round(part.numel() * prune_fraction))
+                count = int(round(part.numel() * prune_fraction)) if counts is None else counts[split][i1 // blocksize]
                 if count:
                     flat = torch.zeros(part.numel(), dtype=torch.bool, device=W.device)
                     flat[part.reshape(-1).topk(count, largest=False).indices] = True
@@ -118,6 +178,21 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, density: float,
         W[:, i2:].addmm_(ErrT.t(), Hinv[i1:i2, i2:], alpha=-1)
     W.masked_fill_(~keep, 0.0)
     return W, keep
+
+
+def _block_counts(frozen: torch.Tensor, rows: int, cols: int, row_splits: list[int], blocksize: int,
+                  prune_fraction: float) -> list[list[int]]:
+    """Per matrix of the stack, per block of columns: how many to prune, the frozen ones included,
+    summing to what the blocks prune without `frozen`."""
+    starts = list(range(0, cols, blocksize))
+    counts, top = [], 0
+    for size in row_splits:
+        part = frozen[top:top + size]
+        sizes = [size * (min(i1 + blocksize, cols) - i1) for i1 in starts]
+        fixed = [int(part[:, i1:i1 + blocksize].sum()) for i1 in starts]
+        counts.append(allocate(sum(int(round(n * prune_fraction)) for n in sizes), fixed, sizes))
+        top += size
+    return counts
 
 
 @contextlib.contextmanager

@@ -219,7 +219,8 @@ def prune_model(model: nn.Module, method: str, density: float | list[float], pat
                 options: MethodOptions | None = None, progress: bool = True) -> PruneReport:
     """Prune every linear of every decoder layer in place (embeddings and LM head untouched).
     `density`: one for every layer, or a profile with one per decoder layer (e.g. `owl_profile`);
-    `options`: the method's own (METHODS[method].options), its defaults when None."""
+    `options`: the method's own (METHODS[method].options), its defaults when None (with
+    `keep_zeros`, the weights zero already stay zero)."""
     if method not in METHODS:
         raise ValueError(f"unknown pruning method '{method}'; choose from {', '.join(METHODS)}")
     entry = METHODS[method]

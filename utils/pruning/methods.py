@@ -20,13 +20,17 @@ from typing import Callable
 
 import torch
 
-from utils.pruning.criteria import GraphedSweeps, InputStats, Pattern, magnitude_keep, sparsegpt_prune, wanda_keep
+from utils.pruning.criteria import (GraphedSweeps, InputStats, Pattern, Solver, magnitude_keep, sparsegpt_prune,
+                                   wanda_keep)
 
 
 @dataclass(frozen=True)
 class MethodOptions:
     """Options every method has: how many calibration windows go through a layer at once."""
     batch_size: int = field(default=8, metadata={"identity": False})  # only the float rounding of running means
+    # weights zero already stay zero, each matrix still pruned to exactly its density (a gradual
+    # schedule's later prunes: SparseGPT's error updates would otherwise bring some back)
+    keep_zeros: bool = field(default=False, metadata={"identity": False})
 
 
 @dataclass(frozen=True)
@@ -37,16 +41,20 @@ class SparseGPTOptions(MethodOptions):
     cuda_graphs: bool = field(default=True, metadata={"identity": False})
 
 
+def _zeros(weight: torch.Tensor, options: MethodOptions) -> torch.Tensor | None:
+    return weight == 0 if options.keep_zeros else None
+
+
 def _magnitude(weights: list[torch.Tensor], stats: InputStats | None, density: float, pattern: Pattern,
                options: MethodOptions, sweep: Callable | None = None) -> None:
     for weight in weights:
-        weight.masked_fill_(~magnitude_keep(weight, density, pattern), 0.0)
+        weight.masked_fill_(~magnitude_keep(weight, density, pattern, _zeros(weight, options)), 0.0)
 
 
 def _wanda(weights: list[torch.Tensor], stats: InputStats, density: float, pattern: Pattern,
            options: MethodOptions, sweep: Callable | None = None) -> None:
     for weight in weights:
-        weight.masked_fill_(~wanda_keep(weight, stats.sq_norm, density, pattern), 0.0)
+        weight.masked_fill_(~wanda_keep(weight, stats.sq_norm, density, pattern, _zeros(weight, options)), 0.0)
 
 
 def _sparsegpt(weights: list[torch.Tensor], stats: InputStats, density: float, pattern: Pattern,
@@ -54,7 +62,8 @@ def _sparsegpt(weights: list[torch.Tensor], stats: InputStats, density: float, p
     """The matrices that share an input (q/k/v, gate/up) as one stacked sweep over one Hessian."""
     stacked = torch.cat([w.float() for w in weights])
     pruned, _ = sparsegpt_prune(stacked, stats.hessian, density, pattern, row_splits=[w.shape[0] for w in weights],
-                                blocksize=options.blocksize, percdamp=options.percdamp, sweep=sweep)
+                                solver=Solver(options.blocksize, options.percdamp, sweep),
+                                frozen=_zeros(stacked, options))
     for weight, part in zip(weights, pruned.split([w.shape[0] for w in weights])):
         weight.copy_(part.to(weight.dtype))
 

@@ -17,15 +17,17 @@ masks change in place every few steps) and is not evaluated, unlike an iterative
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from utils.config.sections import ScheduleCfg
 from utils.models.sparsity import sparsity_report
 from utils.pruning.driver import prune_model
-from utils.pruning.methods import MethodOptions, needs_calibration
+from utils.pruning.methods import METHODS, MethodOptions, needs_calibration
 from utils.pruning.profile import DensityProfile
 
 
@@ -112,21 +114,32 @@ class SparsitySchedule:
         """The density of a stage that begins at `step` (after the first), else None."""
         return next((d for start, d in self.stages[1:] if start == step), None)
 
-    def describe(self) -> str:
+    def describe(self, method: str = "magnitude") -> str:
+        """`method`: what the later prunes use (utils/pipeline/prune_step.reprune_method)."""
         if self.kind == "oneshot":
             return f"one-shot to density {self.final:g}"
         if self.kind == "gradual":
             (first, start), (end, _) = self.stages[1], self.stages[-1]
-            return (f"gradual: {self.initial:g} (step 0), then magnitude updates from step {first} "
+            return (f"gradual: {self.initial:g} (step 0), then {method} updates from step {first} "
                     f"({start:.3g}) along a cubic to {self.final:g} at step {end}, {len(self.stages) - 1} updates")
         return "iterative: " + " → ".join(f"{d:.3g} (step {start})" for start, d in self.stages)
+
+
+def reprune_method(schedule: ScheduleCfg, method: str) -> str:
+    """The method of a schedule's later prunes: --reprune-method, else the kind's (gradual:
+    magnitude; iterative: `method`, the first prune's)."""
+    if schedule.reprune_method != "auto":
+        return schedule.reprune_method
+    return KINDS[schedule.kind].reprune_method or method
 
 
 @dataclass
 class Repruner:
     """A schedule's later prunes: the trained model pruned in place to a density, with the method
-    the schedule kind names (iterative: --method, re-calibrated on the trained model with the same
-    windows as the first prune; gradual: magnitude), per layer by OWL when the profile says so."""
+    `reprune_method` names (iterative: --method, re-calibrated on the trained model with the same
+    windows as the first prune; gradual: magnitude, or a calibrated method on the first
+    --reprune-nsamples windows), per layer by OWL when the profile says so.  A gradual update keeps
+    the zeros it finds (its options' `keep_zeros`): its masks only ever grow."""
     model: nn.Module
     method: str
     profile: DensityProfile
@@ -135,15 +148,19 @@ class Repruner:
     options: MethodOptions | None = None
 
     @classmethod
-    def for_schedule(cls, kind: str, model: nn.Module, method: str, profile: DensityProfile,
+    def for_schedule(cls, schedule: ScheduleCfg, model: nn.Module, method: str, profile: DensityProfile,
                      calibration: Callable[[], torch.Tensor], device: torch.device,
                      options: MethodOptions | None = None) -> "Repruner":
         """`calibration()` makes the windows, called only when the re-prune reads activations;
-        `options`: those of `method` (the kind's own method takes its defaults)."""
-        chosen = KINDS[kind].reprune_method or method
+        `options`: those of `method` (another method takes its defaults)."""
+        chosen = reprune_method(schedule, method)
         needed = needs_calibration(chosen) or profile.owl
-        return cls(model, chosen, profile, calibration() if needed else None, device,
-                   options if chosen == method else None)
+        windows = calibration() if needed else None
+        if windows is not None and schedule.kind == "gradual":  # many small updates: a small calibration batch
+            windows = windows[:schedule.reprune_nsamples]
+        own = options if chosen == method and options is not None else METHODS[chosen].options()
+        return cls(model, chosen, profile, windows, device,
+                   dataclasses.replace(own, keep_zeros=True) if schedule.kind == "gradual" else own)
 
     def __call__(self, density: float) -> None:
         # OWL: the profile anew for this density, from the trained model, no layer above the

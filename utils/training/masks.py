@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from utils.models.sparsity import all_reduce_sum, any_sharded, local_part, nonzero_counts
+from utils.models.sparsity import all_reduce_sum, any_sharded, local_part, nonzero_counts, replication
 from utils.models.structure import prunable_linears
 
 
@@ -142,7 +142,8 @@ class MaskSet:
     def violations(self) -> int:
         """How many pruned positions hold a non-zero value (0 while training is right), summed over ranks."""
         count = sum(int(torch.count_nonzero((p != 0) & ~m)) for p, m in zip(self._local, self._masks))
-        return int(all_reduce_sum(torch.tensor([count], dtype=torch.float64), self.sharded)[0])
+        total = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64), self.sharded)[0])
+        return total // replication(self._params)  # HSDP: each shard counted once, not once per machine
 
     def kept_fraction(self) -> float:
         kept = nonzero_counts([self._masks])[0]  # one host read, not one per mask

@@ -15,6 +15,7 @@ import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +25,48 @@ from torch import nn
 
 from utils.models.structure import find_decoder_layers
 from utils.config.sections import LossCfg
+from utils.training.exchange import GradientExchange
 from utils.training.losses import TrainingObjective
+
+
+class MainFirst:
+    """The main process does a block first (prunes, samples text, tokenizes into the cache), the
+    others then do it (read what it wrote), like accelerate's `main_process_first`, but the others
+    wait on the process group's key-value store instead of inside a barrier: a barrier is a
+    collective, bounded by the group's timeout (--dist-timeout), and a SparseGPT prune of a large
+    model takes longer.  The wait is bounded by `wait` instead.  If the main process fails inside
+    the block, the others stop with a message instead of waiting for it.
+
+        first = MainFirst(accelerator.is_main_process, world)
+        with first():
+            model = load_or_prune()
+    """
+
+    def __init__(self, is_main: bool, world: int, wait: timedelta = timedelta(hours=24)):
+        self.is_main, self.world, self.wait = is_main, world, wait
+        self.blocks = 0  # every process enters the same blocks in the same order: the count names each
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.world == 1:
+            yield
+            return
+        self.blocks += 1
+        key = f"extreme-compression/main-first/{self.blocks}"
+        store = dist.distributed_c10d._get_default_store()
+        if self.is_main:
+            try:
+                yield
+            except BaseException:
+                store.set(key, "failed")
+                raise
+            store.set(key, "done")
+            return
+        store.wait([key], self.wait)
+        if store.get(key) != b"done":
+            raise RuntimeError("the main process failed in a step the others wait for (pruning, sampling or "
+                               "tokenizing); its message says why")
+        yield
 
 
 def init_distributed(device: torch.device) -> None:
@@ -68,21 +110,48 @@ def resolve_compile_mode(requested: str, device: torch.device, shards: int,
     return requested, requested
 
 
+SHARDED = ("fsdp", "hsdp")  # --parallel choices that shard the model (the others keep a whole copy per process)
+
+
 def compute_dtype(mixed_precision: str) -> torch.dtype | None:
     """'bf16'/'fp16' → the compute dtype; 'no' → None (float32 throughout)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
 
 
-def shard_model(model: nn.Module, device: torch.device, mixed_precision: str) -> nn.Module:
-    """FSDP2: shard each decoder layer, then the root (embeddings, norms, LM head)."""
+class MeshError(ValueError):
+    """A launch whose processes do not form the mesh --parallel hsdp needs; the message says why."""
+
+
+def mesh_shape(world: int, local: int | None) -> tuple[int, int]:
+    """--parallel hsdp's (machines, processes per machine): shard inside a machine, replicate across
+    machines.  `local`: the launcher's LOCAL_WORLD_SIZE (processes on this machine)."""
+    local = local or world
+    if local < 1 or world % local:
+        raise MeshError(f"--parallel hsdp: {world} processes are not whole machines of {local} processes "
+                        "(LOCAL_WORLD_SIZE); launch the same number of processes on every machine")
+    return world // local, local
+
+
+def device_mesh(device: torch.device, parallel: str):
+    """The mesh FSDP2 shards over: None (every process, flat) for fsdp; (replicate, shard) for hsdp."""
+    if parallel != "hsdp":
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    shape = mesh_shape(dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None)
+    return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def shard_model(model: nn.Module, device: torch.device, mixed_precision: str, mesh=None) -> nn.Module:
+    """FSDP2: shard each decoder layer, then the root (embeddings, norms, LM head); over `mesh` when
+    given (a 2-D mesh: HSDP, sharded along its second dimension and replicated along its first)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     dtype = compute_dtype(mixed_precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     model.to(device)
     _, layers = find_decoder_layers(model)
     for layer in layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
@@ -95,14 +164,15 @@ class Prepared:
     forward: Callable  # batch (input_ids) → loss: the TrainingObjective, or its torch.compile'd wrapper
     precision: Callable = contextlib.nullcontext
     compile_mode: str | None = None  # how one process compiles `forward` (None: eager, or FSDP's layers)
-    replicas: int = 1  # processes holding a whole copy each (--parallel ddp): gradients are averaged over them
+    exchange: GradientExchange | None = None  # --parallel ddp: averages the gradients over the whole copies
 
 
 def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str,
                   compile_mode: str | None = None, parallel: str = "fsdp", teacher: nn.Module | None = None,
                   loss: LossCfg = LossCfg()) -> Prepared:
-    """Shard with FSDP2 across several processes (`parallel="fsdp"`); otherwise train the module as
-    it is: in one process, or with a whole copy in each (`"ddp"`, gradients averaged by `train_step`).
+    """Shard with FSDP2 across several processes (`parallel="fsdp"`: over all of them; `"hsdp"`:
+    inside each machine, replicated across machines); otherwise train the module as it is: in one
+    process, or with a whole copy in each (`"ddp"`, gradients averaged by `train_step`).
     A distillation `teacher` (frozen) is placed the same way: sharded too, or a copy per process.
 
     FSDP at world size 1 shards nothing and costs CPU time per module (measured on an H100 with
@@ -117,9 +187,10 @@ def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str,
     collectives staying outside the graphs.  Parameters and state dict keys are the module's own."""
     dtype = compute_dtype(mixed_precision)
     world = dist.get_world_size()
-    if world > 1 and parallel == "fsdp":
-        model = shard_model(model, device, mixed_precision)
-        teacher = shard_model(teacher, device, mixed_precision) if teacher is not None else None
+    if world > 1 and parallel in SHARDED:
+        mesh = device_mesh(device, parallel)
+        model = shard_model(model, device, mixed_precision, mesh)
+        teacher = shard_model(teacher, device, mixed_precision, mesh) if teacher is not None else None
         if compile_mode:
             for network in (model, teacher):
                 for layer in (find_decoder_layers(network)[1] if network is not None else []):
@@ -131,30 +202,5 @@ def prepare_model(model: nn.Module, device: torch.device, mixed_precision: str,
     objective = TrainingObjective(model, teacher, loss)
     forward = torch.compile(objective, mode=compile_mode) if compile_mode else objective
     precision = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
-    return Prepared(model, forward, precision, compile_mode, replicas=world)
-
-
-def average_gradients(module: nn.Module, bucket_elements: int = 1 << 26) -> None:
-    """--parallel ddp's exchange after backward: every gradient summed over the processes in flat
-    buckets (one collective per 64M values, not one per tensor), then divided by their number."""
-    world = dist.get_world_size()
-    for bucket in _buckets([p.grad for p in module.parameters() if p.grad is not None], bucket_elements):
-        flat = torch.cat([grad.reshape(-1) for grad in bucket])
-        dist.all_reduce(flat)  # SUM: gloo has no AVG
-        flat.div_(world)
-        torch._foreach_copy_(bucket, [part.view_as(grad) for part, grad in
-                                      zip(flat.split([grad.numel() for grad in bucket]), bucket)])
-
-
-def _buckets(tensors: list[torch.Tensor], limit: int):
-    """Consecutive runs of one dtype and at most `limit` values (a larger tensor alone)."""
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for tensor in tensors:
-        if bucket and (size + tensor.numel() > limit or tensor.dtype != bucket[0].dtype):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(tensor)
-        size += tensor.numel()
-    if bucket:
-        yield bucket
+    exchange = GradientExchange(model, overlap=compile_mode is None) if world > 1 else None
+    return Prepared(model, forward, precision, compile_mode, exchange)

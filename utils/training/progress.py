@@ -26,10 +26,12 @@ class LogCadence:
     every: int | None
     world: int = 1
 
-    def due(self, steps: int, seconds: float) -> bool:
+    def due(self, steps: int, seconds: float, compiling: bool = False) -> bool:
+        """`compiling`: the window holds the steps that compile, closed by steps only (by time its
+        first step alone would close it, and the warm-up would count in the steady rate)."""
         if self.every is not None:
             return steps >= self.every
-        return steps >= WINDOW_STEPS or (self.world == 1 and seconds >= WINDOW_SECONDS)
+        return steps >= WINDOW_STEPS or (self.world == 1 and not compiling and seconds >= WINDOW_SECONDS)
 
 
 def estimate_line(seconds_per_step: float, remaining_steps: int, evaluations: int,

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from utils.io.files import CheckpointError, fresh_tmp, save_pretrained_atomic, swap_in, write_json
-from utils.models.sparsity import any_sharded, local_part
+from utils.models.sparsity import any_sharded, local_part, replication
 from utils.training.step import Optimization
 
 META_FILE = "train_state.json"
@@ -121,7 +121,8 @@ def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
             groups = [{k: v for k, v in group.items() if k != "params"}
                       for group in optimizer.state_dict()["param_groups"]]
             write_json(tmp / META_FILE, {**meta, "optimizer": {"param_groups": groups, "scalars": scalars},
-                                         "layout": {"sharded": sharded, "processes": world}})
+                                         "layout": {"sharded": sharded, "processes": world,
+                                                    "replicas": replication(list(model.parameters()))}})
             swap_in(tmp, folder)
         _barrier()
 
@@ -218,10 +219,13 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     meta = read_meta(folder)
     layout = meta.get("layout", {})
     sharded = any_sharded(model.parameters())
-    if bool(layout.get("sharded")) != sharded or (sharded and layout.get("processes") != world):
-        raise CheckpointError(f"{folder} was saved by {layout.get('processes')} processes "
-                              f"({'sharded' if layout.get('sharded') else 'whole copies'}); resume with the same "
-                              "number of processes and --parallel")
+    replicas = replication(list(model.parameters()))
+    if bool(layout.get("sharded")) != sharded or (sharded and layout.get("processes") != world) or \
+            (sharded and layout.get("replicas", 1) != replicas):
+        saved = ("whole copies" if not layout.get("sharded") else "sharded" if layout.get("replicas", 1) == 1 else
+                 f"sharded within machines, replicated over {layout.get('replicas')} (hsdp)")
+        raise CheckpointError(f"{folder} was saved by {layout.get('processes')} processes ({saved}); resume with the "
+                              "same number of processes, of machines and --parallel")
     tensors = _read_tensors(folder / f"weights-rank{rank if sharded else 0}.safetensors")
     scalars = meta["optimizer"]["scalars"]
     flags = {id(p): group for group in optimizer.param_groups for p in group["params"]}

@@ -19,7 +19,7 @@ from torch import nn
 
 from utils.config.sections import TrainCfg
 from utils.training.masks import MaskSet
-from utils.training.parallel import Prepared, average_gradients
+from utils.training.parallel import Prepared
 
 
 def make_optimizer(model: nn.Module, train: TrainCfg, device: torch.device) -> torch.optim.Optimizer:
@@ -97,15 +97,18 @@ def train_step(prepared: Prepared, micro_batches: list[torch.Tensor], optimizati
     # CUDA-graph trees: the last step's graph outputs are done with.  Once per optimizer step, not
     # per micro-batch: gradients accumulating in .grad are outputs of the first backward's graph.
     torch.compiler.cudagraph_mark_step_begin()
-    for batch in micro_batches:
+    exchange = prepared.exchange
+    for index, batch in enumerate(micro_batches):
+        if exchange is not None:  # --parallel ddp, eager: the last backward starts the exchange as it goes
+            exchange.arm(last=index == len(micro_batches) - 1)
         batch = batch.to(device, non_blocking=True)
         with prepared.precision():
             loss = prepared.forward(batch)  # the TrainingObjective: CE and/or distillation
         scaled = loss / len(micro_batches)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach().double() / len(micro_batches)
-    if prepared.replicas > 1:
-        average_gradients(prepared.module)
+    if exchange is not None:
+        exchange.finish()
     if scaler is not None:
         scaler.unscale_(optimizer)
     if masks is not None:
