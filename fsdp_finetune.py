@@ -180,6 +180,8 @@ class Trainer:
         finally:
             self.stop.close()
             self.masks.release()
+            if self.job.prepared.exchange is not None:  # its hooks leave the module with the loop
+                self.job.prepared.exchange.close()
         self.result.history, self.result.state = self.history, self.state
         return self.result
 

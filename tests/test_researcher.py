@@ -335,6 +335,26 @@ def test_a_run_with_sparse_kernels_evaluates_its_export_both_ways(tmp_path, tiny
 
 
 def test_sparse_kernels_need_a_compressed_export(tiny_llama_dir, text_file, tmp_path, capsys):
-    assert cli("--eval-only", "--model", tiny_llama_dir, "--kernels", "sparse", "--eval-source", text_file,
-               "--token-length", "64", "--output-dir", tmp_path / "out") == 2
-    assert "--kernels sparse runs a compressed export" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # found while the arguments are checked
+        cli("--eval-only", "--model", tiny_llama_dir, "--kernels", "sparse", "--eval-source", text_file,
+            "--token-length", "64", "--output-dir", tmp_path / "out")
+    assert stop.value.code == 2 and "is not a compressed export" in capsys.readouterr().err
+
+
+def test_a_failed_export_is_written_by_the_resume_and_the_state_kept_until_then(tmp_path, tiny_llama_dir, text_file,
+                                                                                 capsys, monkeypatch):
+    from utils.pipeline import deliver
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(deliver, "export_model", full_disk)
+        assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1")) == 1
+    results = json.loads((out / "results.json").read_text())
+    assert results["finished"] is False and "export_error" in results and (out / "state").exists()
+    assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "1", "--resume")) == 0
+    assert "stopped before its results were all written" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["finished"] is True and (out / "compressed" / "compression.json").exists()
+    assert not (out / "state").exists()  # now best/ and the export hold the model

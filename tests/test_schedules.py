@@ -336,5 +336,16 @@ def test_a_calibrated_update_keeps_the_zeros_it_finds_and_prunes_each_matrix_exa
     assert not kept[frozen].any() and int(kept.sum()) == round(weight.numel() * 0.3)
     counts = allocate(70, [5, 30, 0], [40, 40, 40])
     assert sum(counts) == 70 and all(count >= held for count, held in zip(counts, [5, 30, 0]))
-    with pytest.raises(ValueError, match="zero already"):
-        allocate(10, [5, 6], [20, 20])
+    assert allocate(10, [5, 6], [20, 20]) == [5, 6]  # more zeros than the count: exactly those, none comes back
+
+
+def test_reprune_settings_are_refused_where_nothing_reads_them():
+    from extreme_compression_experiment import build_parser
+    from utils.config.validate import ConfigError, validate
+    parser = build_parser()
+    for argv, message in ((["--reprune-method", "wanda"], "only a schedule's later prunes use it"),
+                          (["--schedule", "gradual", "--reprune-nsamples", "4"], "only calibrated gradual updates"),
+                          (["--schedule", "gradual", "--reprune-method", "sparsegpt", "--reprune-nsamples", "200"],
+                           "more than the --nsamples 128")):
+        with pytest.raises(ConfigError, match=message):
+            validate(parser.parse_args(argv))

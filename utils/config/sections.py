@@ -10,7 +10,7 @@ message can name the flag without a second list to keep in step.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -207,7 +207,9 @@ class RunConfig:
         """The config as run.json records it, by section (the method options by their own names)."""
         data = asdict(self)
         options = self.prune.options
-        data["prune"]["options"] = {"type": type(options).__name__, **asdict(options)} if options is not None else None
+        data["prune"]["options"] = None if options is None else {  # a per-call setting (keep_zeros) is no option
+            "type": type(options).__name__, **{option.name: getattr(options, option.name) for option in fields(options)
+                                               if option.metadata.get("recorded", True)}}
         return data
 
     def flat(self) -> dict:

@@ -77,6 +77,11 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     if args.kernels == "sparse" and not args.eval_only and args.export != "compressed":
         problems.append("argument --kernels sparse: a training or --prune-only run evaluates its compressed export "
                         "with both kernels; keep --export compressed")
+    if args.kernels == "sparse" and args.eval_only and _is_directory(args.model) and \
+            not (Path(args.model) / "compression.json").exists():
+        problems.append(f"argument --kernels sparse: --model {args.model} is not a compressed export (it has no "
+                        "compression.json); export it with --export-only --model THAT_FOLDER, then --model "
+                        "OUTPUT/compressed")
     if args.generate and not args.eval_only:
         problems.append("argument --generate: the generation benchmark runs with --eval-only (on an export: "
                         "--eval-only --model runs/x/compressed --generate 128)")
@@ -112,6 +117,11 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     if args.gen_length is not None and args.gen_length > MAX_GENERATED_ROW:
         problems.append(f"argument --gen-length: {args.gen_length:,} tokens per sampled row is more than any model's "
                         f"positions hold (at most {MAX_GENERATED_ROW:,} here; the model's own limit is checked too)")
+    calibrated_updates = args.reprune_method in METHODS and needs_calibration(args.reprune_method)
+    if args.reprune_nsamples != ScheduleCfg().reprune_nsamples and not (args.schedule == "gradual"
+                                                                         and calibrated_updates):
+        problems.append("argument --reprune-nsamples: only calibrated gradual updates (--schedule gradual "
+                        "--reprune-method sparsegpt or wanda) read calibration windows; drop it")
     if args.reprune_method != "auto" and args.schedule == "oneshot":
         problems.append("argument --reprune-method: only a schedule's later prunes use it; add --schedule gradual "
                         "or iterative")
@@ -143,7 +153,6 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
                             "or use --schedule iterative with it)")
         if args.eval_only or args.prune_only or args.export_only:
             problems.append(f"{schedule}: prunes between training steps; it needs a training run")
-        calibrated_updates = args.reprune_method in METHODS and needs_calibration(args.reprune_method)
         if args.schedule == "gradual" and calibrated_updates and args.reprune_nsamples > args.nsamples:
             problems.append(f"argument --reprune-nsamples: {args.reprune_nsamples} is more than the --nsamples "
                             f"{args.nsamples} calibration windows it takes them from")
@@ -230,6 +239,13 @@ def _source_problems(args: argparse.Namespace) -> list[str]:
             problems.append(f"argument {name}: text source not found: {', '.join(missing)} (give an existing file "
                             "or folder, 'wikitext2', or hf:NAME:CONFIG:SPLIT:COLUMN)")
     return problems
+
+
+def _is_directory(path: str) -> bool:
+    try:
+        return Path(path).is_dir()
+    except OSError:  # a name the file system refuses: reported with --model
+        return False
 
 
 def _inside(path: Path, folder: Path) -> bool:

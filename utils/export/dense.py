@@ -20,7 +20,7 @@ def export_dense(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype =
     """Write `model` in `dtype` as a plain save_pretrained folder (atomically)."""
     cast, state = {}, {}
     for name, tensor in model.state_dict().items():  # tied tensors stay one (save_pretrained then writes it once)
-        key = (tensor.data_ptr(), tuple(tensor.shape))
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
         if key not in cast:
             cast[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         state[name] = cast[key]

@@ -73,6 +73,7 @@ def _alive(pid: int) -> bool:
 class RunFolder:
     def __init__(self, path: Path, resume: bool, overwrite: bool):
         self.path, self.resume, self.overwrite = path, resume, overwrite
+        self.run_key = ""  # rank 0's name for this run, the same in every process (run.py)
         self._locked = False
 
     @property

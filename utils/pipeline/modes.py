@@ -62,6 +62,9 @@ def evaluate_only(context: Context, start: Start) -> int:
     if context.is_main:
         extras = deliver(context, model, info=None, export=False)
         if config.tasks.generate:
+            if kernels_for(context, "generate") != kind:  # the other kernels: this copy goes before that one loads
+                del model
+                model, kind = model_for(context, "generate")
             extras["generate"] = _generate(context, model, kind)
         write_json(context.output / "results.json", {**run_record(context), "eval_source": config.eval.source,
                                                      "bos_per_window": context.bos is not None, **asdict(result),
@@ -71,9 +74,7 @@ def evaluate_only(context: Context, start: Start) -> int:
 
 
 def _generate(context: Context, model: torch.nn.Module, kind: str) -> dict:
-    """--generate: greedy tokens/s of --model with the kernels --kernels gives generation."""
-    if kernels_for(context, "generate") != kind:
-        model, kind = model_for(context, "generate")
+    """--generate: greedy tokens/s of `model` (with `kind` kernels)."""
     tasks = context.config.tasks
     record = {**generation_benchmark(model, context.tokenizer, tasks.prompt, tasks.generate, context.device),
               "kernels": kind}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def _claim_output(config: RunConfig, accelerator) -> RunFolder:
     path later), take the output folder's lock; the main process decides and tells the others."""
     output = config.output
     folder = RunFolder(Path(output.dir), resume=output.resume, overwrite=output.overwrite)
-    problem = None
+    problem, folder.run_key = None, uuid.uuid4().hex  # names this run's waits on the process group's store
     if accelerator.is_main_process:
         try:
             folder.claim(training=config.mode == "train")
@@ -78,9 +79,9 @@ def _claim_output(config: RunConfig, accelerator) -> RunFolder:
             folder.release()
             problem = str(error)
     if accelerator.num_processes > 1:
-        shared = [problem]
+        shared = [problem, folder.run_key]
         torch.distributed.broadcast_object_list(shared, src=0)  # in memory between processes, not from disk
-        problem = shared[0]
+        problem, folder.run_key = shared
     if problem:
         raise RunFolderError(problem)
     return folder
@@ -156,7 +157,7 @@ def _run(config: RunConfig, accelerator, folder: RunFolder, logger: MetricsLogge
     model_config = load_config(source)
     _check_lengths(config, model_config)
     identity = model_identity(source)
-    first = MainFirst(accelerator.is_main_process, accelerator.num_processes)
+    first = MainFirst(accelerator.is_main_process, accelerator.num_processes, run=folder.run_key)
     with first():
         tokenizer = load_tokenizer(source)
     bos = bos_per_window(config.model.bos_per_window, model_config, tokenizer)
@@ -197,11 +198,14 @@ def _finished(folder: RunFolder, logger: MetricsLogger, identity: dict) -> bool:
     output = folder.path
     try:
         results = json.loads((output / "results.json").read_text(encoding="utf-8"))
-        saved = json.loads((output / "run.json").read_text(encoding="utf-8")).get("identity", {})
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return False
     if not isinstance(results, dict) or results.get("finished") is not True:
         return False
+    try:
+        saved = json.loads((output / "run.json").read_text(encoding="utf-8")).get("identity", {})
+    except (OSError, ValueError, AttributeError):  # run.json gone or damaged: nothing to compare, nothing retrained
+        saved = {}
     _refuse_changes(folder, saved, identity)
     logger.info(f"The run in {output} is already finished; its summary (from results.json):")
     for line in PerplexityHistory.from_dict(results).summary_lines():
@@ -225,7 +229,8 @@ def _delivered(output: Path, train_state: dict) -> bool:
         results = json.loads((output / "results.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return results.get("interrupted") is False and results.get("epochs_completed") == train_state["epoch"] - 1
+    return (results.get("interrupted") is False and results.get("epochs_completed") == train_state["epoch"] - 1
+            and results.get("finished") is not False and "export_error" not in results)  # a failed export: again
 
 
 def _check_resume(config: RunConfig, folder: RunFolder, identity: dict) -> dict | None:

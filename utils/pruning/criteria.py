@@ -37,11 +37,10 @@ def _prune_count(total: int, density: float) -> int:
 def allocate(total: int, fixed: list[int], sizes: list[int]) -> list[int]:
     """`total` prunes split over groups of `sizes` weights, `fixed` of which must be pruned in
     each (weights already zero that stay zero): each group its fixed ones plus a share of the rest
-    in proportion to its free weights, rounded so that the counts sum to `total` exactly."""
-    extra = total - sum(fixed)
-    if extra < 0:
-        raise ValueError(f"{sum(fixed):,} weights are zero already, more than the {total:,} to prune: the "
-                         "density asked for is above what the weights hold")
+    in proportion to its free weights, rounded so that the counts sum to `total` exactly.  When
+    the fixed ones are more than `total` (a density asked for a rounding above what the weights
+    hold), exactly the fixed ones: a zero never comes back."""
+    extra = max(0, total - sum(fixed))
     free = [size - held for size, held in zip(sizes, fixed)]
     counts, cumulative, given = [], 0, 0
     for held, room in zip(fixed, free):
@@ -86,7 +85,8 @@ def magnitude_keep(weight: torch.Tensor, density: float, pattern: Pattern = None
         return _nm_keep(score, *pattern)
     keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     count = _prune_count(score.numel(), density)
-    allocate(count, [int(frozen.sum())] if frozen is not None else [0], [score.numel()])  # enough room
+    if frozen is not None:
+        count = sum(allocate(count, [int(frozen.sum())], [score.numel()]))  # at least the frozen ones
     score = _pruned_first(score, frozen)
     if count:
         keep[score.flatten().topk(count, largest=False).indices] = False
@@ -187,9 +187,9 @@ def _block_counts(frozen: torch.Tensor, rows: int, cols: int, row_splits: list[i
     starts = list(range(0, cols, blocksize))
     counts, top = [], 0
     for size in row_splits:
-        part = frozen[top:top + size]
+        columns = frozen[top:top + size].sum(dim=0).tolist()  # one host read a matrix
         sizes = [size * (min(i1 + blocksize, cols) - i1) for i1 in starts]
-        fixed = [int(part[:, i1:i1 + blocksize].sum()) for i1 in starts]
+        fixed = [int(sum(columns[i1:i1 + blocksize])) for i1 in starts]
         counts.append(allocate(sum(int(round(n * prune_fraction)) for n in sizes), fixed, sizes))
         top += size
     return counts

@@ -30,7 +30,7 @@ class MethodOptions:
     batch_size: int = field(default=8, metadata={"identity": False})  # only the float rounding of running means
     # weights zero already stay zero, each matrix still pruned to exactly its density (a gradual
     # schedule's later prunes: SparseGPT's error updates would otherwise bring some back)
-    keep_zeros: bool = field(default=False, metadata={"identity": False})
+    keep_zeros: bool = field(default=False, metadata={"identity": False, "recorded": False})
 
 
 @dataclass(frozen=True)

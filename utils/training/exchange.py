@@ -32,21 +32,25 @@ class GradientExchange:
         params = [p for p in module.parameters() if p.requires_grad]
         self.buckets = list(buckets(params[::-1], OVERLAP_BUCKET if overlap else AFTER_BUCKET))
         self.bucket_of = {id(p): index for index, bucket in enumerate(self.buckets) for p in bucket}
-        self.pending = [len(bucket) for bucket in self.buckets]
+        self.arrived: list[set[int]] = [set() for _ in self.buckets]
         self.started: dict[int, tuple] = {}
         self.armed = False
         self.hooks = [p.register_post_accumulate_grad_hook(self._arrived) for p in params] if overlap else []
 
     def arm(self, last: bool) -> None:
-        """Before a micro-batch's backward: only the last one's gradients are final."""
+        """Before a micro-batch's backward: only the last one's gradients are final.  Arming starts
+        afresh (a step that raised half-way left nothing behind)."""
         self.armed = self.overlap and last
+        if last:
+            self.arrived = [set() for _ in self.buckets]
+            self.started.clear()
 
     def _arrived(self, param: torch.Tensor) -> None:
         if not self.armed:
             return
         index = self.bucket_of[id(param)]
-        self.pending[index] -= 1
-        if self.pending[index] == 0:
+        self.arrived[index].add(id(param))  # a set: a hook that fires twice counts once
+        if len(self.arrived[index]) == len(self.buckets[index]) and index not in self.started:
             self._start(index)
 
     def _start(self, index: int) -> None:
@@ -69,7 +73,7 @@ class GradientExchange:
             torch._foreach_copy_(grads, [part.view_as(grad) for part, grad in
                                          zip(flat.split([grad.numel() for grad in grads]), grads)])
         self.started.clear()
-        self.pending = [len(bucket) for bucket in self.buckets]
+        self.arrived = [set() for _ in self.buckets]
         self.armed = False
 
     def close(self) -> None:

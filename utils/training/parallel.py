@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from utils.models.hub import ModelError
 from utils.models.structure import find_decoder_layers
 from utils.config.sections import LossCfg
 from utils.training.exchange import GradientExchange
@@ -42,9 +43,12 @@ class MainFirst:
             model = load_or_prune()
     """
 
-    def __init__(self, is_main: bool, world: int, wait: timedelta = timedelta(hours=24)):
-        self.is_main, self.world, self.wait = is_main, world, wait
-        self.blocks = 0  # every process enters the same blocks in the same order: the count names each
+    def __init__(self, is_main: bool, world: int, wait: timedelta = timedelta(hours=24), run: str = ""):
+        self.is_main, self.world, self.wait, self.run = is_main, world, wait, run
+        # Every process enters the same blocks in the same order (none is entered by one rank only,
+        # none nests): the count names each; `run` (rank 0's, broadcast) keeps two runs of one
+        # process group apart.
+        self.blocks = 0
 
     @contextlib.contextmanager
     def __call__(self):
@@ -52,7 +56,7 @@ class MainFirst:
             yield
             return
         self.blocks += 1
-        key = f"extreme-compression/main-first/{self.blocks}"
+        key = f"extreme-compression/{self.run}/main-first/{self.blocks}"
         store = dist.distributed_c10d._get_default_store()
         if self.is_main:
             try:
@@ -118,7 +122,7 @@ def compute_dtype(mixed_precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
 
 
-class MeshError(ValueError):
+class MeshError(ModelError):
     """A launch whose processes do not form the mesh --parallel hsdp needs; the message says why."""
 
 
@@ -137,7 +141,13 @@ def device_mesh(device: torch.device, parallel: str):
     if parallel != "hsdp":
         return None
     from torch.distributed.device_mesh import init_device_mesh
-    shape = mesh_shape(dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)  # every machine must run as many processes
+    if len(set(everyone)) > 1:
+        raise MeshError(f"--parallel hsdp: the machines run different numbers of processes ({sorted(set(everyone))} "
+                        "by LOCAL_WORLD_SIZE); launch the same number on every machine")
+    shape = mesh_shape(dist.get_world_size(), local)
     return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
 
 
