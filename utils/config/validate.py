@@ -15,13 +15,13 @@ import math
 import os
 from pathlib import Path
 
+from utils.config.inputs import input_problems
 from utils.config.recipes import RECIPES, default_loss, measured_recipe
 from utils.config.sections import (CalibrationCfg, EvalProtocol, GenerationCfg, LossCfg, ModelCfg,
                                    OutputCfg, PruneCfg, RunConfig, ScheduleCfg, TaskCfg, TrainCfg)
 from utils.data.generated import split_sources, token_count
-from utils.data.sources import TEXT_SUFFIXES, DataError
-from utils.models.hub import ModelError
-from utils.models.loading import resolve_model, safe_name
+from utils.data.sources import DataError
+from utils.models.loading import safe_name
 from utils.pruning.criteria import parse_pattern
 from utils.pruning.methods import METHODS, needs_calibration, option_flags
 from utils.pruning.profile import resolve_layer_density
@@ -77,11 +77,6 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     if args.kernels == "sparse" and not args.eval_only and args.export != "compressed":
         problems.append("argument --kernels sparse: a training or --prune-only run evaluates its compressed export "
                         "with both kernels; keep --export compressed")
-    if args.kernels == "sparse" and args.eval_only and _is_directory(args.model) and \
-            not (Path(args.model) / "compression.json").exists():
-        problems.append(f"argument --kernels sparse: --model {args.model} is not a compressed export (it has no "
-                        "compression.json); export it with --export-only --model THAT_FOLDER, then --model "
-                        "OUTPUT/compressed")
     if args.generate and not args.eval_only:
         problems.append("argument --generate: the generation benchmark runs with --eval-only (on an export: "
                         "--eval-only --model runs/x/compressed --generate 128)")
@@ -203,49 +198,7 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
         if args.report_to == tracker and importlib.util.find_spec(package) is None:
             problems.append(f"argument --report-to {tracker}: the {package} package is not installed "
                             f"(pip install {package})")
-    return problems + _model_problems(args) + _source_problems(args)
-
-
-def _model_problems(args: argparse.Namespace) -> list[str]:
-    """A --model that names nothing (a mistyped short name: the close ones suggested), found in
-    milliseconds, before the heavy libraries load."""
-    try:
-        resolve_model(args.model)
-    except ModelError as error:
-        return [f"argument --model: {error}"]
-    except OSError as error:  # a name the file system refuses, e.g. longer than it allows
-        return [f"argument --model: {error.strerror or error} (shorten the path)"]
-    return []
-
-
-def _source_problems(args: argparse.Namespace) -> list[str]:
-    """Text sources that name local paths which do not exist, each under its own flag."""
-    mode_reads = {"--eval-source": not args.export_only,
-                  "--train-source": not (args.eval_only or args.prune_only or args.export_only),
-                  "--calibration-source": not (args.eval_only or args.export_only) and needs_calibration(args.method)}
-    problems = []
-    for name, used in mode_reads.items():
-        spec = getattr(args, name[2:].replace("-", "_"))
-        if not used or spec == "wikitext2" or spec.startswith("hf:"):
-            continue
-        try:
-            parts = [part for part in split_sources(spec)[0].split(",") if part] if name == "--train-source" else [spec]
-        except DataError:  # two generated: parts, reported with the training text's checks
-            continue
-        missing = [part for part in parts if part != "wikitext2" and not part.startswith("hf:")
-                   and not Path(part).expanduser().exists()
-                   and (len(parts) > 1 or "/" in part or "\\" in part or Path(part).suffix in TEXT_SUFFIXES)]
-        if missing:
-            problems.append(f"argument {name}: text source not found: {', '.join(missing)} (give an existing file "
-                            "or folder, 'wikitext2', or hf:NAME:CONFIG:SPLIT:COLUMN)")
-    return problems
-
-
-def _is_directory(path: str) -> bool:
-    try:
-        return Path(path).is_dir()
-    except OSError:  # a name the file system refuses: reported with --model
-        return False
+    return problems + input_problems(args)
 
 
 def _inside(path: Path, folder: Path) -> bool:
