@@ -255,7 +255,7 @@ class Trainer:
         state.epoch_loss_sum += total
         state.epoch_batches += steps
         state.epoch_seconds += seconds
-        state.timings["training_seconds"] = state.timings.get("training_seconds", 0.0) + seconds
+        state.add_seconds("training_seconds", seconds)
         if not self.compiling and not self.estimated and bar is not None:
             self._estimate(seconds / steps)
         if self.compiling:
@@ -329,7 +329,7 @@ class Trainer:
                                              "bits_per_byte": evaluation.bits_per_byte, **self.holdout_record}
         # the time left, once more after the first epoch: now with the held-out evaluation's time too
         self.last_eval_seconds, self.estimated = evaluation.seconds + self.holdout_seconds, state.epoch > 1
-        state.timings["evaluation_seconds"] = state.timings.get("evaluation_seconds", 0.0) + evaluation.seconds
+        state.add_seconds("evaluation_seconds", evaluation.seconds)
         state.next_epoch()
         state.finished = state.finished or state.epoch > train.epochs
         self._save_state()
@@ -370,7 +370,7 @@ class Trainer:
                                      EvalProtocol(token_length=block, stride=block,
                                                   batch_size=self.job.protocol.batch_size),
                                      progress=self.logger.is_main, desc="Held-out loss")
-        state.timings["evaluation_seconds"] = state.timings.get("evaluation_seconds", 0.0) + result.seconds
+        state.add_seconds("evaluation_seconds", result.seconds)
         self.holdout_seconds = result.seconds
         train_loss = state.epoch_loss_sum / max(1, state.epoch_batches)
         passes = state.global_step * self.train.batch_size / self.job.blocks.shape[0]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from utils.data.generated import split_sources
 from utils.data.sources import TEXT_SUFFIXES, DataError
+from utils.export.compressed import is_compressed_folder
 from utils.models.hub import ModelError
 from utils.models.loading import resolve_model
 from utils.pruning.methods import needs_calibration
@@ -19,7 +20,7 @@ from utils.pruning.methods import needs_calibration
 def input_problems(args: argparse.Namespace) -> list[str]:
     problems = _model_problems(args) + _source_problems(args)
     if args.kernels == "sparse" and args.eval_only and _is_directory(args.model) and \
-            not (Path(args.model) / "compression.json").exists():
+            not is_compressed_folder(args.model):
         problems.append(f"argument --kernels sparse: --model {args.model} is not a compressed export (it has no "
                         "compression.json); export it with --export-only --model THAT_FOLDER, then --model "
                         "OUTPUT/compressed")

@@ -28,7 +28,7 @@ from utils.pruning.profile import resolve_layer_density
 from utils.pruning.schedule import GRADUAL_RAMP, ITERATIVE_START
 from utils.task_eval import lm_eval_missing
 from utils.training.losses import TERMS, optional_terms
-from utils.training.parallel import SHARDED, MeshError, mesh_shape
+from utils.training.parallel import SHARDED, MeshError, launcher_local_size, mesh_shape
 
 BASE_LR = 5e-6  # the brief's lr rule: BASE_LR·sqrt(batch_size)
 # Bounds of values that parse but break the arithmetic (measured: --lr 1e300 overflows float32 in
@@ -83,7 +83,7 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     finite("--dist-timeout", args.dist_timeout, 0, low_open=True, what="a positive number of minutes")
     if args.parallel == "hsdp" and world_size > 1:
         try:
-            mesh_shape(world_size, int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None)
+            mesh_shape(world_size, launcher_local_size())
         except MeshError as error:
             problems.append(f"argument --parallel: {error}")
     finite("--weight-decay", args.weight_decay, 0, what="a finite number >= 0")

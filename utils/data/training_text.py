@@ -18,6 +18,7 @@ import torch
 from utils.config.sections import TrainCfg
 from utils.data.generated import GenerationSpec, generated_text, split_sources
 from utils.data.sources import TokenizedText, pack_blocks, tokenize_source, with_bos
+from utils.io.events import count
 
 def read_training_text(train_source: str, tokenizer, spec: GenerationSpec | None,
                        dense: Callable[[], torch.nn.Module] | None, model_key: str, device: torch.device | None,
@@ -51,11 +52,6 @@ def training_blocks(text: TokenizedText, block_size: int, holdout: float,
     """Blocks of `block_size` tokens (BOS first when `bos` is given), the held-out tail split off."""
     text_block = block_size - 1 if bos is not None else block_size
     return split_holdout(with_bos(pack_blocks(text.ids, text_block), bos), holdout)
-
-
-def count(number: int) -> str:
-    """25_600_000 -> '25.6M', 81_920 -> '81,920'."""
-    return f"{number / 1e6:.1f}M" if number >= 1e6 else f"{number:,}"
 
 
 def report_budget(text: TokenizedText, blocks: torch.Tensor, holdout: torch.Tensor | None, train: TrainCfg,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -137,6 +138,17 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def count(number: int) -> str:
+    """25_600_000 -> '25.6M', 81_920 -> '81,920'."""
+    return f"{number / 1e6:.1f}M" if number >= 1e6 else f"{number:,}"
+
+
+def finite_number(value) -> bool:
+    """A real number that is not NaN or infinite (a bool or None is none): what a JSON record holds
+    where something was measured."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def duration(seconds: float) -> str:

@@ -10,10 +10,11 @@ without it says once how to get the pictures.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import defaultdict
 from pathlib import Path
+
+from utils.io.events import finite_number
 
 MISSING = "pictures (curves.png, --compare's plot) need matplotlib: pip install matplotlib"
 
@@ -90,16 +91,17 @@ def write_curves(folder: Path, history: dict | None = None) -> Path | None:
 
 
 def _perplexity_panel(axes, history: dict) -> None:
-    epochs = [(e["epoch"], e["perplexity"]) for e in history.get("epochs") or [] if _finite(e.get("perplexity"))]
+    epochs = [(e["epoch"], e["perplexity"]) for e in history.get("epochs") or []
+              if finite_number(e.get("perplexity"))]
     baseline, dense = history.get("baseline"), history.get("dense")
-    if _finite(baseline):
+    if finite_number(baseline):
         epochs = [(0, baseline)] + epochs
         axes.axhline(baseline, color="tab:red", linestyle=":", label=f"pruned, before training ({baseline:.2f})")
     if epochs:
         axes.plot([e for e, _ in epochs], [p for _, p in epochs], "o-", color="tab:blue", label="after each epoch")
-    if _finite(dense):
+    if finite_number(dense):
         axes.axhline(dense, color="black", linestyle="--", label=f"dense ({dense:.2f})")
-    values = [p for _, p in epochs] + ([dense] if _finite(dense) else [])
+    values = [p for _, p in epochs] + ([dense] if finite_number(dense) else [])
     if values and max(values) / max(min(values), 1e-9) > 20:
         axes.set_yscale("log")
     axes.xaxis.get_major_locator().set_params(integer=True)
@@ -108,9 +110,9 @@ def _perplexity_panel(axes, history: dict) -> None:
 
 
 def _loss_panel(axes, events: list[dict]) -> None:
-    train = [(e["step"], e["loss"]) for e in events if e.get("event") == "train" and _finite(e.get("loss"))]
+    train = [(e["step"], e["loss"]) for e in events if e.get("event") == "train" and finite_number(e.get("loss"))]
     held = [(e["step"], e["loss"]) for e in events if e.get("event") == "holdout" and "step" in e
-            and _finite(e.get("loss"))]
+            and finite_number(e.get("loss"))]
     kind = next((e.get("kind") for e in events if e.get("event") == "loss"), None)
     if train:
         axes.plot(*zip(*train), color="tab:blue", linewidth=1, label=f"training loss ({kind or 'as trained'})")
@@ -136,11 +138,7 @@ def _density_panel(axes, events: list[dict]) -> None:
     axes.set_xticks(range(0, len(values), max(1, len(values) // 12)))
     overall = last.get("density")
     title = "Density per decoder layer (weights kept)"
-    if _finite(overall):
+    if finite_number(overall):
         axes.axhline(overall, color="black", linestyle="--")
         title += f"\noverall {overall:.4f} (dashed)"
     axes.set(title=title, xlabel="decoder layer", ylabel="density")
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

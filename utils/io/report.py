@@ -9,11 +9,10 @@ panel) of their own, and so does every other protocol (another text, window leng
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from utils.io.events import duration
+from utils.io.events import count, duration, finite_number
 from utils.io.files import write_json
 from utils.io.plots import MISSING as PLOTS_MISSING, figure_class
 
@@ -68,7 +67,7 @@ def read_row(folder: Path) -> Row:
     return Row(run=folder.name, model=str(results.get("model", "?")).rstrip("/").split("/")[-1], mode=str(results.get("mode", "train")),
                density=results.get("density"), recipe=recipe or "-", final=final, best=best_value,
                best_epoch=best.get("epoch"), dense=dense,
-               times_dense=best_value / dense if _number(best_value) and _number(dense) and dense else None,
+               times_dense=best_value / dense if finite_number(best_value) and finite_number(dense) and dense else None,
                tokens=results.get("tokens_trained"), wall_seconds=(results.get("timings") or {}).get(
                    "wall_seconds", results.get("wall_seconds")),
                export_bytes=(results.get("export") or {}).get("file_bytes"), protocol=_protocol(results, folder),
@@ -113,9 +112,9 @@ HEADER = ("| run | model | density | recipe | final | best (epoch) | × dense | 
 def table_line(row: Row) -> str:
     best = _fmt(row.best) + (f" ({row.best_epoch})" if row.best_epoch is not None else "")
     return (f"| {row.run} | {row.model} | {_fmt(row.density, '.4g')} | {row.recipe} | {_fmt(row.final)} | {best} | "
-            f"{_fmt(row.times_dense, '.2f')}× | {_count(row.tokens)} | "
-            f"{duration(row.wall_seconds) if _number(row.wall_seconds) else '-'} | "
-            f"{(f'{row.export_bytes / 2**20:,.1f} MiB') if _number(row.export_bytes) else '-'} | {row.status} |")
+            f"{_fmt(row.times_dense, '.2f')}× | {count(row.tokens) if finite_number(row.tokens) else '-'} | "
+            f"{duration(row.wall_seconds) if finite_number(row.wall_seconds) else '-'} | "
+            f"{(f'{row.export_bytes / 2**20:,.1f} MiB') if finite_number(row.export_bytes) else '-'} | {row.status} |")
 
 
 def markdown(rows: list[Row]) -> str:
@@ -164,9 +163,9 @@ def _plot(rows: list[Row], path: Path) -> Path | None:
         for row in (r for r in rows if r.protocol == protocol):
             if row.epochs:
                 line, = axes.plot([e for e, _ in row.epochs], [p for _, p in row.epochs], "o-", label=row.run)
-                if _number(row.dense):
+                if finite_number(row.dense):
                     axes.axhline(row.dense, color=line.get_color(), linestyle="--", linewidth=0.8)
-            elif _number(row.final):
+            elif finite_number(row.final):
                 axes.axhline(row.final, linestyle=":", label=f"{row.run} ({row.mode})")
         axes.set(title="paper protocol" if protocol == "paper" else protocol, xlabel="epoch", ylabel="perplexity")
         axes.set_yscale("log")
@@ -198,15 +197,5 @@ def _order(protocol: str) -> tuple[bool, bool]:
     return protocol != "paper", protocol.startswith("quick") or protocol == NOT_RECORDED
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _fmt(value, spec: str = ".2f") -> str:
-    return format(value, spec) if _number(value) else "-"
-
-
-def _count(tokens) -> str:
-    if not _number(tokens):
-        return "-"
-    return f"{tokens / 1e6:.1f}M" if tokens >= 1e6 else f"{tokens:,}"
+    return format(value, spec) if finite_number(value) else "-"

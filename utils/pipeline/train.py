@@ -6,7 +6,6 @@ baseline, the training loop (fsdp_finetune.Trainer), then the best model deliver
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +32,8 @@ from utils.pipeline.record import quick_note, run_record
 from utils.pruning.schedule import reprune_method
 from utils.task_eval import describe_scores
 from utils.training.losses import describe, loss_record, memorization_passes, needs_teacher
-from utils.training.parallel import SHARDED, compute_dtype, mesh_shape, prepare_model, resolve_compile_mode
+from utils.training.parallel import (SHARDED, compute_dtype, launcher_local_size, mesh_shape, prepare_model,
+                                     resolve_compile_mode)
 
 
 def generation_spec(config: RunConfig) -> GenerationSpec | None:
@@ -91,7 +91,7 @@ def _prepare(context: Context, model: torch.nn.Module, mixed: str):
                                                       accumulation=config.train.batch_size // (micro * world))
     parallel = f" | parallel: {config.train.parallel} × {world} processes" if world > 1 else ""
     if world > 1 and config.train.parallel == "hsdp":
-        machines, local = mesh_shape(world, int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None)
+        machines, local = mesh_shape(world, launcher_local_size())
         parallel += f" ({machines} machines × {local} processes: sharded within a machine, replicated across)"
     meaning = {"no": " (float32 throughout)", "bf16": " (autocast over float32 weights)",
                "fp16": " (autocast over float32 weights, loss scaling)"}.get(mixed, "")

@@ -136,12 +136,18 @@ def mesh_shape(world: int, local: int | None) -> tuple[int, int]:
     return world // local, local
 
 
+def launcher_local_size() -> int | None:
+    """Processes on this machine, as the launcher says (LOCAL_WORLD_SIZE: torchrun, accelerate),
+    or None when it says nothing."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None
+
+
 def device_mesh(device: torch.device, parallel: str):
     """The mesh FSDP2 shards over: None (every process, flat) for fsdp; (replicate, shard) for hsdp."""
     if parallel != "hsdp":
         return None
     from torch.distributed.device_mesh import init_device_mesh
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None
+    local = launcher_local_size()
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, local)  # every machine must run as many processes
     if len(set(everyone)) > 1:

@@ -278,6 +278,10 @@ class TrainState:
         self.epoch_loss_sum, self.epoch_batches, self.epoch_tokens, self.epoch_seconds = 0.0, 0, 0, 0.0
         self.epoch_compile_steps, self.epoch_compile_seconds = 0, 0.0
 
+    def add_seconds(self, kind: str, seconds: float) -> None:
+        """Count `seconds` of `kind` (training_seconds, evaluation_seconds) into the run's timings."""
+        self.timings[kind] = self.timings.get(kind, 0.0) + seconds
+
     def steady_rate(self) -> float | None:
         """Tokens/s of the epoch without the window that compiled the model; None if none did."""
         steps = self.epoch_batches - self.epoch_compile_steps
