@@ -3,6 +3,7 @@
     python benchmarks/bench_decode.py sweep                 # kernel vs reference, torch.compile, launch tuning
     python benchmarks/bench_decode.py full                  # + the tables: linears, break-even rule, whole model
     python benchmarks/bench_decode.py full --smol M.gguf --text wiki.txt --two-four
+    python benchmarks/bench_decode.py smol --smol M.gguf --text wiki.txt   # only SmolLM2's perplexity, default rule
     python benchmarks/bench_decode.py memory --device cpu   # the weights' bytes only (no GPU needed)
 
 Shapes: opt-1.3b (hidden 2048, ffn 8192, 24 layers) and opt-6.7b (4096, 16384, 32), random weights
@@ -571,7 +572,7 @@ def two_four(args, bandwidth: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("sweep", "full", "memory"))
+    parser.add_argument("phase", choices=("sweep", "full", "smol", "memory"))
     parser.add_argument("--device", default="cuda", help="memory runs on the CPU too")
     parser.add_argument("--shapes", default="opt-1.3b,opt-6.7b")
     parser.add_argument("--ell", default="col16", choices=("delta8", "col16"), help="the ELL encoding of the rule")
@@ -597,9 +598,12 @@ def main() -> None:
     RESULTS["bandwidth"] = bandwidth
     started = time.time()
     check_kernels()
+    if args.phase == "smol":
+        smol_perplexity(args, SparseRule())
     if args.phase == "sweep":
         check_compile()
-    tune(args)
+    if args.phase in ("sweep", "full"):
+        tune(args)
     if args.phase == "full":
         RESULTS["linears"] = linears_table(args, bandwidth)
         rule = break_even(args)

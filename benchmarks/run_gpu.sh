@@ -66,6 +66,11 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [gkd-valid-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --schedule gradual --epochs 1"  # the derived lr
   [owlkd-valid-1ep]="--loss kd --train-source $DATA/wiki.valid.raw --layer-density owl --epochs 1"
   [ce-valid-lr3e-5-1ep]="--loss ce --train-source $DATA/wiki.valid.raw --lr 3e-5 --epochs 1"
+  # issue 26: what `--recipe measured` trains with, and its gradual updates by each criterion (BATCH=4, SEED=0/1)
+  [measured]="--recipe measured --train-source $MIX"
+  [measured-mag]="--recipe measured --train-source $MIX --reprune-method magnitude"
+  [measured-sgpt]="--recipe measured --train-source $MIX --reprune-method sparsegpt"
+  [measured-wanda]="--recipe measured --train-source $MIX --reprune-method wanda"
 )
 # EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen).
 # RUN_LIMIT: seconds each run may take (timeout), so that a call's summary and results still come back.
@@ -95,13 +100,16 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the √batch rule).
 # (iterative at 0.5 needs --density-steps from above 0.5; runs that prune the same uncached model
 # at once each prune it, and the first one saved is kept)
+# BATCH (default 8) and SEED (default 0; the run folder gets "-seedN" unless it is 0) apply to every run.
 recipe() {  # $1 name, $2 density
   local start=$SECONDS
-  ${RUN_LIMIT:+timeout $RUN_LIMIT} python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "$2" --batch-size 8 --epochs 5 \
+  ${RUN_LIMIT:+timeout $RUN_LIMIT} python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "$2" \
+    --batch-size "${BATCH:-8}" --seed "${SEED:-0}" --epochs 5 \
     --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" --pruned-dir "${PRUNED:-/tmp/pruned}" \
-    --eval-batch-size 8 --output-dir "runs/$1-$2" ${RECIPE[$1]} ${EXTRA:-}
+    --eval-batch-size 8 --output-dir "$(run_dir "$1" "$2")" ${RECIPE[$1]} ${EXTRA:-}
   echo "wall_seconds $((SECONDS - start))"
 }
+run_dir() { echo "runs/$1-$2${BATCH:+-bs$BATCH}$([ "${SEED:-0}" = 0 ] || echo "-seed$SEED")"; }
 case "${1:-bench}" in
   recipes)  # each NAME@DENSITY of $2 at once on one GPU (pruned first, one density at a time)
     for density in $([ -n "${SKIP_PRUNE:-}" ] || for run in $2; do echo "${run#*@}"; done | sort -u); do
@@ -111,8 +119,8 @@ case "${1:-bench}" in
     done
     for run in $2; do recipe "${run%@*}" "${run#*@}" > "$OUT/${run/@/_}.log" 2>&1 & done
     wait
-    for run in $2; do python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'baseline', r['baseline'], 'epochs', [round(e['perplexity'],2) for e in r['epochs']], 'best', r['best'])" "runs/${run%@*}-${run#*@}/results.json" "$run"; grep -h wall_seconds "$OUT/${run/@/_}.log"; done | tee -a "$OUT/summary.txt"
-    for run in $2; do for f in results.json metrics.jsonl; do cp "runs/${run%@*}-${run#*@}/$f" "$OUT/${run/@/_}.$f"; done; done ;;
+    for run in $2; do python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'baseline', r['baseline'], 'epochs', [round(e['perplexity'],2) for e in r['epochs']], 'best', r['best'])" "$(run_dir "${run%@*}" "${run#*@}")/results.json" "$run"; grep -h wall_seconds "$OUT/${run/@/_}.log"; done | tee -a "$OUT/summary.txt"
+    for run in $2; do for f in results.json metrics.jsonl; do cp "$(run_dir "${run%@*}" "${run#*@}")/$f" "$OUT/${run/@/_}.$f"; done; done ;;
   bench)
     python3 benchmarks/bench_eval.py 2>&1 | tee "$OUT/bench_eval.log"
     python3 benchmarks/bench_train.py --smollm2 "$GGUF" 2>&1 | tee "$OUT/bench_train.log"
