@@ -491,35 +491,53 @@ def memory_table(args) -> None:
 
 @torch.no_grad()
 def smol_perplexity(args, rule: SparseRule) -> None:
+    """Perplexity of the same bf16 weights through dense cuBLAS and through the sparse kernel at every
+    row count. --smol is a compressed export folder (a run's compressed/: the issue's target, a
+    recovered model) or a GGUF, magnitude-pruned here to 0.1 (far from a usable model: its perplexity
+    is in the millions, so its relative difference says little)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf = Path(args.smol)
-    log(f"\n## SmolLM2-135M ({gguf.name}, dequantized to bf16), decoder linears magnitude-pruned to 0.1")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16).to(DEVICE).eval()
-    for name, linear in model.named_modules():
-        if type(linear) is torch.nn.Linear and not name.endswith("lm_head"):
-            linear.weight.copy_(magnitude_prune(linear.weight, 0.1))
+    source = Path(args.smol)
+    forced = SparseRule(max_density=1.0, max_rows=10 ** 9, bitmask_above=rule.bitmask_above,
+                        ell_encoding=rule.ell_encoding)
+    if source.is_dir():
+        from utils.export.compressed import load_compressed
+        from utils.export.sparse_model import load_sparse
+        log(f"\n## SmolLM2 export {source} (bf16): dense cuBLAS against the sparse kernel at every M")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = load_compressed(source, dtype=torch.bfloat16).to(DEVICE).eval()
+        sparse_model = lambda: load_sparse(source, device=DEVICE, rule=forced, dtype=torch.bfloat16).eval()  # noqa: E731
+    else:
+        log(f"\n## SmolLM2-135M ({source.name}, dequantized to bf16), decoder linears magnitude-pruned to 0.1")
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                     dtype=torch.bfloat16).to(DEVICE).eval()
+        for name, linear in model.named_modules():
+            if type(linear) is torch.nn.Linear and not name.endswith("lm_head"):
+                linear.weight.copy_(magnitude_prune(linear.weight, 0.1))
+
+        def sparse_model():
+            to_sparse_linears(model, forced)
+            return model
     ids = tokenizer(Path(args.text).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
     window = 512
     windows = ids[: (ids.numel() // window) * window].view(-1, window)[: args.windows].to(DEVICE)
 
-    def perplexity() -> float:
+    def perplexity(net) -> float:
         total, count = 0.0, 0
         for chunk in windows.split(8):
-            logits = model(chunk).logits[:, :-1].float()
+            logits = net(chunk).logits[:, :-1].float()
             total += float(F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
             count += chunk[:, 1:].numel()
         return math.exp(total / count)
 
-    dense = perplexity()
-    forced = SparseRule(max_density=1.0, max_rows=10 ** 9, bitmask_above=rule.bitmask_above,
-                        ell_encoding=rule.ell_encoding)
-    swapped = to_sparse_linears(model, forced)  # the kernel at every M
-    sparse = perplexity()
-    log(f"{len(swapped)} linears swapped | {windows.numel():,} tokens in {windows.shape[0]} windows of {window}")
+    dense = perplexity(model)
+    net = sparse_model()
+    swapped = sum(isinstance(module, SparseLinear) for module in net.modules())
+    sparse = perplexity(net)
+    log(f"{swapped} linears as SparseLinear | {windows.numel():,} tokens in {windows.shape[0]} windows of {window}")
     log(f"perplexity dense kernels {dense:.4f} | sparse kernel {sparse:.4f} | relative difference "
         f"{abs(sparse - dense) / dense:.2e} (target <= 1e-3)")
-    RESULTS["smol"] = {"dense": dense, "sparse": sparse, "tokens": windows.numel()}
+    RESULTS["smol"] = {"source": str(source), "dense": dense, "sparse": sparse, "tokens": windows.numel()}
 
 
 def two_four(args, bandwidth: float) -> None:
@@ -527,15 +545,26 @@ def two_four(args, bandwidth: float) -> None:
     log("\n## 2:4 on Hopper through torchao (linears alone, same method as above)")
     try:
         import torchao
-        from torchao.quantization import (Float8DynamicActivationFloat8SemiSparseWeightConfig,
-                                          Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_)
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
         log(f"torchao {torchao.__version__}")
     except Exception as error:  # noqa: BLE001 - record exactly what failed
         log(f"torchao import failed: {type(error).__name__}: {error}")
         return
+
+    def fp8_two_four():
+        """fp8 weights and activations (rowwise) on 2:4 weights, CUTLASS: torchao 0.17.0 names it a packing
+        format of the fp8 config (it has no Float8DynamicActivationFloat8SemiSparseWeightConfig)."""
+        try:
+            from torchao.quantization.quantize_.workflows.float8.float8_packing_format import Float8PackingFormat
+            return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
+                                                             packing_format=Float8PackingFormat.SPARSE_CUTLASS)
+        except ImportError:
+            from torchao.quantization import Float8DynamicActivationFloat8SemiSparseWeightConfig
+            return Float8DynamicActivationFloat8SemiSparseWeightConfig()
+
     name = args.shapes[-1]
     for label, config in (("bf16 dense", None), ("fp8 dense (rowwise)", lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())),
-                          ("fp8 2:4 CUTLASS", lambda: Float8DynamicActivationFloat8SemiSparseWeightConfig())):
+                          ("fp8 2:4 CUTLASS", fp8_two_four)):
         try:
             copies = COPIES[name]
             modules = []
@@ -573,22 +602,26 @@ def two_four(args, bandwidth: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("phase", choices=("sweep", "full", "smol", "memory"))
-    parser.add_argument("--device", default="cuda", help="memory runs on the CPU too")
+    parser.add_argument("--device", default="cuda", help="memory and smol run on the CPU too")
     parser.add_argument("--shapes", default="opt-1.3b,opt-6.7b")
     parser.add_argument("--ell", default="col16", choices=("delta8", "col16"), help="the ELL encoding of the rule")
     parser.add_argument("--rows-per-block", type=int, default=8)
-    parser.add_argument("--smol", help="SmolLM2 GGUF file: perplexity of sparse against dense kernels")
+    parser.add_argument("--smol", help="a compressed export folder, or the SmolLM2 GGUF (pruned here by magnitude): "
+                                       "perplexity of sparse against dense kernels")
     parser.add_argument("--text", help="text for the perplexity")
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--two-four", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
     args = parser.parse_args()
     args.shapes = args.shapes.split(",")
+    global DEVICE
+    DEVICE = args.device
     if args.phase == "memory":
-        global DEVICE
-        DEVICE = args.device
         torch.manual_seed(0)
         memory_table(args)
+        return
+    if args.phase == "smol" and DEVICE == "cpu":  # the path checked on the CPU (the layout's torch reference)
+        smol_perplexity(args, SparseRule())
         return
     import transformers
     log(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | transformers {transformers.__version__} | "

@@ -71,6 +71,10 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [measured-mag]="--recipe measured --train-source $MIX --reprune-method magnitude"
   [measured-sgpt]="--recipe measured --train-source $MIX --reprune-method sparsegpt"
   [measured-wanda]="--recipe measured --train-source $MIX --reprune-method wanda"
+  [measured-mag-1ep]="--recipe measured --train-source $MIX --reprune-method magnitude --epochs 1"  # screens
+  [measured-sgpt-1ep]="--recipe measured --train-source $MIX --reprune-method sparsegpt --epochs 1"
+  [measured-wanda-1ep]="--recipe measured --train-source $MIX --reprune-method wanda --epochs 1"
+  [measured-2ep]="--recipe measured --train-source $MIX --epochs 2 --kernels sparse"  # a shorter budget near dense
 )
 # EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen).
 # RUN_LIMIT: seconds each run may take (timeout), so that a call's summary and results still come back.

@@ -45,16 +45,20 @@ MAX_DELTA = 255
 class SparseRule:
     """When and how a linear runs sparse (benchmarks/bench_decode.py measures it; docs/benchmark-log.md).
 
-    max_density: a linear denser than this stays a dense nn.Linear. The col16 kernel at one row beat
-        cuBLAS by 2.42x at density 0.1 and lost (0.81x) at 0.5 on the opt-6.7b layer (H200); its time
-        grows with the slots, so the two cross near 0.38.
+    max_density: a linear denser than this stays a dense nn.Linear. Measured on the H200 at one row
+        (bench_decode.py full, commit 7b869d3): the col16 kernel against cuBLAS 2.41x at density 0.1,
+        1.54x at 0.2, 1.18x at 0.3, 0.95x at 0.4 on the opt-6.7b layer; 1.87x, 1.35x, 1.04x, 0.86x on
+        the opt-1.3b layer. 0.3 is the densest point that won on both.
     max_rows: calls with at most this many rows (batch × new tokens) run the sparse kernel; more rows
-        materialize the weight for the call and run cuBLAS (prefill).
+        materialize the weight for the call and run cuBLAS (prefill). Measured: the kernel beats the
+        dense temporary up to 32 rows at density 0.1 and up to 16 at 0.5, on both shapes (opt-6.7b layer,
+        16 rows: 163 against 565 µs at 0.1, 614 against 946 at 0.5); 16 is the smaller. (cuBLAS on a
+        dense copy, 130 µs at 16 rows, would win there: SparseLinear holds none, to keep the memory.)
     ell_encoding: the ELL index ("col16" measured faster than "delta8" at every point timed).
     bitmask_above: hold linears denser than this as values + bitmask instead of ELL slots (None:
-        never; its kernel is written and checked in Triton's interpreter but not yet timed).
+        never; its kernel measured 0.16-0.28x of cuBLAS at one row, slower than col16 at every density).
     """
-    max_density: float = 0.35
+    max_density: float = 0.3
     max_rows: int = 16
     ell_encoding: str = "col16"
     bitmask_above: Optional[float] = None
