@@ -228,9 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "the job fails; the wait for the main process's pruning is apart (up to 24 h)")
     train.add_argument("--seed", type=int, default=0, help="calibration windows and data order")
     train.add_argument("--patience", type=_positive_int, default=None,
-                       help="stop when perplexity has not improved for this many epochs")
+                       help="stop when the number --patience-on names has not improved for this many epochs at "
+                            "the final density")
+    train.add_argument("--patience-on", default="auto", choices=["auto", "holdout", "perplexity"],
+                       help="what --patience watches: the loss on the training text's held-out blocks (holdout: the "
+                            "stop is decided without the test set; best/ is still the epoch of lowest evaluation "
+                            "perplexity) or the evaluation text's perplexity; auto: holdout where text is held out "
+                            "(--holdout above 0)")
+    train.add_argument("--cooldown-steps", type=int, default=0,
+                       help="when --patience runs out, train this many steps more with the lr falling linearly to 0, "
+                            "then stop (0: stop at once)")
     train.add_argument("--min-delta", type=float, default=0.0,
-                       help="relative perplexity drop that counts as an improvement for --patience and the best model")
+                       help="relative drop (of perplexity, or of the held-out perplexity exp(loss)) that counts as an "
+                            "improvement for --patience and the best model")
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval-source", default="wikitext2",

@@ -30,7 +30,7 @@ from utils.config.sections import EvalProtocol, TrainCfg
 from utils.data.sources import TokenizedText
 from utils.eval_utils import CompiledKernels, Heading, evaluate_and_log, evaluate_perplexity
 from utils.io.events import MetricsLogger, describe_density
-from utils.io.history import PerplexityHistory
+from utils.io.history import PerplexityHistory, finished_title
 from utils.io.memory import MemoryTracker
 from utils.models.sparsity import sparsity_report
 from utils.pruning.schedule import SparsitySchedule
@@ -38,7 +38,7 @@ from utils.training.masks import MaskSet
 from utils.training.parallel import Prepared
 from utils.training.progress import LogCadence, estimate_line
 from utils.training.reprune import prune_in_place
-from utils.training.stopping import STOPPING_ERRORS, TrainingStopped, check_finite, stop_message
+from utils.training.stopping import STOPPING_ERRORS, Patience, TrainingStopped, check_finite, stop_message
 from utils.training.state import StopRequests, TrainState, load_state, save_best_model, save_state
 from utils.training.step import BlockSampler, Optimization, train_step
 
@@ -85,7 +85,7 @@ class TrainResult:
                     "(continue with the same command plus --resume)")
         if self.error:
             return "Summary So Far: the run STOPPED SHORT (the error above); the best model is kept"
-        return "Final Summary"
+        return finished_title(self.stopped_early, self.state.global_step, total_steps)
 
 
 class Callback(Protocol):
@@ -114,6 +114,7 @@ class Trainer:
         self.state = TrainState(history=self.history.to_dict())
         self.stop: StopRequests | None = None
         self.cadence = LogCadence(train.log_every, self.world)
+        self.patience = Patience.from_config(train)
         self.estimated, self.last_eval_seconds = False, job.eval_seconds
 
     # ------------------------------------------------------------------ setup
@@ -135,7 +136,8 @@ class Trainer:
         self.memory = MemoryTracker(self.device)
         # A finished state resumed (its results were not all written): nothing trains, the run delivers.
         self.result = TrainResult(self.history, self.state,
-                                  stopped_early=self.state.finished and self.state.epoch <= train.epochs,
+                                  stopped_early=self.state.finished and (self.state.epoch <= train.epochs or
+                                                                         self.state.stop_at_step is not None),
                                   earlier_seconds=self.state.timings.get("wall_seconds", 0.0))
         self.logger.report(f"Training: {train.epochs} epochs × {train.max_step} steps, batch {train.batch_size} "
                            f"= {self.micro} per micro-batch × {self.accumulation} accumulation × {self.world} "
@@ -187,7 +189,7 @@ class Trainer:
 
     def _run_epoch(self) -> None:
         state, train = self.state, self.train
-        epoch_end = state.epoch * train.max_step
+        epoch_end = min(state.epoch * train.max_step, state.stop_at_step or train.total_steps)  # a cool-down ends early
         self.bar = self.logger.progress(train.max_step, f"Epoch {state.epoch}/{train.epochs}", unit="steps",
                                         initial=state.global_step - (state.epoch - 1) * train.max_step)
         self.model.train()
@@ -319,12 +321,11 @@ class Trainer:
                             {**job.best_info(), "epoch": state.epoch, "perplexity": evaluation.perplexity},
                             dtype=job.save_dtype)
             self.logger.info(f"Best model so far saved to {self.best_dir}")
-        state.bad_epochs = 0 if improved or not eligible else state.bad_epochs + 1
-        if train.patience is not None and state.bad_epochs >= train.patience:
-            self.logger.info(f"Early stopping: perplexity has not improved for {state.bad_epochs} epoch(s) "
-                             f"(--patience {train.patience})")
-            self.result.stopped_early = True
-            state.finished = True
+        if state.stop_at_step is None and \
+                self.patience.exhausted(state, eligible, improved, self.holdout_record.get("holdout_loss")):
+            self._stop_short()
+        if state.stop_at_step is not None and state.global_step >= state.stop_at_step:  # the cool-down is over
+            self.result.stopped_early, state.finished = True, True
         self.history.details[state.epoch] = {"train_loss": measured["average_loss"], "accuracy": evaluation.accuracy,
                                              "bits_per_byte": evaluation.bits_per_byte, **self.holdout_record}
         # the time left, once more after the first epoch: now with the held-out evaluation's time too
@@ -335,6 +336,17 @@ class Trainer:
         self._save_state()
         for callback in self.callbacks:
             getattr(callback, "on_epoch_end", lambda trainer: None)(self)
+
+    def _stop_short(self) -> None:
+        """Patience ran out: stop now, or cool down first (the lr to 0 over --cooldown-steps)."""
+        state, patience = self.state, self.patience
+        steps = min(patience.cooldown_steps, self.train.total_steps - state.global_step)
+        if steps:  # else the run stops now: end_epoch sees stop_at_step reached
+            self.optimization.cool_down(state.global_step, steps)
+        state.stop_at_step = state.global_step + steps
+        self.logger.report(patience.stop_line(state.bad_epochs, self.holdout_record, steps),
+                           {"event": "early_stopping", "watched": patience.watch, "bad_epochs": state.bad_epochs,
+                            "step": state.global_step, "cooldown_steps": steps})
 
     def _report_epoch(self, density: float) -> tuple[dict, dict]:
         """The mask check and the epoch's lines: loss, rate, measured density; memory."""

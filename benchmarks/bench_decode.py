@@ -558,7 +558,7 @@ def two_four(args, bandwidth: float) -> None:
             from torchao.quantization.quantize_.workflows.float8.float8_packing_format import Float8PackingFormat
             return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
                                                              packing_format=Float8PackingFormat.SPARSE_CUTLASS)
-        except ImportError:
+        except (ImportError, AttributeError):  # other versions spell it otherwise: the older config
             from torchao.quantization import Float8DynamicActivationFloat8SemiSparseWeightConfig
             return Float8DynamicActivationFloat8SemiSparseWeightConfig()
 

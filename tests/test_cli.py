@@ -1,6 +1,7 @@
 """The command line: validation, the main job end to end, resume, early stopping, FSDP on 2 processes."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,9 +155,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_llama_dir,
 
 def test_early_stopping(tmp_path, tiny_llama_dir, text_file, capsys):
     out = tmp_path / "run"
-    assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "3", "--patience", "1",
-                         "--min-delta", "0.5")) == 0
-    assert "Early stopping" in capsys.readouterr().out
+    assert main(job_args(tiny_llama_dir, text_file, out, "--epochs", "3", "--patience", "1", "--patience-on",
+                         "perplexity", "--min-delta", "0.5")) == 0
+    printed = capsys.readouterr().out
+    assert "Early stopping" in printed and "Final Summary: stopped early by --patience at optimizer step 6 of 18" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["stopped_early"] and results["epochs_completed"] == 1
 
@@ -244,3 +246,41 @@ def test_each_mode_has_a_default_folder_of_its_own():
                                    ("export", ["--export-only"]))}
     assert folders == {"train": "runs/smollm2-135m-0.1-sparsegpt", "eval": "runs/smollm2-135m-eval",
                        "prune": "runs/smollm2-135m-0.1-sparsegpt-pruned", "export": "runs/smollm2-135m-export"}
+
+
+def _train_lrs(folder: Path) -> dict[int, float]:
+    return {e["step"]: e["lr"] for e in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+            if e["event"] == "train"}
+
+
+def test_patience_on_the_held_out_loss_cools_the_lr_to_zero_then_stops_and_resumes_exactly(
+        tmp_path, tiny_llama_dir, text_file, capsys):
+    """--patience watches the held-out loss by default; --cooldown-steps trains that many steps more with the
+    lr falling linearly to 0 (the schedule ends where the run stops); a resume inside the cool-down continues it."""
+    args = ("--epochs", "3", "--patience", "1", "--min-delta", "0.5", "--cooldown-steps", "3", "--log-every", "1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(job_args(tiny_llama_dir, text_file, straight, *args, "--keep-state")) == 0
+    printed = capsys.readouterr().out
+    assert "Patience ran out: the held-out loss has not improved for 1 epoch(s) (--patience 1); cooling down: the " \
+           "lr falls to 0 over 3 more steps" in printed
+    results = json.loads((straight / "results.json").read_text())
+    # epoch 1 sets the best held-out loss, epoch 2 misses a 50% drop: 3 steps of epoch 3, then the end
+    assert [e["epoch"] for e in results["epochs"]] == [1, 2, 3] and all("holdout_loss" in e for e in results["epochs"])
+    assert results["stopped_early"] and results["tokens_trained"] == (2 * 6 + 3) * 4 * 32
+    lrs = _train_lrs(straight)
+    assert max(lrs) == 15 and lrs[15] == 0.0
+    # the planned decay (18 steps, no warmup) until step 12, then a straight line from there to 0 at 15
+    assert lrs[12] == pytest.approx(lrs[1] * 6 / 17)
+    assert [lrs[13] / lrs[12], lrs[14] / lrs[12]] == pytest.approx([2 / 3, 1 / 3])
+    # the finished run's state (stopped inside epoch 3) is one --resume accepts: it prints the summary again,
+    # from the state and, once the state is gone, from results.json
+    for _ in range(2):
+        assert main(job_args(tiny_llama_dir, text_file, straight, *args, "--resume")) == 0
+        assert "Final Summary: stopped early by --patience at optimizer step 15 of 18" in capsys.readouterr().out
+        shutil.rmtree(straight / "state", ignore_errors=True)
+    assert json.loads((straight / "results.json").read_text())["stopped_early"]
+    assert main(job_args(tiny_llama_dir, text_file, resumed, *args), callbacks=[StopAfter(13)]) == 130
+    assert main(job_args(tiny_llama_dir, text_file, resumed, *args, "--resume")) == 0
+    again = json.loads((resumed / "results.json").read_text())
+    assert _train_lrs(resumed) == pytest.approx(lrs) and again["tokens_trained"] == results["tokens_trained"]
+    assert again["final"] == pytest.approx(results["final"], rel=1e-6)

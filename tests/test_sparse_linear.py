@@ -195,9 +195,20 @@ def test_to_sparse_linears_swaps_the_sparse_decoder_linears_only():
         assert torch.allclose(model(ids).logits, expected, atol=1e-5)
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected_tokens)
     only_mlp = tiny_llama()
-    prune_decoder_linears(only_mlp, 0.25)  # under the default rule's max_density (0.3)
+    prune_decoder_linears(only_mlp, 0.3)
     names = to_sparse_linears(only_mlp, SparseRule(), predicate=lambda name, module: ".mlp." in name)
     assert len(names) == 6 and all(".mlp." in name for name in names)
+
+
+def test_the_default_rule_takes_a_matrix_pruned_to_0_3_whose_rows_round_up():
+    """Wanda at 0.3 keeps round(0.3 · 576) = 173 of SmolLM2's 576 inputs a row: density 0.30035."""
+    holder = nn.Sequential(nn.Linear(576, 8, bias=False))
+    with torch.no_grad():
+        weight = torch.randn(8, 576)
+        threshold = weight.abs().topk(173, dim=1).values[:, -1:]
+        holder[0].weight.copy_(weight * (weight.abs() >= threshold))
+    assert int(torch.count_nonzero(holder[0].weight)) == 8 * 173
+    assert to_sparse_linears(holder, SparseRule(), predicate=lambda name, module: True) == ["0"]
 
 
 def export(model, folder, dtype):

@@ -7,7 +7,9 @@ import torch
 from extreme_compression_experiment import main
 from utils.config.sections import TrainCfg
 from utils.training.parallel import init_distributed, prepare_model, resolve_compile_mode
-from utils.training.step import Optimization, train_step
+from utils.training.state import TrainState
+from utils.training.step import LrPlan, Optimization, train_step
+from utils.training.stopping import Patience
 from helpers import StopAfter, broken_cpp_compiler, tiny_model
 from test_cli import TORCHRUN_2, job_args, run_cli
 
@@ -125,3 +127,56 @@ def test_two_processes_compiled_match_eager(tmp_path, tiny_opt_dir, text_file, p
         finals[mode] = json.loads((tmp_path / mode / "results.json").read_text())["final"]
     assert "torch.compile: default" in result.stdout and "× 2 processes" in result.stdout
     assert finals["default"] == pytest.approx(finals["off"], rel=1e-5)
+
+
+@pytest.mark.parametrize("warmup,total", [(0, 18), (5, 40), (100, 3000)])
+def test_lr_plan_is_transformers_linear_schedule_and_its_cool_down_survives_a_json_round_trip(warmup, total):
+    from transformers import get_linear_schedule_with_warmup
+
+    def lrs(scheduler, optimizer, steps):
+        seen = []
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+            seen.append(scheduler.get_last_lr()[0])
+        return seen
+
+    def fresh():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, LrPlan(warmup, total))
+
+    optimizer, ours = fresh()
+    reference_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    reference = get_linear_schedule_with_warmup(reference_optimizer, warmup, total)
+    assert lrs(ours, optimizer, total) == pytest.approx(lrs(reference, reference_optimizer, total), abs=1e-12)
+    # a cool-down from step 2/3 of the way: the lr there, falling linearly to 0 over 4 steps
+    optimizer, cooled = fresh()
+    start = 2 * total // 3
+    lrs(cooled, optimizer, start)
+    at_start = cooled.get_last_lr()[0]
+    cooled.lr_lambdas[0].cool_from, cooled.lr_lambdas[0].cool_to = start, start + 4
+    saved = json.loads(json.dumps(cooled.state_dict()))
+    expected = lrs(cooled, optimizer, 4)
+    assert expected == pytest.approx([at_start * 3 / 4, at_start / 2, at_start / 4, 0.0])
+    optimizer, restored = fresh()
+    restored.load_state_dict(saved)
+    assert lrs(restored, optimizer, 4) == pytest.approx(expected)
+
+
+def test_patience_counts_epochs_by_the_held_out_loss_at_the_final_density():
+    patience, state = Patience(epochs=2, watch="holdout", min_delta=0.1), TrainState()
+    # an epoch before the final density counts for nothing; then 3.0 is the best. --min-delta 0.1 asks the
+    # held-out perplexity exp(loss) to fall by 10%: the loss by log(1/0.9) = 0.105
+    assert not patience.exhausted(state, eligible=False, perplexity_improved=False, holdout_loss=2.0)
+    assert state.best_holdout_loss is None and state.bad_epochs == 0
+    assert not patience.exhausted(state, True, False, 3.0) and state.best_holdout_loss == 3.0
+    assert not patience.exhausted(state, True, True, 2.9) and state.bad_epochs == 1  # perplexity does not count
+    assert not patience.exhausted(state, True, False, 2.89) and state.bad_epochs == 0 and state.best_holdout_loss == 2.89
+    assert not patience.exhausted(state, True, False, 2.8) and state.bad_epochs == 1
+    assert patience.exhausted(state, True, False, 2.95) and state.bad_epochs == 2
+    # no held-out loss in an epoch (nothing held out): that epoch counts by perplexity
+    fallback, state = Patience(epochs=1, watch="holdout"), TrainState()
+    assert not fallback.exhausted(state, True, True, None) and fallback.exhausted(state, True, False, None)
+    by_perplexity, state = Patience(epochs=1, watch="perplexity"), TrainState()
+    assert by_perplexity.exhausted(state, True, False, 1.0) and state.best_holdout_loss is None
+    assert not Patience(epochs=None).exhausted(TrainState(), True, False, 5.0)

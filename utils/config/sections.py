@@ -128,6 +128,8 @@ class TrainCfg:
     parallel: str = flag("--parallel", "fsdp")
     seed: int = flag("--seed", 0)
     patience: int | None = flag("--patience", None)
+    patience_on: str = flag("--patience-on", "holdout")  # resolved from auto: holdout where text is held out
+    cooldown_steps: int = flag("--cooldown-steps", 0)
     min_delta: float = flag("--min-delta", 0.0)
     log_every: int | None = flag("--log-every", None)  # None: every 10 steps or 30 s (utils/training/progress.py)
     dist_timeout: float = flag("--dist-timeout", 30.0)  # minutes a collective may wait (pruning waits apart)

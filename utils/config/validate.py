@@ -98,6 +98,7 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     problems += _zero_loss(args)
     if args.warmup_steps is not None and args.warmup_steps < 0:
         problems.append("argument --warmup-steps: must be 0 or more")
+    problems += _patience_problems(args)
     if args.seed > MAX_SEED:
         problems.append(f"argument --seed: {args.seed} is larger than {MAX_SEED} (seeds are 32-bit here)")
     for flag, value in (("--lr", args.lr), ("--base-lr", args.base_lr)):
@@ -267,6 +268,18 @@ def _dest(method: str, option: str) -> str:
     return f"{method}_{option}".replace("-", "_")
 
 
+def _patience_problems(args: argparse.Namespace) -> list[str]:
+    problems = []
+    if args.cooldown_steps < 0:
+        problems.append("argument --cooldown-steps: must be 0 or more")
+    if args.cooldown_steps and args.patience is None:
+        problems.append("argument --cooldown-steps: it cools the lr down when --patience runs out; add --patience N")
+    if args.patience and args.patience_on == "holdout" and not args.holdout:
+        problems.append("argument --patience-on holdout: the run holds no text out (--holdout 0); give --holdout "
+                        "0.05, or --patience-on perplexity")
+    return problems
+
+
 def _train(args: argparse.Namespace, lr_derived: bool) -> TrainCfg:
     max_step, lr = derive_schedule(args.batch_size, args.base_samples, args.base_lr)
     max_step, lr = args.max_step or max_step, args.lr or lr
@@ -280,6 +293,8 @@ def _train(args: argparse.Namespace, lr_derived: bool) -> TrainCfg:
                     block_size=args.block_size, train_source=args.train_source, holdout=args.holdout,
                     generation=generation, mixed_precision=args.mixed_precision, compile=args.compile,
                     parallel=args.parallel, seed=args.seed, patience=args.patience, min_delta=args.min_delta,
+                    patience_on=args.patience_on if args.patience_on != "auto" else
+                    ("holdout" if args.holdout else "perplexity"), cooldown_steps=args.cooldown_steps,
                     log_every=args.log_every, dist_timeout=args.dist_timeout)
 
 

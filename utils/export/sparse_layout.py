@@ -46,9 +46,11 @@ class SparseRule:
     """When and how a linear runs sparse (benchmarks/bench_decode.py measures it; docs/benchmark-log.md).
 
     max_density: a linear denser than this stays a dense nn.Linear. Measured on the H200 at one row
-        (bench_decode.py full, commit 7b869d3): the col16 kernel against cuBLAS 2.41x at density 0.1,
-        1.54x at 0.2, 1.18x at 0.3, 0.95x at 0.4 on the opt-6.7b layer; 1.87x, 1.35x, 1.04x, 0.86x on
-        the opt-1.3b layer. 0.3 is the densest point that won on both.
+        (bench_decode.py full's break-even sweep, commit 7b869d3): the col16 kernel against cuBLAS
+        2.41x at density 0.1 (2.39x in the same run's linears table), 1.54x at 0.2, 1.18x at 0.3, 0.95x
+        at 0.4 on the opt-6.7b layer; 1.87x, 1.35x, 1.04x, 0.86x on the opt-1.3b layer. 0.3 is the densest point that won on both; the default is 0.31 so that a
+        matrix pruned to 0.3 whose rounding kept a few weights more (Wanda keeps round(0.3·576) = 173
+        of SmolLM2's 576 a row: 0.30035) still runs sparse.
     max_rows: calls with at most this many rows (batch × new tokens) run the sparse kernel; more rows
         materialize the weight for the call and run cuBLAS (prefill). Measured: the kernel beats the
         dense temporary up to 32 rows at density 0.1 and up to 16 at 0.5, on both shapes (opt-6.7b layer,
@@ -56,9 +58,9 @@ class SparseRule:
         dense copy, 130 µs at 16 rows, would win there: SparseLinear holds none, to keep the memory.)
     ell_encoding: the ELL index ("col16" measured faster than "delta8" at every point timed).
     bitmask_above: hold linears denser than this as values + bitmask instead of ELL slots (None:
-        never; its kernel measured 0.16-0.28x of cuBLAS at one row, slower than col16 at every density).
+        never; its kernel measured 0.15-0.28x of cuBLAS at one row, slower than col16 at every density).
     """
-    max_density: float = 0.3
+    max_density: float = 0.31
     max_rows: int = 16
     ell_encoding: str = "col16"
     bitmask_above: Optional[float] = None

@@ -104,3 +104,10 @@ class PerplexityHistory:
                    details={int(e["epoch"]): {k: v for k, v in e.items() if k not in ("epoch", "perplexity")}
                             for e in epochs if len(e) > 2}, quick=data.get("quick_look"),
                    densities=tuple(densities) if isinstance(densities, list) and len(densities) == 2 else None)
+
+
+def finished_title(stopped_early: bool, step: int, total_steps: int) -> str:
+    """The summary's heading of a run that ended by itself: all its steps, or stopped by --patience."""
+    if stopped_early:
+        return f"Final Summary: stopped early by --patience at optimizer step {step} of {total_steps}"
+    return "Final Summary"

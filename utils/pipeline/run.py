@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from utils.config.sections import RunConfig
+from utils.config.sections import RunConfig, TrainCfg
 from utils.data.generated import split_sources
 from utils.export.registry import resolve_source
 from utils.io.events import MetricsLogger, describe_density, quiet_transformers_progress
 from utils.io.files import write_json
-from utils.io.history import PerplexityHistory
+from utils.io.history import PerplexityHistory, finished_title
 from utils.io.run_folder import RunFolder, RunFolderError, check_file_writable, check_writable, drop_events_after
 from utils.models.families import bos_per_window
 from utils.models.hub import ModelError
@@ -166,12 +166,16 @@ def _run(config: RunConfig, accelerator, folder: RunFolder, logger: MetricsLogge
                       started=started, first=first)
     run_identity = RunIdentity.of(config, identity["fingerprint"], schedule, bos, identity.get("content")).to_json()
     meta = _check_resume(config, folder, run_identity)
-    if meta is None and config.mode == "train" and config.output.resume and _finished(folder, logger, run_identity):
+    if meta is None and config.mode == "train" and config.output.resume and \
+            _finished(folder, logger, run_identity, config.train):
         return 0
     if meta is not None and meta["train_state"].get("finished"):
         if _delivered(folder.path, meta["train_state"]):
             logger.info(f"The run in {folder.path} is already finished; its summary:")
-            for line in PerplexityHistory.from_dict(meta["train_state"]["history"]).summary_lines():
+            state = meta["train_state"]
+            title = finished_title(state.get("stop_at_step") is not None or state["epoch"] <= config.train.epochs,
+                                   state["global_step"], config.train.total_steps)
+            for line in PerplexityHistory.from_dict(state["history"]).summary_lines(title):
                 logger.info(line)
             return 0
         logger.info(f"The run in {folder.path} finished training but stopped before its results were all written "
@@ -191,7 +195,7 @@ def _run(config: RunConfig, accelerator, folder: RunFolder, logger: MetricsLogge
     return MODES[config.mode](context, Start(run_identity, resuming=meta is not None, callbacks=tuple(callbacks)))
 
 
-def _finished(folder: RunFolder, logger: MetricsLogger, identity: dict) -> bool:
+def _finished(folder: RunFolder, logger: MetricsLogger, identity: dict, train: TrainCfg) -> bool:
     """A finished run whose state/ was removed at its end (without --keep-state): --resume prints
     its summary from results.json instead of starting it again; a command that would change the
     run is refused as for any resume (its identity is run.json's)."""
@@ -208,7 +212,9 @@ def _finished(folder: RunFolder, logger: MetricsLogger, identity: dict) -> bool:
         saved = {}
     _refuse_changes(folder, saved, identity)
     logger.info(f"The run in {output} is already finished; its summary (from results.json):")
-    for line in PerplexityHistory.from_dict(results).summary_lines():
+    step = int(results.get("tokens_trained") or 0) // (train.batch_size * train.block_size)  # the same run: its sizes
+    for line in PerplexityHistory.from_dict(results).summary_lines(
+            finished_title(results.get("stopped_early") is True, step, train.total_steps)):
         logger.info(line)
     return True
 

@@ -170,11 +170,12 @@ def _check_meta(meta, path: Path) -> None:
 
 def _state_shape() -> dict:
     """What each TrainState field may hold in JSON, from its annotation (a float may be saved as an int)."""
-    kinds = {"int": int, "float": _NUMBER, "dict": dict, "bool": bool}
+    kinds = {"int": int, "float": _NUMBER, "dict": dict, "bool": bool, "int | None": (int, type(None)),
+             "float | None": (*_NUMBER, type(None))}
     return {field.name: kinds[field.type] for field in fields(TrainState)}
 
 
-_ADDED_LATER = {"timings"}  # TrainState fields that states saved before them lack: checked only when present
+_ADDED_LATER = {"timings", "best_holdout_loss", "stop_at_step"}  # TrainState fields that states saved before them lack: checked only when present
 
 
 def check_position(meta: dict, folder: Path, max_step: int, epochs: int) -> None:
@@ -184,6 +185,9 @@ def check_position(meta: dict, folder: Path, max_step: int, epochs: int) -> None
     step, epoch = state["global_step"], state["epoch"]
     total = max_step * epochs
     fits = 0 <= step <= total and 1 <= epoch <= epochs + 1 and (epoch - 1) * max_step <= step <= epoch * max_step
+    # a run that stopped short inside an epoch (--cooldown-steps) finished it there and moved past it
+    fits = fits or (state.get("finished") is True and state.get("stop_at_step") == step and 2 <= epoch <= epochs + 1
+                    and (epoch - 2) * max_step < step <= (epoch - 1) * max_step)
     if not fits:
         raise CheckpointError(f"{folder / META_FILE} says optimizer step {step} in epoch {epoch}, which this run's "
                               f"{epochs} epochs × {max_step} steps do not hold; start again without --resume, or "
@@ -266,6 +270,8 @@ class TrainState:
     epoch_compile_steps: int = 0  # steps of the first log window after compiling (not the steady rate)
     epoch_compile_seconds: float = 0.0
     bad_epochs: int = 0
+    best_holdout_loss: float | None = None  # --patience-on holdout: the lowest held-out loss at the final density
+    stop_at_step: int | None = None  # a cool-down under way (--cooldown-steps): the run stops at this step
     history: dict = field(default_factory=dict)
     finished: bool = False
     # Seconds so far, over every process that ran this run: training, evaluation, wall (added later:

@@ -1,6 +1,7 @@
 """One optimizer step and what it needs: AdamW with its lr schedule, the data order, the step itself.
 
     optimization = Optimization.create(model, train, device)       # AdamW, warmup + linear decay, fp16 scaler
+    optimization.cool_down(start=step, steps=200)                   # --cooldown-steps: the lr to 0 from here
     sampler = BlockSampler(num_blocks, seed)                        # sample g of the run → block index
     loss = train_step(prepared, micro_batches, optimization, masks, device, max_grad_norm=1.0)
 
@@ -32,11 +33,33 @@ def make_optimizer(model: nn.Module, train: TrainCfg, device: torch.device) -> t
     return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.95), fused=fused)
 
 
+@dataclass
+class LrPlan:
+    """The lr factor before optimizer step `step`: linear warmup from 0 to 1 over `warmup` steps, then
+    linear decay to 0 at `total` (the numbers of transformers' get_linear_schedule_with_warmup, the
+    schedule its Trainer uses).  A cool-down (--patience with --cooldown-steps) takes the factor the
+    plan had at `cool_from` linearly to 0 at `cool_to`: the run's schedule then ends where it stops.
+    A callable object, not a function, so that LambdaLR's state_dict carries these fields (plain
+    numbers) and a resumed run continues its cool-down."""
+    warmup: int
+    total: int
+    cool_from: int | None = None
+    cool_to: int | None = None
+
+    def planned(self, step: int) -> float:
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
+
+    def __call__(self, step: int) -> float:
+        if self.cool_from is None or step < self.cool_from:
+            return self.planned(step)
+        return self.planned(self.cool_from) * max(0.0, (self.cool_to - step) / max(1, self.cool_to - self.cool_from))
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Linear warmup from 0 to the peak lr over `warmup_steps`, then linear decay to zero at the
-    last step (transformers' own schedule, the one its Trainer uses)."""
-    from transformers import get_linear_schedule_with_warmup
-    return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    """LrPlan's schedule (warmup, linear decay to zero at the last step) as a LambdaLR."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LrPlan(warmup_steps, total_steps))
 
 
 class BlockSampler:
@@ -74,6 +97,11 @@ class Optimization:
         # FSDP2 too.  bf16 and float32 need none.
         scaler = torch.amp.GradScaler(device.type) if train.mixed_precision == "fp16" else None
         return cls(optimizer, scheduler, scaler)
+
+    def cool_down(self, start: int, steps: int) -> None:
+        """From optimizer step `start` on, the lr falls linearly to 0 over `steps` steps."""
+        plan = self.scheduler.lr_lambdas[0]  # one LrPlan for every parameter group
+        plan.cool_from, plan.cool_to = start, start + steps
 
     def extra_state(self) -> dict:
         """Plain JSON values (no tensors): the schedule's position and the fp16 loss scale."""

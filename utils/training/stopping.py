@@ -1,15 +1,66 @@
-"""How a training run stops short: the errors that end it with a message (its results kept), the
-NaN check, and the message that says what to do.
+"""How a training run stops short: --patience (on the held-out loss, or on perplexity), the errors
+that end it with a message (its results kept), the NaN check, and the message that says what to do.
 
+    patience = Patience.from_config(train)                      # --patience, --patience-on, --cooldown-steps
+    if patience.exhausted(state, eligible, improved, holdout):  # counts the epoch in state.bad_epochs
+        ...                                                     # cool down (the lr to 0), or stop now
     check_finite(loss, step)          # the loss, or TrainingStopped
     stop_message(error)               # "out of memory: lower --micro-batch-size ..."
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch._dynamo.exc import TorchDynamoException
+
+from utils.config.sections import TrainCfg
+from utils.training.state import TrainState
+
+
+@dataclass(frozen=True)
+class Patience:
+    """--patience: epochs at the final density without improvement of the watched number before the
+    run stops.  `watch` "holdout" is the loss on the training text's held-out blocks (the stop is
+    decided without the test set); "perplexity" the evaluation text's, as before --patience-on.  An
+    epoch without a held-out loss (none held out) counts by perplexity.  `min_delta`: the relative
+    drop that counts as an improvement, of perplexity or of the held-out perplexity exp(loss).
+    `cooldown_steps`: steps trained after patience runs out, with the lr falling linearly to 0
+    (Optimization.cool_down), before the run stops."""
+    epochs: int | None
+    watch: str = "holdout"
+    min_delta: float = 0.0
+    cooldown_steps: int = 0
+
+    @classmethod
+    def from_config(cls, train: TrainCfg) -> "Patience":
+        return cls(train.patience, train.patience_on, train.min_delta, train.cooldown_steps)
+
+    def watched(self, holdout_record: dict) -> str:
+        """What this epoch was counted by (an epoch without a held-out loss counts by perplexity)."""
+        return "the held-out loss" if self.watch == "holdout" and "holdout_loss" in holdout_record else "perplexity"
+
+    def stop_line(self, bad_epochs: int, holdout_record: dict, cooldown_steps: int) -> str:
+        """What the run says when patience runs out (with `cooldown_steps` more steps to train)."""
+        line = f"{self.watched(holdout_record)} has not improved for {bad_epochs} epoch(s) (--patience {self.epochs})"
+        if not cooldown_steps:
+            return f"Early stopping: {line}"
+        return (f"Patience ran out: {line}; cooling down: the lr falls to 0 over {cooldown_steps} more steps "
+                "(--cooldown-steps), then the run stops")
+
+    def exhausted(self, state: TrainState, eligible: bool, perplexity_improved: bool,
+                  holdout_loss: float | None) -> bool:
+        """Count this epoch (state.bad_epochs, state.best_holdout_loss); True when patience has run out."""
+        improved = perplexity_improved
+        if self.watch == "holdout" and holdout_loss is not None:
+            best = state.best_holdout_loss
+            # the same criterion as on perplexity: exp(loss) must fall by the fraction min_delta
+            improved = eligible and (best is None or holdout_loss < best + math.log1p(-self.min_delta))
+            if improved:
+                state.best_holdout_loss = holdout_loss
+        state.bad_epochs = 0 if improved or not eligible else state.bad_epochs + 1
+        return self.epochs is not None and state.bad_epochs >= self.epochs
 
 
 class TrainingStopped(RuntimeError):
