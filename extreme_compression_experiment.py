@@ -137,8 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="oneshot (the default): prune once before training; iterative: prune to a first density, fine-tune, "
                             "prune further (re-calibrated), ... ending at --sparsity, the steps split evenly; "
                             "gradual: prune to a first density, then lower it along a cubic every --prune-every "
-                            f"steps (magnitude, masks updated in place), reaching --sparsity at {GRADUAL_RAMP:.0%}% "
-                            "of the steps")
+                            "steps (magnitude, masks updated in place), reaching --sparsity at --ramp-end of the steps")
     prune.add_argument("--density-steps", type=_densities, default=None,
                        help="iterative: the densities, decreasing and ending at --sparsity (e.g. 0.5,0.3,0.18,0.1; "
                             f"default: --prune-stages geometric steps from {ITERATIVE_START:g}); gradual: START,FINAL "
@@ -152,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gradual with a calibrated --reprune-method: calibration windows per update")
     prune.add_argument("--prune-every", type=_positive_int, default=50,
                        help="gradual: optimizer steps between two mask updates")
+    prune.add_argument("--ramp-end", type=float, default=None,
+                       help=f"gradual: the fraction of the optimizer steps at which the density reaches --sparsity "
+                            f"(default {GRADUAL_RAMP:g}); the rest trains at it")
     prune.add_argument("--layer-density", default="auto", choices=LAYER_DENSITIES,
                        help="per-layer densities: uniform (every layer keeps --sparsity), or owl (outlier-weighted: "
                             "layers with more activation outliers keep more; the parameter-weighted mean stays "

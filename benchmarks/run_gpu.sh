@@ -75,6 +75,17 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [measured-sgpt-1ep]="--recipe measured --train-source $MIX --reprune-method sparsegpt --epochs 1"
   [measured-wanda-1ep]="--recipe measured --train-source $MIX --reprune-method wanda --epochs 1"
   [measured-2ep]="--recipe measured --train-source $MIX --epochs 2 --kernels sparse"  # a shorter budget near dense
+  # issue 26's sweeps around the measured recipe (BATCH=4: its lr is 4.24e-4); gradual ones at 0.1
+  [measured-ramp40]="--recipe measured --train-source $MIX --ramp-end 0.4"
+  [measured-ramp80]="--recipe measured --train-source $MIX --ramp-end 0.8"
+  [measured-t2]="--recipe measured --train-source $MIX --kd-temperature 2"
+  [measured-t4]="--recipe measured --train-source $MIX --kd-temperature 4"
+  [measured-lr-half]="--recipe measured --train-source $MIX --lr 2.12e-4"
+  [measured-lr-double]="--recipe measured --train-source $MIX --lr 8.49e-4"
+  [measured-warmup500]="--recipe measured --train-source $MIX --warmup-steps 500"
+  [measured-valid]="--recipe measured --train-source $DATA/wiki.valid.raw"  # the in-domain share: all of it
+  [measured-union]="--recipe measured --train-source $DATA/wiki.valid.raw,$DATA/fallback-train/state_union-nltk"  # more
+  [measured-patience]="--recipe measured --train-source $MIX --patience 1 --cooldown-steps 500"  # near dense
 )
 # EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen).
 # RUN_LIMIT: seconds each run may take (timeout), so that a call's summary and results still come back.
@@ -99,6 +110,13 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 #       "ikd-mix-lr6e-4@0.3 iowlkd-mix-lr6e-4@0.3 gcekd-mix-lr5e-5@0.5 iowlcekd-mix-lr5e-5@0.5"
 #   (the same with RUN_LIMIT=555, then RUN_LIMIT=570)
 #   SKIP_PRUNE=1 RUN_LIMIT=430 EXTRA="--skip-dense-eval --resume" bash benchmarks/run_gpu.sh recipes "cekd@0.5 today@0.5"
+# Issue 26's first screens (docs/benchmark-log.md, "Calibrated gradual updates, first screens"), batch 4, two calls:
+#   BATCH=4 SKIP_PRUNE=1 RUN_LIMIT=480 bash benchmarks/run_gpu.sh recipes "measured-mag-1ep@0.1 measured-sgpt-1ep@0.1 \
+#       measured-wanda-1ep@0.1 measured-sgpt-1ep@0.05 measured-mag-1ep@0.05 measured-2ep@0.5"
+#   BATCH=4 SKIP_PRUNE=1 RUN_LIMIT=345 bash benchmarks/run_gpu.sh recipes \
+#       "measured-mag-1ep@0.1 measured-wanda-1ep@0.1 measured-wanda-1ep@0.05"
+# Next: the full budget, magnitude against wanda at 0.1 and 0.05, SEED=0 and SEED=1, two runs at a time, each call
+# followed at once (within the machine's 30 s idle) by the same command with EXTRA="--skip-dense-eval --resume".
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the √batch rule).

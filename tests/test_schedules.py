@@ -121,6 +121,22 @@ def test_gradual_schedule_follows_the_cubic_and_holds_the_final_density():
     assert every_step.final == 0.1 and all(b < a for a, b in zip(densities, densities[1:]))
 
 
+def test_ramp_end_moves_the_step_where_gradual_reaches_the_final_density():
+    from extreme_compression_experiment import build_parser
+    from utils.config.validate import validate
+    from utils.pipeline.prune_step import sparsity_schedule
+    parser = build_parser()
+
+    def schedule(*flags):
+        return sparsity_schedule(validate(parser.parse_args(["--model", "smollm2-135m", "--sparsity", "0.1",
+                                                             "--schedule", "gradual", "--max-step", "100",
+                                                             "--epochs", "10", *flags])))
+    for ramp, end in ((None, 600), ("0.4", 400), ("0.8", 800), ("1", 1000)):
+        stages = schedule(*(["--ramp-end", ramp] if ramp else [])).stages
+        assert stages[-1] == (end, 0.1) and all(step < end for step, _ in stages[:-1])
+        assert [step for step, _ in stages[1:4]] == [50, 100, 150]  # one update every --prune-every steps
+
+
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt", "wanda"])
 def test_gradual_pruning_updates_masks_in_place_as_scheduled_and_resumes_exactly(tmp_path, tiny_llama_dir, text_file,
                                                                                   capsys, method):

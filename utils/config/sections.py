@@ -59,6 +59,7 @@ class ScheduleCfg:
     # a later prune's method: auto = the kind's (gradual: magnitude; iterative: --method)
     reprune_method: str = flag("--reprune-method", "auto")
     reprune_nsamples: int = flag("--reprune-nsamples", 16)  # calibration windows of a calibrated gradual update
+    ramp_end: float = flag("--ramp-end", 0.6)  # gradual: the fraction of the steps at which --sparsity is reached
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,9 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
                                                                          and calibrated_updates):
         problems.append("argument --reprune-nsamples: only calibrated gradual updates (--schedule gradual "
                         "--reprune-method sparsegpt or wanda) read calibration windows; drop it")
+    if args.ramp_end is not None and args.schedule != "gradual":
+        problems.append("argument --ramp-end: only --schedule gradual ramps its density; drop it")
+    finite("--ramp-end", args.ramp_end, 0, 1, low_open=True, high_open=False, what="a fraction in (0, 1] of the steps")
     if args.reprune_method != "auto" and args.schedule == "oneshot":
         problems.append("argument --reprune-method: only a schedule's later prunes use it; add --schedule gradual "
                         "or iterative")
@@ -304,12 +307,13 @@ def _schedule_problems(args: argparse.Namespace, train: TrainCfg) -> list[str]:
     stages = len(args.density_steps) if args.density_steps else args.prune_stages
     if args.schedule == "iterative" and stages > total:
         return [f"argument --prune-stages: {stages} stages do not fit in {total} optimizer steps"]
-    if args.schedule == "gradual" and args.prune_every > GRADUAL_RAMP * total:
+    ramp = args.ramp_end or GRADUAL_RAMP
+    if args.schedule == "gradual" and args.prune_every > ramp * total:
         return [f"argument --prune-every: {args.prune_every} steps between updates leave no update in the first "
-                f"{GRADUAL_RAMP:.0%} of {total} optimizer steps; lower it"]
-    if args.schedule == "gradual" and GRADUAL_RAMP * total / args.prune_every > MAX_GRADUAL_UPDATES:
+                f"{ramp:.0%} of {total} optimizer steps; lower it"]
+    if args.schedule == "gradual" and ramp * total / args.prune_every > MAX_GRADUAL_UPDATES:
         return [f"argument --prune-every: {args.prune_every} steps between updates make "
-                f"{GRADUAL_RAMP * total / args.prune_every:,.0f} mask updates over {total:,} optimizer steps (at most "
+                f"{ramp * total / args.prune_every:,.0f} mask updates over {total:,} optimizer steps (at most "
                 f"{MAX_GRADUAL_UPDATES:,}); raise --prune-every"]
     return []
 
@@ -343,7 +347,7 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> RunConfig:
         model=ModelCfg(args.model, args.dtype, args.cpu, args.bos_per_window, args.kernels),
         prune=prune,
         schedule=ScheduleCfg(args.schedule, args.density_steps, args.prune_stages, args.prune_every,
-                             args.reprune_method, args.reprune_nsamples),
+                             args.reprune_method, args.reprune_nsamples, args.ramp_end or GRADUAL_RAMP),
         loss=_loss(args, density),
         train=train,
         eval=EvalProtocol(token_length=args.token_length, stride=args.stride or args.token_length,

@@ -39,7 +39,8 @@ def sparsity_schedule(config: RunConfig) -> SparsitySchedule:
         return SparsitySchedule.oneshot(density)
     if schedule.kind == "gradual":
         return SparsitySchedule.gradual(density, total, schedule.every,
-                                        schedule.density_steps[0] if schedule.density_steps else None)
+                                        schedule.density_steps[0] if schedule.density_steps else None,
+                                        ramp=schedule.ramp_end)
     return SparsitySchedule.iterative(density, total, schedule.stages,
                                       list(schedule.density_steps) if schedule.density_steps else None)
 

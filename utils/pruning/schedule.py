@@ -47,7 +47,7 @@ KINDS: dict[str, ScheduleKind] = {
 }
 SCHEDULES = tuple(KINDS)
 ITERATIVE_START = 0.5  # the first stage's density when none is given (SparseGPT loses little at 50%)
-GRADUAL_RAMP = 0.6  # gradual: the fraction of the steps over which the density falls to the final one
+GRADUAL_RAMP = ScheduleCfg().ramp_end  # gradual: the fraction of the steps over which the density falls (--ramp-end)
 
 
 @dataclass(frozen=True)
