@@ -283,3 +283,21 @@ def test_load_sparse_refuses_other_formats_and_incomplete_exports(tmp_path):
     (tmp_path / "export" / "compression.json").write_text(json.dumps({**manifest, "compressed": ["nope.weight"]}))
     with pytest.raises(ValueError, match="lacks"):
         load_sparse(tmp_path / "export", device="cpu")
+
+
+def test_the_librarys_load_compressed_takes_the_kernels_and_the_device(tmp_path):
+    """extreme_compression.load_compressed(folder, device=..., kernels="sparse"): the issue's one entry."""
+    import extreme_compression
+    model = tiny_llama()
+    prune_decoder_linears(model, 0.1)
+    export(model, tmp_path / "export", torch.float32)
+    ids = torch.randint(0, 300, (2, 12))
+    sparse = extreme_compression.load_compressed(tmp_path / "export", device="cpu", kernels="sparse")
+    dense = extreme_compression.load_compressed(tmp_path / "export", device="cpu")
+    assert sum(isinstance(m, SparseLinear) for m in sparse.modules()) == 14
+    assert not any(isinstance(m, SparseLinear) for m in dense.modules())
+    with torch.no_grad():
+        assert torch.allclose(sparse(ids).logits, dense(ids).logits, atol=1e-4)
+        assert torch.allclose(dense(ids).logits, model(ids).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="kernels is 'dense' or 'sparse'"):
+        extreme_compression.load_compressed(tmp_path / "export", kernels="fast")
