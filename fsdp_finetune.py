@@ -136,8 +136,7 @@ class Trainer:
         self.memory = MemoryTracker(self.device)
         # A finished state resumed (its results were not all written): nothing trains, the run delivers.
         self.result = TrainResult(self.history, self.state,
-                                  stopped_early=self.state.finished and (self.state.epoch <= train.epochs or
-                                                                         self.state.stop_at_step is not None),
+                                  stopped_early=self.state.stopped_early(train.epochs),
                                   earlier_seconds=self.state.timings.get("wall_seconds", 0.0))
         self.logger.report(f"Training: {train.epochs} epochs × {train.max_step} steps, batch {train.batch_size} "
                            f"= {self.micro} per micro-batch × {self.accumulation} accumulation × {self.world} "

@@ -35,7 +35,7 @@ from utils.pipeline.train import train
 from utils.pipeline.prune_step import sparsity_schedule
 from utils.training.parallel import MainFirst, init_distributed
 from utils.training.stopping import STOPPING_ERRORS, stop_message
-from utils.training.state import check_position, read_meta
+from utils.training.state import TrainState, check_position, read_meta
 
 
 # One function per mode: (context, start) → the exit status.
@@ -172,10 +172,9 @@ def _run(config: RunConfig, accelerator, folder: RunFolder, logger: MetricsLogge
     if meta is not None and meta["train_state"].get("finished"):
         if _delivered(folder.path, meta["train_state"]):
             logger.info(f"The run in {folder.path} is already finished; its summary:")
-            state = meta["train_state"]
-            title = finished_title(state.get("stop_at_step") is not None or state["epoch"] <= config.train.epochs,
-                                   state["global_step"], config.train.total_steps)
-            for line in PerplexityHistory.from_dict(state["history"]).summary_lines(title):
+            state = TrainState(**meta["train_state"])
+            title = finished_title(state.stopped_early(config.train.epochs), state.global_step, config.train.total_steps)
+            for line in PerplexityHistory.from_dict(state.history).summary_lines(title):
                 logger.info(line)
             return 0
         logger.info(f"The run in {folder.path} finished training but stopped before its results were all written "

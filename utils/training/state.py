@@ -284,6 +284,11 @@ class TrainState:
         self.epoch_loss_sum, self.epoch_batches, self.epoch_tokens, self.epoch_seconds = 0.0, 0, 0, 0.0
         self.epoch_compile_steps, self.epoch_compile_seconds = 0, 0.0
 
+    def stopped_early(self, epochs: int) -> bool:
+        """Whether this finished state ended before its last epoch's end: stopped by --patience
+        (`stop_at_step`, with a cool-down or not), or, saved before that field, short of `epochs`."""
+        return self.finished and (self.stop_at_step is not None or self.epoch <= epochs)
+
     def add_seconds(self, kind: str, seconds: float) -> None:
         """Count `seconds` of `kind` (training_seconds, evaluation_seconds) into the run's timings."""
         self.timings[kind] = self.timings.get(kind, 0.0) + seconds
