@@ -562,9 +562,17 @@ def two_four(args, bandwidth: float) -> None:
             from torchao.quantization import Float8DynamicActivationFloat8SemiSparseWeightConfig
             return Float8DynamicActivationFloat8SemiSparseWeightConfig()
 
-    name = args.shapes[-1]
-    for label, config in (("bf16 dense", None), ("fp8 dense (rowwise)", lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())),
-                          ("fp8 2:4 CUTLASS", fp8_two_four)):
+    configs = {"bf16 dense": None,
+               "fp8 dense (rowwise)": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+               "fp8 2:4 CUTLASS": fp8_two_four}
+    for name in args.shapes:
+        two_four_shape(name, configs, quantize_)
+
+
+def two_four_shape(name: str, configs: dict, quantize_) -> None:
+    """One shape's rows of `two_four`: each of `configs` (label → torchao config maker, None for bf16
+    dense) on 2:4-pruned weights, at 1, 16 and 2048 rows."""
+    for label, config in configs.items():
         try:
             copies = COPIES[name]
             modules = []
@@ -601,7 +609,8 @@ def two_four(args, bandwidth: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("sweep", "full", "smol", "memory"))
+    parser.add_argument("phase", choices=("sweep", "full", "smol", "memory", "two-four"),
+                        help="two-four: torchao's sm90 rows alone (--two-four adds them to full)")
     parser.add_argument("--device", default="cuda", help="memory and smol run on the CPU too")
     parser.add_argument("--shapes", default="opt-1.3b,opt-6.7b")
     parser.add_argument("--ell", default="col16", choices=("delta8", "col16"), help="the ELL encoding of the rule")
@@ -633,6 +642,8 @@ def main() -> None:
     check_kernels()
     if args.phase == "smol":
         smol_perplexity(args, SparseRule())
+    if args.phase == "two-four":
+        two_four(args, bandwidth)
     if args.phase == "sweep":
         check_compile()
     if args.phase in ("sweep", "full"):
