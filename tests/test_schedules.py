@@ -355,6 +355,33 @@ def test_a_calibrated_update_keeps_the_zeros_it_finds_and_prunes_each_matrix_exa
     assert allocate(10, [5, 6], [20, 20]) == [5, 6]  # more zeros than the count: exactly those, none comes back
 
 
+def test_allocated_counts_on_tensors_equal_the_running_share_rounded_in_python():
+    """allocate_counts (tensors, no host read) gives the counts of the per-group loop it replaced,
+    ties at .5 included (both round half to even), on rows as a Wanda update of SmolLM2 has them."""
+    from utils.pruning.criteria import allocate_counts
+
+    def running_share(total, fixed, sizes):  # the loop as it was: exact integers, Python's round
+        extra, free = max(0, total - sum(fixed)), [size - held for size, held in zip(sizes, fixed)]
+        counts, cumulative, given = [], 0, 0
+        for held, room in zip(fixed, free):
+            cumulative += room
+            share = round(extra * cumulative / sum(free)) if sum(free) else 0
+            counts.append(held + share - given)
+            given = share
+        return counts
+
+    generator = torch.Generator().manual_seed(0)
+    cases = [(1536, 576, 0.1), (576, 1536, 0.3), (192, 576, 0.5), (7, 4, 0.5)]
+    for rows, cols, density in cases:
+        fixed = torch.randint(0, int(cols * (1 - density)) + 1, (rows,), generator=generator)
+        total = rows * (cols - round(cols * density))
+        counts = allocate_counts(total, fixed, torch.full((rows,), cols))
+        assert counts.tolist() == running_share(total, fixed.tolist(), [cols] * rows)
+        assert int(counts.sum()) == max(total, int(fixed.sum())) and bool((counts >= fixed).all())
+    assert allocate_counts(3, torch.tensor([1, 1]), torch.tensor([2, 2])).tolist() == [1, 2]  # running shares 0.5 → 0, 1
+    assert allocate_counts(4, torch.tensor([2, 2]), torch.tensor([2, 2])).tolist() == [2, 2]  # nothing free
+
+
 def test_reprune_settings_are_refused_where_nothing_reads_them():
     from extreme_compression_experiment import build_parser
     from utils.config.validate import ConfigError, validate
