@@ -122,6 +122,15 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the √batch rule).
 # (iterative at 0.5 needs --density-steps from above 0.5; runs that prune the same uncached model
 # at once each prune it, and the first one saved is kept)
+# Runs longer than a call (issue 26, "Wanda updates against magnitude over the full budget"): runs started in their own
+# process session outlive the call that started them, while the machine stays held. Send the calls in ONE message,
+# so that each starts the moment the one before ends (the machine goes back after 30 s idle; a reply read in between
+# lost a run twice). From a copy of the checkout, so that the next call's sync leaves it alone:
+#   call 1 (carry .stage1 .whl): stage the model's first half and the wheels (../shared/DEVICE.md)
+#   call 2 (carry .stage2 .data): cat the halves; cp -r . /tmp/w && cd /tmp/w && export PYTHONPATH=/tmp/site BATCH=4 \
+#       SKIP_PRUNE=1; OUT=/tmp/res/a bash benchmarks/run_gpu.sh detach "measured-mag@0.1"; (the same for the others);
+#       bash benchmarks/run_gpu.sh watch 560
+#   call 3, 4 (no carry): cd /tmp/w && OUT=$OUT bash benchmarks/run_gpu.sh watch 570
 # BATCH (default 8) and SEED (default 0; the run folder gets "-seedN" unless it is 0) apply to every run.
 recipe() {  # $1 name, $2 density
   local start=$SECONDS
@@ -143,6 +152,18 @@ case "${1:-bench}" in
     wait
     for run in $2; do python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'baseline', r['baseline'], 'epochs', [round(e['perplexity'],2) for e in r['epochs']], 'best', r['best'])" "$(run_dir "${run%@*}" "${run#*@}")/results.json" "$run"; grep -h wall_seconds "$OUT/${run/@/_}.log"; done | tee -a "$OUT/summary.txt"
     for run in $2; do for f in results.json metrics.jsonl; do cp "$(run_dir "${run%@*}" "${run#*@}")/$f" "$OUT/${run/@/_}.$f"; done; done ;;
+  detach)  # `recipes "$2"` in its own process session: the runs outlive this call (see "Runs longer than a call")
+    setsid nohup bash "$0" recipes "$2" > "$OUT.detached.log" 2>&1 < /dev/null &
+    echo "started: $2 (logs in $OUT)" ;;
+  watch)  # progress every 90 s for $2 seconds or until no run is left; then every run's json to $OUT/runs.tgz
+    end=$((SECONDS + $2))
+    while [ $SECONDS -lt $end ] && pgrep -f extreme_compression_experiment > /dev/null; do
+      sleep $(( end - SECONDS < 90 ? end - SECONDS : 90 ))
+      for log in ${WATCH:-/tmp/res}/*/*.log; do
+        echo "$(date +%T) $log: $(tr '\r' '\n' < "$log" | grep -a -E 'Epoch [0-9]+(/|:)' | tail -1 | cut -c1-110)"
+      done
+    done
+    find runs \( -name '*.json' -o -name '*.jsonl' \) | tar czf "$OUT/runs.tgz" -T - ;;
   bench)
     python3 benchmarks/bench_eval.py 2>&1 | tee "$OUT/bench_eval.log"
     python3 benchmarks/bench_train.py --smollm2 "$GGUF" 2>&1 | tee "$OUT/bench_train.log"

@@ -226,6 +226,10 @@ def test_recipe_measured_trains_with_the_measured_row_and_an_explicit_flag_wins(
     assert identity(measured) == identity(spelled)
     assert recipe_note(measured).startswith(f"Recipe: measured near density {recipe.density:g}, ")
     assert "trained here at lr" in recipe_note(measured)
+    # what the recipe measured at the user's batch 4 is quoted at batch 4, and only there
+    assert recipe_note(measured).endswith(f"; at batch 4 it measured {recipe.at(4)}") and recipe.at(4)
+    for batch in ("8", "16"):
+        assert "it measured" not in recipe_note(config("--recipe", "measured", "--batch-size", batch))
     # a flag given explicitly wins over the row, and the line says so
     schedule, steps = ("oneshot", ()) if recipe.schedule != "oneshot" else ("iterative", ("--density-steps", "0.8,0.5"))
     mixed = config("--recipe", "measured", "--schedule", schedule, *steps, "--loss", "ce", "--lr", "1e-4")
@@ -301,6 +305,13 @@ def test_loss_auto_trains_with_the_loss_measured_best_near_the_density_and_an_ex
     # a run's identity holds the loss it trains with: --loss auto and the same loss named resume each other
     named = validate(parser.parse_args(["--sparsity", density, "--loss", loss]))
     assert identity(config) == identity(named) and identity(config)["loss"] == loss
+
+
+def test_a_recipe_measured_at_another_batch_reports_the_mean_of_its_seeds():
+    from utils.config.recipes import MeasuredRecipe
+    row = MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4, 66.77, "", at_batch=((4, (68.79, 68.52)), (2, (70.0,))))
+    assert row.at(4) == "68.66 (mean of 2 seeds: 68.79, 68.52)"  # (68.79 + 68.52) / 2 = 68.655
+    assert row.at(2) == "70.00 (one seed)" and row.at(16) is None
 
 
 def test_measured_recipes_cover_their_bands_in_order():
