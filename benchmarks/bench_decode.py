@@ -603,8 +603,10 @@ def two_four_shape(name: str, configs: dict, quantize_) -> None:
                     seconds, how = eager_seconds(run) / copies, f"eager ({type(error).__name__})"
                 cells.append(f"M={m}: {seconds * 1e6:.1f} µs [{how}]")
             log(f"{name} {label}: " + " | ".join(cells))
+            RESULTS.setdefault("two_four", {}).setdefault(name, {})[label] = cells
         except Exception as error:  # noqa: BLE001
             log(f"{name} {label}: failed: {type(error).__name__}: {error}"[:600])
+            RESULTS.setdefault("two_four", {}).setdefault(name, {})[label] = f"failed: {type(error).__name__}"
 
 
 def main() -> None:

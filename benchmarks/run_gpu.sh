@@ -153,12 +153,17 @@ case "${1:-bench}" in
     for run in $2; do python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'baseline', r['baseline'], 'epochs', [round(e['perplexity'],2) for e in r['epochs']], 'best', r['best'])" "$(run_dir "${run%@*}" "${run#*@}")/results.json" "$run"; grep -h wall_seconds "$OUT/${run/@/_}.log"; done | tee -a "$OUT/summary.txt"
     for run in $2; do for f in results.json metrics.jsonl; do cp "$(run_dir "${run%@*}" "${run#*@}")/$f" "$OUT/${run/@/_}.$f"; done; done ;;
   detach)  # `recipes "$2"` in its own process session: the runs outlive this call (see "Runs longer than a call")
-    setsid nohup bash "$0" recipes "$2" > "$OUT.detached.log" 2>&1 < /dev/null &
+    setsid nohup bash "$0" recipes "$2" > "$OUT/detached.log" 2>&1 < /dev/null &
     echo "started: $2 (logs in $OUT)" ;;
   watch)  # progress every 90 s for $2 seconds or until no run is left; then every run's json to $OUT/runs.tgz
-    end=$((SECONDS + $2))
-    while [ $SECONDS -lt $end ] && pgrep -f extreme_compression_experiment > /dev/null; do
-      sleep $(( end - SECONDS < 90 ? end - SECONDS : 90 ))
+    end=$((SECONDS + ${2:?watch SECONDS}))
+    shopt -s nullglob
+    sleep 5  # a `detach` of this same command line has started its python by then
+    report=$((SECONDS + 90))
+    while [ $SECONDS -lt $end ] && pgrep -f "extreme_compression_experiment|run_gpu.sh recipes" > /dev/null; do
+      sleep $(( end - SECONDS < 15 ? (end - SECONDS > 0 ? end - SECONDS : 1) : 15 ))
+      [ $SECONDS -ge $report ] || [ $SECONDS -ge $end ] || continue
+      report=$((SECONDS + 90))
       for log in ${WATCH:-/tmp/res}/*/*.log; do
         echo "$(date +%T) $log: $(tr '\r' '\n' < "$log" | grep -a -E 'Epoch [0-9]+(/|:)' | tail -1 | cut -c1-110)"
       done

@@ -227,14 +227,15 @@ def test_recipe_measured_trains_with_the_measured_row_and_an_explicit_flag_wins(
     assert recipe_note(measured).startswith(f"Recipe: measured near density {recipe.density:g}, ")
     assert "trained here at lr" in recipe_note(measured)
     # what the recipe measured at the user's batch 4 is quoted at batch 4, and only there
-    assert recipe_note(measured).endswith(f"; at batch 4 it measured {recipe.at(4)}") and recipe.at(4)
+    assert recipe_note(measured).endswith(f"; the recipe measured {recipe.at(4)} at batch 4") and recipe.at(4)
     for batch in ("8", "16"):
-        assert "it measured" not in recipe_note(config("--recipe", "measured", "--batch-size", batch))
+        assert "the recipe measured" not in recipe_note(config("--recipe", "measured", "--batch-size", batch))
     # a flag given explicitly wins over the row, and the line says so
     schedule, steps = ("oneshot", ()) if recipe.schedule != "oneshot" else ("iterative", ("--density-steps", "0.8,0.5"))
     mixed = config("--recipe", "measured", "--schedule", schedule, *steps, "--loss", "ce", "--lr", "1e-4")
     assert (mixed.schedule.kind, mixed.loss.kind, mixed.train.lr) == (schedule, "ce", 1e-4)
     assert f"overridden here: --loss ce, --schedule {schedule}, lr 1.0e-4" in recipe_note(mixed)
+    assert "the recipe measured" not in recipe_note(mixed)  # not this run's recipe: its number is not quoted
     # without it: the brief's lr, one-shot
     brief = config()
     assert brief.train.lr == pytest.approx(5e-6 * 2) and brief.schedule.kind == "oneshot" and brief.train.lr_derived

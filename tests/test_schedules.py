@@ -356,30 +356,40 @@ def test_a_calibrated_update_keeps_the_zeros_it_finds_and_prunes_each_matrix_exa
 
 
 def test_allocated_counts_on_tensors_equal_the_running_share_rounded_in_python():
-    """allocate_counts (tensors, no host read) gives the counts of the per-group loop it replaced,
-    ties at .5 included (both round half to even), on rows as a Wanda update of SmolLM2 has them."""
+    """allocate_counts (tensors, no host read) gives the counts of the per-group loop it replaced on
+    rows as a Wanda update of SmolLM2 has them, ties at .5 rounded half to even; and on a matrix
+    large enough that the loop's float quotient lost the rest, the exact share."""
+    from fractions import Fraction
+
     from utils.pruning.criteria import allocate_counts
 
-    def running_share(total, fixed, sizes):  # the loop as it was: exact integers, Python's round
+    def running_share(total, fixed, sizes, exact=False):  # the loop as it was (exact: the rational rounded)
         extra, free = max(0, total - sum(fixed)), [size - held for size, held in zip(sizes, fixed)]
         counts, cumulative, given = [], 0, 0
         for held, room in zip(fixed, free):
             cumulative += room
-            share = round(extra * cumulative / sum(free)) if sum(free) else 0
+            quotient = Fraction(extra * cumulative, sum(free)) if exact else extra * cumulative / sum(free)
+            share = round(quotient) if sum(free) else 0
             counts.append(held + share - given)
             given = share
         return counts
 
     generator = torch.Generator().manual_seed(0)
-    cases = [(1536, 576, 0.1), (576, 1536, 0.3), (192, 576, 0.5), (7, 4, 0.5)]
-    for rows, cols, density in cases:
+    for rows, cols, density in [(1536, 576, 0.1), (576, 1536, 0.3), (192, 576, 0.5), (7, 4, 0.5)]:
         fixed = torch.randint(0, int(cols * (1 - density)) + 1, (rows,), generator=generator)
         total = rows * (cols - round(cols * density))
         counts = allocate_counts(total, fixed, torch.full((rows,), cols))
         assert counts.tolist() == running_share(total, fixed.tolist(), [cols] * rows)
         assert int(counts.sum()) == max(total, int(fixed.sum())) and bool((counts >= fixed).all())
-    assert allocate_counts(3, torch.tensor([1, 1]), torch.tensor([2, 2])).tolist() == [1, 2]  # running shares 0.5 → 0, 1
+    assert allocate_counts(3, torch.tensor([1, 1]), torch.tensor([2, 2])).tolist() == [1, 2]  # running 0.5 → 0
+    assert allocate_counts(5, torch.tensor([1, 1]), torch.tensor([2, 2])).tolist() == [3, 2]  # running 1.5 → 2
     assert allocate_counts(4, torch.tensor([2, 2]), torch.tensor([2, 2])).tolist() == [2, 2]  # nothing free
+    # 2^31 free weights, 1,073,741,827 to prune: the first share is 357,913,942.5 + 1/2^31, which a
+    # float quotient rounds to the half (and then to even, one too few); the integers do not
+    sizes, total = [715_827_883, 2 ** 31 - 715_827_883], 1_073_741_827
+    assert running_share(total, [0, 0], sizes) != running_share(total, [0, 0], sizes, exact=True)
+    counts = allocate_counts(total, torch.tensor([0, 0]), torch.tensor(sizes))
+    assert counts.tolist() == running_share(total, [0, 0], sizes, exact=True) == [357_913_943, 715_827_884]
 
 
 def test_reprune_settings_are_refused_where_nothing_reads_them():

@@ -137,11 +137,11 @@ def recipe_note(config: RunConfig) -> str | None:
                 f"(SmolLM2-135M-Instruct, 25.6M training tokens on 2.3M tokens of text, BENCHMARKS.md)")
     differs = _differences(config, recipe)
     if train.recipe == "measured":
-        here = recipe.at(train.batch_size) if train.batch_size != MEASURED_BATCH else None
+        here = recipe.at(train.batch_size) if train.batch_size != MEASURED_BATCH and not differs else None
         return (f"Recipe: measured near density {recipe.density:g}, {measured}; " +
                 ("overridden here: " + ", ".join(differs) if differs else
                  f"trained here at lr {_lr(train.lr)} (batch {train.batch_size}, the √batch rule)") +
-                (f"; at batch {train.batch_size} it measured {here}" if here else ""))
+                (f"; the recipe measured {here} at batch {train.batch_size}" if here else ""))
     return (f"Note: the best recovery measured near density {recipe.density:g} is {measured}; for comparison "
             f"{recipe.compared}. This run has " + ", ".join(differs) + f". --recipe measured trains with it "
             f"({recipe.flags()}, lr {_lr(recipe.base_lr * math.sqrt(train.batch_size))} at batch "

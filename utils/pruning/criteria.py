@@ -47,13 +47,17 @@ def allocate(total: int, fixed: list[int], sizes: list[int]) -> list[int]:
 def allocate_counts(total: int, fixed: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """`allocate` on tensors, on their device and without a host read (a gradual update's per-row
     counts were a Python loop quadratic in the rows: a second of every Wanda update on SmolLM2).
-    Each group's share is the rounded running share of the free weights up to it less the one
-    before: float64 of exact integers (below 2^53), rounded half to even like Python's round."""
+    Each group's share is the running share of the free weights up to it, rounded half to even,
+    less the one before; in int64 arithmetic, so exact while the extra prunes times the free
+    weights stay below 2^63 (matrices of up to about 3·10^9 weights)."""
     fixed = fixed.to(torch.int64)
     free = sizes.to(fixed.device, torch.int64) - fixed
     extra = (total - fixed.sum()).clamp(min=0)
     cumulative = free.cumsum(0)
-    share = torch.round(extra.double() * cumulative.double() / cumulative[-1:].clamp(min=1).double()).to(torch.int64)
+    whole = cumulative[-1:].clamp(min=1)
+    quotient = torch.div(extra * cumulative, whole, rounding_mode="floor")
+    twice_rest = 2 * (extra * cumulative - quotient * whole)
+    share = quotient + ((twice_rest > whole) | ((twice_rest == whole) & (quotient % 2 == 1))).to(torch.int64)
     return fixed + share - torch.cat([share.new_zeros(1), share[:-1]])
 
 
