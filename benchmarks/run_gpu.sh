@@ -115,8 +115,11 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 #       measured-wanda-1ep@0.1 measured-sgpt-1ep@0.05 measured-mag-1ep@0.05 measured-2ep@0.5"
 #   BATCH=4 SKIP_PRUNE=1 RUN_LIMIT=345 bash benchmarks/run_gpu.sh recipes \
 #       "measured-mag-1ep@0.1 measured-wanda-1ep@0.1 measured-wanda-1ep@0.05"
-# Next: the full budget, magnitude against wanda at 0.1 and 0.05, SEED=0 and SEED=1, two runs at a time, each call
-# followed at once (within the machine's 30 s idle) by the same command with EXTRA="--skip-dense-eval --resume".
+# Issue 26's full budget at batch 4 (docs/benchmark-log.md, "Wanda updates against magnitude over the full budget"),
+# one call of 562 s (magnitude finished in 543 s; wanda, at 3.2 s an update, was at step 3,930 when the machine went):
+#   BATCH=4 SKIP_PRUNE=1 SEED=0, "measured-mag@0.1" and "measured-wanda@0.1" started with setsid (as `detach` does)
+# Next: wanda at 0.1, SEED=0 and SEED=1, detached, with `watch` calls sent in the same message (about 12,500 steps
+# at 45 steps/s plus 149 updates: 8–15 minutes alone); then 0.05 with whichever criterion wins.
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the √batch rule).
