@@ -301,19 +301,18 @@ def _train(args: argparse.Namespace, lr_derived: bool) -> TrainCfg:
                     log_every=args.log_every, dist_timeout=args.dist_timeout)
 
 
-def _schedule_problems(args: argparse.Namespace, train: TrainCfg) -> list[str]:
+def _schedule_problems(schedule: ScheduleCfg, train: TrainCfg) -> list[str]:
     """What only the derived step count can tell: stages or updates that do not fit the run."""
-    total = train.total_steps
-    stages = len(args.density_steps) if args.density_steps else args.prune_stages
-    if args.schedule == "iterative" and stages > total:
+    total, ramp = train.total_steps, schedule.ramp_end
+    stages = len(schedule.density_steps) if schedule.density_steps else schedule.stages
+    if schedule.kind == "iterative" and stages > total:
         return [f"argument --prune-stages: {stages} stages do not fit in {total} optimizer steps"]
-    ramp = args.ramp_end or GRADUAL_RAMP
-    if args.schedule == "gradual" and args.prune_every > ramp * total:
-        return [f"argument --prune-every: {args.prune_every} steps between updates leave no update in the first "
+    if schedule.kind == "gradual" and schedule.every > ramp * total:
+        return [f"argument --prune-every: {schedule.every} steps between updates leave no update in the first "
                 f"{ramp:.0%} of {total} optimizer steps; lower it"]
-    if args.schedule == "gradual" and ramp * total / args.prune_every > MAX_GRADUAL_UPDATES:
-        return [f"argument --prune-every: {args.prune_every} steps between updates make "
-                f"{ramp * total / args.prune_every:,.0f} mask updates over {total:,} optimizer steps (at most "
+    if schedule.kind == "gradual" and ramp * total / schedule.every > MAX_GRADUAL_UPDATES:
+        return [f"argument --prune-every: {schedule.every} steps between updates make "
+                f"{ramp * total / schedule.every:,.0f} mask updates over {total:,} optimizer steps (at most "
                 f"{MAX_GRADUAL_UPDATES:,}); raise --prune-every"]
     return []
 
@@ -330,7 +329,9 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> RunConfig:
         problems.insert(0, f"argument --pattern: {error}")
         pattern = None
     train = _train(args, lr_derived)
-    problems += _schedule_problems(args, train)
+    schedule = ScheduleCfg(args.schedule, args.density_steps, args.prune_stages, args.prune_every,
+                           args.reprune_method, args.reprune_nsamples, args.ramp_end or GRADUAL_RAMP)
+    problems += _schedule_problems(schedule, train)
     if problems:
         raise ConfigError(problems)
     density = pattern[0] / pattern[1] if pattern else args.sparsity
@@ -346,8 +347,7 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> RunConfig:
         mode=mode,
         model=ModelCfg(args.model, args.dtype, args.cpu, args.bos_per_window, args.kernels),
         prune=prune,
-        schedule=ScheduleCfg(args.schedule, args.density_steps, args.prune_stages, args.prune_every,
-                             args.reprune_method, args.reprune_nsamples, args.ramp_end or GRADUAL_RAMP),
+        schedule=schedule,
         loss=_loss(args, density),
         train=train,
         eval=EvalProtocol(token_length=args.token_length, stride=args.stride or args.token_length,

@@ -55,8 +55,9 @@ def allocate_counts(total: int, fixed: torch.Tensor, sizes: torch.Tensor) -> tor
     extra = (total - fixed.sum()).clamp(min=0)
     cumulative = free.cumsum(0)
     whole = cumulative[-1:].clamp(min=1)
-    quotient = torch.div(extra * cumulative, whole, rounding_mode="floor")
-    twice_rest = 2 * (extra * cumulative - quotient * whole)
+    running = extra * cumulative
+    quotient = torch.div(running, whole, rounding_mode="floor")
+    twice_rest = 2 * (running - quotient * whole)
     share = quotient + ((twice_rest > whole) | ((twice_rest == whole) & (quotient % 2 == 1))).to(torch.int64)
     return fixed + share - torch.cat([share.new_zeros(1), share[:-1]])
 
@@ -114,7 +115,7 @@ def wanda_keep(weight: torch.Tensor, input_sq_norm: torch.Tensor, density: float
     count = _prune_count(score.shape[1], density)
     if frozen is not None:
         rows, cols = score.shape
-        counts = allocate_counts(rows * count, frozen.sum(dim=1), torch.full((rows,), cols))
+        counts = allocate_counts(rows * count, frozen.sum(dim=1), torch.full((rows,), cols, device=frozen.device))
         return _row_keep(_pruned_first(score, frozen), counts)
     keep = torch.ones_like(score, dtype=torch.bool)
     if count:
