@@ -5,6 +5,7 @@
     python benchmarks/bench_decode.py full --smol M.gguf --text wiki.txt --two-four
     python benchmarks/bench_decode.py smol --smol M.gguf --text wiki.txt   # only SmolLM2's perplexity, default rule
     python benchmarks/bench_decode.py memory --device cpu   # the weights' bytes only (no GPU needed)
+    TRITON_INTERPRET=1 python benchmarks/bench_decode.py check --device cpu   # kernels in Triton's interpreter
 
 Shapes: opt-1.3b (hidden 2048, ffn 8192, 24 layers) and opt-6.7b (4096, 16384, 32), random weights
 magnitude-pruned per matrix to each density. Every time is the median of CUDA-graph replays:
@@ -47,6 +48,7 @@ COPIES = {"opt-1.3b": 16, "opt-6.7b": 4}  # distinct weight copies timed in a ro
 OUT = Path(os.environ.get("OUT", "/tmp"))
 DEVICE = "cuda"
 CHECK_CASES = [((300, 1000), 0.02), ((4096, 4096), 0.1), ((2048, 8192), 0.3), ((8192, 2048), 0.5), ((1000, 40000), 0.1)]
+INTERPRETER_CASES = [((40, 300), 0.1), ((64, 1000), 0.5), ((17, 513), 0.02), ((33, 600), 0.9)]  # `check --device cpu`
 RESULTS: dict = {}
 
 
@@ -137,10 +139,11 @@ def relative_errors(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def check_kernels() -> float:
-    """Kernel and scatter against the float64 reference on fresh random inputs; the worst max relative error."""
+    """Kernel and scatter against the float64 reference on fresh random inputs; the worst max relative error.
+    On the CPU (`check --device cpu` with TRITON_INTERPRET=1): small cases through Triton's interpreter."""
     worst = 0.0
     log("\n## kernel vs float64 reference (fresh inputs; output poisoned with NaN before each call)")
-    for (rows, cols), density in CHECK_CASES:
+    for (rows, cols), density in CHECK_CASES if DEVICE == "cuda" else INTERPRETER_CASES:
         weight = magnitude_prune(torch.randn(rows, cols, device=DEVICE), density).bfloat16()
         bias = torch.randn(rows, device=DEVICE).bfloat16()
         for encoding in LAYOUTS:
@@ -159,8 +162,12 @@ def check_kernels() -> float:
             worst = max(worst, worst_max)
             log(f"{rows:>6} x {cols:<6} density {density:<4} {encoding:6} | max rel err {worst_max:.2e} | "
                 f"norm rel err {max(e[1] for e in errors):.2e} | scatter/unpack exact {scatter_exact} "
-                f"(M = 1, 3, 16, 17, 64 kernel; 64 materialized)")
+                f"(M = 1, 3, 16, 17, 64 kernel; 64 "
+                f"{'materialized' if DEVICE == 'cuda' else 'reference'})")
             worst = worst if scatter_exact else math.inf
+    RESULTS["max_rel_err"] = worst
+    if DEVICE != "cuda":
+        return worst
     # graph capture: new inputs copied into the captured buffers give the new outputs
     weight = magnitude_prune(torch.randn(4096, 4096, device=DEVICE), 0.1).bfloat16()
     packed = pack(weight)
@@ -247,8 +254,8 @@ def time_linears(name: str, layer, layout: str, m: int, rows_per_block: int = 8,
 CANDIDATES = {("ell", 1): [(256, 4, False), (512, 8, False), (1024, 8, False),  # ell_matmul, vectorized slots
                           (128, 4, True), (256, 4, True), (512, 8, True), (1024, 8, True)],  # ell_matvec
               ("ell", 16): [(32, 2), (64, 2), (64, 4)],
-              ("bitmask", 1): [(8, 2), (16, 4), (32, 4), (32, 8), (64, 8)],
-              ("bitmask", 16): [(4, 2), (8, 4), (16, 4)]}
+              ("bitmask", 1): [(4, 2, 2), (8, 4, 2), (8, 4, 3), (16, 4, 2), (16, 8, 3), (32, 8, 2)],
+              ("bitmask", 16): [(16, 4, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 3), (128, 8, 2)]}
 
 
 def tune(args) -> None:
@@ -278,6 +285,45 @@ def tune(args) -> None:
         del layer
     log(f"launch parameters used from here on: {_kernels().LAUNCH}")
     RESULTS["launch"] = {str(k): v for k, v in _kernels().LAUNCH.items()}
+
+
+def with_columns(packed: EllMatrix, columns: str) -> EllMatrix:
+    """A col16 layout of the same bytes and slots whose columns are replaced: "runs" gives a row's slots
+    consecutive columns (coalesced gathers), "one" gives every slot column 0 (one address). Its results
+    are wrong on purpose: only its time is read (is the kernel bound by its gathers of x?)."""
+    index = torch.zeros_like(packed.index)
+    if columns == "runs":
+        block_ptr = packed.block_ptr.long()
+        width = (block_ptr[1:] - block_ptr[:-1]) // packed.rows_per_block
+        start = block_ptr[:-1].repeat_interleave(width * packed.rows_per_block)
+        slot = torch.arange(index.numel(), device=index.device) - start
+        index = (slot % width.repeat_interleave(width * packed.rows_per_block) % packed.shape[1]).to(index.dtype)
+    return EllMatrix(packed.values, index, packed.block_ptr, packed.shape, packed.encoding, packed.rows_per_block,
+                     packed.nnz)
+
+
+@torch.no_grad()
+def gathers(args) -> None:
+    """col16 at density 0.1, M = 1, on the opt-6.7b layer with its real columns against the same bytes
+    gathering x at consecutive columns and at one column: how much of the time the gathers take."""
+    name, copies = "opt-6.7b", COPIES["opt-6.7b"]
+    layer = build_layer(name, 0.1)
+    cells = []
+    for columns in ("real", "runs", "one"):
+        packed = [[(clone_packed(pack(w, "col16", args.rows_per_block)), b.clone()) for w, b in layer]
+                  for _ in range(copies)]
+        if columns != "real":
+            packed = [[(with_columns(p, columns), b) for p, b in copy] for copy in packed]
+        inputs = [torch.randn(1, w.shape[1], device=DEVICE).bfloat16() for w, _ in layer]
+
+        def run():
+            for copy in packed:
+                for (p, b), x in zip(copy, inputs):
+                    _kernels().kernel_linear(x, p, b)
+        cells.append(f"{columns} {graph_seconds(run) / copies * 1e6:.1f}")
+    log(f"\n## gathers: col16, density 0.1, M = 1, {name} layer, µs (real columns / consecutive / one): "
+        + ", ".join(cells))
+    RESULTS["gathers"] = cells
 
 
 # --------------------------------------------------------------------------- the full table
@@ -312,18 +358,21 @@ def break_even(args) -> SparseRule:
     """bitmask_above: the density from which the bitmask kernel beats ELL (M = 1); max_density: where the
     better of the two stops beating dense cuBLAS (M = 1); max_rows: up to where the kernel beats the
     dense temporary + cuBLAS."""
-    log("\n## break-even (M = 1 by density: speed-up over dense of col16 / bitmask; by rows: kernel / materialize µs)")
+    log("\n## break-even (M = 1, then 16, by density: speed-up over dense of col16 / bitmask; by rows: kernel / "
+        "materialize µs)")
     ell_below, max_density, max_rows = [], [], []
     for name in args.shapes:
         dense_layer = build_layer(name, 1.0)
-        dense = time_linears(name, dense_layer, "dense", 1)["seconds"]
+        dense, dense16 = (time_linears(name, dense_layer, "dense", m)["seconds"] for m in (1, 16))
         del dense_layer
-        cells, crossing, loses = [], None, None
+        cells, cells16, crossing, loses = [], [], None, None
         for density in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
             layer = build_layer(name, density)
-            ell = time_linears(name, layer, args.ell, 1, args.rows_per_block)["seconds"]
-            bitmask = time_linears(name, layer, "bitmask", 1, args.rows_per_block)["seconds"]
+            ell, ell16 = (time_linears(name, layer, args.ell, m, args.rows_per_block)["seconds"] for m in (1, 16))
+            bitmask, bitmask16 = (time_linears(name, layer, "bitmask", m, args.rows_per_block)["seconds"]
+                                  for m in (1, 16))
             cells.append(f"{density}: {dense / ell:.2f}/{dense / bitmask:.2f}")
+            cells16.append(f"{density}: {dense16 / ell16:.2f}/{dense16 / bitmask16:.2f}")
             if crossing is None and bitmask < ell:
                 crossing = density
             if loses is None and min(ell, bitmask) > dense:
@@ -332,6 +381,7 @@ def break_even(args) -> SparseRule:
         ell_below.append(crossing or 1.0)
         max_density.append(round((loses or 0.8) - 0.1, 2))
         log(f"{name}: " + ", ".join(cells))
+        log(f"{name} at M = 16 (not in the rule: one layout a matrix): " + ", ".join(cells16))
         for density in (0.1, 0.5):
             layer = build_layer(name, density)
             layout = args.ell if density < min(ell_below) else "bitmask"
@@ -611,8 +661,10 @@ def two_four_shape(name: str, configs: dict, quantize_) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("sweep", "full", "smol", "memory", "two-four"),
-                        help="two-four: torchao's sm90 rows alone (--two-four adds them to full)")
+    parser.add_argument("phase", choices=("check", "sweep", "full", "smol", "memory", "two-four"),
+                        help="check: the kernels against the reference only (--device cpu: through Triton's "
+                             "interpreter, TRITON_INTERPRET=1); two-four: torchao's sm90 rows alone (--two-four "
+                             "adds them to full)")
     parser.add_argument("--device", default="cuda", help="memory and smol run on the CPU too")
     parser.add_argument("--shapes", default="opt-1.3b,opt-6.7b")
     parser.add_argument("--ell", default="col16", choices=("delta8", "col16"), help="the ELL encoding of the rule")
@@ -634,6 +686,11 @@ def main() -> None:
     if args.phase == "smol" and DEVICE == "cpu":  # the path checked on the CPU (the layout's torch reference)
         smol_perplexity(args, SparseRule())
         return
+    if args.phase == "check" and DEVICE == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("check --device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+        log(f"max rel err {check_kernels():.2e} (Triton {__import__('triton').__version__}'s interpreter, CPU)")
+        return
     import transformers
     log(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | transformers {transformers.__version__} | "
         f"triton {__import__('triton').__version__}")
@@ -649,6 +706,7 @@ def main() -> None:
     if args.phase == "sweep":
         check_compile()
     if args.phase in ("sweep", "full"):
+        gathers(args)
         tune(args)
     if args.phase == "full":
         RESULTS["linears"] = linears_table(args, bandwidth)

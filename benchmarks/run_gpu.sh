@@ -7,6 +7,7 @@
 #   bash benchmarks/run_gpu.sh multi     # the same main job on 1 GPU and on 2 (--parallel fsdp, ddp)
 #   bash benchmarks/run_gpu.sh recipes "today@0.1 kd@0.1"   # recovery recipes at the user's budget, in parallel
 #   bash benchmarks/run_gpu.sh sparse    # 2:4 kernels against dense bf16 (opt-1.3b, opt-6.7b shapes)
+#   bash benchmarks/run_gpu.sh decode    # issue 24's sparse decode kernels: gathers, tuning, tables, torchao 2:4
 set -u
 GGUF=${GGUF:-/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf}
 DATA=${DATA:-.data}
@@ -178,6 +179,9 @@ case "${1:-bench}" in
     python3 benchmarks/bench_prune.py --smollm2 "$GGUF" --data "$DATA" --opt 2>&1 | tee "$OUT/bench_prune.log" ;;
   sparse)
     python3 benchmarks/bench_sparse.py 2>&1 | tee "$OUT/bench_sparse.log" ;;
+  decode)  # torchao's wheel carried in .whl (PYTHONPATH=/tmp/site); about 6 minutes on the H200
+    python3 benchmarks/bench_decode.py full --two-four --smol "$GGUF" --text "$DATA/wiki.test.raw" 2>&1 \
+      | tee "$OUT/bench_decode.log" ;;
   quality)
     python3 benchmarks/bench_prune.py --smollm2 "$GGUF" --data "$DATA" --quality 2>&1 | tee "$OUT/quality.log" ;;
   recover)

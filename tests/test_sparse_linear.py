@@ -110,6 +110,21 @@ def test_corrupt_layout_is_refused():
         unpack(broken)
 
 
+def test_bitmask_offsets_point_at_each_chunks_first_kept_value_and_are_checked():
+    weight = torch.zeros(3, 600)  # 19 words a row: chunks of 8 words = columns 0-255, 256-511, 512-599
+    weight[0, [5, 300, 599]] = torch.tensor([1.0, 2.0, 3.0])
+    weight[2, [0, 255, 256, 512]] = torch.tensor([4.0, 5.0, 6.0, 7.0])
+    packed = pack(weight, "bitmask")
+    # row 0: values 0 | 1 | 2; row 1 (empty): 3 3 3; row 2: 3 (cols 0, 255) | 5 (256) | 6 (512)
+    assert packed.block_ptr.tolist() == [0, 1, 2, 3, 3, 3, 3, 5, 6]
+    assert packed.block_ptr.dtype == torch.int32 and torch.equal(unpack(packed), weight)
+    tampered = packed.block_ptr.clone()
+    tampered[7] += 1  # a value offset the kernel would read from, off by one: the layout is refused
+    with pytest.raises(ValueError, match="does not describe"):
+        unpack(EllMatrix(packed.values, packed.index, tampered, packed.shape, "bitmask", packed.rows_per_block,
+                         packed.nnz))
+
+
 @pytest.mark.parametrize("encoding", ENCODINGS_TESTED)
 def test_reference_linear_is_x_times_w_transposed(encoding):
     weight, bias = pruned(70, 300, 0.1, seed=1), torch.randn(70)
@@ -130,7 +145,7 @@ def test_the_rule_holds_sparse_layers_as_ell_and_denser_ones_as_bitmask():
         assert sparse.encoding == encoding and torch.equal(sparse.dense_weight(), linear.weight)
     bitmask = pack(pruned(16, 100, 0.5, torch.bfloat16), "bitmask")  # 4 words a row: 100 columns padded to 128 bits
     assert bitmask.index.dtype == torch.int32 and bitmask.index.numel() == 16 * 4
-    assert bitmask.nbytes < 16 * 100 * (0.6 * 2 + 1 / 8) + 17 * 8
+    assert bitmask.nbytes < 16 * 100 * (0.6 * 2 + 1 / 8) + 16 * 4  # one value offset (int32) a row
 
 
 def test_route_sends_few_rows_to_the_kernel_and_many_to_a_dense_temporary():

@@ -12,8 +12,10 @@ to the previous column (a row's columns are the running sum; a gap over 255 take
 delta 255 and value 0; 3 bytes a kept weight). Padding slots hold value 0. "col16" is the default:
 on the H200 it beat "delta8" at every point timed although it moves a third more bytes, because the
 kernel is bound by its gathers of x, not by memory (docs/benchmark-log.md, "Sparse decode kernels").
-"bitmask" holds the export's own values + bitmask (1 bit a weight + 2 bytes a kept one), with a
-per-weight kernel for mid densities; it is checked in Triton's interpreter, not yet timed.
+"bitmask" holds the export's own values + bitmask (1 bit a weight + 2 bytes a kept one) and, per row
+and chunk of 8 words (256 columns), the index of the chunk's first kept value (4 bytes per 256 weights).
+Its kernel decodes a dense tile of W per step and multiplies it on tensor cores ("load as sparse, compute
+as dense"), for several rows of x and mid densities; checked in Triton's interpreter, not yet timed.
 
 Which weights are kept is `weight != 0`, as in the bitmask export (utils/export/bitmask.py): a -0.0
 is not kept and comes back as +0.0, equal to it; every other value comes back bit for bit.
@@ -38,6 +40,7 @@ from utils.export.bitmask import pack_bitmask, unpack_bitmask
 ENCODINGS = {"delta8": 0, "col16": 1, "col32": 2, "bitmask": 3}
 ELL_ENCODINGS = ("delta8", "col16", "col32")
 SLOT_ALIGN = 8  # slots per row come in multiples of 8: 16-byte aligned bf16 rows
+BITMASK_CHUNK = 8  # bitmask words (of 32 columns) per value offset, and per step of its kernel
 MAX_DELTA = 255
 
 
@@ -58,7 +61,9 @@ class SparseRule:
         dense copy, 130 µs at 16 rows, would win there: SparseLinear holds none, to keep the memory.)
     ell_encoding: the ELL index ("col16" measured faster than "delta8" at every point timed).
     bitmask_above: hold linears denser than this as values + bitmask instead of ELL slots (None:
-        never; its kernel measured 0.15-0.28x of cuBLAS at one row, slower than col16 at every density).
+        never. Its first kernel, a word of each row a step with a running count, measured 0.15-0.28x of
+        cuBLAS at one row, slower than col16 at every density; the tiled tensor-core kernel that replaced
+        it is checked, not yet timed).
     """
     max_density: float = 0.31
     max_rows: int = 16
@@ -93,7 +98,8 @@ class EllMatrix:
     ELL: values (slots,) with zeros in padding and gap slots; index (slots,) uint8 deltas (delta8),
     int16 (col16) or int32 (col32) columns; block_ptr (blocks + 1,) the first slot of each row block.
     bitmask: values (nnz,) row-major; index (rows * words,) int32, bit b of word w of a row is its
-    column 32w + b; block_ptr (rows + 1,) int64, each row's first value."""
+    column 32w + b; block_ptr (rows * chunks,) the index of the first kept value of each row's chunk of
+    BITMASK_CHUNK words (int32, int64 from 2^31 values)."""
     values: torch.Tensor
     index: torch.Tensor
     block_ptr: torch.Tensor
@@ -189,11 +195,22 @@ def _pack_bitmask(values: torch.Tensor, mask: torch.Tensor, rows_per_block: int)
     padded = torch.zeros(rows, words * 32, dtype=torch.bool, device=mask.device)
     padded[:, :cols] = mask
     packed = pack_bitmask(padded)  # (rows, 4 * words) uint8: bit i of byte j is column 8j + i
-    row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=mask.device)
-    row_ptr[1:] = torch.cumsum(mask.sum(1), 0)
     # little-endian words: bit b of word w is byte 4w + b // 8, bit b % 8, column 32w + b
-    return EllMatrix(values.contiguous(), packed.view(torch.int32).flatten(), row_ptr, (rows, cols), "bitmask",
-                     rows_per_block, values.numel())
+    return EllMatrix(values.contiguous(), packed.view(torch.int32).flatten(), chunk_offsets(mask), (rows, cols),
+                     "bitmask", rows_per_block, values.numel())
+
+
+def chunk_offsets(mask: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) bool → (rows * chunks,): the row-major index of the first kept weight at or after
+    each row's chunk of BITMASK_CHUNK words (int32 while the kept weights are fewer than 2^31)."""
+    rows, cols = mask.shape
+    span = BITMASK_CHUNK * 32
+    chunks = max(1, -(-cols // span))
+    padded = torch.zeros(rows, chunks * span, dtype=torch.int64, device=mask.device)
+    padded[:, :cols] = mask
+    per_chunk = padded.view(rows, chunks, span).sum(-1).flatten()
+    offsets = torch.cumsum(per_chunk, 0) - per_chunk
+    return offsets.to(torch.int32 if int(mask.sum()) < 2 ** 31 else torch.int64)
 
 
 def _row_starts(block_ptr: torch.Tensor, per_row: torch.Tensor, rows_per_block: int) -> torch.Tensor:
@@ -225,7 +242,8 @@ def unpack(packed: EllMatrix) -> torch.Tensor:
     rows, cols = packed.shape
     if packed.encoding == "bitmask":
         mask = unpack_bitmask(packed.index.view(torch.uint8).view(rows, -1), cols)
-        if int(mask.sum()) != packed.nnz or packed.values.numel() != packed.nnz:
+        if int(mask.sum()) != packed.nnz or packed.values.numel() != packed.nnz or \
+                not torch.equal(packed.block_ptr.to(torch.int64), chunk_offsets(mask).to(torch.int64)):
             raise ValueError(f"the layout does not describe a {rows} x {cols} matrix of {packed.nnz} kept weights")
         dense = torch.zeros(rows, cols, dtype=packed.values.dtype, device=packed.values.device)
         dense[mask] = packed.values
@@ -249,10 +267,3 @@ def reference_linear(x: torch.Tensor, packed: EllMatrix, bias: torch.Tensor | No
         out = out + bias.to(accumulate)
     return out.to(x.dtype) if round_to_input else out
 
-
-# --------------------------------------------------------------------------- the Triton kernels
-
-# Launch parameters by kernel and rows per call (1, or up to 16 a program); measured on the H200
-# (bench_decode.py): "ell": (BLOCK_P slots a row per step, num_warps[, spread]); "bitmask": (ROWS a
-# program, num_warps). ELL tiles have the layout's rows_per_block rows. The ELL entries are the sweep's
-# best (H200, docs/benchmark-log.md); spread (ell_matvec) and the bitmask entries are untimed guesses.

@@ -15,9 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from utils.export.sparse_layout import ENCODINGS, EllMatrix
+from utils.export.sparse_layout import BITMASK_CHUNK, ENCODINGS, EllMatrix
 
-LAUNCH = {("ell", 1): (256, 4, False), ("ell", 16): (64, 2), ("bitmask", 1): (16, 4), ("bitmask", 16): (8, 4)}
+# Launch parameters by kernel and rows per call (1, or up to 16 a program); measured on the H200
+# (bench_decode.py): "ell": (BLOCK_P slots a row per step, num_warps[, spread]); "bitmask": (ROWS a
+# program, num_warps, num_stages). ELL tiles have the layout's rows_per_block rows. The ELL entries are
+# the sweep's best (H200, docs/benchmark-log.md); spread (ell_matvec) and the bitmask entries are untimed.
+LAUNCH = {("ell", 1): (256, 4, False), ("ell", 16): (64, 2), ("bitmask", 1): (8, 4, 2), ("bitmask", 16): (32, 4, 2)}
 
 
 @triton.jit(do_not_specialize=["unit"])
@@ -144,54 +148,64 @@ def _popcount(word, NATIVE: tl.constexpr):
 globals()["_popcount"] = _popcount  # a jitted function calls helpers through its module's globals
 
 @triton.jit
-def bitmask_matmul(x_ptr, values_ptr, words_ptr, row_ptr_ptr, bias_ptr, y_ptr, M, N, K, WORDS,
-                   ROWS: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   DENSE_OUT: tl.constexpr, NATIVE_POPC: tl.constexpr):
-    # Values + bitmask, one 32-bit word of each of ROWS rows a step. A row's kept values are
-    # contiguous: a weight's value is the row's next one plus the kept bits below it in its word
-    # (popc), and every lane of a row carries that row's count itself, so no step talks across
-    # lanes. x_ptr: (K, M) = x transposed. DENSE_OUT: write the dense (N, K) matrix instead.
-    block = tl.program_id(0)
+def bitmask_matmul(x_ptr, values_ptr, words_ptr, chunk_ptr_ptr, bias_ptr, y_ptr, M, N, K, WORDS,
+                   ROWS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   DENSE_OUT: tl.constexpr, NATIVE: tl.constexpr, PRECISION: tl.constexpr):
+    # Load as sparse, compute as dense: each step decodes a (ROWS, 32·CHUNK) tile of W from ROWS rows'
+    # CHUNK bitmask words and each row's value offset at the chunk (a kept weight's value sits after
+    # the kept bits before it in the chunk: popc), then multiplies the tile with x's on tensor cores
+    # (tl.dot; BLOCK_M = 1: fp32 products, summed once at the end). No count runs from step to step,
+    # so a later step's loads need not wait for this one's. x_ptr: (K, M) = x transposed.
+    # DENSE_OUT: write the tiles into the dense (N, K) matrix at y_ptr instead. NATIVE: compiled, not
+    # Triton's interpreter (no popc there, and its tl.dot multiplies bf16 bit patterns: triton#11584).
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row = block * ROWS + tl.arange(0, ROWS)
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = row < N
-    bit = tl.arange(0, 32)
-    below = ((tl.full((32,), 1, tl.uint32) << bit.to(tl.uint32)) - 1)[None, :]  # the bits under each
-    first = tl.load(row_ptr_ptr + block * ROWS, mask=block * ROWS < N, other=0)  # the block's first value
-    base = (tl.load(row_ptr_ptr + row, mask=row_ok, other=0) - first).to(tl.int32)[:, None] + bit[None, :] * 0
-    word_ptr = words_ptr + row.to(tl.int64)[:, None] * WORDS + bit[None, :] * 0  # (ROWS, 32), lanes of a row alike
-    values_ptr += first
+    words_at = words_ptr + row.to(tl.int64)[:, None] * WORDS
+    chunks = tl.cdiv(WORDS, CHUNK)
+    offsets_at = chunk_ptr_ptr + row.to(tl.int64) * chunks
+    word = tl.arange(0, CHUNK)
+    bit = tl.arange(0, 32).to(tl.uint32)[None, None, :]
+    below = (tl.full((1, 1, 32), 1, tl.uint32) << bit) - 1  # the bits under each
     if BLOCK_M == 1:
-        acc = tl.zeros((ROWS, 32), dtype=tl.float32)
+        acc = tl.zeros((ROWS, CHUNK * 32), dtype=tl.float32)
     else:
-        acc = tl.zeros((ROWS, 32, BLOCK_M), dtype=tl.float32)
-    for w in range(0, WORDS):
-        word = tl.load(word_ptr + w, mask=row_ok[:, None], other=0).to(tl.uint32, bitcast=True)
-        kept = ((word >> bit.to(tl.uint32)[None, :]) & 1) != 0
-        value = tl.load(values_ptr + base + _popcount(word & below, NATIVE_POPC), mask=kept, other=0.0)
-        base += _popcount(word, NATIVE_POPC)
-        col = w * 32 + bit
+        acc = tl.zeros((ROWS, BLOCK_M), dtype=tl.float32)
+    for c in range(0, chunks):
+        inside = row_ok[:, None] & (c * CHUNK + word < WORDS)[None, :]
+        words = tl.load(words_at + c * CHUNK + word[None, :], mask=inside, other=0).to(tl.uint32, bitcast=True)
+        counts = _popcount(words, NATIVE)
+        # int32 offsets (fewer than 2^31 values) keep the index math in 32 bits
+        first = tl.load(offsets_at + c, mask=row_ok, other=0)[:, None] + (tl.cumsum(counts, 1) - counts)
+        kept = ((words[:, :, None] >> bit) & 1) != 0
+        index = first[:, :, None] + _popcount(words[:, :, None] & below, NATIVE)
+        tile = tl.reshape(tl.load(values_ptr + index, mask=kept, other=0.0), (ROWS, CHUNK * 32))
+        col = c * CHUNK * 32 + tl.arange(0, CHUNK * 32)
         if DENSE_OUT:
-            tl.store(y_ptr + row.to(tl.int64)[:, None] * K + col[None, :], value,
+            tl.store(y_ptr + row.to(tl.int64)[:, None] * K + col[None, :], tile,
                      mask=row_ok[:, None] & (col < K)[None, :])
         elif BLOCK_M == 1:
             xs = tl.load(x_ptr + col, mask=col < K, other=0.0)
-            acc += value.to(tl.float32) * xs.to(tl.float32)[None, :]
+            acc += tile.to(tl.float32) * xs.to(tl.float32)[None, :]
         else:
             xs = tl.load(x_ptr + col[:, None] * M + m[None, :], mask=(col < K)[:, None] & (m < M)[None, :],
                          other=0.0)
-            acc += value.to(tl.float32)[:, :, None] * xs.to(tl.float32)[None, :, :]
+            if NATIVE:
+                acc = tl.dot(tile, xs.to(tile.dtype), acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(tile.to(tl.float32), xs.to(tl.float32), acc, input_precision="ieee")
     if not DENSE_OUT:
-        total = tl.sum(acc, axis=1)
         if BLOCK_M == 1:
-            total = total[:, None]
+            total = tl.sum(acc, axis=1)[:, None]
+        else:
+            total = acc
         if HAS_BIAS:
             total += tl.load(bias_ptr + row, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + m[None, :] * N + row[:, None], total.to(y_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (m < M)[None, :])
 
 
-def _native_popc() -> bool:
+def _compiled() -> bool:
     return os.environ.get("TRITON_INTERPRET") != "1"
 
 
@@ -208,12 +222,14 @@ def kernel_linear(x2: torch.Tensor, packed: EllMatrix, bias: torch.Tensor | None
     y = out if out is not None else torch.empty(m, rows, dtype=x2.dtype, device=x2.device)
     bias_ptr = bias if bias is not None else packed.values
     if kind == "bitmask":
-        tile_rows, warps = launch
+        tile_rows, warps, stages = launch
+        block_m = 1 if m == 1 else 16  # tl.dot takes 16 rows at least: fewer are masked
         grid = (triton.cdiv(rows, tile_rows), triton.cdiv(m, block_m))
         bitmask_matmul[grid](xt, packed.values, packed.index, packed.block_ptr, bias_ptr, y, m, rows, cols,
-                                 packed.index.numel() // rows, ROWS=tile_rows, BLOCK_M=block_m,
-                                 HAS_BIAS=bias is not None, DENSE_OUT=False, NATIVE_POPC=_native_popc(),
-                                 num_warps=warps)
+                             packed.index.numel() // rows, ROWS=tile_rows, BLOCK_M=block_m, CHUNK=BITMASK_CHUNK,
+                             HAS_BIAS=bias is not None, DENSE_OUT=False, NATIVE=_compiled(),
+                             PRECISION="ieee" if packed.values.dtype == torch.float32 else "tf32",
+                             num_warps=warps, num_stages=stages)
     elif m == 1 and launch[2:] == (True,):
         block_p, warps = launch[:2]
         ell_matvec[(packed.block_ptr.numel() - 1,)](
@@ -236,8 +252,8 @@ def kernel_unpack(packed: EllMatrix) -> torch.Tensor:
         dense = torch.empty(rows, cols, dtype=packed.values.dtype, device=packed.values.device)
         bitmask_matmul[(triton.cdiv(rows, 16), 1)](
             packed.values, packed.values, packed.index, packed.block_ptr, packed.values, dense, 1, rows, cols,
-            packed.index.numel() // rows, ROWS=16, BLOCK_M=1, HAS_BIAS=False, DENSE_OUT=True,
-            NATIVE_POPC=_native_popc(), num_warps=4)
+            packed.index.numel() // rows, ROWS=16, BLOCK_M=1, CHUNK=BITMASK_CHUNK, HAS_BIAS=False, DENSE_OUT=True,
+            NATIVE=_compiled(), PRECISION="ieee", num_warps=4)
         return dense
     dense = torch.zeros(rows, cols, dtype=packed.values.dtype, device=packed.values.device)
     ell_scatter[(packed.block_ptr.numel() - 1,)](

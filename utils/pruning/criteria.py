@@ -97,7 +97,7 @@ def magnitude_keep(weight: torch.Tensor, density: float, pattern: Pattern = None
     keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     count = _prune_count(score.numel(), density)
     if frozen is not None:
-        count = sum(allocate(count, [int(frozen.sum())], [score.numel()]))  # at least the frozen ones
+        count = max(count, int(frozen.sum()))  # at least the frozen ones
     score = _pruned_first(score, frozen)
     if count:
         keep[score.flatten().topk(count, largest=False).indices] = False
