@@ -263,6 +263,34 @@ def test_density_per_decoder_layer_groups_linears_by_their_layer_index():
                             ["model.layers.1.mlp.down_proj", 0, 4], ["model.layers.10", 1, 1]]) == [0.25, 0.25, 1.0]
 
 
+def test_a_schedule_that_prunes_while_training_labels_each_point_with_its_density(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from utils.io import plots
+    drawn = []
+
+    class Recorded(Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            drawn.append(self)
+    monkeypatch.setattr(plots, "figure_class", lambda: Recorded)
+    layers = [["model.layers.0.mlp", 1, 4]]
+    events = [{"event": "sparsity", "when": "pruned", "density": 0.5, "layers": layers},
+              {"event": "sparsity", "epoch": 1, "step": 5, "density": 0.222, "layers": layers},
+              {"event": "sparsity", "epoch": 2, "step": 10, "density": 0.1, "layers": layers}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    history = {"baseline": 40.0, "dense": 20.0, "epochs": [{"epoch": 1, "perplexity": 55.5},
+                                                           {"epoch": 2, "perplexity": 73.0}]}
+    assert plots.write_curves(tmp_path, history).read_bytes()[:8] == PNG
+    perplexity = drawn[-1].axes[0]
+    assert [t.get_text() for t in perplexity.texts] == ["0.5", "0.222", "0.1"]
+    # one-shot: every evaluation at the same density, no labels
+    same = [dict(e, density=0.1) for e in events]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in same))
+    plots.write_curves(tmp_path, history)
+    assert len(drawn) == 2 and len(drawn[-1].axes[0].texts) == 0
+
+
 def test_without_matplotlib_a_run_says_how_to_get_its_pictures(monkeypatch, tmp_path):
     from utils.io import plots
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing matplotlib raises ImportError

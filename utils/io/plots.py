@@ -2,8 +2,9 @@
 
     write_curves(Path("runs/x"))     # runs/x/curves.png; None (and a note once) without matplotlib
 
-curves.png: perplexity per epoch against the dense model and the pruned model before training,
-the training and held-out losses against optimizer steps, and the density of every decoder layer.
+curves.png: perplexity per epoch against the dense model and the pruned model before training
+(each point labelled with the density it was measured at, when a schedule prunes during training), the
+training and held-out losses against optimizer steps, and the density of every decoder layer.
 matplotlib is optional (`pip install matplotlib`): the core of the tool stays light, and a run
 without it says once how to get the pictures.
 """
@@ -74,7 +75,7 @@ def write_curves(folder: Path, history: dict | None = None) -> Path | None:
     events = read_events(folder)
     figure = Figure(figsize=(16, 4.6))
     perplexity, loss, density = figure.subplots(1, 3)
-    _perplexity_panel(perplexity, history)
+    _perplexity_panel(perplexity, history, events)
     _loss_panel(loss, events)
     _density_panel(density, events)
     start = next((e for e in events if e.get("event") == "start"), {})
@@ -90,15 +91,38 @@ def write_curves(folder: Path, history: dict | None = None) -> Path | None:
     return path
 
 
-def _perplexity_panel(axes, history: dict) -> None:
+def epoch_densities(events: list[dict]) -> dict[int, float]:
+    """The density each evaluation measured: epoch → density (0: as pruned, before training), from the
+    sparsity events (the last of each epoch)."""
+    found = {}
+    for event in events:
+        if event.get("event") == "sparsity" and finite_number(event.get("density")):
+            if event.get("when") == "pruned":
+                found.setdefault(0, event["density"])
+            elif isinstance(event.get("epoch"), int):
+                found[event["epoch"]] = event["density"]
+    return found
+
+
+def _perplexity_panel(axes, history: dict, events: list[dict]) -> None:
     epochs = [(e["epoch"], e["perplexity"]) for e in history.get("epochs") or []
               if finite_number(e.get("perplexity"))]
     baseline, dense = history.get("baseline"), history.get("dense")
     if finite_number(baseline):
         epochs = [(0, baseline)] + epochs
         axes.axhline(baseline, color="tab:red", linestyle=":", label=f"pruned, before training ({baseline:.2f})")
+    densities = epoch_densities(events)
+    # a schedule that prunes during training: each point was measured at another density, written above it
+    moving = len({round(densities[e], 4) for e, _ in epochs if e in densities}) > 1
     if epochs:
-        axes.plot([e for e, _ in epochs], [p for _, p in epochs], "o-", color="tab:blue", label="after each epoch")
+        axes.plot([e for e, _ in epochs], [p for _, p in epochs], "o-", color="tab:blue",
+                  label="after each epoch" + (" (above each: the density kept)" if moving else ""))
+    if moving:
+        axes.margins(y=0.12)  # room for the labels above the points
+    for epoch, value in epochs if moving else []:
+        if epoch in densities:
+            axes.annotate(f"{densities[epoch]:.3g}", (epoch, value), textcoords="offset points", xytext=(0, 6), ha="center",
+                          fontsize=7, color="tab:blue")
     if finite_number(dense):
         axes.axhline(dense, color="black", linestyle="--", label=f"dense ({dense:.2f})")
     values = [p for _, p in epochs] + ([dense] if finite_number(dense) else [])
