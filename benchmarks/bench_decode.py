@@ -282,6 +282,10 @@ def tune(args) -> None:
                     f"({dense / best[0]:.2f}x) | " + ", ".join(cells))
                 if (density == 0.1) == (kind == "ell") and layout != "delta8":
                     _kernels().LAUNCH[(kind, 1 if m == 1 else 16)] = best[1]
+                if (density, layout) == (0.1, "col16"):  # the layout's rows per block at the best launch
+                    cells = [f"{rows}: {time_linears(name, layer, layout, m, rows, best[1])['seconds'] * 1e6:.1f}"
+                             for rows in (4, 8, 16, 32)]
+                    log(f"  col16 M {m}, rows per block at {best[1]} (µs): " + ", ".join(cells))
         del layer
     log(f"launch parameters used from here on: {_kernels().LAUNCH}")
     RESULTS["launch"] = {str(k): v for k, v in _kernels().LAUNCH.items()}
