@@ -122,7 +122,8 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 # Next: wanda at 0.1, SEED=0 and SEED=1, detached, with `watch` calls sent in the same message (about 12,500 steps
 # at 45 steps/s plus 149 updates: 8–15 minutes alone); then 0.05 with whichever criterion wins.
 # Issue 24 in the same lease, BEFORE the training runs (its times need the GPU to itself): in call 2,
-# `timeout 420 bash benchmarks/run_gpu.sh decode` (gathers, then the tiled bitmask kernel's first times), then detach.
+# `timeout 540 bash benchmarks/run_gpu.sh decode` (gathers, then the tiled bitmask kernel's first times; its JSON is
+# kept after every section), then detach.
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the √batch rule).
@@ -181,7 +182,7 @@ case "${1:-bench}" in
     python3 benchmarks/bench_prune.py --smollm2 "$GGUF" --data "$DATA" --opt 2>&1 | tee "$OUT/bench_prune.log" ;;
   sparse)
     python3 benchmarks/bench_sparse.py 2>&1 | tee "$OUT/bench_sparse.log" ;;
-  decode)  # torchao's wheel carried in .whl (PYTHONPATH=/tmp/site); about 6 minutes on the H200
+  decode)  # torchao's wheel carried in .whl (PYTHONPATH=/tmp/site); 6–9 minutes on the H200
     python3 benchmarks/bench_decode.py full --two-four --smol "$GGUF" --text "$DATA/wiki.test.raw" 2>&1 \
       | tee "$OUT/bench_decode.log" ;;
   quality)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from utils.export.bitmask import pack_bitmask, unpack_bitmask
 
@@ -206,11 +207,10 @@ def chunk_offsets(mask: torch.Tensor) -> torch.Tensor:
     rows, cols = mask.shape
     span = BITMASK_CHUNK * 32
     chunks = max(1, -(-cols // span))
-    padded = torch.zeros(rows, chunks * span, dtype=torch.int64, device=mask.device)
-    padded[:, :cols] = mask
-    per_chunk = padded.view(rows, chunks, span).sum(-1).flatten()
+    padded = F.pad(mask, (0, chunks * span - cols))  # bool: no 8-byte copy of the mask
+    per_chunk = padded.view(rows, chunks, span).sum(-1, dtype=torch.int64).flatten()
     offsets = torch.cumsum(per_chunk, 0) - per_chunk
-    return offsets.to(torch.int32 if int(mask.sum()) < 2 ** 31 else torch.int64)
+    return offsets.to(torch.int32 if int(per_chunk.sum()) < 2 ** 31 else torch.int64)
 
 
 def _row_starts(block_ptr: torch.Tensor, per_row: torch.Tensor, rows_per_block: int) -> torch.Tensor:

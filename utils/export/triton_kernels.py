@@ -150,14 +150,16 @@ globals()["_popcount"] = _popcount  # a jitted function calls helpers through it
 @triton.jit
 def bitmask_matmul(x_ptr, values_ptr, words_ptr, chunk_ptr_ptr, bias_ptr, y_ptr, M, N, K, WORDS,
                    ROWS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   DENSE_OUT: tl.constexpr, NATIVE: tl.constexpr, PRECISION: tl.constexpr):
+                   DENSE_OUT: tl.constexpr, NATIVE: tl.constexpr, DOT_FP32: tl.constexpr):
     # Load as sparse, compute as dense: each step decodes a (ROWS, 32·CHUNK) tile of W from ROWS rows'
     # CHUNK bitmask words and each row's value offset at the chunk (a kept weight's value sits after
     # the kept bits before it in the chunk: popc), then multiplies the tile with x's on tensor cores
     # (tl.dot; BLOCK_M = 1: fp32 products, summed once at the end). No count runs from step to step,
     # so a later step's loads need not wait for this one's. x_ptr: (K, M) = x transposed.
     # DENSE_OUT: write the tiles into the dense (N, K) matrix at y_ptr instead. NATIVE: compiled, not
-    # Triton's interpreter (no popc there, and its tl.dot multiplies bf16 bit patterns: triton#11584).
+    # Triton's interpreter (no popc there). DOT_FP32: both tiles in fp32, IEEE products (fp32 weights,
+    # x of another dtype than W, or the interpreter, whose tl.dot multiplies bf16 bit patterns:
+    # triton-lang/triton#11584); otherwise W's 16-bit dtype on tensor cores.
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = row < N
@@ -190,10 +192,10 @@ def bitmask_matmul(x_ptr, values_ptr, words_ptr, chunk_ptr_ptr, bias_ptr, y_ptr,
         else:
             xs = tl.load(x_ptr + col[:, None] * M + m[None, :], mask=(col < K)[:, None] & (m < M)[None, :],
                          other=0.0)
-            if NATIVE:
-                acc = tl.dot(tile, xs.to(tile.dtype), acc, input_precision=PRECISION)
-            else:
+            if DOT_FP32:
                 acc = tl.dot(tile.to(tl.float32), xs.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tile, xs, acc)
     if not DENSE_OUT:
         if BLOCK_M == 1:
             total = tl.sum(acc, axis=1)[:, None]
@@ -223,12 +225,13 @@ def kernel_linear(x2: torch.Tensor, packed: EllMatrix, bias: torch.Tensor | None
     bias_ptr = bias if bias is not None else packed.values
     if kind == "bitmask":
         tile_rows, warps, stages = launch
-        block_m = 1 if m == 1 else 16  # tl.dot takes 16 rows at least: fewer are masked
+        block_m = 1 if m == 1 else 16  # rows past m are masked (a tensor-core tile has 16)
         grid = (triton.cdiv(rows, tile_rows), triton.cdiv(m, block_m))
         bitmask_matmul[grid](xt, packed.values, packed.index, packed.block_ptr, bias_ptr, y, m, rows, cols,
                              packed.index.numel() // rows, ROWS=tile_rows, BLOCK_M=block_m, CHUNK=BITMASK_CHUNK,
                              HAS_BIAS=bias is not None, DENSE_OUT=False, NATIVE=_compiled(),
-                             PRECISION="ieee" if packed.values.dtype == torch.float32 else "tf32",
+                             DOT_FP32=not _compiled() or packed.values.dtype == torch.float32
+                             or x2.dtype != packed.values.dtype,
                              num_warps=warps, num_stages=stages)
     elif m == 1 and launch[2:] == (True,):
         block_p, warps = launch[:2]
@@ -253,7 +256,7 @@ def kernel_unpack(packed: EllMatrix) -> torch.Tensor:
         bitmask_matmul[(triton.cdiv(rows, 16), 1)](
             packed.values, packed.values, packed.index, packed.block_ptr, packed.values, dense, 1, rows, cols,
             packed.index.numel() // rows, ROWS=16, BLOCK_M=1, CHUNK=BITMASK_CHUNK, HAS_BIAS=False, DENSE_OUT=True,
-            NATIVE=_compiled(), PRECISION="ieee", num_warps=4)
+            NATIVE=_compiled(), DOT_FP32=True, num_warps=4)
         return dense
     dense = torch.zeros(rows, cols, dtype=packed.values.dtype, device=packed.values.device)
     ell_scatter[(packed.block_ptr.numel() - 1,)](

@@ -111,17 +111,17 @@ def _perplexity_panel(axes, history: dict, events: list[dict]) -> None:
     if finite_number(baseline):
         epochs = [(0, baseline)] + epochs
         axes.axhline(baseline, color="tab:red", linestyle=":", label=f"pruned, before training ({baseline:.2f})")
-    densities = epoch_densities(events)
+    labels = {epoch: f"{density:.3g}" for epoch, density in epoch_densities(events).items()}
     # a schedule that prunes during training: each point was measured at another density, written above it
-    moving = len({round(densities[e], 4) for e, _ in epochs if e in densities}) > 1
+    moving = len({labels[e] for e, _ in epochs if e in labels}) > 1
     if epochs:
         axes.plot([e for e, _ in epochs], [p for _, p in epochs], "o-", color="tab:blue",
                   label="after each epoch" + (" (above each: the density kept)" if moving else ""))
     if moving:
         axes.margins(y=0.12)  # room for the labels above the points
     for epoch, value in epochs if moving else []:
-        if epoch in densities:
-            axes.annotate(f"{densities[epoch]:.3g}", (epoch, value), textcoords="offset points", xytext=(0, 6), ha="center",
+        if epoch in labels:
+            axes.annotate(labels[epoch], (epoch, value), textcoords="offset points", xytext=(0, 6), ha="center",
                           fontsize=7, color="tab:blue")
     if finite_number(dense):
         axes.axhline(dense, color="black", linestyle="--", label=f"dense ({dense:.2f})")
