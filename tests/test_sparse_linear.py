@@ -1,9 +1,14 @@
 """The sparse decode layout, its reference, SparseLinear, the swap and load_sparse, on the CPU.
 
-The Triton kernel itself runs on the GPU only; benchmarks/bench_decode.py checks it against
-`reference_linear` there (docs/benchmark-log.md). These tests pin what the kernel is checked against.
+The Triton kernels run here in Triton's interpreter (`bench_decode.py check --device cpu`: software
+popcount, fp32 products); their compiled form runs on the GPU only, where benchmarks/bench_decode.py
+checks it against `reference_linear` (docs/benchmark-log.md). These tests pin what it is checked against.
 """
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,6 +151,19 @@ def test_the_rule_holds_sparse_layers_as_ell_and_denser_ones_as_bitmask():
     bitmask = pack(pruned(16, 100, 0.5, torch.bfloat16), "bitmask")  # 4 words a row: 100 columns padded to 128 bits
     assert bitmask.index.dtype == torch.int32 and bitmask.index.numel() == 16 * 4
     assert bitmask.nbytes < 16 * 100 * (0.6 * 2 + 1 / 8) + 16 * 4  # one value offset (int32) a row
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton publishes wheels for Linux only (requirements-test.txt)")
+def test_every_layouts_triton_kernel_matches_the_reference_in_tritons_interpreter(tmp_path):
+    """bf16 and fp32, M = 1 to 64, ELL and the tiled bitmask kernel, unpack kernels exact: the check
+    exits 1 when any case is past its tolerance (its own logic: benchmarks/bench_decode.py)."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_decode.py"), "check", "--device", "cpu"],
+                          env={**os.environ, "TRITON_INTERPRET": "1", "OUT": str(tmp_path)}, cwd=repo,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "kernel checks: all within tolerance" in done.stdout and done.stdout.count("bitmask |") == 6
+    assert json.loads((tmp_path / "bench_decode_check.json").read_text())["max_rel_err"] < 1e-2
 
 
 def test_route_sends_few_rows_to_the_kernel_and_many_to_a_dense_temporary():
