@@ -104,6 +104,24 @@ def test_bad_values_are_refused_while_parsing(args, message, capsys):
     assert len(error.strip().splitlines()) == 1 and message in error, error
 
 
+def test_training_or_calibrating_on_wikitexts_test_text_is_refused(tmp_path, capsys):
+    (tmp_path / "wiki.test.raw").write_text(" = A = \n text \n")
+    (tmp_path / "wiki.valid.raw").write_text(" = B = \n text \n")
+    test, valid = tmp_path / "wiki.test.raw", tmp_path / "wiki.valid.raw"
+    for args, message in ((["--train-source", test], "--train-source: " + str(test)),
+                          (["--train-source", f"{valid},{test}"], "training on it makes every perplexity meaningless"),
+                          (["--prune-only", "--calibration-source", test], "--calibration-source: " + str(test))):
+        with pytest.raises(SystemExit) as stop:
+            main([str(a) for a in ["--eval-source", tmp_path, "--train-source", valid, *args]])
+        error = capsys.readouterr().err
+        assert stop.value.code == 2 and message in error and f"e.g. {valid}" in error, error
+    # the same file for training and evaluation, by another name, is a smoke run's right
+    from utils.config.validate import validate
+    from extreme_compression_experiment import build_parser
+    config = validate(build_parser().parse_args([str(a) for a in ["--train-source", valid, "--eval-source", valid]]))
+    assert config.train.train_source == str(valid)
+
+
 @pytest.fixture(scope="module")
 def broken_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """Model folders damaged the ways a user's copies get damaged."""

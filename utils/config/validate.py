@@ -20,7 +20,7 @@ from utils.config.recipes import RECIPES, default_loss, measured_recipe
 from utils.config.sections import (CalibrationCfg, EvalProtocol, GenerationCfg, LossCfg, ModelCfg,
                                    OutputCfg, PruneCfg, RunConfig, ScheduleCfg, TaskCfg, TrainCfg)
 from utils.data.generated import split_sources, token_count
-from utils.data.sources import DataError
+from utils.data.sources import DataError, test_text_in
 from utils.models.loading import safe_name
 from utils.pruning.criteria import parse_pattern
 from utils.pruning.methods import METHODS, needs_calibration, option_flags
@@ -132,6 +132,7 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     finite("--gen-temperature", args.gen_temperature, MIN_TEMPERATURE, MAX_TEMPERATURE, high_open=False,
            what=f"a temperature in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (beyond, sampling divides by ~0)")
     finite("--gen-top-p", args.gen_top_p, 0, 1, low_open=True, high_open=False, what="in (0, 1]")
+    problems += _evaluation_text_problems(args)
     if "generated:" in args.train_source:
         try:
             generated = split_sources(args.train_source)[1]  # None: "generated:" was only inside a path
@@ -203,6 +204,21 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
             problems.append(f"argument --report-to {tracker}: the {package} package is not installed "
                             f"(pip install {package})")
     return problems + input_problems(args)
+
+
+def _evaluation_text_problems(args: argparse.Namespace) -> list[str]:
+    """Training or calibration text that is WikiText-2's test text: every perplexity after it is meaningless."""
+    if args.eval_only or args.export_only or args.compare:
+        return []
+    sources = [("--calibration-source", args.calibration_source)]
+    try:
+        sources += [] if args.prune_only else [("--train-source", split_sources(args.train_source)[0])]
+    except DataError:  # two generated parts: said below
+        pass
+    return [f"argument {flag}: {path} is WikiText-2's test text, what perplexity is measured on; "
+            f"{'training' if flag == '--train-source' else 'calibrating'} on it makes every perplexity meaningless. "
+            f"Use other text, e.g. {path.with_name('wiki.valid.raw')}"
+            for flag, spec in sources for path in test_text_in(spec)]
 
 
 def _inside(path: Path, folder: Path) -> bool:

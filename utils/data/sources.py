@@ -91,6 +91,17 @@ def _files_of(spec: str, split: str) -> list[Path] | None:
     return files
 
 
+def test_text_in(spec: str, split: str = "train") -> list[Path]:
+    """The files `spec` reads for `split` that are WikiText-2's test text (wiki.test.raw, what the
+    papers' perplexity is measured on).  Hub sources and missing files give none (the loader reports
+    those).  Other overlaps are allowed: a one-file smoke run trains and evaluates on its file."""
+    try:
+        files = _files_of(spec, split) or []
+    except DataError:
+        return []
+    return [path for path in files if path.name == WIKITEXT_SPLIT_FILES["test"]]
+
+
 @contextlib.contextmanager
 def _datasets_offline(datasets, offline: bool):
     """`datasets` reads only its local cache inside (when `offline`), and reaches the hub again after."""
@@ -120,7 +131,8 @@ def _load_hf_text(name: str, config: str | None, split: str, column: str) -> str
         raise DataError(
             f"could not load dataset {name}/{config} split {split}: {type(error).__name__}: {error}. "
             "Offline? Use local text instead, e.g. --eval-source ../shared/data/wikitext-2-raw "
-            "(a folder with wiki.test.raw) or --train-source path/to/file.txt") from error
+            "(a folder with wiki.test.raw), --train-source and --calibration-source path/to/file.txt "
+            "(e.g. its wiki.valid.raw)") from error
     return "\n\n".join(rows)
 
 
