@@ -116,6 +116,7 @@ class Trainer:
         self.cadence = LogCadence(train.log_every, self.world)
         self.patience = Patience.from_config(train)
         self.estimated, self.last_eval_seconds = False, job.eval_seconds
+        self.holdout_seconds = 0.0  # the last held-out pass's time (0: none yet in this process)
 
     # ------------------------------------------------------------------ setup
 
@@ -277,7 +278,8 @@ class Trainer:
         self.estimated = True
         remaining = self.train.total_steps - self.state.global_step
         evaluations = self.train.epochs - self.state.epoch + 1
-        line, event = estimate_line(seconds_per_step, remaining, evaluations, self.last_eval_seconds)
+        line, event = estimate_line(seconds_per_step, remaining, evaluations, self.last_eval_seconds,
+                                    holdout_untimed=self.job.holdout is not None and not self.holdout_seconds)
         self.logger.report(line, event)
 
     def _save_state(self) -> None:

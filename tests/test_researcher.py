@@ -176,7 +176,12 @@ def test_compare_three_runs_one_table_per_protocol(tmp_path, finished, tiny_llam
     assert [r["run"] for r in data["runs"]] == ["finished-run", "other", "quick"]
     # a folder that is not a run is named, exit 2
     assert cli("--compare", run, tmp_path / "nothing") == 2
-    assert "nothing has no results.json" in capsys.readouterr().err
+    assert "nothing has no results.json (not a run folder)" in capsys.readouterr().err
+    running = tmp_path / "running"  # a run still going: run.json and events, results.json only at its end
+    running.mkdir()
+    (running / "run.json").write_text("{}")
+    assert cli("--compare", run, running) == 2
+    assert "running has no results.json yet: a run writes it when it ends" in capsys.readouterr().err
 
 
 def test_the_markdown_never_puts_a_quick_look_beside_the_paper_protocol(finished):
@@ -386,3 +391,11 @@ def test_a_failed_export_is_written_by_the_resume_and_the_state_kept_until_then(
     results = json.loads((out / "results.json").read_text())
     assert results["finished"] is True and (out / "compressed" / "compression.json").exists()
     assert not (out / "state").exists()  # now best/ and the export hold the model
+
+
+def test_the_first_time_estimate_says_the_held_out_pass_is_not_in_it():
+    from utils.training.progress import estimate_line
+    line, event = estimate_line(1.5, 20, 2, 57.0, holdout_untimed=True)
+    assert "of about 57s and the held-out text, not yet timed = 2m24s and more" in line
+    assert event["evaluation_seconds"] == 114.0
+    assert "held-out" not in estimate_line(1.5, 20, 2, 57.0)[0]  # later: the time measured includes it

@@ -134,7 +134,8 @@ def recipe_note(config: RunConfig) -> str | None:
     if recipe is None or not (train.recipe == "measured" or train.lr_derived):
         return None
     measured = (f"{recipe.perplexity:.2f} with {recipe.flags()} and lr {_lr(recipe.lr)} at batch {MEASURED_BATCH} "
-                f"(SmolLM2-135M-Instruct, 25.6M training tokens on 2.3M tokens of text, BENCHMARKS.md)")
+                f"(SmolLM2-135M-Instruct, the full WikiText-2 test protocol, 25.6M training tokens on 2.3M tokens "
+                f"of text, BENCHMARKS.md)")
     differs = _differences(config, recipe)
     if train.recipe == "measured":
         here = recipe.at(train.batch_size) if train.batch_size != MEASURED_BATCH and not differs else None

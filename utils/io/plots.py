@@ -129,7 +129,7 @@ def _perplexity_panel(axes, history: dict, events: list[dict]) -> None:
     if values and max(values) / max(min(values), 1e-9) > 20:
         axes.set_yscale("log")
     axes.xaxis.get_major_locator().set_params(integer=True)
-    axes.set(title="Perplexity (epoch 0: before training)", xlabel="epoch", ylabel="perplexity")
+    axes.set(title="Perplexity per epoch (0: before training)", xlabel="epoch", ylabel="perplexity")
     axes.legend(fontsize=8)
 
 
@@ -141,6 +141,7 @@ def _loss_panel(axes, events: list[dict]) -> None:
     if train:
         axes.plot(*zip(*train), color="tab:blue", linewidth=1, label=f"training loss ({kind or 'as trained'})")
     axes.set(title="Loss", xlabel="optimizer step", ylabel=f"training loss ({kind or 'as trained'})")
+    axes.xaxis.get_major_locator().set_params(integer=True)  # steps are whole (a short run drew 2.5, 7.5)
     lines = list(axes.get_lines())
     if held:
         # distillation is another quantity than the held-out cross-entropy: an axis of its own

@@ -50,8 +50,12 @@ def read_row(folder: Path) -> Row:
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ReportError(f"--compare: {folder} has no results.json (not a run folder, or a run that has not "
-                          "finished an epoch); give run folders such as runs/smollm2-135m-0.1-sparsegpt") from None
+        if (folder / "run.json").exists():
+            raise ReportError(f"--compare: {folder} has no results.json yet: a run writes it when it ends "
+                              "(finished, stopped or interrupted); until then its epochs are in its metrics.jsonl "
+                              "and curves.png") from None
+        raise ReportError(f"--compare: {folder} has no results.json (not a run folder); give run folders such as "
+                          "runs/smollm2-135m-0.1-sparsegpt") from None
     except ValueError as error:
         raise ReportError(f"--compare: {path} is damaged ({error})") from None
     if not isinstance(results, dict):

@@ -18,6 +18,7 @@ from torch import nn
 
 from utils.eval_utils import Heading, evaluate_and_log
 from utils.export.registry import load_source, resolve_source
+from utils.export.sparse_layout import SparseRule
 from utils.export.sparse_linear import SparseLinear
 from utils.export.sparse_model import load_sparse
 from utils.models.hub import ModelError
@@ -49,6 +50,9 @@ def model_for(context: Context, use: str) -> tuple[nn.Module, str]:
     sparse = sum(isinstance(module, SparseLinear) for module in model.modules())
     where = "" if context.device.type == "cuda" else " (on the CPU: the pure-torch reference of the layout, for " \
                                                       "checking, not for speed)"
+    if kind == "sparse" and not sparse:
+        where = (f": no linear is sparse enough (SparseRule keeps those above density {SparseRule().max_density:g} "
+                 "dense, where the kernel is slower than cuBLAS), so this runs on dense kernels")
     context.logger.report(f"Kernels ({use}): {kind}" + (f", {sparse} linears as SparseLinear{where}" if kind == "sparse"
                                                        else ""), {"event": "kernels", "use": use, "kind": kind,
                                                                   "sparse_linears": sparse})

@@ -35,13 +35,15 @@ class LogCadence:
 
 
 def estimate_line(seconds_per_step: float, remaining_steps: int, evaluations: int,
-                  evaluation_seconds: float | None) -> tuple[str, dict]:
+                  evaluation_seconds: float | None, holdout_untimed: bool = False) -> tuple[str, dict]:
     """The time left, from the steps measured so far (and the last evaluation's time); the line
-    and its event."""
+    and its event.  `holdout_untimed`: the evaluation's time is the baseline's, which scored no
+    held-out text (each epoch's evaluation also does: said, not guessed)."""
     training = seconds_per_step * remaining_steps
     evaluating = evaluations * evaluation_seconds if evaluation_seconds else 0.0
-    also = (f" + {evaluations} evaluation(s) of about {duration(evaluation_seconds)} = {duration(training + evaluating)}"
-            if evaluating else "")
+    untimed = " and the held-out text, not yet timed" if holdout_untimed else ""
+    also = (f" + {evaluations} evaluation(s) of about {duration(evaluation_seconds)}{untimed} = "
+            f"{duration(training + evaluating)}{' and more' if holdout_untimed else ''}" if evaluating else "")
     line = (f"Time: {duration(seconds_per_step)} per optimizer step so far → about {duration(training)} for the "
             f"{remaining_steps:,} steps left{also}")
     return line, {"event": "estimate", "seconds_per_step": seconds_per_step, "remaining_steps": remaining_steps,
