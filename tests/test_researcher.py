@@ -177,11 +177,11 @@ def test_compare_three_runs_one_table_per_protocol(tmp_path, finished, tiny_llam
     # a folder that is not a run is named, exit 2
     assert cli("--compare", run, tmp_path / "nothing") == 2
     assert "nothing has no results.json (not a run folder)" in capsys.readouterr().err
-    running = tmp_path / "running"  # a run still going: run.json and events, results.json only at its end
+    running = tmp_path / "running"  # a run in its first epoch: run.json and events, no results.json yet
     running.mkdir()
     (running / "run.json").write_text("{}")
     assert cli("--compare", run, running) == 2
-    assert "running has no results.json yet: a run writes it when it ends" in capsys.readouterr().err
+    assert "running has no results.json yet: a training run writes it after its first epoch" in capsys.readouterr().err
 
 
 def test_the_markdown_never_puts_a_quick_look_beside_the_paper_protocol(finished):
@@ -399,3 +399,24 @@ def test_the_first_time_estimate_says_the_held_out_pass_is_not_in_it():
     assert "of about 57s and the held-out text, not yet timed = 2m24s and more" in line
     assert event["evaluation_seconds"] == 114.0
     assert "held-out" not in estimate_line(1.5, 20, 2, 57.0)[0]  # later: the time measured includes it
+
+
+def test_results_json_is_written_after_every_epoch_and_whole_at_the_end(tmp_path, tiny_llama_dir, text_file):
+    from utils.io.report import read_row
+    out, seen = tmp_path / "run", []
+
+    class Look:  # reads the folder after each epoch, as a person running --compare would
+        def on_step_end(self, trainer):
+            pass
+
+        def on_epoch_end(self, trainer):
+            seen.append((json.loads((out / "results.json").read_text()), read_row(out).status))
+    assert main(job_args(tiny_llama_dir, text_file, out), callbacks=[Look()]) == 0
+    first, second = seen
+    assert first[0]["in_progress"] is True and first[0]["finished"] is False and first[1] == "unfinished, after epoch 1"
+    assert [e["epoch"] for e in first[0]["epochs"]] == [1] and first[0]["timings"]["wall_seconds"] > 0
+    assert second[0]["epochs_completed"] == 2 and [e["epoch"] for e in second[0]["epochs"]] == [1, 2]
+    assert second[0]["in_progress"] is True  # the last epoch's, before the export and the summary
+    final = json.loads((out / "results.json").read_text())
+    assert final["finished"] is True and "in_progress" not in final and len(final["epochs"]) == 2
+    assert read_row(out).status == "finished"

@@ -51,9 +51,8 @@ def read_row(folder: Path) -> Row:
         results = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         if (folder / "run.json").exists():
-            raise ReportError(f"--compare: {folder} has no results.json yet: a run writes it when it ends "
-                              "(finished, stopped or interrupted); until then its epochs are in its metrics.jsonl "
-                              "and curves.png") from None
+            raise ReportError(f"--compare: {folder} has no results.json yet: a training run writes it after its "
+                              "first epoch and again when it ends") from None
         raise ReportError(f"--compare: {folder} has no results.json (not a run folder); give run folders such as "
                           "runs/smollm2-135m-0.1-sparsegpt") from None
     except ValueError as error:
@@ -82,6 +81,8 @@ def read_row(folder: Path) -> Row:
 def _status(results: dict) -> str:
     if results.get("mode") not in (None, "train"):
         return str(results["mode"])
+    if results.get("in_progress"):  # written after an epoch: the run goes on, or was killed outright
+        return f"unfinished, after epoch {results.get('epochs_completed')}"
     if results.get("interrupted"):
         return "interrupted"
     if results.get("error") or results.get("export_error"):

@@ -154,7 +154,8 @@ def train(context: Context, start: Start) -> int:
                       resume=start.resuming, save_best=config.output.save_best, kernels=context.kernels,
                       compiles=compile_mode is not None, started=context.started,
                       save_dtype=getattr(torch, config.output.save_dtype), eval_seconds=eval_seconds)
-    callbacks = [*start.callbacks, Curves(context.output, logger)] if context.is_main else start.callbacks
+    callbacks = [EpochResults(context, best_info), Curves(context.output, logger), *start.callbacks] \
+        if context.is_main else start.callbacks
     result = Trainer(job, replace(train_cfg, mixed_precision=mixed), logger, callbacks).fit()
     return _finish(context, result, prepared.module, best_info)
 
@@ -191,22 +192,45 @@ def _finish(context: Context, result, module: torch.nn.Module, best_info) -> int
         logger.info(note)
     finished = result.state.finished and not result.interrupted and not result.error and "export_error" not in extras
     if context.is_main:
-        schedule = context.schedule
-        last = history.details.get(history.epochs[-1][0], {}) if history.epochs else {}
-        write_json(context.output / "results.json", {
-            **record, **history.to_dict(), **extras, "loss": loss_record(config.loss),
-            "bos_per_window": context.bos is not None, "schedule": [list(stage) for stage in schedule.stages],
-            "epochs_completed": result.state.epoch - 1, "stopped_early": result.stopped_early,
-            "interrupted": result.interrupted, "error": result.error, "finished": finished,
-            "final_accuracy": last.get("accuracy"), "final_holdout_loss": last.get("holdout_loss"),
-            "tokens_trained": result.state.global_step * config.train.batch_size * config.train.block_size,
-            "timings": timings, "pruning": best_info()["pruning"]})
+        write_json(context.output / "results.json", {**record, **extras, **results_fields(context, result, best_info),
+                                                     "timings": timings, "finished": finished})
         logger.info(f"Results: {context.output / 'results.json'}")
         if finished:
             tidy_state(context.output, logger, config.output.keep_state,
                        delivered=(context.output / "best" / "config.json").exists() or "export" in extras)
         draw_curves(context.output, logger, final=True)
     return 130 if result.interrupted else 1 if result.error or "export_error" in extras else 0
+
+
+def results_fields(context: Context, result, best_info) -> dict:
+    """What results.json says of a training run from its history and state (fsdp_finetune.TrainResult),
+    at its end or after an epoch."""
+    config, history, state = context.config, result.history, result.state
+    last = history.details.get(history.epochs[-1][0], {}) if history.epochs else {}
+    return {**history.to_dict(), "loss": loss_record(config.loss), "bos_per_window": context.bos is not None,
+            "schedule": [list(stage) for stage in context.schedule.stages], "epochs_completed": state.epoch - 1,
+            "stopped_early": result.stopped_early, "interrupted": result.interrupted, "error": result.error,
+            "final_accuracy": last.get("accuracy"), "final_holdout_loss": last.get("holdout_loss"),
+            "tokens_trained": state.global_step * config.train.batch_size * config.train.block_size,
+            "pruning": best_info()["pruning"]}
+
+
+class EpochResults:
+    """results.json after every epoch (main process), `in_progress` and not `finished`: --compare and a
+    reader see a long run as it goes (a run killed outright keeps its last epoch's); the run's end
+    writes it whole."""
+
+    def __init__(self, context: Context, best_info):
+        self.context, self.best_info = context, best_info
+
+    def on_step_end(self, trainer) -> None:
+        pass
+
+    def on_epoch_end(self, trainer) -> None:
+        record = run_record(self.context, trainer.result.earlier_seconds)
+        write_json(self.context.output / "results.json", {
+            **record, **results_fields(self.context, trainer.result, self.best_info), "in_progress": True,
+            "finished": False, "timings": {**trainer.state.timings, "wall_seconds": record["wall_seconds"]}})
 
 
 def _final_model(context: Context, module: torch.nn.Module | None) -> tuple[torch.nn.Module | None, str]:
