@@ -142,7 +142,8 @@ def test_a_run_stopped_while_exporting_after_its_last_epoch_writes_its_results_o
     monkeypatch.setattr(delivery, "export_model", stopped)
     assert main(job_args(tiny_llama_dir, text_file, out)) == 130
     assert json.loads((out / "state" / "train_state.json").read_text())["train_state"]["finished"]
-    assert not (out / "results.json").exists() and not (out / "compressed").exists()
+    left = json.loads((out / "results.json").read_text())  # the last epoch's: in progress, not delivered
+    assert left["in_progress"] is True and left["finished"] is False and not (out / "compressed").exists()
     saved = json.loads((out / "state" / "train_state.json").read_text())["train_state"]["history"]
     monkeypatch.setattr(delivery, "export_model", export)
     assert "with --resume" in capsys.readouterr().err  # the way on names the flag it needs
@@ -151,6 +152,7 @@ def test_a_run_stopped_while_exporting_after_its_last_epoch_writes_its_results_o
     assert "finished training but stopped before its results were all written" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["interrupted"] is False and results["epochs_completed"] == 2 and not results["stopped_early"]
+    assert results["finished"] is True and "in_progress" not in results
     assert [e["perplexity"] for e in results["epochs"]] == [e["perplexity"] for e in saved["epochs"]]
     assert results["export"]["folder"] and (out / "compressed" / "config.json").exists()
     assert main(job_args(tiny_llama_dir, text_file, out, "--resume")) == 0  # now delivered: nothing is redone
