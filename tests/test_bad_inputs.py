@@ -108,13 +108,19 @@ def test_training_or_calibrating_on_wikitexts_test_text_is_refused(tmp_path, cap
     (tmp_path / "wiki.test.raw").write_text(" = A = \n text \n")
     (tmp_path / "wiki.valid.raw").write_text(" = B = \n text \n")
     test, valid = tmp_path / "wiki.test.raw", tmp_path / "wiki.valid.raw"
-    for args, message in ((["--train-source", test], "--train-source: " + str(test)),
-                          (["--train-source", f"{valid},{test}"], "training on it makes every perplexity meaningless"),
-                          (["--prune-only", "--calibration-source", test], "--calibration-source: " + str(test))):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "my-text.txt").symlink_to(test)  # by another name
+    for args, message, way_out in (
+            (["--train-source", test], "--train-source: " + str(test), valid),
+            (["--train-source", f"{valid},{test}"], "training on it makes that perplexity meaningless", valid),
+            (["--prune-only", "--calibration-source", test], "--calibration-source: " + str(test), valid),
+            (["--train-source", tmp_path / "texts"], "my-text.txt is WikiText-2's test text", valid),
+            (["--train-source", "hf:wikitext:wikitext-2-raw-v1:test"], "hf:wikitext:wikitext-2-raw-v1:test is",
+             "wiki.valid.raw (the validation split)")):
         with pytest.raises(SystemExit) as stop:
             main([str(a) for a in ["--eval-source", tmp_path, "--train-source", valid, *args]])
         error = capsys.readouterr().err
-        assert stop.value.code == 2 and message in error and f"e.g. {valid}" in error, error
+        assert stop.value.code == 2 and message in error and f"e.g. {way_out}" in error, error
     # the same file for training and evaluation, by another name, is a smoke run's right
     from utils.config.validate import validate
     from extreme_compression_experiment import build_parser

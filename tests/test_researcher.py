@@ -397,7 +397,7 @@ def test_the_first_time_estimate_says_the_held_out_pass_is_not_in_it():
     from utils.training.progress import estimate_line
     line, event = estimate_line(1.5, 20, 2, 57.0, holdout_untimed=True)
     assert "of about 57s and the held-out text, not yet timed = 2m24s and more" in line
-    assert event["evaluation_seconds"] == 114.0
+    assert event["evaluation_seconds"] == 114.0 and event["holdout_untimed"] is True
     assert "held-out" not in estimate_line(1.5, 20, 2, 57.0)[0]  # later: the time measured includes it
 
 
@@ -413,7 +413,7 @@ def test_results_json_is_written_after_every_epoch_and_whole_at_the_end(tmp_path
             seen.append((json.loads((out / "results.json").read_text()), read_row(out).status))
     assert main(job_args(tiny_llama_dir, text_file, out), callbacks=[Look()]) == 0
     first, second = seen
-    assert first[0]["in_progress"] is True and first[0]["finished"] is False and first[1] == "unfinished, after epoch 1"
+    assert first[0]["in_progress"] is True and first[0]["finished"] is False and first[1] == "unfinished, after epoch 1 of 2"
     assert [e["epoch"] for e in first[0]["epochs"]] == [1] and first[0]["timings"]["wall_seconds"] > 0
     assert second[0]["epochs_completed"] == 2 and [e["epoch"] for e in second[0]["epochs"]] == [1, 2]
     assert second[0]["in_progress"] is True  # the last epoch's, before the export and the summary

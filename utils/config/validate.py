@@ -215,10 +215,18 @@ def _evaluation_text_problems(args: argparse.Namespace) -> list[str]:
         sources += [] if args.prune_only else [("--train-source", split_sources(args.train_source)[0])]
     except DataError:  # two generated parts: said below
         pass
-    return [f"argument {flag}: {path} is WikiText-2's test text, what perplexity is measured on; "
-            f"{'training' if flag == '--train-source' else 'calibrating'} on it makes every perplexity meaningless. "
-            f"Use other text, e.g. {path.with_name('wiki.valid.raw')}"
-            for flag, spec in sources for path in test_text_in(spec)]
+    return [f"argument {flag}: {found} is WikiText-2's test text, what the papers' perplexity is measured on; "
+            f"{'training' if flag == '--train-source' else 'calibrating'} on it makes that perplexity meaningless. "
+            f"Use other text, e.g. {_valid_beside(found)}" for flag, spec in sources for found in test_text_in(spec)]
+
+
+def _valid_beside(found: str) -> str:
+    """The validation file beside the test text (a link's, beside its target), else its name."""
+    for valid in ([] if found.startswith("hf:") else [Path(found).with_name("wiki.valid.raw"),
+                                                       Path(found).resolve().with_name("wiki.valid.raw")]):
+        if valid.exists():
+            return str(valid)
+    return "wiki.valid.raw (the validation split)"
 
 
 def _inside(path: Path, folder: Path) -> bool:

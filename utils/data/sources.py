@@ -91,15 +91,26 @@ def _files_of(spec: str, split: str) -> list[Path] | None:
     return files
 
 
-def test_text_in(spec: str, split: str = "train") -> list[Path]:
-    """The files `spec` reads for `split` that are WikiText-2's test text (wiki.test.raw, what the
-    papers' perplexity is measured on).  Hub sources and missing files give none (the loader reports
-    those).  Other overlaps are allowed: a one-file smoke run trains and evaluates on its file."""
-    try:
-        files = _files_of(spec, split) or []
-    except DataError:
-        return []
-    return [path for path in files if path.name == WIKITEXT_SPLIT_FILES["test"]]
+def test_text_in(spec: str, split: str = "train") -> list[str]:
+    """What `spec` reads for `split` that is WikiText-2's test text (what the papers' perplexity is
+    measured on): wiki.test.raw files (links by their target too) and the hub's test split.  Missing
+    files give none (the loader reports those).  Other overlaps are allowed: a one-file smoke run
+    trains and evaluates on its file."""
+    test = WIKITEXT_SPLIT_FILES["test"]
+    found = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part.startswith("hf:"):
+            name, config, hf_split = (part[3:].split(":") + ["", "", ""])[:3]
+            if name.rstrip("/").split("/")[-1] == "wikitext" and config.startswith("wikitext-2") and \
+                    (hf_split or split) == "test":
+                found.append(part)
+            continue
+        try:
+            files = _files_of(part, split) or []
+        except DataError:
+            continue
+        found += [str(path) for path in files if test in (path.name, path.resolve().name)]
+    return found
 
 
 @contextlib.contextmanager

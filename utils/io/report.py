@@ -82,7 +82,8 @@ def _status(results: dict) -> str:
     if results.get("mode") not in (None, "train"):
         return str(results["mode"])
     if results.get("in_progress"):  # written after an epoch: the run goes on, or was killed outright
-        return f"unfinished, after epoch {results.get('epochs_completed')}"
+        planned = results.get("epochs_planned")
+        return f"unfinished, after epoch {results.get('epochs_completed')}" + (f" of {planned}" if planned else "")
     if results.get("interrupted"):
         return "interrupted"
     if results.get("error") or results.get("export_error"):

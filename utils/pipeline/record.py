@@ -39,7 +39,7 @@ def run_record(context: Context, earlier_seconds: float = 0.0) -> dict:
                       pattern=list(config.prune.pattern) if config.prune.pattern else None)
     if config.mode == "train":
         train = config.train
-        record.update(recipe=train.recipe, lr=train.lr, batch_size=train.batch_size, epochs=train.epochs,
+        record.update(recipe=train.recipe, lr=train.lr, batch_size=train.batch_size, epochs_planned=train.epochs,
                       schedule_kind=context.schedule.kind, tokens_planned=train.total_steps * train.batch_size
                       * train.block_size)
     if context.protocol is not None:

@@ -229,13 +229,14 @@ def _refuse_changes(folder: RunFolder, saved: dict, identity: dict) -> None:
 
 def _delivered(output: Path, train_state: dict) -> bool:
     """Whether a finished run also wrote what comes after its last epoch: results.json of all its
-    epochs, not interrupted (a stop during the export leaves the older one, or none)."""
+    epochs, not interrupted (a stop during the export leaves the last epoch's, in progress)."""
     try:
         results = json.loads((output / "results.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return (results.get("interrupted") is False and results.get("epochs_completed") == train_state["epoch"] - 1
-            and results.get("finished") is not False and "export_error" not in results)  # a failed export: again
+            and results.get("finished") is not False and not results.get("in_progress")  # an epoch's, not the end's
+            and "export_error" not in results)  # a failed export: again
 
 
 def _check_resume(config: RunConfig, folder: RunFolder, identity: dict) -> dict | None:

@@ -173,8 +173,7 @@ def _finish(context: Context, result, module: torch.nn.Module, best_info) -> int
         if final is not None:
             extras = deliver(context, final, info={**best_info(), "model_from": which}, which=which)
     record = run_record(context, result.earlier_seconds)
-    timings = {"wall_seconds": record["wall_seconds"], **{key: round(value, 3) for key, value in
-                                                          result.state.timings.items() if key != "wall_seconds"}}
+    timings = run_timings(record, result.state)
     for line in history.summary_lines(result.summary_title(config.train.total_steps)):
         logger.info(line)
     if "tasks" in extras:
@@ -200,6 +199,12 @@ def _finish(context: Context, result, module: torch.nn.Module, best_info) -> int
                        delivered=(context.output / "best" / "config.json").exists() or "export" in extras)
         draw_curves(context.output, logger, final=True)
     return 130 if result.interrupted else 1 if result.error or "export_error" in extras else 0
+
+
+def run_timings(record: dict, state) -> dict:
+    """results.json's timings: the wall time of `record` (run_record), the state's other seconds."""
+    return {"wall_seconds": record["wall_seconds"],
+            **{key: round(value, 3) for key, value in state.timings.items() if key != "wall_seconds"}}
 
 
 def results_fields(context: Context, result, best_info) -> dict:
@@ -228,9 +233,14 @@ class EpochResults:
 
     def on_epoch_end(self, trainer) -> None:
         record = run_record(self.context, trainer.result.earlier_seconds)
-        write_json(self.context.output / "results.json", {
-            **record, **results_fields(self.context, trainer.result, self.best_info), "in_progress": True,
-            "finished": False, "timings": {**trainer.state.timings, "wall_seconds": record["wall_seconds"]}})
+        try:
+            write_json(self.context.output / "results.json", {
+                **record, **results_fields(self.context, trainer.result, self.best_info), "in_progress": True,
+                "finished": False, "timings": run_timings(record, trainer.state)})
+        except OSError as error:  # the saved state holds the epoch: the run goes on, its end writes the file
+            self.context.logger.report(f"Warning: results.json could not be written after epoch "
+                                       f"{trainer.state.epoch - 1} ({error}); the run goes on",
+                                       {"event": "results", "error": str(error)})
 
 
 def _final_model(context: Context, module: torch.nn.Module | None) -> tuple[torch.nn.Module | None, str]:

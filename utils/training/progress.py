@@ -47,4 +47,4 @@ def estimate_line(seconds_per_step: float, remaining_steps: int, evaluations: in
     line = (f"Time: {duration(seconds_per_step)} per optimizer step so far → about {duration(training)} for the "
             f"{remaining_steps:,} steps left{also}")
     return line, {"event": "estimate", "seconds_per_step": seconds_per_step, "remaining_steps": remaining_steps,
-                  "training_seconds": training, "evaluation_seconds": evaluating}
+                  "training_seconds": training, "evaluation_seconds": evaluating, "holdout_untimed": holdout_untimed}
