@@ -198,7 +198,7 @@ def check_kernels() -> list[str]:
     log(f"CUDA graph replay with fresh inputs (M = 1, 16 kernel; 100 materialized): max rel err {max(graph_errors):.2e}")
     RESULTS["max_rel_err"] = max(worst, max(graph_errors))
     if not max(graph_errors) <= TOLERANCE[BF16]:
-        failed.append(["CUDA graph replay"])
+        failed.append("CUDA graph replay")
     return failed
 
 
@@ -233,8 +233,9 @@ def build_layer(name: str, density: float, seed: int = 0) -> list[tuple[torch.Te
 
 @torch.no_grad()
 def time_linears(name: str, layer, layout: str, m: int, rows_per_block: int = 8, launch=None,
-                 path: str = "kernel") -> dict:
-    """Per-layer seconds of the six linears at M rows; layout 'dense' or an encoding."""
+                 path: str = "kernel", columns: str = "real") -> dict:
+    """Per-layer seconds of the six linears at M rows; layout 'dense' or an encoding; `columns`: the
+    packed columns as they are, or replaced (`with_columns`, the gathers diagnostic)."""
     copies = COPIES[name]
     inputs = [torch.randn(m, w.shape[1], device=DEVICE).bfloat16() for w, _ in layer]
     if layout == "dense":
@@ -247,6 +248,7 @@ def time_linears(name: str, layer, layout: str, m: int, rows_per_block: int = 8,
                     F.linear(x, w, b)
     else:
         packed = [pack(w, layout, rows_per_block) for w, _ in layer]
+        packed = packed if columns == "real" else [with_columns(p, columns) for p in packed]
         weights = [[(clone_packed(p), b.clone()) for p, (_, b) in zip(packed, layer)] for _ in range(copies)]
         nbytes = sum(p.nbytes for p in packed)
 
@@ -334,21 +336,10 @@ def with_columns(packed: EllMatrix, columns: str) -> EllMatrix:
 def gathers(args) -> None:
     """col16 at density 0.1, M = 1, on the opt-6.7b layer with its real columns against the same bytes
     gathering x at consecutive columns and at one column: how much of the time the gathers take."""
-    name, copies = "opt-6.7b", COPIES["opt-6.7b"]
+    name = "opt-6.7b"
     layer = build_layer(name, 0.1)
-    cells = []
-    for columns in ("real", "runs", "one"):
-        packed = [[(clone_packed(pack(w, "col16", args.rows_per_block)), b.clone()) for w, b in layer]
-                  for _ in range(copies)]
-        if columns != "real":
-            packed = [[(with_columns(p, columns), b) for p, b in copy] for copy in packed]
-        inputs = [torch.randn(1, w.shape[1], device=DEVICE).bfloat16() for w, _ in layer]
-
-        def run():
-            for copy in packed:
-                for (p, b), x in zip(copy, inputs):
-                    _kernels().kernel_linear(x, p, b)
-        cells.append(f"{columns} {graph_seconds(run) / copies * 1e6:.1f}")
+    cells = [f"{columns} {time_linears(name, layer, 'col16', 1, args.rows_per_block, columns=columns)['seconds'] * 1e6:.1f}"
+             for columns in ("real", "runs", "one")]
     log(f"\n## gathers: col16, density 0.1, M = 1, {name} layer, µs (real columns / consecutive / one): "
         + ", ".join(cells))
     RESULTS["gathers"] = cells
