@@ -96,21 +96,16 @@ def test_text_in(spec: str, split: str = "train") -> list[str]:
     measured on): wiki.test.raw files (links by their target too) and the hub's test split.  Missing
     files give none (the loader reports those).  Other overlaps are allowed: a one-file smoke run
     trains and evaluates on its file."""
+    if spec.startswith("hf:"):  # read as load_text reads it
+        name, config, hf_split, _ = _hf_fields(spec, split)
+        wikitext = name.rstrip("/").split("/")[-1] == "wikitext" and (config or "").startswith("wikitext-2")
+        return [spec] if wikitext and hf_split == "test" else []
+    try:
+        files = _files_of(spec, split) or []
+    except DataError:
+        return []
     test = WIKITEXT_SPLIT_FILES["test"]
-    found = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        if part.startswith("hf:"):
-            name, config, hf_split = (part[3:].split(":") + ["", "", ""])[:3]
-            if name.rstrip("/").split("/")[-1] == "wikitext" and config.startswith("wikitext-2") and \
-                    (hf_split or split) == "test":
-                found.append(part)
-            continue
-        try:
-            files = _files_of(part, split) or []
-        except DataError:
-            continue
-        found += [str(path) for path in files if test in (path.name, path.resolve().name)]
-    return found
+    return [str(path) for path in files if test in (path.name, path.resolve().name)]
 
 
 @contextlib.contextmanager
@@ -147,18 +142,21 @@ def _load_hf_text(name: str, config: str | None, split: str, column: str) -> str
     return "\n\n".join(rows)
 
 
+def _hf_fields(spec: str, split: str) -> tuple[str, str | None, str, str]:
+    """hf:NAME:CONFIG:SPLIT:COLUMN → (name, config or None, split, column); empty or missing fields
+    take None, `split` and "text"."""
+    fields = spec[3:].split(":")
+    field = lambda index: fields[index] if len(fields) > index and fields[index] else None  # noqa: E731
+    return fields[0], field(1), field(2) or split, field(3) or "text"
+
+
 def load_text(spec: str, split: str = "test") -> str:
     """The text of `spec` for `split` (see the module docstring for the forms of `spec`)."""
     if spec == "wikitext2":
         hf_split = "validation" if split == "valid" else split
         return _load_hf_text("wikitext", "wikitext-2-raw-v1", hf_split, "text")
     if spec.startswith("hf:"):
-        fields = spec[3:].split(":")
-        name = fields[0]
-        config = fields[1] if len(fields) > 1 and fields[1] else None
-        hf_split = fields[2] if len(fields) > 2 and fields[2] else split
-        column = fields[3] if len(fields) > 3 and fields[3] else "text"
-        return _load_hf_text(name, config, hf_split, column)
+        return _load_hf_text(*_hf_fields(spec, split))
     files = _files_of(spec, split)
     if files is None:
         raise DataError(f"unknown text source '{spec}': give 'wikitext2', a file or folder that exists, "
