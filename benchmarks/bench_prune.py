@@ -1,13 +1,16 @@
 """Pruning speed and quality on the GPU: seconds and peak GPU memory per method (128 × 2048
-calibration), and with --quality the WikiText-2 perplexity table for SmolLM2.
+calibration), and with --quality the WikiText-2 perplexity table for SmolLM2; with --updates only
+the cost of one gradual update (issue 26).
 
     python benchmarks/bench_prune.py --smollm2 path/to/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --data path/to/wikitext-2-raw [--quality] [--opt]
+        --data path/to/wikitext-2-raw [--quality] [--opt] [--updates]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import statistics
 import time
 
 import torch
@@ -23,6 +26,11 @@ from utils.pruning.driver import prune_model
 from utils.pruning.methods import METHODS
 
 
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def prune_timed(model, method, density, pattern, calibration):
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -33,18 +41,59 @@ def prune_timed(model, method, density, pattern, calibration):
     return time.perf_counter() - start, torch.cuda.max_memory_allocated() - base
 
 
+def update_times(dense, valid_ids, device: str = "cuda", repeats: int = 3) -> None:
+    """One gradual update of SmolLM2 in training's bf16 autocast, 0.5 → 0.492 (the first step of the
+    measured recipe's cubic at batch 4), keeping the zeros it finds, on --reprune-nsamples' 16 windows
+    of 2048 tokens: each criterion, calibrated ones both sequential (the papers' layer-wise way, the
+    tool's gradual updates before) and at once (sequential=False, what a gradual update does now).
+    Median of `repeats` on fresh copies, after one warm-up; and how many of the weights the update
+    pruned the two ways agree on."""
+    start = copy.deepcopy(dense).to(device)
+    prune_model(start, "sparsegpt", 0.5, calibration=calibration_windows(valid_ids, 128, 2048, seed=0), device=device,
+                progress=False)
+    windows = calibration_windows(valid_ids, 16, 2048, seed=1)
+    before = torch.cat([p.flatten() != 0 for n, p in start.named_parameters() if p.dim() == 2 and "layers" in n])
+    print(f"{'update':10} {'calibrated':12} {'seconds':>8}  (one update 0.5 → 0.492, 16 × 2048 windows, bf16 autocast)")
+    for method, entry in METHODS.items():
+        pruned = {}
+        for sequential in (True, False) if entry.calibrated else (True,):
+            options = dataclasses.replace(entry.options(), keep_zeros=True, sequential=sequential)
+            times = []
+            for repeat in range(repeats + 1):
+                model = copy.deepcopy(start)
+                synchronize(device)
+                begin = time.perf_counter()
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                    prune_model(model, method, 0.492, calibration=windows, device=device, options=options, progress=False)
+                synchronize(device)
+                times.append(time.perf_counter() - begin)
+            pruned[sequential] = before & ~torch.cat([p.flatten() != 0 for n, p in model.named_parameters()
+                                                      if p.dim() == 2 and "layers" in n])
+            how = ("sequential" if sequential else "at once") if entry.calibrated else "no"
+            print(f"{method:10} {how:12} {statistics.median(times[1:]):8.3f}", flush=True)
+            del model
+        if len(pruned) == 2:
+            both = int((pruned[True] & pruned[False]).sum())
+            print(f"{method:10} the update's newly pruned weights: {int(pruned[True].sum()):,} sequential, "
+                  f"{int(pruned[False].sum()):,} at once, {both:,} by both ({both / max(1, int(pruned[True].sum())):.1%})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smollm2", default="smollm2-135m", help="the SmolLM2 model (--model syntax)")
     parser.add_argument("--data", required=True, help="folder with wiki.valid.raw and wiki.test.raw")
     parser.add_argument("--quality", action="store_true", help="also the perplexity table (densities × methods)")
     parser.add_argument("--opt", action="store_true", help="also time an opt-1.3b-shaped random model")
+    parser.add_argument("--updates", action="store_true", help="only the cost of one gradual update per criterion")
+    parser.add_argument("--device", default="cuda", help="where --updates runs (cpu: a smoke run, slow)")
     parser.add_argument("--nsamples", type=int, default=128)
     args = parser.parse_args()
-    print(f"GPU: {torch.cuda.get_device_name()}")
+    print(f"GPU: {torch.cuda.get_device_name()}" if args.device == "cuda" else f"device: {args.device}")
     dense, tokenizer = load_model(resolve_model(args.smollm2), dtype=torch.float32)
     valid = tokenize_source(f"{args.data}/wiki.valid.raw", tokenizer, split="train")
     test = tokenize_source(args.data, tokenizer, split="test")
+    if args.updates:
+        return update_times(dense, valid.ids, args.device)
     calibration = calibration_windows(valid.ids, args.nsamples, 2048, seed=0)
     print(f"calibration: {args.nsamples} × 2048 tokens of wiki.valid.raw (seed 0); evaluation: "
           f"{test.ids.numel():,} tokens of wiki.test.raw")

@@ -8,6 +8,7 @@
 #   bash benchmarks/run_gpu.sh recipes "today@0.1 kd@0.1"   # recovery recipes at the user's budget, in parallel
 #   bash benchmarks/run_gpu.sh sparse    # 2:4 kernels against dense bf16 (opt-1.3b, opt-6.7b shapes)
 #   bash benchmarks/run_gpu.sh decode    # issue 24's sparse decode kernels: gathers, tuning, tables, torchao 2:4
+#   bash benchmarks/run_gpu.sh updates   # issue 26: one gradual update's cost per criterion, sequential and at once
 set -u
 GGUF=${GGUF:-/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf}
 DATA=${DATA:-.data}
@@ -123,7 +124,8 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 # at 45 steps/s plus 149 updates: 8–15 minutes alone); then 0.05 with whichever criterion wins.
 # Issue 24 in the same lease, BEFORE the training runs (its times need the GPU to itself): in call 2,
 # `timeout 540 bash benchmarks/run_gpu.sh decode` (gathers, then the tiled bitmask kernel's first times; its JSON is
-# kept after every section), then detach.
+# kept after every section); in call 3, `timeout 200 bash benchmarks/run_gpu.sh updates` (a gradual update's cost,
+# alone), then detach.
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the √batch rule).
@@ -185,6 +187,8 @@ case "${1:-bench}" in
   decode)  # torchao's wheel carried in .whl (PYTHONPATH=/tmp/site); 6–9 minutes on the H200
     python3 benchmarks/bench_decode.py full --two-four --smol "$GGUF" --text "$DATA/wiki.test.raw" 2>&1 \
       | tee "$OUT/bench_decode.log" ;;
+  updates)  # 1–2 minutes, on a GPU of its own (before the training runs)
+    python3 benchmarks/bench_prune.py --smollm2 "$GGUF" --data "$DATA" --updates 2>&1 | tee "$OUT/updates.log" ;;
   quality)
     python3 benchmarks/bench_prune.py --smollm2 "$GGUF" --data "$DATA" --quality 2>&1 | tee "$OUT/quality.log" ;;
   recover)

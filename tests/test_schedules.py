@@ -355,6 +355,65 @@ def test_a_calibrated_update_keeps_the_zeros_it_finds_and_prunes_each_matrix_exa
     assert allocate(10, [5, 6], [20, 20]) == [5, 6]  # more zeros than the count: exactly those, none comes back
 
 
+def test_a_gradual_update_calibrates_on_the_model_as_it_stands_in_one_forward_of_each_layer(tiny_llama_dir):
+    """A gradual update (`sequential=False`) scores every layer by the inputs the model gave it before
+    the update, as running statistics would: equal to Wanda's keep rule applied to norms taken from
+    one forward of the whole model, layer 0 as the papers' sequential prune has it, the layers after
+    not; and each layer runs once a batch, where the sequential prune runs it five times for two."""
+    import copy
+    import dataclasses
+    from utils.models.structure import find_decoder_layers, find_linears, weight_matrix
+    from utils.pruning.criteria import wanda_keep
+    from utils.pruning.driver import prune_model
+    from utils.pruning.methods import METHODS
+    model, _, _ = _half_pruned_in_training(tiny_llama_dir)
+    model.eval()
+    calibration = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    _, layers = find_decoder_layers(model)
+    norms: dict = {}
+    hooks = [linear.register_forward_hook(
+        lambda mod, inp, out, key=(index, name): norms.__setitem__(key, inp[0].reshape(-1, inp[0].shape[-1]).square().mean(0)))
+        for index, layer in enumerate(layers) for name, linear in find_linears(layer).items()]
+    with torch.no_grad():
+        model(input_ids=calibration, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    pruned, calls = {}, {}
+    for sequential in (True, False):
+        copied = copy.deepcopy(model)
+        counts = [0] * len(layers)
+        _, copied_layers = find_decoder_layers(copied)
+        for index, layer in enumerate(copied_layers):
+            layer.register_forward_pre_hook(lambda mod, args, i=index: counts.__setitem__(i, counts[i] + 1))
+        options = dataclasses.replace(METHODS["wanda"].options(), batch_size=2, keep_zeros=True, sequential=sequential)
+        prune_model(copied, "wanda", 0.3, calibration=calibration, options=options, progress=False)
+        pruned[sequential] = [{name: weight_matrix(linear) != 0 for name, linear in find_linears(layer).items()}
+                              for layer in copied_layers]
+        calls[sequential] = counts
+    assert calls[False] == [2] * len(layers)  # statistics and the next layer's inputs, one forward a batch
+    assert calls[True] == [5] * (len(layers) - 1) + [3]  # grouping, statistics, then the pruned layer again
+    for index, layer in enumerate(layers):
+        for name, linear in find_linears(layer).items():
+            weight = weight_matrix(linear)
+            expected = wanda_keep(weight, norms[index, name], 0.3, frozen=weight == 0)
+            assert torch.equal(pruned[False][index][name], expected), (index, name)
+    assert all(torch.equal(pruned[True][0][name], kept) for name, kept in pruned[False][0].items())
+    assert any(not torch.equal(pruned[True][-1][name], kept) for name, kept in pruned[False][-1].items())
+
+
+def test_only_gradual_wanda_updates_calibrate_on_the_model_as_it_stands():
+    from utils.pruning.profile import DensityProfile
+    from utils.pruning.schedule import Repruner
+    windows = torch.zeros(20, 8, dtype=torch.long)
+    for kind, method, sequential in (("gradual", "wanda", False), ("iterative", "wanda", True),
+                                     ("gradual", "sparsegpt", True)):
+        schedule = ScheduleCfg(kind=kind, reprune_method=method)
+        repruner = Repruner.for_schedule(schedule, torch.nn.Linear(2, 2), "sparsegpt", DensityProfile(), lambda: windows,
+                                         torch.device("cpu"))
+        assert repruner.options.sequential is sequential and repruner.options.keep_zeros is (kind == "gradual")
+        assert len(repruner.calibration) == (schedule.reprune_nsamples if kind == "gradual" else 20)
+
+
 def test_allocated_counts_on_tensors_equal_the_running_share_rounded_in_python():
     """allocate_counts (tensors, no host read) gives the counts of the per-group loop it replaced on
     rows as a Wanda update of SmolLM2 has them, ties at .5 rounded half to even; and on a matrix

@@ -6,7 +6,10 @@
 
 Methods are functions of tensors (methods.py, with the math in criteria.py); the driver owns
 hooks and devices.  Each decoder layer is calibrated on the outputs of
-the already-pruned layers before it, and only that layer sits on the accelerator.
+the already-pruned layers before it, and only that layer sits on the accelerator.  With options'
+`sequential=False` (a gradual Wanda update: methods.py's `updates_at_once`) every layer calibrates
+on the model as it stands instead: one forward of each layer gives its statistics and the next
+layer's inputs (for a change of a few weights in a hundred, two fifths of the forwards).
 """
 from __future__ import annotations
 
@@ -86,33 +89,48 @@ def capture_layer_inputs(model: nn.Module, calibration: torch.Tensor, device: to
     return store
 
 
+class _FirstInputs:
+    """Records, during one forward, the input tensor each linear was first called with; `groups()`
+    then names the linears fed the very same tensor (q/k/v, gate/up: one set of statistics)."""
+
+    def __init__(self, linears: dict[str, nn.Module]):
+        self.linears = linears
+        # Holding the input tensors themselves (not their addresses, which the allocator reuses)
+        # keeps identity checks honest for the length of the forward.
+        self.seen: dict[str, torch.Tensor] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> "_FirstInputs":
+        def record(name: str):
+            def hook(module, inputs, output) -> None:  # returning a value would replace the output
+                self.seen.setdefault(name, inputs[0])
+            return hook
+        self.handles = [linear.register_forward_hook(record(name)) for name, linear in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def groups(self) -> list[list[str]]:
+        groups: list[list[str]] = []
+        for name in self.linears:
+            for group in groups:
+                if name in self.seen and self.seen.get(group[0]) is self.seen[name]:
+                    group.append(name)
+                    break
+            else:
+                groups.append([name])
+        self.seen.clear()
+        return groups
+
+
 def _group_by_input(layer: nn.Module, linears: dict[str, nn.Linear], first: tuple) -> list[list[str]]:
-    """Linears fed the very same tensor (q/k/v, gate/up) share one set of input statistics."""
-    # Holding the input tensors themselves (not their addresses, which the allocator reuses)
-    # keeps identity checks honest for the length of this one forward.
-    seen: dict[str, torch.Tensor] = {}
-
-    def record(name: str):
-        def hook(module, inputs, output) -> None:  # returning a value would replace the output
-            seen.setdefault(name, inputs[0])
-        return hook
-
-    handles = [linear.register_forward_hook(record(name)) for name, linear in linears.items()]
-    try:
+    """Linears fed the very same tensor share one set of input statistics (one forward of `first`)."""
+    with _FirstInputs(linears) as first_inputs:
         hidden, args, kwargs = first
         layer(hidden, *args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    groups: list[list[str]] = []
-    for name in linears:
-        for group in groups:
-            if name in seen and seen.get(group[0]) is seen[name]:
-                group.append(name)
-                break
-        else:
-            groups.append([name])
-    return groups
+    return first_inputs.groups()
 
 
 @torch.no_grad()
@@ -139,20 +157,33 @@ def _input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs: list[t
 
 
 @torch.no_grad()
-def _prune_layer(layer: nn.Module, job: "_Job", density: float, inputs: list[tuple[torch.Tensor, tuple, dict]]) -> None:
+def _prune_layer(layer: nn.Module, job: "_Job", density: float, inputs: list[tuple[torch.Tensor, tuple, dict]],
+                 keep_outputs: bool) -> list | None:
+    """Prune one layer in place.  Not `sequential` (and `keep_outputs`): returns the layer's outputs
+    from the forward that collected its statistics, before this prune; else None."""
     linears = find_linears(layer)
     method = job.method
     if not method.calibrated:  # no activations: every matrix on its own
         for linear in linears.values():
             method.prune([weight_matrix(linear)], None, density, job.pattern, job.options, job.sweep)
-        return
-    groups = _group_by_input(layer, linears, inputs[0])
-    stats, _ = _input_stats(layer, {group[0]: linears[group[0]] for group in groups}, inputs, hessian=method.hessian)
+        return None
+    if job.options.sequential:
+        groups = _group_by_input(layer, linears, inputs[0])
+        stats, outputs = _input_stats(layer, {group[0]: linears[group[0]] for group in groups}, inputs,
+                                      hessian=method.hessian)
+    else:  # one forward: every linear's statistics (a group's duplicates dropped after) and the outputs
+        with _FirstInputs(linears) as first_inputs:
+            stats, outputs = _input_stats(layer, linears, inputs, hessian=method.hessian, keep_outputs=keep_outputs)
+        groups = first_inputs.groups()
+        for group in groups:
+            for name in group[1:]:
+                stats.pop(name).free()
     for group in groups:
         stat = stats[group[0]]
         method.prune([weight_matrix(linears[name]) for name in group], stat, density, job.pattern,  # (out, in) views
                      job.options, job.sweep)
         stat.free()
+    return outputs
 
 
 def check_feasible_density(model: nn.Module, density: float, pattern: Pattern = None) -> None:
@@ -257,11 +288,13 @@ def prune_model(model: nn.Module, method: str, density: float | list[float], pat
 
 def _prune_in_turn(layer: nn.Module, job: _Job, density: float, inputs: list | None, last: bool) -> list | None:
     """Prune one decoder layer on the accelerator; returns the next layer's inputs: what this
-    pruned layer really produces (None without calibration, or after the last layer)."""
+    pruned layer really produces (not `sequential`: what it produced before this prune; None without
+    calibration, or after the last layer)."""
     home = next(layer.parameters()).device
     layer.to(job.device)
-    _prune_layer(layer, job, density, inputs or [])
-    if inputs is not None and not last:
-        inputs = [(_layer_output(layer(h, *a, **k)), a, k) for h, a, k in inputs]
+    more = inputs is not None and not last
+    outputs = _prune_layer(layer, job, density, inputs or [], keep_outputs=more)
+    if more:
+        inputs = outputs if outputs is not None else [(_layer_output(layer(h, *a, **k)), a, k) for h, a, k in inputs]
     layer.to(home)
     return inputs

@@ -12,8 +12,9 @@ the optimizer step, so a resumed run re-enters it exactly.
 
 Gradual pruning (Zhu & Gupta 2017) lowers the density a little every `every` steps along a cubic,
 d(t) = final + (start − final)·(1 − t/T)³, reaching the final density at T = 60% of the steps and
-holding it after; each update is a magnitude prune of the trained weights (no calibration: the
-masks change in place every few steps) and is not evaluated, unlike an iterative stage.
+holding it after; each update prunes the trained weights by magnitude (or, with --reprune-method,
+by a calibrated criterion on a few windows), keeps the zeros it finds,
+changes the masks in place and is not evaluated, unlike an iterative stage.
 """
 from __future__ import annotations
 
@@ -139,7 +140,9 @@ class Repruner:
     `reprune_method` names (iterative: --method, re-calibrated on the trained model with the same
     windows as the first prune; gradual: magnitude, or a calibrated method on the first
     --reprune-nsamples windows), per layer by OWL when the profile says so.  A gradual update keeps
-    the zeros it finds (its options' `keep_zeros`): its masks only ever grow."""
+    the zeros it finds (its options' `keep_zeros`): its masks only ever grow; and, where the method's
+    entry says so (wanda), it calibrates on the model as it stands (`sequential=False`: one forward
+    of each layer, not two passes)."""
     model: nn.Module
     method: str
     profile: DensityProfile
@@ -160,7 +163,8 @@ class Repruner:
             windows = windows[:schedule.reprune_nsamples]
         own = options if chosen == method and options is not None else METHODS[chosen].options()
         return cls(model, chosen, profile, windows, device,
-                   dataclasses.replace(own, keep_zeros=True) if schedule.kind == "gradual" else own)
+                   dataclasses.replace(own, keep_zeros=True, sequential=not METHODS[chosen].updates_at_once)
+                   if schedule.kind == "gradual" else own)
 
     def __call__(self, density: float) -> None:
         # OWL: the profile anew for this density, from the trained model, no layer above the
