@@ -42,7 +42,6 @@ PARSED = [
     (["--schedule", "iterative", "--sparsity", "0.6"], "give the densities with --density-steps"),
     (["--schedule", "gradual", "--density-steps", "0.5,0.3,0.1"], "takes two, START,FINAL"),
     (["--schedule", "gradual", "--prune-every", "9", "--max-step", "6", "--epochs", "2"], "leave no update"),
-    (["--schedule", "gradual", "--layer-density", "owl"], "one density everywhere for now"),
     (["--schedule", "gradual", "--prune-only"], "needs a training run"),
     (["--ramp-end", "0.4"], "only --schedule gradual ramps"),
     (["--schedule", "gradual", "--ramp-end", "0"], "--ramp-end: 0 is not a fraction in (0, 1]"),

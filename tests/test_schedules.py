@@ -137,7 +137,7 @@ def test_ramp_end_moves_the_step_where_gradual_reaches_the_final_density():
         assert [step for step, _ in stages[1:4]] == [50, 100, 150]  # one update every --prune-every steps
 
 
-@pytest.mark.parametrize("method", ["magnitude", "sparsegpt", "wanda"])
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt", "wanda", "wanda+owl"])
 def test_gradual_pruning_updates_masks_in_place_as_scheduled_and_resumes_exactly(tmp_path, tiny_llama_dir, text_file,
                                                                                   capsys, method):
     from test_cli import assert_pruned_weights_stayed_zero, pruned_folder
@@ -147,8 +147,11 @@ def test_gradual_pruning_updates_masks_in_place_as_scheduled_and_resumes_exactly
     # 12 steps, the ramp ends at step 7: updates at steps 2, 4, 6 (cubic) and 7 (the final density)
     args = ("--schedule", "gradual", "--density-steps", "0.5,0.3", "--prune-every", "2", "--max-step", "6",
             "--epochs", "2", "--loss", "ce", "--lr", "1e-3")
+    method, owl = method.partition("+")[::2]
     if method != "magnitude":  # calibrated updates on 2 of the 4 calibration windows, keeping the zeros they find
         args += ("--reprune-method", method, "--reprune-nsamples", "2")
+    if owl:  # OWL's layer densities for the first prune and anew at every update, none above what a layer holds
+        args += ("--layer-density", "owl", "--owl-lambda", "0.1")
     expected = SparsitySchedule.gradual(0.3, 12, every=2, start=0.5)
     straight = tmp_path / "straight"
     assert main(job_args(tiny_llama_dir, text_file, straight, *args)) == 0
@@ -169,6 +172,13 @@ def test_gradual_pruning_updates_masks_in_place_as_scheduled_and_resumes_exactly
     assert results["final_from"] == 2 and results["best"]["epoch"] == 2
     assert sparsity_report(AutoModelForCausalLM.from_pretrained(straight / "best")).density == pytest.approx(0.3, abs=1 / 64)
     assert assert_pruned_weights_stayed_zero(straight / "best", pruned_folder(tmp_path / "pruned", tiny_llama_dir, 0.5))
+    if owl:  # the layers' densities apart by OWL's profile at the end, each at most what the first prune left it
+        first = [nonzeros / numel for _, nonzeros, numel in sparsity_report(AutoModelForCausalLM.from_pretrained(
+            pruned_folder(tmp_path / "pruned", tiny_llama_dir, 0.5))).layers]
+        last = [nonzeros / numel for _, nonzeros, numel in sparsity_report(AutoModelForCausalLM.from_pretrained(
+            straight / "best")).layers]
+        assert abs(first[0] - first[1]) > 0.01 and abs(last[0] - last[1]) > 0.01
+        assert all(after <= before for after, before in zip(last, first))
     # interrupted between two updates, and right on an update's step: each resume equals the straight run
     _assert_resumes_equal(tmp_path, tiny_llama_dir, text_file, args, results["final"], stops=("5", "6"))
 

@@ -148,9 +148,6 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
         schedule = f"argument --schedule {args.schedule}"
         if args.pattern:
             problems.append(f"{schedule}: works with unstructured densities for now (drop --pattern)")
-        if args.schedule == "gradual" and args.layer_density == "owl":
-            problems.append(f"{schedule}: re-prunes with one density everywhere for now (drop --layer-density owl, "
-                            "or use --schedule iterative with it)")
         if args.eval_only or args.prune_only or args.export_only:
             problems.append(f"{schedule}: prunes between training steps; it needs a training run")
         if args.schedule == "gradual" and calibrated_updates and args.reprune_nsamples > args.nsamples:

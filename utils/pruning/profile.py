@@ -12,8 +12,8 @@ outliers more weights.  Measured on SmolLM2-135M with SparseGPT (docs/benchmark-
 one 183.3 → 177.9, and every recipe that recovered 0.3 best (41.0, 38.9, 34.9) used it; at 0.5 it
 moved the pruned model the wrong way (39.79 → 39.89).  So `auto` picks OWL at density ≤ 0.3 and
 one density everywhere else: also for N:M patterns (one density by construction), for the
-iterative schedule (`--layer-density owl` works there, a profile per stage) and the gradual one
-(which re-prunes uniformly), and for magnitude pruning (OWL needs calibration activations, which
+iterative and gradual schedules (`--layer-density owl` works there, a profile per stage or update,
+none above what a layer holds), and for magnitude pruning (OWL needs calibration activations, which
 magnitude pruning otherwise does without).
 """
 from __future__ import annotations

@@ -169,8 +169,12 @@ class Repruner:
     def __call__(self, density: float) -> None:
         # OWL: the profile anew for this density, from the trained model, no layer above the
         # density it holds now (its pruned weights cannot come back)
-        held = [nonzeros / numel for _, nonzeros, numel in sparsity_report(self.model).layers] \
-            if self.profile.owl else None
+        held = None
+        if self.profile.owl:
+            report = sparsity_report(self.model)
+            if report.density <= density:  # rows' rounding at an earlier update left no more than this
+                return
+            held = [nonzeros / numel for _, nonzeros, numel in report.layers]
         target = self.profile.densities(self.model, self.calibration, density, self.device, ceiling=held)
         prune_model(self.model, self.method, target, calibration=self.calibration, device=self.device,
                     options=self.options, progress=False)
