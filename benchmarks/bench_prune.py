@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -76,6 +77,29 @@ def update_times(dense, valid_ids, device: str = "cuda", repeats: int = 3) -> No
             both = int((pruned[True] & pruned[False]).sum())
             print(f"{method:10} the update's newly pruned weights: {int(pruned[True].sum()):,} sequential, "
                   f"{int(pruned[False].sum()):,} at once, {both:,} by both ({both / max(1, int(pruned[True].sum())):.1%})")
+    if torch.device(device).type == "cuda":
+        update_profile(start, windows, device)
+
+
+def update_profile(start, windows, device: str) -> None:
+    """Where a wanda update's seconds go: its host syncs (each waits for the GPU, and for the other
+    runs sharing it) and the operators by GPU time."""
+    options = dataclasses.replace(METHODS["wanda"].options(), keep_zeros=True, sequential=False)
+    model = copy.deepcopy(start)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.profiler.profile(activities=activities) as profile, torch.autocast("cuda", dtype=torch.bfloat16):
+                prune_model(model, "wanda", 0.492, calibration=windows, device=device, options=options, progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    events = profile.key_averages()
+    print(f"wanda at once, profiled: {len(syncs)} host syncs, {sum(e.count for e in events):,} operators, "
+          f"{sum(e.self_device_time_total for e in events) / 1e6:.3f} s of GPU time")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
 
 
 def main() -> None:

@@ -411,6 +411,38 @@ def test_a_gradual_update_calibrates_on_the_model_as_it_stands_in_one_forward_of
     assert any(not torch.equal(pruned[True][-1][name], kept) for name, kept in pruned[False][-1].items())
 
 
+def test_a_prune_inside_an_autocast_region_is_seen_by_the_forwards_after_it(tiny_llama_dir):
+    """A schedule's prune runs in training's precision, between an iterative stage's two evaluations;
+    autocast keeps a float32 weight's bf16 copy until its region ends.  Before the driver cleared it,
+    the evaluation after the prune and the sequential prune's own forwards after each layer used the
+    weights from before: on the GPU every later prune was calibrated at once, not layer by layer."""
+    import copy
+    import dataclasses
+    from utils.models.loading import load_model, resolve_model
+    from utils.models.structure import find_decoder_layers, find_linears, weight_matrix
+    from utils.pruning.driver import prune_model
+    from utils.pruning.methods import METHODS
+    model, _ = load_model(resolve_model(str(tiny_llama_dir)))
+    model.requires_grad_(True)  # training's weights: autocast caches casts of leaves that require grad
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids).logits
+        prune_model(model, "magnitude", 0.5, progress=False)
+        after = model(input_ids=ids).logits
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = model(input_ids=ids).logits
+    assert not torch.equal(before, after) and torch.equal(after, fresh)
+    kept = {}
+    for sequential in (True, False):
+        copied = copy.deepcopy(model)
+        options = dataclasses.replace(METHODS["wanda"].options(), keep_zeros=True, sequential=sequential)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            prune_model(copied, "wanda", 0.3, calibration=ids, options=options, progress=False)
+        last = find_decoder_layers(copied)[1][-1]
+        kept[sequential] = [weight_matrix(linear) != 0 for linear in find_linears(last).values()]
+    assert any(not torch.equal(a, b) for a, b in zip(kept[True], kept[False]))  # layer by layer, really
+
+
 def test_only_gradual_wanda_updates_calibrate_on_the_model_as_it_stands():
     from utils.pruning.profile import DensityProfile
     from utils.pruning.schedule import Repruner

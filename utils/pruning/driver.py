@@ -294,6 +294,10 @@ def _prune_in_turn(layer: nn.Module, job: _Job, density: float, inputs: list | N
     layer.to(job.device)
     more = inputs is not None and not last
     outputs = _prune_layer(layer, job, density, inputs or [], keep_outputs=more)
+    # Under autocast (a schedule's prune runs in training's precision) a float32 weight's
+    # low-precision copy is cached until the autocast region ends: without this, the forwards after
+    # this prune, the driver's own and the caller's, would still multiply by the weights before it.
+    torch.clear_autocast_cache()
     if more:
         inputs = outputs if outputs is not None else [(_layer_output(layer(h, *a, **k)), a, k) for h, a, k in inputs]
     layer.to(home)
