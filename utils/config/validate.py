@@ -113,11 +113,13 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     if args.gen_length is not None and args.gen_length > MAX_GENERATED_ROW:
         problems.append(f"argument --gen-length: {args.gen_length:,} tokens per sampled row is more than any model's "
                         f"positions hold (at most {MAX_GENERATED_ROW:,} here; the model's own limit is checked too)")
-    calibrated_updates = args.reprune_method in METHODS and needs_calibration(args.reprune_method)
+    calibrated_updates = (args.reprune_method in METHODS and needs_calibration(args.reprune_method)
+                          or args.layer_density == "owl")  # OWL's profile at every update reads windows too
     if args.reprune_nsamples != ScheduleCfg().reprune_nsamples and not (args.schedule == "gradual"
                                                                          and calibrated_updates):
         problems.append("argument --reprune-nsamples: only calibrated gradual updates (--schedule gradual "
-                        "--reprune-method sparsegpt or wanda) read calibration windows; drop it")
+                        "--reprune-method sparsegpt or wanda, or --layer-density owl) read calibration windows; "
+                        "drop it")
     if args.ramp_end is not None and args.schedule != "gradual":
         problems.append("argument --ramp-end: only --schedule gradual ramps its density; drop it")
     finite("--ramp-end", args.ramp_end, 0, 1, low_open=True, high_open=False, what="a fraction in (0, 1] of the steps")

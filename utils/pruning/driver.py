@@ -9,7 +9,7 @@ hooks and devices.  Each decoder layer is calibrated on the outputs of
 the already-pruned layers before it, and only that layer sits on the accelerator.  With options'
 `sequential=False` (a gradual Wanda update: methods.py's `updates_at_once`) every layer calibrates
 on the model as it stands instead: one forward of each layer gives its statistics and the next
-layer's inputs (for a change of a few weights in a hundred, two fifths of the forwards).
+layer's inputs (for a change of a few weights in a hundred, half the forwards: no second pass).
 """
 from __future__ import annotations
 
@@ -89,71 +89,51 @@ def capture_layer_inputs(model: nn.Module, calibration: torch.Tensor, device: to
     return store
 
 
-class _FirstInputs:
-    """Records, during one forward, the input tensor each linear was first called with; `groups()`
-    then names the linears fed the very same tensor (q/k/v, gate/up: one set of statistics)."""
-
-    def __init__(self, linears: dict[str, nn.Module]):
-        self.linears = linears
-        # Holding the input tensors themselves (not their addresses, which the allocator reuses)
-        # keeps identity checks honest for the length of the forward.
-        self.seen: dict[str, torch.Tensor] = {}
-        self.handles: list = []
-
-    def __enter__(self) -> "_FirstInputs":
-        def record(name: str):
-            def hook(module, inputs, output) -> None:  # returning a value would replace the output
-                self.seen.setdefault(name, inputs[0])
-            return hook
-        self.handles = [linear.register_forward_hook(record(name)) for name, linear in self.linears.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def groups(self) -> list[list[str]]:
-        groups: list[list[str]] = []
-        for name in self.linears:
-            for group in groups:
-                if name in self.seen and self.seen.get(group[0]) is self.seen[name]:
-                    group.append(name)
-                    break
-            else:
-                groups.append([name])
-        self.seen.clear()
-        return groups
-
-
-def _group_by_input(layer: nn.Module, linears: dict[str, nn.Linear], first: tuple) -> list[list[str]]:
-    """Linears fed the very same tensor share one set of input statistics (one forward of `first`)."""
-    with _FirstInputs(linears) as first_inputs:
-        hidden, args, kwargs = first
-        layer(hidden, *args, **kwargs)
-    return first_inputs.groups()
-
-
 @torch.no_grad()
 def _input_stats(layer: nn.Module, linears: dict[str, nn.Module], inputs: list[tuple[torch.Tensor, tuple, dict]],
                  hessian: bool, keep_outputs: bool = False
-                 ) -> tuple[dict[str, InputStats], list[tuple[torch.Tensor, tuple, dict]] | None]:
-    """Run `layer` over `inputs` with every linear of `linears` recording its input statistics;
-    returns them and, with `keep_outputs`, the layer's outputs as the next layer's inputs (not
-    kept otherwise: they are as large as all the calibration activations)."""
+                 ) -> tuple[dict[str, InputStats], list[list[str]], list[tuple[torch.Tensor, tuple, dict]] | None]:
+    """Run `layer` over `inputs` with every linear of `linears` recording its input statistics.  A
+    linear fed the very tensor an earlier one got in the same forward (q/k/v, gate/up) shares that
+    one's statistics and adds nothing.  Returns the statistics by linear (one object a group), the
+    groups, and with `keep_outputs` the layer's outputs as the next layer's inputs (not kept
+    otherwise: they are as large as all the calibration activations)."""
     device = next(layer.parameters()).device
-    stats = {name: InputStats(in_features(linear), device, hessian=hessian) for name, linear in linears.items()}
-    handles = [linear.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add_batch(inp[0]))
-               for name, linear in linears.items()]
+    stats: dict[str, InputStats] = {}
+    leaders: dict[str, str] = {}
+    # this forward's inputs by the linear that took each first: the tensors themselves, held for one
+    # forward (their addresses would not do: the allocator reuses them)
+    seen: list[tuple[torch.Tensor, str]] = []
+
+    def record(name: str, linear: nn.Module):
+        def hook(module, inp, output) -> None:  # returning a value would replace the output
+            leader = leaders.get(name)
+            if leader is None:  # the first forward: the earlier linear fed this very tensor, if any
+                leader = leaders[name] = next((owner for tensor, owner in seen if tensor is inp[0]), name)
+            if leader == name:
+                seen.append((inp[0], name))
+                stats.setdefault(name, InputStats(in_features(linear), device, hessian=hessian)).add_batch(inp[0])
+        return hook
+
+    handles = [linear.register_forward_hook(record(name, linear)) for name, linear in linears.items()]
     try:
         outputs = [] if keep_outputs else None
         for hidden, args, kwargs in inputs:
             output = layer(hidden, *args, **kwargs)
+            seen.clear()
             if keep_outputs:
                 outputs.append((_layer_output(output), args, kwargs))
     finally:
         for handle in handles:
             handle.remove()
-    return stats, outputs
+    groups: dict[str, list[str]] = {}
+    for name, linear in linears.items():
+        leader = leaders.get(name, name)
+        if leader not in stats:  # a linear no input reached: the statistics of nothing, all zero
+            stats[leader] = InputStats(in_features(linear), device, hessian=hessian)
+        stats[name] = stats[leader]
+        groups.setdefault(leader, []).append(name)
+    return stats, list(groups.values()), outputs
 
 
 @torch.no_grad()
@@ -167,17 +147,9 @@ def _prune_layer(layer: nn.Module, job: "_Job", density: float, inputs: list[tup
         for linear in linears.values():
             method.prune([weight_matrix(linear)], None, density, job.pattern, job.options, job.sweep)
         return None
-    if job.options.sequential:
-        groups = _group_by_input(layer, linears, inputs[0])
-        stats, outputs = _input_stats(layer, {group[0]: linears[group[0]] for group in groups}, inputs,
-                                      hessian=method.hessian)
-    else:  # one forward: every linear's statistics (a group's duplicates dropped after) and the outputs
-        with _FirstInputs(linears) as first_inputs:
-            stats, outputs = _input_stats(layer, linears, inputs, hessian=method.hessian, keep_outputs=keep_outputs)
-        groups = first_inputs.groups()
-        for group in groups:
-            for name in group[1:]:
-                stats.pop(name).free()
+    # not sequential: the outputs of the forward that gathered the statistics feed the next layer
+    stats, groups, outputs = _input_stats(layer, linears, inputs, hessian=method.hessian,
+                                          keep_outputs=keep_outputs and not job.options.sequential)
     for group in groups:
         stat = stats[group[0]]
         method.prune([weight_matrix(linears[name]) for name in group], stat, density, job.pattern,  # (out, in) views
@@ -227,7 +199,7 @@ def owl_profile(model: nn.Module, calibration: torch.Tensor, density: float, lam
             home = next(layer.parameters()).device
             layer.to(device)
             linears = find_linears(layer)
-            stats, inputs = _input_stats(layer, linears, inputs, hessian=False, keep_outputs=True)
+            stats, _, inputs = _input_stats(layer, linears, inputs, hessian=False, keep_outputs=True)
             ratios.append(outlier_ratio([weight_matrix(linears[n]) for n in linears], [stats[n].sq_norm for n in linears], m))
             sizes.append(sum(weight_matrix(linear).numel() for linear in linears.values()))
             layer.to(home)

@@ -33,7 +33,7 @@ class MethodOptions:
     keep_zeros: bool = field(default=False, metadata={"identity": False, "recorded": False})
     # each layer calibrated on what the pruned layers before it produce (the papers' way); False: on
     # the model as it stands, statistics and the next layer's inputs from one forward of each layer
-    # (a gradual update's small change, where the method's entry says so: two fifths of the forwards)
+    # (a gradual update's small change, where the method's entry says so: half the forwards)
     sequential: bool = field(default=True, metadata={"identity": False, "recorded": False})
 
 
@@ -85,7 +85,7 @@ class PruningMethod:
     options: type = MethodOptions
     sweeper: Callable | None = None  # (device, options) → a per-call helper `prune` takes as `sweep`, or None
     # a gradual update calibrates on the model as it stands (options' sequential=False), not layer by
-    # layer: measured for wanda, better and 2.5x faster; SparseGPT's error updates lean on what the
+    # layer: measured for wanda on the CPU, better and 2.5x faster; SparseGPT's error updates lean on what the
     # pruned layers before produce, and lost 12% that way (docs/benchmark-log.md, "A gradual update
     # calibrated on the model as it stands")
     updates_at_once: bool = False
