@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "iterative); a calibrated one (sparsegpt, wanda) makes gradual updates on the first "
                             "--reprune-nsamples calibration windows, and every update keeps the zeros it finds")
     prune.add_argument("--reprune-nsamples", type=_positive_int, default=16,
-                       help="gradual with a calibrated --reprune-method: calibration windows per update")
+                       help="gradual with a calibrated --reprune-method or --layer-density owl: calibration windows "
+                            "per update")
     prune.add_argument("--prune-every", type=_positive_int, default=50,
                        help="gradual: optimizer steps between two mask updates")
     prune.add_argument("--ramp-end", type=float, default=None,
@@ -157,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--layer-density", default="auto", choices=LAYER_DENSITIES,
                        help="per-layer densities: uniform (every layer keeps --sparsity), or owl (outlier-weighted: "
                             "layers with more activation outliers keep more; the parameter-weighted mean stays "
-                            f"exactly --sparsity); auto: owl at density ≤ {OWL_AUTO_MAX_DENSITY:g} for a one-shot "
+                            "exactly --sparsity; with --schedule iterative or gradual, a profile anew at every later "
+                            f"prune, no layer above what it holds); auto: owl at density ≤ {OWL_AUTO_MAX_DENSITY:g} "
+                            "for a one-shot "
                             "unstructured SparseGPT or Wanda prune (where it was measured to help), else uniform")
     prune.add_argument("--owl-lambda", type=float, default=0.08,
                        help="OWL: per-layer densities spread over --sparsity ± this")
