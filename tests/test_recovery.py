@@ -192,7 +192,7 @@ def test_the_recipe_note_names_the_measured_recipe_and_where_a_run_at_the_brief_
     if note is None:
         return
     recipe = measured_recipe(config.prune.density)
-    assert f"is {recipe.perplexity:.2f} with --loss {recipe.loss}" in note
+    assert f"is {recipe.perplexity:.2f}" in note and f" with --loss {recipe.loss}" in note
     assert "lr 1.0e-5 (derived: 5.0e-6 × √batch)" in note and config.train.lr == pytest.approx(5e-6 * 2)
     for name in names:  # the recipe's flag, then this run's value that differs
         assert name in note
@@ -226,8 +226,11 @@ def test_recipe_measured_trains_with_the_measured_row_and_an_explicit_flag_wins(
     assert identity(measured) == identity(spelled)
     assert recipe_note(measured).startswith(f"Recipe: measured near density {recipe.density:g}, ")
     assert "trained here at lr" in recipe_note(measured)
-    # what the recipe measured at the user's batch 4 is quoted at batch 4, and only there
-    assert recipe_note(measured).endswith(f"; the recipe measured {recipe.at(4)} at batch 4") and recipe.at(4)
+    # what the recipe measured at the user's batch 4 is quoted at batch 4 (its headline where it was measured
+    # there), and only there
+    assert recipe.at(4) and recipe_note(measured).endswith(
+        f"; the recipe measured {recipe.at(4)} at batch 4" if recipe.batch != 4 else "(batch 4, the √batch rule)")
+    assert recipe.at(4) in recipe_note(measured)
     for batch in ("8", "16"):
         assert "the recipe measured" not in recipe_note(config("--recipe", "measured", "--batch-size", batch))
     # a flag given explicitly wins over the row, and the line says so

@@ -2,7 +2,8 @@
 note a run with the brief's lr prints.
 
     recipe = measured_recipe(0.1)   # → MeasuredRecipe(density=0.1, loss="kd", schedule="gradual", lr=6e-4, ...)
-    recipe.settings()               # → {"loss": "kd", "schedule": "gradual", "layer_density": "auto", "base_lr": ...}
+    recipe.settings()               # → {"loss": "kd", "schedule": "gradual", "layer_density": "auto",
+                                    #    "reprune_method": "wanda", "base_lr": ...}
     default_loss(0.5)               # → "ce+kd": what --loss auto trains with
     auto_loss_rule()                # → "kd at density ≤ 0.4, ce+kd above"
     recipe_note(config)             # → "Note: the best recovery measured near density 0.1 ..." or None
@@ -10,7 +11,9 @@ note a run with the brief's lr prints.
 Measured with SmolLM2-135M on the H200 over the user's budget: 5 epochs × 1,250 steps × batch 8
 × 512 tokens = 25.6M tokens, on 2.3M tokens of text (`wiki.valid.raw` + the fallback text), the
 full WikiText-2 test protocol; dense 21.61 (docs/benchmark-log.md, "Recovery over the full budget" and
-"The table's missing rows", "The table completed", "The last rows").  The brief fixes the
+"The table's missing rows", "The table completed", "The last rows"); the 0.1 row, whose gradual
+updates prune by Wanda's score, at the user's batch 4 over two seeds (issue 26, "Wanda updates over
+the full budget, two seeds").  The brief fixes the
 default lr at 5e-6·√batch; every recipe here trained at a larger one, so a run at the derived lr
 is told what was measured, and `--recipe measured` takes the row's settings (its lr kept under
 the √batch rule; a flag given explicitly still wins).  The loss is free: `--loss auto` (the
@@ -34,10 +37,12 @@ class MeasuredRecipe:
     schedule: str
     layer_density: str  # "auto" where the measured run left it so, else the --layer-density it named
     lr: float  # at MEASURED_BATCH
-    perplexity: float
+    perplexity: float  # at `batch` (a mean where several seeds were run)
     compared: str  # what other recipes measured on the same budget
     # the same recipe (`--recipe measured`) measured at other batch sizes: (batch, best perplexity of each seed)
     at_batch: tuple[tuple[int, tuple[float, ...]], ...] = ()
+    reprune_method: str = "auto"  # the --reprune-method of its later prunes
+    batch: int = MEASURED_BATCH  # the batch `perplexity` was measured at
 
     @property
     def base_lr(self) -> float:
@@ -46,7 +51,7 @@ class MeasuredRecipe:
     def settings(self) -> dict[str, object]:
         """The CLI settings of the measured run, by argparse dest (what `--recipe measured` fills in)."""
         return {"loss": self.loss, "schedule": self.schedule, "layer_density": self.layer_density,
-                "base_lr": self.base_lr}
+                "reprune_method": self.reprune_method, "base_lr": self.base_lr}
 
     def at(self, batch: int) -> str | None:
         """What `--recipe measured` gave at `batch`, in words: "68.66 (mean of 2 seeds: 68.79, 68.52)"."""
@@ -60,14 +65,16 @@ class MeasuredRecipe:
     def flags(self) -> str:
         """The settings as flags, less the lr and those at their default: "--loss kd --schedule gradual"."""
         return " ".join([f"--loss {self.loss}"] + [f"--{name} {value}" for name, value, default in (
-            ("schedule", self.schedule, "oneshot"), ("layer-density", self.layer_density, "auto")) if value != default])
+            ("schedule", self.schedule, "oneshot"), ("layer-density", self.layer_density, "auto"),
+            ("reprune-method", self.reprune_method, "auto")) if value != default])
 
 
 RECIPES = (
-    MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4, 66.77,
-                   "iterative at the same lr 75.45, iterative + OWL 76.72, one-shot OWL 79.54; gradual at the "
-                   "derived lr 464.1 after one epoch, one-shot 286.1",
-                   at_batch=((4, (68.79, 68.52)),)),  # seeds 0 and 1 (issue 26)
+    MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4, 61.22,
+                   "the same with magnitude updates 68.66 at batch 4 (seeds 0 and 1: 68.79, 68.52) and 66.77 at "
+                   "batch 8; iterative at the same lr 75.45, iterative + OWL 76.72, one-shot OWL 79.54; gradual at "
+                   "the derived lr 464.1 after one epoch, one-shot 286.1",
+                   at_batch=((4, (61.31, 61.13)),), reprune_method="wanda", batch=4),  # seeds 0 and 1 (issue 26)
     MeasuredRecipe(0.3, 0.4, "kd", "iterative", "owl", 6e-4, 32.56,
                    "iterative without OWL at the same lr 33.28, gradual 34.18, one-shot OWL 34.91; cross-entropy "
                    "on wiki.valid alone at the derived lr 47.90",
@@ -119,7 +126,9 @@ def _differences(config: RunConfig, recipe: MeasuredRecipe) -> list[str]:
     train = config.train
     differs = [f"--{name} {ours}" for name, ours, theirs in (
         ("loss", config.loss.kind, recipe.loss), ("schedule", config.schedule.kind, recipe.schedule),
-        ("layer-density", config.prune.layer_density, recipe.layer_density)) if theirs != "auto" and ours != theirs]
+        ("layer-density", config.prune.layer_density, recipe.layer_density),
+        ("reprune-method", config.schedule.reprune_method, recipe.reprune_method)) if theirs != "auto" and ours != theirs
+        and not (name == "reprune-method" and config.schedule.kind == "oneshot")]  # (no later prunes to differ in)
     if not math.isclose(train.lr, recipe.base_lr * math.sqrt(train.batch_size), rel_tol=1e-6):
         differs.append(f"lr {_lr(train.lr)}" + (f" (derived: {_lr(train.lr / math.sqrt(train.batch_size))} × "
                                                 "√batch)" if train.lr_derived else ""))
@@ -133,12 +142,13 @@ def recipe_note(config: RunConfig) -> str | None:
     recipe, train = measured_recipe(config.prune.density), config.train
     if recipe is None or not (train.recipe == "measured" or train.lr_derived):
         return None
-    measured = (f"{recipe.perplexity:.2f} with {recipe.flags()} and lr {_lr(recipe.lr)} at batch {MEASURED_BATCH} "
+    measured = (f"{recipe.at(recipe.batch) or f'{recipe.perplexity:.2f}'} with {recipe.flags()} and lr {_lr(recipe.base_lr * math.sqrt(recipe.batch))} "
+                f"at batch {recipe.batch} "
                 f"(SmolLM2-135M-Instruct, the full WikiText-2 test protocol, 25.6M training tokens on 2.3M tokens "
                 f"of text, BENCHMARKS.md)")
     differs = _differences(config, recipe)
     if train.recipe == "measured":
-        here = recipe.at(train.batch_size) if train.batch_size != MEASURED_BATCH and not differs else None
+        here = recipe.at(train.batch_size) if train.batch_size != recipe.batch and not differs else None
         return (f"Recipe: measured near density {recipe.density:g}, {measured}; " +
                 ("overridden here: " + ", ".join(differs) if differs else
                  f"trained here at lr {_lr(train.lr)} (batch {train.batch_size}, the √batch rule)") +

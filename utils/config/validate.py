@@ -268,7 +268,9 @@ def _apply_recipe(args: argparse.Namespace) -> list[str]:
             problems.append(f"argument --recipe measured: no recovery was measured near density {args.sparsity:g} "
                             f"(rows up to {RECIPES[-1].up_to:g}, utils/config/recipes.py); drop --recipe measured")
         else:
-            for name, value in recipe.settings().items():
+            for name, value in recipe.settings().items():  # (the schedule before its reprune method)
+                if name == "reprune_method" and args.schedule == "oneshot":
+                    continue  # a one-shot schedule given explicitly has no later prunes
                 if getattr(args, name) in (None, "auto") and not (name == "base_lr" and args.lr is not None):
                     setattr(args, name, value)
     args.schedule = args.schedule or "oneshot"
