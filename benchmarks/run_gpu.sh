@@ -121,9 +121,12 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 # Issue 26's full budget at batch 4 (docs/benchmark-log.md, "Wanda updates against magnitude over the full budget"),
 # one call of 562 s (magnitude finished in 543 s; wanda, at 3.2 s an update, was at step 3,930 when the machine went):
 #   BATCH=4 SKIP_PRUNE=1 SEED=0, "measured-mag@0.1" and "measured-wanda@0.1" started with setsid (as `detach` does)
-# Next: wanda at 0.1, SEED=0 and SEED=1, detached, with `watch` calls sent in the same message (about 12,500 steps
-# at 45 steps/s plus 149 updates: 8–15 minutes alone); then 0.05 with whichever criterion wins; measured-wanda-owl@0.1;
-# and measured@0.3 again (its iterative stages re-prune layer by layer on the GPU only from 5fc5264: autocast's cache).
+# Wanda at 0.1, SEED=0 and SEED=1 (docs/benchmark-log.md, "Wanda updates over the full budget, two seeds"): one
+# H100 lease, both detached at once in call 3 after `decode` (timeout 360) in call 2, then `watch 555` and `watch 560`
+# sent in the same message; 788 s wall each. Then, 25 s of it, `bench_prune.py --updates` and `bench_decode.py two-four`.
+# Next: measured@0.05 (the 0.1 row's recipe: wanda updates now), measured-wanda-owl@0.1, measured-ramp40/80@0.1, two
+# seeds each; measured@0.3 again (its iterative stages re-prune layer by layer on the GPU only from 5fc5264); and
+# `decode` with the whole call (its model table at opt-6.7b 0.1 and the SmolLM2 perplexity were cut at 360 s).
 # Issue 24 in the same lease, BEFORE the training runs (its times need the GPU to itself): in call 2,
 # `timeout 540 bash benchmarks/run_gpu.sh decode` (gathers, then the tiled bitmask kernel's first times; its JSON is
 # kept after every section); in call 3, `timeout 200 bash benchmarks/run_gpu.sh updates` (a gradual update's cost,
