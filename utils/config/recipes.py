@@ -124,11 +124,11 @@ def _lr(value: float) -> str:
 def _differences(config: RunConfig, recipe: MeasuredRecipe) -> list[str]:
     """This run's settings where they are not the recipe's (the lr compared under the √batch rule)."""
     train = config.train
-    differs = [f"--{name} {ours}" for name, ours, theirs in (
-        ("loss", config.loss.kind, recipe.loss), ("schedule", config.schedule.kind, recipe.schedule),
-        ("layer-density", config.prune.layer_density, recipe.layer_density),
-        ("reprune-method", config.schedule.reprune_method, recipe.reprune_method)) if theirs != "auto" and ours != theirs
-        and not (name == "reprune-method" and config.schedule.kind == "oneshot")]  # (no later prunes to differ in)
+    settings = [("loss", config.loss.kind, recipe.loss), ("schedule", config.schedule.kind, recipe.schedule),
+                ("layer-density", config.prune.layer_density, recipe.layer_density)]
+    if config.schedule.kind != "oneshot":  # only later prunes have a method to differ in
+        settings.append(("reprune-method", config.schedule.reprune_method, recipe.reprune_method))
+    differs = [f"--{name} {ours}" for name, ours, theirs in settings if theirs != "auto" and ours != theirs]
     if not math.isclose(train.lr, recipe.base_lr * math.sqrt(train.batch_size), rel_tol=1e-6):
         differs.append(f"lr {_lr(train.lr)}" + (f" (derived: {_lr(train.lr / math.sqrt(train.batch_size))} × "
                                                 "√batch)" if train.lr_derived else ""))
@@ -142,7 +142,8 @@ def recipe_note(config: RunConfig) -> str | None:
     recipe, train = measured_recipe(config.prune.density), config.train
     if recipe is None or not (train.recipe == "measured" or train.lr_derived):
         return None
-    measured = (f"{recipe.at(recipe.batch) or f'{recipe.perplexity:.2f}'} with {recipe.flags()} and lr {_lr(recipe.base_lr * math.sqrt(recipe.batch))} "
+    headline = recipe.at(recipe.batch) or f"{recipe.perplexity:.2f}"  # its seeds, where it names them
+    measured = (f"{headline} with {recipe.flags()} and lr {_lr(recipe.base_lr * math.sqrt(recipe.batch))} "
                 f"at batch {recipe.batch} "
                 f"(SmolLM2-135M-Instruct, the full WikiText-2 test protocol, 25.6M training tokens on 2.3M tokens "
                 f"of text, BENCHMARKS.md)")
