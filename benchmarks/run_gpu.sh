@@ -154,6 +154,10 @@ recipe() {  # $1 name, $2 density
     --eval-batch-size 8 --output-dir "$(run_dir "$1" "$2")" ${RECIPE[$1]} ${EXTRA:-}
   echo "wall_seconds $((SECONDS - start))"
 }
+keep_results() {  # every run's json to $OUT/runs.tgz, and the logs of the detached runs to $OUT/logs.tgz
+  find runs \( -name '*.json' -o -name '*.jsonl' \) 2>/dev/null | tar czf "$OUT/runs.tgz" -T -
+  [ -d "${WATCH:-/tmp/res}" ] && tar czf "$OUT/logs.tgz" -C "${WATCH:-/tmp/res}" .
+}
 run_dir() { echo "runs/$1-$2${BATCH:+-bs$BATCH}$([ "${SEED:-0}" = 0 ] || echo "-seed$SEED")"; }
 case "${1:-bench}" in
   recipes)  # each NAME@DENSITY of $2 at once on one GPU (pruned first, one density at a time)
@@ -181,8 +185,9 @@ case "${1:-bench}" in
       for log in ${WATCH:-/tmp/res}/*/*.log; do
         echo "$(date +%T) $log: $(tr '\r' '\n' < "$log" | grep -a -E 'Epoch [0-9]+(/|:)' | tail -1 | cut -c1-110)"
       done
+      keep_results  # at every report: a call cut at its limit still brings back what the runs have written
     done
-    find runs \( -name '*.json' -o -name '*.jsonl' \) | tar czf "$OUT/runs.tgz" -T - ;;
+    keep_results ;;
   bench)
     python3 benchmarks/bench_eval.py 2>&1 | tee "$OUT/bench_eval.log"
     python3 benchmarks/bench_train.py --smollm2 "$GGUF" 2>&1 | tee "$OUT/bench_train.log"
