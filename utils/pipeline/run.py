@@ -199,11 +199,8 @@ def _finished(folder: RunFolder, logger: MetricsLogger, identity: dict, train: T
     its summary from results.json instead of starting it again; a command that would change the
     run is refused as for any resume (its identity is run.json's)."""
     output = folder.path
-    try:
-        results = json.loads((output / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(results, dict) or results.get("finished") is not True:
+    results = _results(output)
+    if results is None or results.get("finished") is not True:
         return False
     try:
         saved = json.loads((output / "run.json").read_text(encoding="utf-8")).get("identity", {})
@@ -230,13 +227,19 @@ def _refuse_changes(folder: RunFolder, saved: dict, identity: dict) -> None:
 def _delivered(output: Path, train_state: dict) -> bool:
     """Whether a finished run also wrote what comes after its last epoch: results.json of all its
     epochs, not interrupted (a stop during the export leaves the last epoch's, in progress)."""
+    results = _results(output)
+    return results is not None and (results.get("interrupted") is False and results.get("epochs_completed") == train_state["epoch"] - 1
+            and results.get("finished") is not False and not results.get("in_progress")  # an epoch's, not the end's
+            and "export_error" not in results)  # a failed export: again
+
+
+def _results(output: Path) -> dict | None:
+    """results.json of the run in `output`, or None where it is missing, damaged or not an object."""
     try:
         results = json.loads((output / "results.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return (results.get("interrupted") is False and results.get("epochs_completed") == train_state["epoch"] - 1
-            and results.get("finished") is not False and not results.get("in_progress")  # an epoch's, not the end's
-            and "export_error" not in results)  # a failed export: again
+        return None
+    return results if isinstance(results, dict) else None
 
 
 def _check_resume(config: RunConfig, folder: RunFolder, identity: dict) -> dict | None:
