@@ -76,6 +76,7 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [measured-mag-1ep]="--recipe measured --train-source $MIX --reprune-method magnitude --epochs 1"  # screens
   [measured-sgpt-1ep]="--recipe measured --train-source $MIX --reprune-method sparsegpt --epochs 1"
   [measured-wanda-1ep]="--recipe measured --train-source $MIX --reprune-method wanda --epochs 1"
+  [measured-kernels]="--recipe measured --train-source $MIX --kernels sparse"  # + the export through both kernels
   [measured-wanda-owl]="--recipe measured --train-source $MIX --reprune-method wanda --layer-density owl"  # 0.1
   [measured-2ep]="--recipe measured --train-source $MIX --epochs 2 --kernels sparse"  # a shorter budget near dense
   # issue 26's sweeps around the measured recipe (BATCH=4: its lr is 4.24e-4); gradual ones at 0.1
