@@ -192,7 +192,7 @@ def test_the_recipe_note_names_the_measured_recipe_and_where_a_run_at_the_brief_
     if note is None:
         return
     recipe = measured_recipe(config.prune.density)
-    assert f"is {recipe.perplexity:.2f}" in note and f" with --loss {recipe.loss}" in note
+    assert f"is {recipe.at(recipe.batch)} with" in note and f" with --loss {recipe.loss}" in note
     assert "lr 1.0e-5 (derived: 5.0e-6 × √batch)" in note and config.train.lr == pytest.approx(5e-6 * 2)
     for name in names:  # the recipe's flag, then this run's value that differs
         assert name in note
@@ -271,7 +271,7 @@ def test_the_job_with_recipe_measured_trains_the_row_it_prints(tmp_path, tiny_ll
     out = tmp_path / "run"
     assert main(job_args(tiny_llama_dir, text_file, out, "--recipe", "measured")) == 0
     printed = capsys.readouterr().out
-    assert f"Recipe: measured near density 0.3, {recipe.perplexity:.2f} with {recipe.flags()}" in printed
+    assert f"Recipe: measured near density 0.3, {recipe.at(recipe.batch)} with {recipe.flags()}" in printed
     assert f"Sparsity schedule: {recipe.schedule}: 0.5 (step 0)" in printed and "Loss: distillation" in printed
     assert f"lr {recipe.lr / 2 ** 0.5:.3g}" in printed  # batch 4: the measured lr at batch 8 under √batch
     stages = [e for e in events_of(out) if e["event"] == "stage"]
@@ -313,9 +313,11 @@ def test_loss_auto_trains_with_the_loss_measured_best_near_the_density_and_an_ex
 
 def test_a_recipe_measured_at_another_batch_reports_the_mean_of_its_seeds():
     from utils.config.recipes import MeasuredRecipe
-    row = MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4, 66.77, "", at_batch=((4, (68.79, 68.52)), (2, (70.0,))))
+    row = MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4, "", ((4, (68.79, 68.52)), (2, (70.0,))), batch=4)
     assert row.at(4) == "68.66 (mean of 2 seeds: 68.79, 68.52)"  # (68.79 + 68.52) / 2 = 68.655
-    assert row.at(2) == "70.00 (one seed)" and row.at(16) is None
+    assert row.at(2) == "70.00 (one seed)" and row.at(16) is None and row.seeds(2) == (70.0,)
+    with pytest.raises(ValueError, match="no measurement at its batch 8"):  # a headline is a measurement
+        MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4, "", ((4, (68.79, 68.52)),))
 
 
 def test_measured_recipes_cover_their_bands_in_order():

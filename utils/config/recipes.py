@@ -37,12 +37,19 @@ class MeasuredRecipe:
     schedule: str
     layer_density: str  # "auto" where the measured run left it so, else the --layer-density it named
     lr: float  # at MEASURED_BATCH
-    perplexity: float  # at `batch` (a mean where several seeds were run)
     compared: str  # what other recipes measured on the same budget
-    # the same recipe (`--recipe measured`) measured at other batch sizes: (batch, best perplexity of each seed)
-    at_batch: tuple[tuple[int, tuple[float, ...]], ...] = ()
+    # what this recipe (`--recipe measured`) gave: (batch, best perplexity of each seed), a batch per entry
+    measured: tuple[tuple[int, tuple[float, ...]], ...]
     reprune_method: str = "auto"  # the --reprune-method of its later prunes
-    batch: int = MEASURED_BATCH  # the batch `perplexity` was measured at
+    batch: int = MEASURED_BATCH  # the batch of the headline (the mean of its seeds): the recipe was chosen there
+
+    def __post_init__(self) -> None:
+        if self.seeds(self.batch) is None:
+            raise ValueError(f"the recipe at density {self.density:g} has no measurement at its batch {self.batch}")
+
+    def seeds(self, batch: int) -> tuple[float, ...] | None:
+        """The best perplexity of each seed measured at `batch`, or None (not measured there)."""
+        return dict(self.measured).get(batch)
 
     @property
     def base_lr(self) -> float:
@@ -55,12 +62,11 @@ class MeasuredRecipe:
 
     def at(self, batch: int) -> str | None:
         """What `--recipe measured` gave at `batch`, in words: "68.66 (mean of 2 seeds: 68.79, 68.52)"."""
-        for measured_batch, seeds in self.at_batch:
-            if measured_batch == batch:
-                mean = sum(seeds) / len(seeds)
-                return f"{mean:.2f}" + (f" (mean of {len(seeds)} seeds: {', '.join(f'{p:.2f}' for p in seeds)})"
+        seeds = self.seeds(batch)
+        if seeds is None:
+            return None
+        return f"{_mean(seeds):.2f}" + (f" (mean of {len(seeds)} seeds: {', '.join(f'{p:.2f}' for p in seeds)})"
                                         if len(seeds) > 1 else " (one seed)")
-        return None
 
     def flags(self) -> str:
         """The settings as flags, less the lr and those at their default: "--loss kd --schedule gradual"."""
@@ -70,20 +76,20 @@ class MeasuredRecipe:
 
 
 RECIPES = (
-    MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4, 61.22,
+    MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4,
                    "the same with magnitude updates 68.66 at batch 4 (seeds 0 and 1: 68.79, 68.52) and 66.77 at "
                    "batch 8; iterative at the same lr 75.45, iterative + OWL 76.72, one-shot OWL 79.54; gradual at "
                    "the derived lr 464.1 after one epoch, one-shot 286.1",
-                   at_batch=((4, (61.31, 61.13)),), reprune_method="wanda", batch=4),  # seeds 0 and 1 (issue 26)
-    MeasuredRecipe(0.3, 0.4, "kd", "iterative", "owl", 6e-4, 32.56,
+                   measured=((4, (61.31, 61.13)),), reprune_method="wanda", batch=4),  # seeds 0 and 1 (issue 26)
+    MeasuredRecipe(0.3, 0.4, "kd", "iterative", "owl", 6e-4,
                    "iterative without OWL at the same lr 33.28, gradual 34.18, one-shot OWL 34.91; cross-entropy "
                    "on wiki.valid alone at the derived lr 47.90",
-                   at_batch=((4, (32.86,)),)),
-    MeasuredRecipe(0.5, 0.6, "ce+kd", "oneshot", "auto", 5e-5, 22.16,
+                   measured=((8, (32.56,)), (4, (32.86,)))),
+    MeasuredRecipe(0.5, 0.6, "ce+kd", "oneshot", "auto", 5e-5,
                    "at 5e-5 cross-entropy 23.29, distillation 26.31, iterative + OWL from 0.8 22.92, gradual "
                    "24.73; at the derived lr CE + KD 22.82, cross-entropy 23.19, cross-entropy on wiki.valid alone "
                    "25.32",
-                   at_batch=((4, (22.62,)),)),  # best after epoch 2 of 5; the run ended at 23.20
+                   measured=((8, (22.16,)), (4, (22.62,)))),  # batch 4: best after epoch 2 of 5, the end 23.20
 )
 
 
@@ -117,6 +123,10 @@ def auto_loss_rule() -> str:
     return ", ".join([*words, f"{groups[-1][0]} above" if words else groups[-1][0]])
 
 
+def _mean(values: tuple[float, ...]) -> float:
+    return sum(values) / len(values)
+
+
 def _lr(value: float) -> str:
     return f"{value:.1e}".replace("e-0", "e-")  # 6.0e-4, 2.1e-4
 
@@ -142,8 +152,7 @@ def recipe_note(config: RunConfig) -> str | None:
     recipe, train = measured_recipe(config.prune.density), config.train
     if recipe is None or not (train.recipe == "measured" or train.lr_derived):
         return None
-    headline = recipe.at(recipe.batch) or f"{recipe.perplexity:.2f}"  # its seeds, where it names them
-    measured = (f"{headline} with {recipe.flags()} and lr {_lr(recipe.base_lr * math.sqrt(recipe.batch))} "
+    measured = (f"{recipe.at(recipe.batch)} with {recipe.flags()} and lr {_lr(recipe.base_lr * math.sqrt(recipe.batch))} "
                 f"at batch {recipe.batch} "
                 f"(SmolLM2-135M-Instruct, the full WikiText-2 test protocol, 25.6M training tokens on 2.3M tokens "
                 f"of text, BENCHMARKS.md)")
