@@ -184,6 +184,28 @@ def test_compare_three_runs_one_table_per_protocol(tmp_path, finished, tiny_llam
     assert "running has no results.json yet: a training run writes it after its first epoch" in capsys.readouterr().err
 
 
+def test_compare_reports_the_runs_that_differ_only_in_their_seed_as_mean_and_spread(tmp_path, finished, tiny_llama_dir,
+                                                                                      text_file, capsys):
+    run, _ = finished
+    seed1, other = tmp_path / "seed1", tmp_path / "seed2-lr"
+    assert main(job_args(tiny_llama_dir, text_file, seed1, "--seed", "1")) == 0
+    assert main(job_args(tiny_llama_dir, text_file, other, "--seed", "2", "--lr", "1e-4")) == 0  # another setting
+    capsys.readouterr()
+    report = tmp_path / "report"
+    assert cli("--compare", run, seed1, other, "--output-dir", report) == 0
+    printed = capsys.readouterr().out
+    best = [json.loads((folder / "results.json").read_text())["best"]["perplexity"] for folder in (run, seed1)]
+    mean, sd = (best[0] + best[1]) / 2, abs(best[0] - best[1]) / 2 ** 0.5  # two values: |a - b| / √2
+    group, = json.loads((report / "comparison.json").read_text())["seed_groups"]
+    assert group["runs"] == ["finished-run", "seed1"] and group["seeds"] == [0, 1] and group["best"] == best
+    assert group["mean"] == pytest.approx(mean) and group["sd"] == pytest.approx(sd)
+    section = printed.split("## Seeds of one setting", 1)[1]
+    assert f"| finished-run, seed1 | 0, 1 | {mean:.2f} ± {sd:.2f} | {min(best):.2f}–{max(best):.2f} |" in section
+    assert "seed2-lr" not in section and "| seed2-lr |" in printed  # in the table, in no group
+    assert cli("--compare", run, other, "--output-dir", tmp_path / "report2") == 0
+    assert "Seeds of one setting" not in capsys.readouterr().out  # nothing alike: no section
+
+
 def test_the_markdown_never_puts_a_quick_look_beside_the_paper_protocol(finished):
     row = read_row(finished[0])
     row.protocol = "paper"

@@ -3,6 +3,10 @@
     python extreme_compression_experiment.py --compare runs/a runs/b runs/c [--output-dir runs/comparison]
     rows = compare_runs([Path("runs/a"), Path("runs/b")], Path("runs/comparison"))
 
+Runs whose run.json settings are the same but for --seed are also summarized together: the mean
+of their best perplexities and the spread (sample standard deviation, range), the way a recipe
+is reported over seeds.
+
 Quick looks (--eval-windows) are never mixed with the papers' protocol: they get a table (and a
 panel) of their own, and so does every other protocol (another text, window length or stride).
 """
@@ -78,6 +82,52 @@ def read_row(folder: Path) -> Row:
                epochs=[(e["epoch"], e["perplexity"]) for e in results.get("epochs") or []])
 
 
+@dataclass
+class SeedGroup:
+    """Runs of one setting that differ only in --seed (run.json's identity less the seed): what
+    a recipe gives, as the mean of its seeds and their spread."""
+    runs: list[str]
+    seeds: list
+    best: list[float]
+    dense: float | None
+
+    @property
+    def mean(self) -> float:
+        return sum(self.best) / len(self.best)
+
+    @property
+    def sd(self) -> float:
+        """The sample standard deviation of the seeds' best perplexities."""
+        return (sum((value - self.mean) ** 2 for value in self.best) / (len(self.best) - 1)) ** 0.5
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "mean": self.mean, "sd": self.sd}
+
+
+def seed_groups(folders: list[Path], rows: list[Row]) -> list[SeedGroup]:
+    """The training runs among `rows` whose settings are the same but for the seed, two or more a
+    group, in the order of their first run; a run without a readable run.json joins none."""
+    groups: dict[str, SeedGroup] = {}
+    for folder, row in zip(folders, rows):
+        identity = _run_json(folder).get("identity")
+        if row.mode != "train" or not isinstance(identity, dict) or not finite_number(row.best):
+            continue
+        setting = json.dumps({name: value for name, value in identity.items() if name != "seed"}, sort_keys=True)
+        group = groups.setdefault(setting, SeedGroup([], [], [], row.dense))
+        group.runs.append(row.run)
+        group.seeds.append(identity.get("seed"))
+        group.best.append(row.best)
+    return [group for group in groups.values() if len(group.runs) > 1]
+
+
+def _run_json(folder: Path) -> dict:
+    try:
+        data = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _status(results: dict) -> str:
     if results.get("mode") not in (None, "train"):
         return str(results["mode"])
@@ -97,7 +147,7 @@ def _protocol(results: dict, folder: Path) -> str:
     protocol = results.get("protocol")
     if protocol is None:
         try:
-            config = json.loads((folder / "run.json").read_text(encoding="utf-8"))["config"]["eval"]
+            config = _run_json(folder)["config"]["eval"]
             protocol = {"source": config["source"], "token_length": config["token_length"],
                         "stride": config.get("stride") or config["token_length"], "windows": config.get("windows"),
                         "paper": config.get("windows") is None}
@@ -123,8 +173,9 @@ def table_line(row: Row) -> str:
             f"{(f'{row.export_bytes / 2**20:,.1f} MiB') if finite_number(row.export_bytes) else '-'} | {row.status} |")
 
 
-def markdown(rows: list[Row]) -> str:
-    """One table per protocol, the papers' first; quick looks are never in the same table."""
+def markdown(rows: list[Row], seeds: list[SeedGroup] = ()) -> str:
+    """One table per protocol, the papers' first; quick looks are never in the same table. Then
+    the runs that differ only in their seed, as the mean and spread of their best perplexity."""
     groups: dict[str, list[Row]] = {}
     for row in rows:
         groups.setdefault(row.protocol, []).append(row)
@@ -136,24 +187,36 @@ def markdown(rows: list[Row]) -> str:
                  "Protocol not recorded (older runs): not comparable with the other tables" if
                  protocol == NOT_RECORDED else f"{protocol}: another protocol")
         parts += [f"## {title}", "", HEADER, *(table_line(row) for row in groups[protocol]), ""]
+    if seeds:
+        parts += ["## Seeds of one setting (the runs' settings are the same but for --seed)", "",
+                  "| runs | seeds | best: mean ± sd | range | × dense |", "| --- | --- | ---: | ---: | ---: |",
+                  *(seed_line(group) for group in seeds), ""]
     parts.append("Perplexity: lower is better. × dense: the best perplexity over the dense model's, measured in "
                  "the same run. Every number is the run's results.json.")
     return "\n".join(parts) + "\n"
 
 
+def seed_line(group: SeedGroup) -> str:
+    times = f"{group.mean / group.dense:.2f}×" if finite_number(group.dense) and group.dense else "-"
+    return (f"| {', '.join(group.runs)} | {', '.join(str(seed) for seed in group.seeds)} | "
+            f"{group.mean:.2f} ± {group.sd:.2f} | {min(group.best):.2f}–{max(group.best):.2f} | {times} |")
+
+
 def compare_runs(folders: list[Path], output: Path) -> tuple[list[Row], list[Path]]:
     """Write comparison.md, comparison.json and (with matplotlib) comparison.png into `output`;
     returns the rows and the files written."""
-    rows = [read_row(Path(folder)) for folder in folders]
+    folders = [Path(folder) for folder in folders]
+    rows = [read_row(folder) for folder in folders]
+    seeds = seed_groups(folders, rows)
     if (output / "results.json").exists():
         raise ReportError(f"--output-dir {output} holds a run's results; the comparison goes into a folder of its "
                           "own (default runs/comparison)")
     output.mkdir(parents=True, exist_ok=True)
     written = [output / "comparison.md", output / "comparison.json"]
     tmp = written[0].with_name("comparison.md.tmp")
-    tmp.write_text(markdown(rows), encoding="utf-8")
+    tmp.write_text(markdown(rows, seeds), encoding="utf-8")
     tmp.replace(written[0])  # a reader never sees half a table
-    write_json(written[1], {"runs": [asdict(row) for row in rows]})
+    write_json(written[1], {"runs": [asdict(row) for row in rows], "seed_groups": [group.to_json() for group in seeds]})
     picture = _plot(rows, output / "comparison.png")
     return rows, written + ([picture] if picture else [])
 
@@ -191,7 +254,7 @@ def run_compare(folders: list[str], output: str | None, stream) -> int:
     except ReportError as error:
         print(f"error: {error}", file=stream)
         return 2
-    print(markdown(rows), end="")
+    print(written[0].read_text(encoding="utf-8"), end="")
     print("Written: " + ", ".join(str(path) for path in written))
     if not any(path.suffix == ".png" for path in written):
         print(f"No comparison.png: {PLOTS_MISSING}")
