@@ -370,7 +370,30 @@ def linears_table(args, bandwidth: float) -> dict:
                     f"({reference[16] / row[16]:.2f}x) | {row['prefill'] * 1e6:.0f} ({reference[2048] / row['prefill']:.2f}x) |")
             del layer
     log(f"(copy bandwidth {bandwidth / 1e9:.0f} GB/s read + write: a layer's bytes over it is its floor)")
+    log("\n## where the time of one row goes: seconds = fixed + bytes / bandwidth, fitted over the densities")
+    for name in args.shapes:
+        for layout in LAYOUTS:
+            rows = [table[key] for key in table if key.startswith(f"{name} ") and key.endswith(f" {layout}")]
+            if len(rows) > 1:
+                fixed, streaming = cost_fit([(row["mb"] * 1e6, row[1]) for row in rows])
+                last = rows[-1]  # density 0.1
+                log(f"{name} {layout} M=1: {fixed * 1e6:.1f} µs a layer whatever its bytes "
+                    f"({fixed / len(layer_shapes(name)) * 1e6:.1f} µs a linear), then {streaming / 1e9:,.0f} GB/s "
+                    f"({streaming / bandwidth:.0%} of copy); at density 0.1 the fixed part is "
+                    f"{fixed / last[1]:.0%} of {last[1] * 1e6:.1f} µs")
     return table
+
+
+def cost_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """The least-squares line seconds = fixed + bytes / bandwidth through (bytes, seconds) points:
+    (fixed seconds, bandwidth in bytes/s). A kernel bound by its bytes has fixed ≈ 0; a large fixed
+    part is the per-call cost (launch, the first loads' latency, the last wave) no byte saved removes."""
+    n = len(points)
+    mean_bytes = sum(b for b, _ in points) / n
+    mean_seconds = sum(s for _, s in points) / n
+    slope = sum((b - mean_bytes) * (s - mean_seconds) for b, s in points) / \
+        sum((b - mean_bytes) ** 2 for b, _ in points)
+    return mean_seconds - slope * mean_bytes, 1 / slope
 
 
 def break_even(args) -> SparseRule:

@@ -334,3 +334,17 @@ def test_the_librarys_load_compressed_takes_the_kernels_and_the_device(tmp_path)
         assert torch.allclose(dense(ids).logits, model(ids).logits, atol=1e-5)
     with pytest.raises(ValueError, match="kernels is 'dense' or 'sparse'"):
         extreme_compression.load_compressed(tmp_path / "export", kernels="fast")
+
+
+def test_the_decode_benchmarks_cost_fit_splits_a_fixed_part_from_the_bytes_rate():
+    """bench_decode.py's fit of a layer's time over its densities: seconds = fixed + bytes / bandwidth."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).parents[1] / "benchmarks" /
+                                                  "bench_decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    megabytes = [85.6e6, 249.0e6, 410.7e6]  # one opt-6.7b layer in col16 at densities 0.1, 0.3, 0.5
+    fixed, bandwidth = bench.cost_fit([(b, 23e-6 + b / 3.0e12) for b in megabytes])
+    assert fixed == pytest.approx(23e-6, rel=1e-6) and bandwidth == pytest.approx(3.0e12, rel=1e-6)
+    fixed, bandwidth = bench.cost_fit([(b, b / 2.5e12 + noise) for b, noise in zip(megabytes, (1e-7, -1e-7, 1e-7))])
+    assert abs(fixed) < 5e-7 and bandwidth == pytest.approx(2.5e12, rel=1e-2)  # bound by its bytes: no fixed part
