@@ -128,6 +128,10 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 # Next: measured@0.05 (the 0.1 row's recipe: wanda updates now), measured-wanda-owl@0.1, measured-ramp40/80@0.1, two
 # seeds each; measured@0.3 again (its iterative stages re-prune layer by layer on the GPU only from 5fc5264); and
 # `decode` with the whole call (its model table at opt-6.7b 0.1 and the SmolLM2 perplexity were cut at 360 s).
+# The session after (1f438df..) got no machine: six starts failed (H100 and H200), 1,411 s of its 1,800 spent on them.
+# Its plan, for a lease of ~1,500 s: in the call after staging, SEED=0 OUT=/tmp/res/a detach "measured@0.05" and
+# SEED=1 OUT=/tmp/res/b detach "measured-kernels@0.05 measured-2ep@0.5" (two seeds of 0.05; the shorter budget at
+# 0.5 against seed 1's 22.62 after epoch 2 of 5; the recovered 0.05 export through both kernels), then watch.
 # Issue 24 in the same lease, BEFORE the training runs (its times need the GPU to itself): in call 2,
 # `timeout 540 bash benchmarks/run_gpu.sh decode` (gathers, then the tiled bitmask kernel's first times; its JSON is
 # kept after every section); in call 3, `timeout 200 bash benchmarks/run_gpu.sh updates` (a gradual update's cost,
