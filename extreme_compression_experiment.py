@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write --model (e.g. a run's best/ folder) in --export's format (compressed, dense), nothing else")
     mode.add_argument("--compare", nargs="+", metavar="RUN", default=None,
                       help="compare run folders: a markdown table, a JSON file and a plot of their results.json "
-                           "into --output-dir (default runs/comparison); quick looks get a table of their own, and runs "
-                           "that differ only in --seed their mean ± sd")
+                           "into --output-dir (default runs/comparison); quick looks get a table of their own, and finished "
+                           "runs whose run identities differ only in --seed their mean ± sd")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="opt-125m",

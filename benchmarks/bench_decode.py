@@ -374,8 +374,11 @@ def linears_table(args, bandwidth: float) -> dict:
     for name in args.shapes:
         for layout in LAYOUTS:
             rows = [table[key] for key in table if key.startswith(f"{name} ") and key.endswith(f" {layout}")]
-            if len(rows) > 1:
-                fixed, streaming = cost_fit([(row["mb"] * 1e6, row[1]) for row in rows])
+            fit = cost_fit([(row["mb"] * 1e6, row[1]) for row in rows]) if len(rows) > 1 else None
+            if fit is None:
+                log(f"{name} {layout} M=1: not bound by its bytes (its time does not grow with them)")
+            else:
+                fixed, streaming = fit
                 last = rows[-1]  # density 0.1
                 log(f"{name} {layout} M=1: {fixed * 1e6:.1f} µs a layer whatever its bytes "
                     f"({fixed / len(layer_shapes(name)) * 1e6:.1f} µs a linear), then {streaming / 1e9:,.0f} GB/s "
@@ -384,16 +387,17 @@ def linears_table(args, bandwidth: float) -> dict:
     return table
 
 
-def cost_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+def cost_fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
     """The least-squares line seconds = fixed + bytes / bandwidth through (bytes, seconds) points:
-    (fixed seconds, bandwidth in bytes/s). A kernel bound by its bytes has fixed ≈ 0; a large fixed
-    part is the per-call cost (launch, the first loads' latency, the last wave) no byte saved removes."""
+    (fixed seconds, bandwidth in bytes/s), or None where the time does not grow with the bytes (or
+    the bytes do not vary). A kernel bound by its bytes has fixed ≈ 0; a large fixed part is a cost
+    no byte saved removes (per call or per program: launch, latency, the last wave)."""
     n = len(points)
     mean_bytes = sum(b for b, _ in points) / n
     mean_seconds = sum(s for _, s in points) / n
-    slope = sum((b - mean_bytes) * (s - mean_seconds) for b, s in points) / \
-        sum((b - mean_bytes) ** 2 for b, _ in points)
-    return mean_seconds - slope * mean_bytes, 1 / slope
+    spread = sum((b - mean_bytes) ** 2 for b, _ in points)
+    slope = sum((b - mean_bytes) * (s - mean_seconds) for b, s in points) / spread if spread else 0.0
+    return (mean_seconds - slope * mean_bytes, 1 / slope) if slope > 0 else None
 
 
 def break_even(args) -> SparseRule:

@@ -159,9 +159,12 @@ recipe() {  # $1 name, $2 density
     --eval-batch-size 8 --output-dir "$(run_dir "$1" "$2")" ${RECIPE[$1]} ${EXTRA:-}
   echo "wall_seconds $((SECONDS - start))"
 }
-keep_results() {  # every run's json to $OUT/runs.tgz, and the logs of the detached runs to $OUT/logs.tgz
-  find runs \( -name '*.json' -o -name '*.jsonl' \) 2>/dev/null | tar czf "$OUT/runs.tgz" -T -
-  [ -d "${WATCH:-/tmp/res}" ] && tar czf "$OUT/logs.tgz" -C "${WATCH:-/tmp/res}" .
+keep_results() {  # every run's json to $OUT/runs.tgz, the detached runs' logs to $OUT/logs.tgz (whole or the last)
+  find runs \( -name '*.json' -o -name '*.jsonl' \) 2>/dev/null | tar czf "$OUT/runs.tgz.tmp" -T - \
+    && mv "$OUT/runs.tgz.tmp" "$OUT/runs.tgz"
+  if [ -d "${WATCH:-/tmp/res}" ]; then
+    tar czf "$OUT/logs.tgz.tmp" -C "${WATCH:-/tmp/res}" . && mv "$OUT/logs.tgz.tmp" "$OUT/logs.tgz"
+  fi
 }
 run_dir() { echo "runs/$1-$2${BATCH:+-bs$BATCH}$([ "${SEED:-0}" = 0 ] || echo "-seed$SEED")"; }
 case "${1:-bench}" in

@@ -411,3 +411,17 @@ def test_a_run_with_a_bos_per_window_records_it(tmp_path, tiny_llama_dir, text_f
     assert results["bos_per_window"] is True and results["final"] != results["baseline"]
     # the cache key names BOS; at density 0.3 the default layer rule is OWL (λ 0.08, M 5)
     assert pruned_folder(tmp_path / "pruned", folder.name, 0.3, "sparsegpt-owl-0.08-5-bos").exists()
+
+
+def test_a_finished_run_whose_results_json_is_not_an_object_writes_it_again_on_resume(tmp_path, tiny_llama_dir,
+                                                                                       text_file, capsys):
+    out = tmp_path / "run"
+    assert main(job_args(tiny_llama_dir, text_file, out, "--keep-state")) == 0
+    results = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text("[]")  # valid JSON, not a results file: not delivered
+    capsys.readouterr()
+    assert main(job_args(tiny_llama_dir, text_file, out, "--resume", "--keep-state")) == 0
+    assert "finished training but stopped before its results were all written" in capsys.readouterr().out
+    again = json.loads((out / "results.json").read_text())
+    assert again["finished"] is True and [e["perplexity"] for e in again["epochs"]] == \
+        [e["perplexity"] for e in results["epochs"]]

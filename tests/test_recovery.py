@@ -193,6 +193,8 @@ def test_the_recipe_note_names_the_measured_recipe_and_where_a_run_at_the_brief_
         return
     recipe = measured_recipe(config.prune.density)
     assert f"is {recipe.at(recipe.batch)} with" in note and f" with --loss {recipe.loss}" in note
+    seeds = dict(recipe.measured)[recipe.batch]  # the headline is the mean of the seeds at the row's batch
+    assert f"is {sum(seeds) / len(seeds):.2f} (" in note and f"at batch {recipe.batch} (" in note
     assert "lr 1.0e-5 (derived: 5.0e-6 × √batch)" in note and config.train.lr == pytest.approx(5e-6 * 2)
     for name in names:  # the recipe's flag, then this run's value that differs
         assert name in note

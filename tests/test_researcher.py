@@ -191,8 +191,19 @@ def test_compare_reports_the_runs_that_differ_only_in_their_seed_as_mean_and_spr
     assert main(job_args(tiny_llama_dir, text_file, seed1, "--seed", "1")) == 0
     assert main(job_args(tiny_llama_dir, text_file, other, "--seed", "2", "--lr", "1e-4")) == 0  # another setting
     capsys.readouterr()
+    patient = tmp_path / "seed3-patience"  # stops differently (not in the identity: a resume may change it)
+    assert main(job_args(tiny_llama_dir, text_file, patient, "--seed", "3", "--patience", "1")) == 0
+    running = tmp_path / "seed4-running"  # a seed still training: its best so far is not its result
+    shutil.copytree(seed1, running)
+    identity = json.loads((running / "run.json").read_text())
+    identity["identity"]["seed"] = 4
+    (running / "run.json").write_text(json.dumps(identity))
+    partial = json.loads((running / "results.json").read_text())
+    (running / "results.json").write_text(json.dumps({**partial, "finished": False, "in_progress": True,
+                                                      "best": {**partial["best"], "perplexity": 1.0}}))
+    capsys.readouterr()
     report = tmp_path / "report"
-    assert cli("--compare", run, seed1, other, "--output-dir", report) == 0
+    assert cli("--compare", run, seed1, other, patient, running, run, "--output-dir", report) == 0  # run twice
     printed = capsys.readouterr().out
     best = [json.loads((folder / "results.json").read_text())["best"]["perplexity"] for folder in (run, seed1)]
     mean, sd = (best[0] + best[1]) / 2, abs(best[0] - best[1]) / 2 ** 0.5  # two values: |a - b| / √2
@@ -201,7 +212,10 @@ def test_compare_reports_the_runs_that_differ_only_in_their_seed_as_mean_and_spr
     assert group["mean"] == pytest.approx(mean) and group["sd"] == pytest.approx(sd)
     section = printed.split("## Seeds of one setting", 1)[1]
     assert f"| finished-run, seed1 | 0, 1 | {mean:.2f} ± {sd:.2f} | {min(best):.2f}–{max(best):.2f} |" in section
-    assert "seed2-lr" not in section and "| seed2-lr |" in printed  # in the table, in no group
+    assert next(line for line in printed.splitlines() if line.startswith("| seed3-patience |")).endswith(
+        "| finished |")  # left out for its --patience alone
+    for alone in ("seed2-lr", "seed3-patience", "seed4-running"):
+        assert alone not in section and f"| {alone} |" in printed  # in the table, in no group
     assert cli("--compare", run, other, "--output-dir", tmp_path / "report2") == 0
     assert "Seeds of one setting" not in capsys.readouterr().out  # nothing alike: no section
 

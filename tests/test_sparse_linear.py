@@ -348,3 +348,5 @@ def test_the_decode_benchmarks_cost_fit_splits_a_fixed_part_from_the_bytes_rate(
     assert fixed == pytest.approx(23e-6, rel=1e-6) and bandwidth == pytest.approx(3.0e12, rel=1e-6)
     fixed, bandwidth = bench.cost_fit([(b, b / 2.5e12 + noise) for b, noise in zip(megabytes, (1e-7, -1e-7, 1e-7))])
     assert abs(fixed) < 5e-7 and bandwidth == pytest.approx(2.5e12, rel=1e-2)  # bound by its bytes: no fixed part
+    assert bench.cost_fit([(b, 4e-4 - b * 1e-13) for b in megabytes]) is None  # slower with fewer bytes: no rate
+    assert bench.cost_fit([(85.6e6, 5e-5), (85.6e6, 6e-5)]) is None  # one size: nothing to fit

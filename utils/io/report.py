@@ -104,19 +104,37 @@ class SeedGroup:
         return {**asdict(self), "mean": self.mean, "sd": self.sd}
 
 
+# When a run stops: not in its identity (a resume may change it), but runs that stop differently are
+# not seeds of one setting.
+STOPPING = ("patience", "patience_on", "cooldown_steps", "min_delta")
+
+
 def seed_groups(folders: list[Path], rows: list[Row]) -> list[SeedGroup]:
-    """The training runs among `rows` whose settings are the same but for the seed, two or more a
-    group, in the order of their first run; a run without a readable run.json joins none."""
+    """The finished training runs among `rows` whose settings are the same but for the seed (run.json's
+    identity, and the flags of when a run stops), two seeds or more a group, in the order of their
+    first run. A run without a readable run.json or not finished joins none, nor does a folder given
+    twice or a seed its group already has (a repeat of one run is not another seed)."""
     groups: dict[str, SeedGroup] = {}
+    seen: set[Path] = set()
     for folder, row in zip(folders, rows):
-        identity = _run_json(folder).get("identity")
-        if row.mode != "train" or not isinstance(identity, dict) or not finite_number(row.best):
+        data = _run_json(folder)
+        identity, config = data.get("identity"), data.get("config")
+        train = config.get("train") if isinstance(config, dict) else None
+        if row.mode != "train" or row.status != "finished" or not isinstance(identity, dict) or \
+                not finite_number(row.best) or folder.resolve() in seen:
             continue
-        setting = json.dumps({name: value for name, value in identity.items() if name != "seed"}, sort_keys=True)
-        group = groups.setdefault(setting, SeedGroup([], [], [], row.dense))
+        seen.add(folder.resolve())
+        stopping = {name: train.get(name) for name in STOPPING} if isinstance(train, dict) else {}
+        setting = json.dumps({**{name: value for name, value in identity.items() if name != "seed"}, **stopping},
+                             sort_keys=True, default=str)
+        group = groups.setdefault(setting, SeedGroup([], [], [], None))
+        if identity.get("seed") in group.seeds:
+            continue
         group.runs.append(row.run)
         group.seeds.append(identity.get("seed"))
         group.best.append(row.best)
+        if group.dense is None and finite_number(row.dense):
+            group.dense = row.dense
     return [group for group in groups.values() if len(group.runs) > 1]
 
 
@@ -188,11 +206,13 @@ def markdown(rows: list[Row], seeds: list[SeedGroup] = ()) -> str:
                  protocol == NOT_RECORDED else f"{protocol}: another protocol")
         parts += [f"## {title}", "", HEADER, *(table_line(row) for row in groups[protocol]), ""]
     if seeds:
-        parts += ["## Seeds of one setting (the runs' settings are the same but for --seed)", "",
+        parts += ["## Seeds of one setting (finished runs whose settings are the same but for --seed; a repeated "
+                  "seed counts once)", "",
                   "| runs | seeds | best: mean ± sd | range | × dense |", "| --- | --- | ---: | ---: | ---: |",
                   *(seed_line(group) for group in seeds), ""]
     parts.append("Perplexity: lower is better. × dense: the best perplexity over the dense model's, measured in "
-                 "the same run. Every number is the run's results.json.")
+                 "the same run (for seeds: their mean over it). ± is the sample standard deviation of the seeds. "
+                 "Every number is the run's results.json.")
     return "\n".join(parts) + "\n"
 
 
