@@ -4,6 +4,7 @@
     python benchmarks/bench_decode.py full                  # + the tables: linears, break-even rule, whole model
     python benchmarks/bench_decode.py full --smol M.gguf --text wiki.txt --two-four
     python benchmarks/bench_decode.py smol --smol M.gguf --text wiki.txt   # only SmolLM2's perplexity, default rule
+    python benchmarks/bench_decode.py fit                   # col16 over 6 densities: fixed part + bandwidth
     python benchmarks/bench_decode.py memory --device cpu   # the weights' bytes only (no GPU needed)
     TRITON_INTERPRET=1 python benchmarks/bench_decode.py check --device cpu   # kernels in Triton's interpreter
 
@@ -387,6 +388,28 @@ def linears_table(args, bandwidth: float) -> dict:
     return table
 
 
+def fit_table(args, bandwidth: float) -> dict:
+    """`fit`: col16 at one row over more densities than the table's, the line through them per shape."""
+    log("\n## col16, M=1, one layer's six linears over densities: time = fixed + bytes / bandwidth")
+    table = {}
+    for name in args.shapes:
+        dense = time_linears(name, build_layer(name, 1.0), "dense", 1)
+        points = []
+        for density in (0.5, 0.3, 0.2, 0.1, 0.05, 0.02):
+            cell = time_linears(name, build_layer(name, density), "col16", 1, args.rows_per_block)
+            points.append((cell["bytes"], cell["seconds"]))
+            log(f"{name} {density}: {cell['bytes'] / 1e6:.1f} MB {cell['seconds'] * 1e6:.1f} µs "
+                f"({dense['seconds'] / cell['seconds']:.2f}x dense {dense['seconds'] * 1e6:.1f} µs)")
+        fit = cost_fit(points)
+        table[name] = {"dense": dense["seconds"], "points": points, "fit": fit}
+        if fit is not None:
+            fixed, streaming = fit
+            residuals = [seconds - fixed - nbytes / streaming for nbytes, seconds in points]
+            log(f"{name}: fixed {fixed * 1e6:.1f} µs a layer, {streaming / 1e9:,.0f} GB/s ({streaming / bandwidth:.0%} "
+                f"of copy); residuals (µs) {', '.join(f'{r * 1e6:+.1f}' for r in residuals)}")
+    return table
+
+
 def cost_fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
     """The least-squares line seconds = fixed + bytes / bandwidth through (bytes, seconds) points:
     (fixed seconds, bandwidth in bytes/s), or None where the time does not grow with the bytes (or
@@ -707,7 +730,7 @@ def two_four_shape(name: str, configs: dict, quantize_) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("check", "sweep", "full", "smol", "memory", "two-four"),
+    parser.add_argument("phase", choices=("check", "sweep", "full", "smol", "memory", "two-four", "fit"),
                         help="check: the kernels against the reference only (--device cpu: through Triton's "
                              "interpreter, TRITON_INTERPRET=1); two-four: torchao's sm90 rows alone (--two-four "
                              "adds them to full)")
@@ -753,6 +776,8 @@ def main() -> None:
         smol_perplexity(args, SparseRule())
     if args.phase == "two-four":
         two_four(args, bandwidth)
+    if args.phase == "fit":
+        RESULTS["fit"] = fit_table(args, bandwidth)
     if args.phase == "sweep":
         check_compile()
     if args.phase in ("sweep", "full"):
