@@ -407,6 +407,21 @@ def fit_table(args, bandwidth: float) -> dict:
             residuals = [seconds - fixed - nbytes / streaming for nbytes, seconds in points]
             log(f"{name}: fixed {fixed * 1e6:.1f} µs a layer, {streaming / 1e9:,.0f} GB/s ({streaming / bandwidth:.0%} "
                 f"of copy); residuals (µs) {', '.join(f'{r * 1e6:+.1f}' for r in residuals)}")
+    log("\n## col16, M=1, one call per matrix shape (8 copies a graph, no bias): the fixed part of a call")
+    for out, inp in sorted({shape for name in args.shapes for shape in layer_shapes(name)}):
+        points = []
+        for density in (0.002, 0.02, 0.1):
+            packed = pack(magnitude_prune(torch.randn(out, inp, device=DEVICE), density).bfloat16(), "col16",
+                          args.rows_per_block)
+            copies, x = [clone_packed(packed) for _ in range(8)], torch.randn(1, inp, device=DEVICE).bfloat16()
+            points.append((packed.nbytes, graph_seconds(lambda: [_kernels().kernel_linear(x, c) for c in copies]) / 8))
+        fit = cost_fit(points)
+        table[f"{out}x{inp}"] = {"points": points, "fit": fit}
+        log(f"{out} x {inp}: " + ", ".join(f"{b / 1e6:.2f} MB {t * 1e6:.2f} µs" for b, t in points) +
+            (f"; fixed {fit[0] * 1e6:.2f} µs a call, {fit[1] / 1e9:,.0f} GB/s" if fit else "; not bound by its bytes"))
+    one = torch.empty(1, device=DEVICE)
+    table["empty_kernel"] = graph_seconds(lambda: [one.add_(1) for _ in range(8)]) / 8
+    log(f"a one-element kernel, for the floor of a graph node: {table['empty_kernel'] * 1e6:.2f} µs")
     return table
 
 
