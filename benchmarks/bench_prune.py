@@ -53,7 +53,7 @@ def update_times(dense, valid_ids, device: str = "cuda", repeats: int = 3) -> No
     prune_model(start, "sparsegpt", 0.5, calibration=calibration_windows(valid_ids, 128, 2048, seed=0), device=device,
                 progress=False)
     windows = calibration_windows(valid_ids, 16, 2048, seed=1)
-    before = torch.cat([p.flatten() != 0 for n, p in start.named_parameters() if p.dim() == 2 and "layers" in n])
+    before = _kept(start)
     print(f"{'update':10} {'calibrated':12} {'seconds':>8}  (one update 0.5 → 0.492, 16 × 2048 windows, bf16 autocast)")
     for method, entry in METHODS.items():
         pruned = {}
@@ -68,8 +68,7 @@ def update_times(dense, valid_ids, device: str = "cuda", repeats: int = 3) -> No
                     prune_model(model, method, 0.492, calibration=windows, device=device, options=options, progress=False)
                 synchronize(device)
                 times.append(time.perf_counter() - begin)
-            pruned[sequential] = before & ~torch.cat([p.flatten() != 0 for n, p in model.named_parameters()
-                                                      if p.dim() == 2 and "layers" in n])
+            pruned[sequential] = before & ~_kept(model)
             how = ("sequential" if sequential else "at once") if entry.calibrated else "no"
             print(f"{method:10} {how:12} {statistics.median(times[1:]):8.3f}", flush=True)
             del model
@@ -79,6 +78,11 @@ def update_times(dense, valid_ids, device: str = "cuda", repeats: int = 3) -> No
                   f"{int(pruned[False].sum()):,} at once, {both:,} by both ({both / max(1, int(pruned[True].sum())):.1%})")
     if torch.device(device).type == "cuda":
         update_profile(start, windows, device)
+
+
+def _kept(model) -> torch.Tensor:
+    """Which weights of the decoder layers' matrices are nonzero, flattened in one vector."""
+    return torch.cat([p.flatten() != 0 for n, p in model.named_parameters() if p.dim() == 2 and "layers" in n])
 
 
 def update_profile(start, windows, device: str) -> None:
@@ -115,9 +119,9 @@ def main() -> None:
     print(f"GPU: {torch.cuda.get_device_name()}" if args.device == "cuda" else f"device: {args.device}")
     dense, tokenizer = load_model(resolve_model(args.smollm2), dtype=torch.float32)
     valid = tokenize_source(f"{args.data}/wiki.valid.raw", tokenizer, split="train")
-    test = tokenize_source(args.data, tokenizer, split="test")
-    if args.updates:
+    if args.updates:  # no evaluation: the test text is not read
         return update_times(dense, valid.ids, args.device)
+    test = tokenize_source(args.data, tokenizer, split="test")
     calibration = calibration_windows(valid.ids, args.nsamples, 2048, seed=0)
     print(f"calibration: {args.nsamples} × 2048 tokens of wiki.valid.raw (seed 0); evaluation: "
           f"{test.ids.numel():,} tokens of wiki.test.raw")

@@ -228,7 +228,8 @@ def _delivered(output: Path, train_state: dict) -> bool:
     """Whether a finished run also wrote what comes after its last epoch: results.json of all its
     epochs, not interrupted (a stop during the export leaves the last epoch's, in progress)."""
     results = _results(output)
-    return results is not None and (results.get("interrupted") is False and results.get("epochs_completed") == train_state["epoch"] - 1
+    return (results is not None and results.get("interrupted") is False
+            and results.get("epochs_completed") == train_state["epoch"] - 1
             and results.get("finished") is not False and not results.get("in_progress")  # an epoch's, not the end's
             and "export_error" not in results)  # a failed export: again
 
