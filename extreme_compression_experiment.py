@@ -18,7 +18,8 @@ import signal
 import sys
 import threading
 
-from utils.config.recipes import auto_loss_rule
+from utils.config.recipes import auto_loss_rule, recipe_epochs
+from utils.config.sections import DEFAULT_EPOCHS
 from utils.config.validate import BASE_LR, ConfigError, validate, world_size_from_launcher
 from utils.export.registry import EXPORTERS
 from utils.io.events import make_console_safe
@@ -177,12 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: each flag at its own default, the lr by the rule 5e-6·√batch (--base-lr); "
                             "measured: the recovery measured best "
                             "near --sparsity (utils/config/recipes.py, BENCHMARKS.md): its --loss, --schedule, "
-                            "--layer-density and lr (kept under the √batch rule); a flag given explicitly still wins")
+                            "--layer-density, lr (kept under the √batch rule) and --epochs where it measured fewer; "
+                            "a flag given explicitly still wins")
     train.add_argument("--batch-size", type=_positive_int, default=8, help="effective batch (blocks per optimizer step)")
     train.add_argument("--micro-batch-size", type=_positive_int, default=None,
                        help="blocks per forward per process (default: batch size / processes); "
                             "gradient accumulation makes up the rest")
-    train.add_argument("--epochs", type=_positive_int, default=5, help="epochs of --max-step optimizer steps")
+    train.add_argument("--epochs", type=_positive_int, default=None,
+                       help=f"epochs of --max-step optimizer steps (default {DEFAULT_EPOCHS}; under --recipe measured "
+                            f"the row's: {recipe_epochs()})")
     train.add_argument("--base-samples", type=_positive_int, default=10000, help="max_step = base_samples // batch_size")
     train.add_argument("--base-lr", type=_positive_float, default=None,
                        help=f"lr = base_lr * sqrt(batch_size) (default {BASE_LR:g})")

@@ -207,7 +207,7 @@ def test_the_recipe_note_names_the_measured_recipe_and_where_a_run_at_the_brief_
     assert measured.train.lr == pytest.approx(lr, rel=0.03)
 
 
-@pytest.mark.parametrize("density", ["0.1", "0.3", "0.5"])
+@pytest.mark.parametrize("density", ["0.05", "0.1", "0.3", "0.5"])
 def test_recipe_measured_trains_with_the_measured_row_and_an_explicit_flag_wins(density):
     from extreme_compression_experiment import build_parser
     from utils.config.recipes import MEASURED_BATCH, measured_recipe, recipe_note
@@ -233,8 +233,10 @@ def test_recipe_measured_trains_with_the_measured_row_and_an_explicit_flag_wins(
     assert recipe.at(4) and recipe_note(measured).endswith(
         f"; the recipe measured {recipe.at(4)} at batch 4" if recipe.batch != 4 else "(batch 4, the √batch rule)")
     assert recipe.at(4) in recipe_note(measured)
-    for batch in ("8", "16"):
-        assert "the recipe measured" not in recipe_note(config("--recipe", "measured", "--batch-size", batch))
+    for batch in (8, 16):  # another batch: quoted where the row has seeds there, and only there
+        note = recipe_note(config("--recipe", "measured", "--batch-size", str(batch)))
+        assert ("the recipe measured" in note) == (recipe.seeds(batch) is not None and batch != recipe.batch)
+        assert recipe.seeds(batch) is None or note.endswith(f"the recipe measured {recipe.at(batch)} at batch {batch}")
     # a flag given explicitly wins over the row, and the line says so
     schedule, steps = ("oneshot", ()) if recipe.schedule != "oneshot" else ("iterative", ("--density-steps", "0.8,0.5"))
     mixed = config("--recipe", "measured", "--schedule", schedule, *steps, "--loss", "ce", "--lr", "1e-4")
@@ -322,11 +324,37 @@ def test_a_recipe_measured_at_another_batch_reports_the_mean_of_its_seeds():
         MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4, "", ((4, (68.79, 68.52)),))
 
 
+def test_a_recipe_measured_over_fewer_epochs_trains_them_and_an_explicit_epochs_wins():
+    from extreme_compression_experiment import build_parser
+    from utils.config.recipes import measured_recipe, recipe_note
+    from utils.config.sections import DEFAULT_EPOCHS
+    from utils.config.validate import validate
+    parser = build_parser()
+
+    def config(density, *extra):
+        return validate(parser.parse_args(["--sparsity", density, "--batch-size", "4", *extra]))
+
+    short, full = measured_recipe(0.5), measured_recipe(0.1)
+    assert short.epochs is not None and short.epochs < DEFAULT_EPOCHS and full.epochs is None
+    assert config("0.5", "--recipe", "measured").train.epochs == short.epochs
+    assert config("0.1", "--recipe", "measured").train.epochs == DEFAULT_EPOCHS  # the row keeps the budget
+    assert config("0.5").train.epochs == DEFAULT_EPOCHS  # without the recipe: the brief's budget
+    tokens = f"{short.epochs * 10_000 * 512 / 1e6:.4g}M training tokens"  # 2 epochs: 10.24M, not 25.6M
+    assert tokens in recipe_note(config("0.5", "--recipe", "measured")) and "25.6M" in recipe_note(config("0.1"))
+    assert f"--epochs {short.epochs}" in short.flags() and "--epochs" not in full.flags()
+    explicit = config("0.5", "--recipe", "measured", "--epochs", str(DEFAULT_EPOCHS))
+    assert explicit.train.epochs == DEFAULT_EPOCHS
+    assert recipe_note(explicit).endswith(f"overridden here: --epochs {DEFAULT_EPOCHS}")
+    # the brief's plain run at 0.5 is told it trains longer than the measured recipe
+    assert f"This run has --epochs {DEFAULT_EPOCHS}, lr" in recipe_note(config("0.5"))
+
+
 def test_measured_recipes_cover_their_bands_in_order():
     from utils.config.recipes import RECIPES, measured_recipe
     assert [r.density for r in RECIPES] == sorted(r.density for r in RECIPES)
     assert all(r.density <= r.up_to for r in RECIPES)
-    assert measured_recipe(0.05).density == 0.1 and measured_recipe(0.2).density == 0.1
+    assert measured_recipe(0.05).density == 0.05 and measured_recipe(0.08).density == 0.1
+    assert measured_recipe(0.2).density == 0.1 and measured_recipe(0.01).density == 0.05
     assert measured_recipe(0.25).density == 0.3 and measured_recipe(0.6).density == 0.5
     assert measured_recipe(0.61) is None and measured_recipe(1.0) is None
 

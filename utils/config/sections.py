@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+DEFAULT_EPOCHS = 5  # the brief's budget: 5 epochs of 10,000 // batch_size steps (25.6M tokens at 512 a block)
+
 
 def flag(name: str, default: Any = None, **kwargs: Any) -> Any:
     """A dataclass field set by the command-line flag `name`."""
@@ -112,7 +114,7 @@ class GenerationCfg:
 class TrainCfg:
     batch_size: int = flag("--batch-size", 8)
     micro_batch_size: int | None = flag("--micro-batch-size", None)
-    epochs: int = flag("--epochs", 5)
+    epochs: int = flag("--epochs", DEFAULT_EPOCHS)
     max_step: int = flag("--max-step", 1250)
     lr: float = flag("--lr", 5e-6 * 8 ** 0.5)
     lr_derived: bool = flag("--lr", True)  # neither --lr, --base-lr nor --recipe measured: the brief's rule

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from utils.config.inputs import input_problems
 from utils.config.recipes import RECIPES, default_loss, measured_recipe
-from utils.config.sections import (CalibrationCfg, EvalProtocol, GenerationCfg, LossCfg, ModelCfg,
+from utils.config.sections import (DEFAULT_EPOCHS, CalibrationCfg, EvalProtocol, GenerationCfg, LossCfg, ModelCfg,
                                    OutputCfg, PruneCfg, RunConfig, ScheduleCfg, TaskCfg, TrainCfg)
 from utils.data.generated import split_sources, token_count
 from utils.data.sources import DataError, test_text_in
@@ -255,7 +255,7 @@ def _zero_loss(args: argparse.Namespace) -> list[str]:
 
 def _apply_recipe(args: argparse.Namespace) -> list[str]:
     """--recipe measured: the measured row's settings wherever the command left them unset (None, or
-    "auto"; the lr only without --lr).  Then the unset schedule is one-shot.  Returns the problems."""
+    "auto"; the lr only without --lr).  Then what is still unset: one-shot, DEFAULT_EPOCHS.  Returns the problems."""
     problems = []
     if args.recipe == "measured":
         recipe = measured_recipe(args.sparsity)
@@ -273,7 +273,7 @@ def _apply_recipe(args: argparse.Namespace) -> list[str]:
                     continue  # a one-shot schedule given explicitly has no later prunes
                 if getattr(args, name) in (None, "auto") and not (name == "base_lr" and args.lr is not None):
                     setattr(args, name, value)
-    args.schedule = args.schedule or "oneshot"
+    args.schedule, args.epochs = args.schedule or "oneshot", args.epochs or DEFAULT_EPOCHS
     return problems
 
 
