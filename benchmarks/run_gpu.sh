@@ -89,7 +89,7 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
   [measured-warmup500]="--recipe measured --train-source $MIX --warmup-steps 500"
   [measured-valid]="--recipe measured --train-source $DATA/wiki.valid.raw"  # the in-domain share: all of it
   [measured-union]="--recipe measured --train-source $DATA/wiki.valid.raw,$DATA/fallback-train/state_union-nltk"  # more
-  [measured-patience]="--recipe measured --train-source $MIX --patience 1 --cooldown-steps 500"  # near dense
+  [measured-patience]="--recipe measured --train-source $MIX --epochs 5 --patience 1 --cooldown-steps 500"  # 0.5
 )
 # EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen).
 # RUN_LIMIT: seconds each run may take (timeout), so that a call's summary and results still come back.
@@ -132,6 +132,13 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 # Its plan, for a lease of ~1,500 s: in the call after staging, SEED=0 OUT=/tmp/res/a detach "measured@0.05" and
 # SEED=1 OUT=/tmp/res/b detach "measured-kernels@0.05 measured-2ep@0.5" (two seeds of 0.05; the shorter budget at
 # 0.5 against seed 1's 22.62 after epoch 2 of 5; the recovered 0.05 export through both kernels), then watch.
+# The session after that (59bd6f8) ran it on an H200 (log: "Density 0.05, a second seed at 0.3, two epochs at 0.5"):
+# after staging, SEED=0 OUT=/tmp/res/a detach "measured@0.05 measured@0.3 measured-2ep@0.5" and SEED=1
+# OUT=/tmp/res/b detach "measured-kernels@0.05 measured-2ep@0.5", five runs at once (1,257 s wall at most), then
+# watch 555, 585, 585 in the same message; then `python3 benchmarks/bench_decode.py fit` alone (50 s).
+# Next: the sweeps at 0.1 as 1-epoch screens, five at once (EXTRA="--epochs 1"): measured-ramp40, measured-ramp80,
+# measured-wanda-owl, measured-t2, measured-lr-double; then the best two at the full budget and two seeds;
+# measured-patience@0.5 (five epochs stopped by the held-out loss) against the 2-epoch row's 22.66.
 # Issue 24 in the same lease, BEFORE the training runs (its times need the GPU to itself): in call 2,
 # `timeout 540 bash benchmarks/run_gpu.sh decode` (gathers, then the tiled bitmask kernel's first times; its JSON is
 # kept after every section); in call 3, `timeout 200 bash benchmarks/run_gpu.sh updates` (a gradual update's cost,
@@ -154,7 +161,7 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 recipe() {  # $1 name, $2 density
   local start=$SECONDS
   ${RUN_LIMIT:+timeout $RUN_LIMIT} python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "$2" \
-    --batch-size "${BATCH:-8}" --seed "${SEED:-0}" --epochs 5 \
+    --batch-size "${BATCH:-8}" --seed "${SEED:-0}" \
     --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" --pruned-dir "${PRUNED:-/tmp/pruned}" \
     --eval-batch-size 8 --output-dir "$(run_dir "$1" "$2")" ${RECIPE[$1]} ${EXTRA:-}
   echo "wall_seconds $((SECONDS - start))"
