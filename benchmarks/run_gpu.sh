@@ -22,7 +22,8 @@ main_job() {  # $1 density, $2 output dir, rest: extra flags
     --eval-batch-size 8 --output-dir "$out" "$@"
 }
 MIX="$DATA/wiki.valid.raw,$DATA/fallback-train"  # WikiText-2 valid + the public-domain fallback text (~2.3M tokens)
-declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (batch 8 × 1250 steps × 5 epochs = 25.6M tokens)
+declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs × 10,000 samples × 512 = 25.6M tokens) unless
+                    # one names --epochs or is `measured` at 0.5 (its row trains 2 epochs)
   [today]="--loss ce --train-source $DATA/wiki.valid.raw --holdout 0"  # the recipe before this change
   [ce]="--loss ce --train-source $MIX"
   [kd]="--loss kd --train-source $MIX"
@@ -135,7 +136,7 @@ declare -A RECIPE=(  # --loss etc. of each recipe; all at the user's budget (bat
 # The session after that (59bd6f8) ran it on an H200 (log: "Density 0.05, a second seed at 0.3, two epochs at 0.5"):
 # after staging, SEED=0 OUT=/tmp/res/a detach "measured@0.05 measured@0.3 measured-2ep@0.5" and SEED=1
 # OUT=/tmp/res/b detach "measured-kernels@0.05 measured-2ep@0.5", five runs at once (1,257 s wall at most), then
-# watch 555, 585, 585 in the same message; then `python3 benchmarks/bench_decode.py fit` alone (50 s).
+# watch 555, 585, 585 in the same message; then `python3 benchmarks/bench_decode.py fit` alone (41 s).
 # Next: the sweeps at 0.1 as 1-epoch screens, five at once (EXTRA="--epochs 1"): measured-ramp40, measured-ramp80,
 # measured-wanda-owl, measured-t2, measured-lr-double; then the best two at the full budget and two seeds;
 # measured-patience@0.5 (five epochs stopped by the held-out loss) against the 2-epoch row's 22.66.

@@ -11,7 +11,7 @@ from extreme_compression_experiment import main
 from utils.config.sections import LossCfg, TrainCfg
 from utils.training.parallel import init_distributed, prepare_model
 from utils.training.step import Optimization, make_scheduler, train_step
-from helpers import SAMPLE_TEXT, tiny_model
+from helpers import REPO, SAMPLE_TEXT, tiny_model
 from test_cli import job_args
 from test_schedules import events_of
 from utils.training.losses import TrainingObjective, cross_entropy, hidden_mse, kd_divergence, needs_teacher
@@ -347,6 +347,17 @@ def test_a_recipe_measured_over_fewer_epochs_trains_them_and_an_explicit_epochs_
     assert recipe_note(explicit).endswith(f"overridden here: --epochs {DEFAULT_EPOCHS}")
     # the brief's plain run at 0.5 is told it trains longer than the measured recipe
     assert f"This run has --epochs {DEFAULT_EPOCHS}, lr" in recipe_note(config("0.5"))
+    # a row at the budget is overridden by an explicit --epochs too (a 1-epoch screen), and says so
+    screen = config("0.1", "--recipe", "measured", "--epochs", "1")
+    assert screen.train.epochs == 1 and recipe_note(screen).endswith("overridden here: --epochs 1")
+
+
+def test_the_readme_and_benchmarks_quote_each_recipe_s_headline():
+    from utils.config.recipes import RECIPES
+    pages = [(REPO / name).read_text(encoding="utf-8") for name in ("README.md", "BENCHMARKS.md")]
+    for row in RECIPES:  # the mean of its seeds at its batch, as `--recipe measured` prints it
+        headline = f"**{row.at(row.batch).split()[0]}**"
+        assert all(headline in page for page in pages), (row.density, headline)
 
 
 def test_measured_recipes_cover_their_bands_in_order():

@@ -86,9 +86,10 @@ def _sync(device: torch.device) -> None:
 def both_kernels(context: Context, folder) -> dict:
     """The export in `folder` evaluated with dense and with sparse kernels, the same bf16 weights
     both times (--kernels sparse at the end of a training or --prune-only run).  The protocol's
-    windows are prefill, where each SparseLinear scatters its weight into a dense temporary, so the
-    difference is the compressed layout's round trip (measured 0.0 on recovered exports), not the
-    decode kernel's arithmetic: `bench_decode.py smol` forces the kernel at every row count for that."""
+    windows are prefill, where each SparseLinear scatters its weight into a dense temporary (and a
+    linear above SparseRule.max_density loads dense), so the difference is the compressed layout's
+    round trip (0.0 on recovered exports), not the decode kernel's arithmetic: `bench_decode.py
+    smol` forces the kernel at every row count for that."""
     dtype = parse_dtype(context.config.model.dtype, context.device)
     results = {}
     for kind, model in (("dense", lambda: load_source(resolve_source(str(folder)), dtype)[0].to(context.device)),
