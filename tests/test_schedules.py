@@ -170,6 +170,10 @@ def test_gradual_pruning_updates_masks_in_place_as_scheduled_and_resumes_exactly
     assert epochs[1]["measured_density"] == pytest.approx(0.3, abs=1 / 64)
     results = json.loads((straight / "results.json").read_text())
     assert results["final_from"] == 2 and results["best"]["epoch"] == 2
+    # results.json names the updates' method, and --compare's recipe column tells runs apart by it
+    from utils.io.report import read_row
+    assert results["reprune_method"] == method and results["method"] == "sparsegpt"
+    assert (f"gradual sparsegpt, then {method}" in read_row(straight).recipe) == (method != "sparsegpt")
     assert sparsity_report(AutoModelForCausalLM.from_pretrained(straight / "best")).density == pytest.approx(0.3, abs=1 / 64)
     assert assert_pruned_weights_stayed_zero(straight / "best", pruned_folder(tmp_path / "pruned", tiny_llama_dir, 0.5))
     if owl:  # the layers' densities apart by OWL's profile, first and last (the ceiling that keeps each update

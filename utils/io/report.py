@@ -67,8 +67,10 @@ def read_row(folder: Path) -> Row:
     best_value = best.get("perplexity") if results.get("mode") != "eval" else results.get("perplexity")
     final = results.get("final") if results.get("mode") != "eval" else results.get("perplexity")
     dense = results.get("dense")
+    later = results.get("reprune_method")  # the later prunes' method, where it is not the first prune's
+    method = f"{results.get('method')}, then {later}" if later and later != results.get("method") else results.get("method")
     recipe = " ".join(str(part) for part in (results.get("recipe"), (results.get("loss") or {}).get("kind"),
-                                             results.get("schedule_kind"), results.get("method"),
+                                             results.get("schedule_kind"), method,
                                              results.get("layer_density") if results.get("layer_density") != "uniform"
                                              else None) if part)
     return Row(run=folder.name, model=str(results.get("model", "?")).rstrip("/").split("/")[-1], mode=str(results.get("mode", "train")),
