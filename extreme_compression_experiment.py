@@ -19,7 +19,7 @@ import sys
 import threading
 
 from utils.config.recipes import auto_loss_rule, recipe_epochs
-from utils.config.sections import DEFAULT_EPOCHS
+from utils.config.sections import BASE_SAMPLES, DEFAULT_EPOCHS
 from utils.config.validate import BASE_LR, ConfigError, validate, world_size_from_launcher
 from utils.export.registry import EXPORTERS
 from utils.io.events import make_console_safe
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, default=None,
                        help=f"epochs of --max-step optimizer steps (default {DEFAULT_EPOCHS}; under --recipe measured "
                             f"the row's: {recipe_epochs()})")
-    train.add_argument("--base-samples", type=_positive_int, default=10000, help="max_step = base_samples // batch_size")
+    train.add_argument("--base-samples", type=_positive_int, default=BASE_SAMPLES, help="max_step = base_samples // batch_size")
     train.add_argument("--base-lr", type=_positive_float, default=None,
                        help=f"lr = base_lr * sqrt(batch_size) (default {BASE_LR:g})")
     train.add_argument("--max-step", type=_positive_int, default=None, help="override the derived steps per epoch")

@@ -425,3 +425,14 @@ def test_a_finished_run_whose_results_json_is_not_an_object_writes_it_again_on_r
     again = json.loads((out / "results.json").read_text())
     assert again["finished"] is True and [e["perplexity"] for e in again["epochs"]] == \
         [e["perplexity"] for e in results["epochs"]]
+
+
+def test_a_run_folder_file_missing_damaged_or_not_an_object_reads_as_nothing(tmp_path):
+    from utils.io.files import read_json_object
+    path = tmp_path / "results.json"
+    assert read_json_object(path) is None  # missing
+    for text in ("{", "[]", "3", '"finished"', "\xff"):  # cut short, not an object, not text
+        path.write_bytes(text.encode("latin-1"))
+        assert read_json_object(path) is None, text
+    path.write_text('{"finished": true}')
+    assert read_json_object(path) == {"finished": True}

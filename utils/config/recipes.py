@@ -27,10 +27,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from utils.config.sections import DEFAULT_EPOCHS, RunConfig
+from utils.config.sections import BASE_SAMPLES, DEFAULT_EPOCHS, RunConfig, TrainCfg
 
 MEASURED_BATCH = 8
-BUDGET_TOKENS_PER_EPOCH = 10_000 * 512  # the brief's samples per epoch (max_step × batch) of 512-token blocks
+BUDGET_TOKENS_PER_EPOCH = BASE_SAMPLES * TrainCfg.block_size  # the brief's samples per epoch, default blocks
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-DEFAULT_EPOCHS = 5  # the brief's budget: 5 epochs of 10,000 // batch_size steps (25.6M tokens at 512 a block)
+BASE_SAMPLES = 10_000  # the brief's samples per epoch: max_step = BASE_SAMPLES // batch_size
+DEFAULT_EPOCHS = 5  # the brief's budget: 5 epochs of BASE_SAMPLES (25.6M tokens at 512 a block)
 
 
 def flag(name: str, default: Any = None, **kwargs: Any) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from utils.config.inputs import input_problems
 from utils.config.recipes import RECIPES, default_loss, measured_recipe
-from utils.config.sections import (DEFAULT_EPOCHS, CalibrationCfg, EvalProtocol, GenerationCfg, LossCfg, ModelCfg,
+from utils.config.sections import (BASE_SAMPLES, DEFAULT_EPOCHS, CalibrationCfg, EvalProtocol, GenerationCfg, LossCfg, ModelCfg,
                                    OutputCfg, PruneCfg, RunConfig, ScheduleCfg, TaskCfg, TrainCfg)
 from utils.data.generated import split_sources, token_count
 from utils.data.sources import DataError, test_text_in
@@ -49,7 +49,7 @@ class ConfigError(ValueError):
         self.problems = problems
 
 
-def derive_schedule(batch_size: int, base_samples: int = 10000, base_lr: float = BASE_LR) -> tuple[int, float]:
+def derive_schedule(batch_size: int, base_samples: int = BASE_SAMPLES, base_lr: float = BASE_LR) -> tuple[int, float]:
     """max_step = base_samples // batch_size, lr = base_lr·sqrt(batch_size): every batch size sees
     the same number of samples per epoch."""
     return max(1, base_samples // batch_size), base_lr * math.sqrt(batch_size)

@@ -37,6 +37,16 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in `path`, or None where the file is missing, unreadable, not JSON or not an
+    object (a run folder's run.json or results.json, read where a damaged one means "nothing")."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON atomically: a crash mid-write leaves the previous file intact."""
     path = Path(path)

@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from utils.io.events import finite_number
+from utils.io.files import read_json_object
 
 MISSING = "pictures (curves.png, --compare's plot) need matplotlib: pip install matplotlib"
 
@@ -68,10 +69,7 @@ def write_curves(folder: Path, history: dict | None = None) -> Path | None:
         return None
     folder = Path(folder)
     if history is None:
-        try:
-            history = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            history = {}
+        history = read_json_object(folder / "results.json") or {}
     events = read_events(folder)
     figure = Figure(figsize=(16, 4.6))
     perplexity, loss, density = figure.subplots(1, 3)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils.io.events import count, duration, finite_number
-from utils.io.files import write_json
+from utils.io.files import read_json_object, write_json
 from utils.io.plots import MISSING as PLOTS_MISSING, figure_class
 
 
@@ -119,7 +119,7 @@ def seed_groups(folders: list[Path], rows: list[Row]) -> list[SeedGroup]:
     groups: dict[str, SeedGroup] = {}
     seen: set[Path] = set()
     for folder, row in zip(folders, rows):
-        data = _run_json(folder)
+        data = read_json_object(folder / "run.json") or {}
         identity, config = data.get("identity"), data.get("config")
         train = config.get("train") if isinstance(config, dict) else None
         if row.mode != "train" or row.status != "finished" or not isinstance(identity, dict) or \
@@ -138,14 +138,6 @@ def seed_groups(folders: list[Path], rows: list[Row]) -> list[SeedGroup]:
         if group.dense is None and finite_number(row.dense):
             group.dense = row.dense
     return [group for group in groups.values() if len(group.runs) > 1]
-
-
-def _run_json(folder: Path) -> dict:
-    try:
-        data = json.loads((folder / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _status(results: dict) -> str:
@@ -167,11 +159,11 @@ def _protocol(results: dict, folder: Path) -> str:
     protocol = results.get("protocol")
     if protocol is None:
         try:
-            config = _run_json(folder)["config"]["eval"]
+            config = (read_json_object(folder / "run.json") or {})["config"]["eval"]
             protocol = {"source": config["source"], "token_length": config["token_length"],
                         "stride": config.get("stride") or config["token_length"], "windows": config.get("windows"),
                         "paper": config.get("windows") is None}
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):  # no run.json, or one without the evaluation settings
             return NOT_RECORDED
     if protocol.get("paper") is False:
         return f"quick look: first {protocol.get('windows')} windows of {protocol.get('source')}"

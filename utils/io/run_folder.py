@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from utils.io.files import CheckpointError
+from utils.io.files import CheckpointError, read_json_object
 
 LOCK_FILE = ".lock"
 # What a run computed: results, state, models (best/ and every exporter's folder: tests/test_researcher.py
@@ -87,10 +87,7 @@ class RunFolder:
 
     def previous(self) -> str:
         """What the run in the folder was, for messages: "a training run", "an --eval-only run", ..."""
-        try:
-            config = json.loads((self.path / "run.json").read_text(encoding="utf-8")).get("config", {})
-        except (OSError, ValueError, AttributeError):
-            return "a run"
+        config = (read_json_object(self.path / "run.json") or {}).get("config", {})
         mode = config.get("mode") if isinstance(config, dict) else None
         return {"train": "a training run", "eval": "an --eval-only run", "prune": "a --prune-only run",
                 "export": "an --export-only run"}.get(mode, "a run")

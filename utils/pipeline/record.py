@@ -42,7 +42,7 @@ def run_record(context: Context, earlier_seconds: float = 0.0) -> dict:
         train = config.train
         record.update(recipe=train.recipe, lr=train.lr, batch_size=train.batch_size, epochs_planned=train.epochs,
                       schedule_kind=context.schedule.kind, tokens_planned=train.total_steps * train.batch_size
-                      * train.block_size, reprune_method=None if config.schedule.kind == "oneshot"
+                      * train.block_size, reprune_method=None if context.schedule.kind == "oneshot"
                       else reprune_method(config.schedule, config.prune.method))  # what the later prunes used
     if context.protocol is not None:
         record["protocol"] = protocol_record(context.protocol)

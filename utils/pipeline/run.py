@@ -9,7 +9,6 @@ utils/pipeline/modes.py (evaluate, prune, export) and utils/pipeline/train.py (p
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
 import uuid
@@ -22,7 +21,7 @@ from utils.config.sections import RunConfig, TrainCfg
 from utils.data.generated import split_sources
 from utils.export.registry import resolve_source
 from utils.io.events import MetricsLogger, describe_density, quiet_transformers_progress
-from utils.io.files import write_json
+from utils.io.files import read_json_object, write_json
 from utils.io.history import PerplexityHistory, finished_title
 from utils.io.run_folder import RunFolder, RunFolderError, check_file_writable, check_writable, drop_events_after
 from utils.models.families import bos_per_window
@@ -199,13 +198,11 @@ def _finished(folder: RunFolder, logger: MetricsLogger, identity: dict, train: T
     its summary from results.json instead of starting it again; a command that would change the
     run is refused as for any resume (its identity is run.json's)."""
     output = folder.path
-    results = _results(output)
+    results = read_json_object(output / "results.json")
     if results is None or results.get("finished") is not True:
         return False
-    try:
-        saved = json.loads((output / "run.json").read_text(encoding="utf-8")).get("identity", {})
-    except (OSError, ValueError, AttributeError):  # run.json gone or damaged: nothing to compare, nothing retrained
-        saved = {}
+    # run.json gone or damaged: nothing to compare, nothing retrained
+    saved = (read_json_object(output / "run.json") or {}).get("identity", {})
     _refuse_changes(folder, saved, identity)
     logger.info(f"The run in {output} is already finished; its summary (from results.json):")
     step = int(results.get("tokens_trained") or 0) // (train.batch_size * train.block_size)  # the same run: its sizes
@@ -227,20 +224,11 @@ def _refuse_changes(folder: RunFolder, saved: dict, identity: dict) -> None:
 def _delivered(output: Path, train_state: dict) -> bool:
     """Whether a finished run also wrote what comes after its last epoch: results.json of all its
     epochs, not interrupted (a stop during the export leaves the last epoch's, in progress)."""
-    results = _results(output)
+    results = read_json_object(output / "results.json")
     return (results is not None and results.get("interrupted") is False
             and results.get("epochs_completed") == train_state["epoch"] - 1
             and results.get("finished") is not False and not results.get("in_progress")  # an epoch's, not the end's
             and "export_error" not in results)  # a failed export: again
-
-
-def _results(output: Path) -> dict | None:
-    """results.json of the run in `output`, or None where it is missing, damaged or not an object."""
-    try:
-        results = json.loads((output / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return results if isinstance(results, dict) else None
 
 
 def _check_resume(config: RunConfig, folder: RunFolder, identity: dict) -> dict | None:
