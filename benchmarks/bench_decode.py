@@ -5,6 +5,7 @@
     python benchmarks/bench_decode.py full --smol M.gguf --text wiki.txt --two-four
     python benchmarks/bench_decode.py smol --smol M.gguf --text wiki.txt   # only SmolLM2's perplexity, default rule
     python benchmarks/bench_decode.py fit                   # col16 over 6 densities: fixed part + bandwidth
+    python benchmarks/bench_decode.py pdl                   # programmatic dependent launch, q,k,v in one call
     python benchmarks/bench_decode.py memory --device cpu   # the weights' bytes only (no GPU needed)
     TRITON_INTERPRET=1 python benchmarks/bench_decode.py check --device cpu   # kernels in Triton's interpreter
 
@@ -54,6 +55,7 @@ CHECK_CASES = [((300, 1000), 0.02, BF16), ((4096, 4096), 0.1, BF16), ((2048, 819
 INTERPRETER_CASES = [((40, 300), 0.1, BF16), ((64, 1000), 0.5, BF16), ((17, 513), 0.02, BF16), ((33, 600), 0.9, BF16),
                      ((40, 300), 0.1, FP32), ((64, 1000), 0.5, FP32)]  # `check --device cpu`
 TOLERANCE = {BF16: 1e-2, FP32: 1e-5}  # max |y - ref| / max |ref|: one bf16 ulp (2^-7) and some; fp32 sums
+CHAIN_TOLERANCE = 5e-2  # six bf16 roundings in a row (check_pdl_chain)
 RESULTS: dict = {}
 
 
@@ -742,10 +744,124 @@ def two_four_shape(name: str, configs: dict, quantize_) -> None:
             log(f"{name} {label}: failed: {type(error).__name__}: {error}"[:600])
             RESULTS.setdefault("two_four", {}).setdefault(name, {})[label] = f"failed: {type(error).__name__}"
 
+def fuse_qkv(layer: list) -> list:
+    """The layer with q, k and v as one matrix (their rows stacked: one call where the model makes three)."""
+    (q, bq), (k, bk), (v, bv) = layer[:3]
+    return [(torch.cat([q, k, v]), torch.cat([bq, bk, bv]))] + layer[3:]
+
+
+def _chain_reference(x: torch.Tensor, weights: list) -> torch.Tensor:
+    reference = x.double()
+    for w in weights:
+        reference = (reference @ w.double().T).bfloat16().double()
+    return reference
+
+
+@torch.no_grad()
+def check_pdl_chain() -> float:
+    """Kernels that read the kernel before them: a chain of six col16 calls (4096² at 0.1, one row and 16;
+    at one row nothing runs between two of them), each input the last output, eager and as a CUDA-graph
+    replay on fresh inputs, against the float64 chain rounded to bf16 at each step. The worst max relative
+    error (a wait in the wrong place reads a stale x: an error near 1; rounding compounds to a few 1e-3)."""
+    weights = [(magnitude_prune(torch.randn(4096, 4096, device=DEVICE), 0.1) / 8).bfloat16() for _ in range(6)]
+    packed = [pack(w, "col16", 8) for w in weights]
+    worst = 0.0
+    for m in (1, 16):
+        x = torch.randn(m, 4096, device=DEVICE).bfloat16()
+
+        def chain():
+            y = x
+            for p in packed:
+                y = _kernels().kernel_linear(y, p)
+            return y
+        worst = max(worst, relative_errors(chain(), _chain_reference(x, weights))[0])
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            chain()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = chain()
+        for _ in range(3):
+            x.copy_(torch.randn_like(x))  # fresh inputs: the replay must carry them through the chain
+            graph.replay()
+            torch.cuda.synchronize()
+            worst = max(worst, relative_errors(replayed, _chain_reference(x, weights))[0])
+    return worst
+
+
+def pdl_table(args) -> dict:
+    """`pdl`: one layer's linears at M = 1 with the kernel launched as a programmatic dependent launch
+    (its weights read before it waits for the kernel before it) or not, and with q, k, v as one call or three."""
+    table = {}
+    _kernels().PDL = True
+    try:
+        error = check_pdl_chain()
+        table["chain_max_rel_err"] = error
+        log(f"\n## PDL: a chain of six col16 calls, each reading the one before (eager and graph replay, M = 1 and "
+            f"16): max rel err {error:.2e} ({'under' if error <= CHAIN_TOLERANCE else 'OVER'} {CHAIN_TOLERANCE:g})")
+        failed = check_kernels()
+        table["check_failed"] = failed
+        log(f"kernel checks with PDL: {'FAILED ' + str(failed) if failed else 'all within tolerance'}")
+    except Exception as error:  # noqa: BLE001 - recorded; no timing with PDL then
+        log(f"PDL failed: {type(error).__name__}: {error}"[:1500])
+        table["error"] = repr(error)[:1500]
+    finally:
+        _kernels().PDL = False
+    modes = (False,) if "error" in table else (False, True)
+    log("\n## one layer's linears, M = 1, µs (× dense six calls): col16, PDL off / on, six calls / q,k,v fused")
+    for name in args.shapes:
+        dense_layer = build_layer(name, 1.0)
+        dense = time_linears(name, dense_layer, "dense", 1)["seconds"]
+        dense_fused = time_linears(name, fuse_qkv(dense_layer), "dense", 1)["seconds"]
+        del dense_layer
+        log(f"{name} dense: six calls {dense * 1e6:.1f}, q,k,v fused {dense_fused * 1e6:.1f}")
+        table[name] = {"dense": dense, "dense_fused": dense_fused}
+        for density in (0.3, 0.1, 0.05):
+            layer = build_layer(name, density)
+            cells = {}
+            for fused in (False, True):
+                for pdl in modes:
+                    _kernels().PDL = pdl
+                    cell = time_linears(name, fuse_qkv(layer) if fused else layer, "col16", 1, args.rows_per_block)
+                    cells[f"{'fused' if fused else 'six'} pdl={pdl}"] = cell["seconds"]
+            _kernels().PDL = False
+            table[name][density] = cells
+            log(f"{name} {density}: " + ", ".join(f"{key} {t * 1e6:.1f} ({dense / t:.2f}x)" for key, t in cells.items())
+                + f"; {cell['bytes'] / 1e6:.1f} MB")
+            del layer
+    return table
+
+
+@torch.no_grad()
+def pdl_model(args) -> dict:
+    """`pdl`: the last shape's whole model, one decode step at density 1.0 (cuBLAS) and 0.1 (col16), PDL off / on."""
+    rows = {}
+    name = args.shapes[-1]
+    model = opt_model(name)
+    linears = [m for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith("lm_head")]
+    log(f"\n## whole model {name}, one greedy decode step (static KV cache, CUDA graph), tokens/s")
+    rows["dense"] = {b: b / decode_seconds(model, b) for b in (1, 16)}
+    log(f"{name} 1.0 cuBLAS: batch 1 {rows['dense'][1]:,.0f}, batch 16 {rows['dense'][16]:,.0f}")
+    for linear in linears:
+        linear.weight.copy_(magnitude_prune(linear.weight, 0.1))
+    to_sparse_linears(model, SparseRule(max_density=1.0))
+    for pdl in (False, True):
+        _kernels().PDL = pdl
+        try:
+            rows[f"0.1 pdl={pdl}"] = cell = {b: b / decode_seconds(model, b) for b in (1, 16)}
+        finally:
+            _kernels().PDL = False
+        log(f"{name} 0.1 col16 PDL {'on' if pdl else 'off'}: batch 1 {cell[1]:,.0f} ({cell[1] / rows['dense'][1]:.2f}x), "
+            f"batch 16 {cell[16]:,.0f} ({cell[16] / rows['dense'][16]:.2f}x)")
+    return rows
+
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("check", "sweep", "full", "smol", "memory", "two-four", "fit"),
+    parser.add_argument("phase", choices=("check", "sweep", "full", "smol", "memory", "two-four", "fit", "pdl"),
                         help="check: the kernels against the reference only (--device cpu: through Triton's "
                              "interpreter, TRITON_INTERPRET=1); two-four: torchao's sm90 rows alone (--two-four "
                              "adds them to full)")
@@ -793,6 +909,11 @@ def main() -> None:
         two_four(args, bandwidth)
     if args.phase == "fit":
         RESULTS["fit"] = fit_table(args, bandwidth)
+    if args.phase == "pdl":
+        RESULTS["pdl"] = pdl_table(args)
+        keep(args.phase)
+        if "error" not in RESULTS["pdl"] and not args.skip_model:
+            RESULTS["pdl_model"] = pdl_model(args)
     if args.phase == "sweep":
         check_compile()
     if args.phase in ("sweep", "full"):

@@ -174,7 +174,13 @@ keep_results() {  # every run's json to $OUT/runs.tgz, the detached runs' logs t
     tar czf "$OUT/logs.tgz.tmp" -C "${WATCH:-/tmp/res}" . && mv "$OUT/logs.tgz.tmp" "$OUT/logs.tgz"
   fi
 }
-run_dir() { echo "runs/$1-$2${BATCH:+-bs$BATCH}$([ "${SEED:-0}" = 0 ] || echo "-seed$SEED")"; }
+run_dir() { echo "runs/$1-$2${BATCH:+-bs$BATCH}${TAG:-}$([ "${SEED:-0}" = 0 ] || echo "-seed$SEED")"; }
+best_screen() {  # $1: screens NAME@DENSITY (TAG=-1ep); the name of the one with the lowest best perplexity, less the first
+  for run in ${1#* }; do
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print((r.get('best') or {}).get('perplexity', 1e30), sys.argv[2])" \
+      "$(TAG=-1ep run_dir "${run%@*}" "${run#*@}")/results.json" "$run" 2>/dev/null
+  done | sort -g | head -1 | cut -d' ' -f2
+}
 case "${1:-bench}" in
   recipes)  # each NAME@DENSITY of $2 at once on one GPU (pruned first, one density at a time)
     for density in $([ -n "${SKIP_PRUNE:-}" ] || for run in $2; do echo "${run#*@}"; done | sort -u); do
@@ -186,15 +192,30 @@ case "${1:-bench}" in
     wait
     for run in $2; do python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'baseline', r['baseline'], 'epochs', [round(e['perplexity'],2) for e in r['epochs']], 'best', r['best'])" "$(run_dir "${run%@*}" "${run#*@}")/results.json" "$run"; grep -h wall_seconds "$OUT/${run/@/_}.log"; done | tee -a "$OUT/summary.txt"
     for run in $2; do for f in results.json metrics.jsonl; do cp "$(run_dir "${run%@*}" "${run#*@}")/$f" "$OUT/${run/@/_}.$f"; done; done ;;
-  detach)  # `recipes "$2"` in its own process session: the runs outlive this call (see "Runs longer than a call")
-    setsid nohup bash "$0" recipes "$2" > "$OUT/detached.log" 2>&1 < /dev/null &
-    echo "started: $2 (logs in $OUT)" ;;
+  detach)  # `recipes "$2"` (or DETACHED=sweep: `sweep "$2" "$3"`) in its own process session: the runs outlive this
+            # call (see "Runs longer than a call")
+    setsid nohup bash "$0" "${DETACHED:-recipes}" "${@:2}" > "$OUT/detached.log" 2>&1 < /dev/null &
+    echo "started: ${*:2} (logs in $OUT)" ;;
+  sweep)  # issue 26's sweeps in one go: the screens of $2 (NAME@DENSITY, the first the baseline) at once with
+          # --epochs 1 (TAG=-1ep), the full-budget runs of $3 beside them; then the screen with the lowest best
+          # perplexity other than the baseline at the full budget, SEED=0 and SEED=1 at once. Logs: $OUT/<part>/.
+    mkdir -p "$OUT/screens" "$OUT/along" "$OUT/s0" "$OUT/s1"
+    [ -z "${3:-}" ] || OUT="$OUT/along" bash "$0" recipes "$3" &
+    along=$!
+    TAG=-1ep EXTRA="${EXTRA:-} --epochs 1" OUT="$OUT/screens" bash "$0" recipes "$2"
+    best=$(best_screen "$2")
+    echo "best screen other than the baseline: ${best:-none}" | tee -a "$OUT/screens/summary.txt"
+    if [ -n "$best" ]; then
+      SEED=0 OUT="$OUT/s0" bash "$0" recipes "$best" &
+      SEED=1 OUT="$OUT/s1" bash "$0" recipes "$best" &
+    fi
+    wait ;;
   watch)  # progress every 90 s for $2 seconds or until no run is left; then every run's json to $OUT/runs.tgz
     end=$((SECONDS + ${2:?watch SECONDS}))
     shopt -s nullglob
     sleep 5  # a `detach` of this same command line has started its python by then
     report=$((SECONDS + 90))
-    while [ $SECONDS -lt $end ] && pgrep -f "extreme_compression_experiment|run_gpu.sh recipes" > /dev/null; do
+    while [ $SECONDS -lt $end ] && pgrep -f "extreme_compression_experiment|run_gpu.sh (recipes|sweep)" > /dev/null; do
       sleep $(( end - SECONDS < 15 ? (end - SECONDS > 0 ? end - SECONDS : 1) : 15 ))
       [ $SECONDS -ge $report ] || [ $SECONDS -ge $end ] || continue
       report=$((SECONDS + 90))

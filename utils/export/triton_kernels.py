@@ -9,6 +9,7 @@ constants, each its own argument): the one named exception to the eight-paramete
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -61,8 +62,14 @@ def ell_matvec(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, N, 
 @triton.jit
 def ell_matmul(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, N,
                ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, ENCODING: tl.constexpr,
-               HAS_BIAS: tl.constexpr, EVEN_M: tl.constexpr):
-    # x_ptr: (K, M) = x transposed, so the M inputs of one column are one contiguous gather
+               HAS_BIAS: tl.constexpr, EVEN_M: tl.constexpr, GDC: tl.constexpr):
+    # x_ptr: (K, M) = x transposed, so the M inputs of one column are one contiguous gather.
+    # GDC (launched with launch_pdl, Hopper on): programmatic dependent launch. The next kernel may start
+    # at once, and this one reads its weights (never written by a kernel) before it waits for the one
+    # before it: the waits come before the first read of x and the store of y, which are the only memory
+    # another kernel writes or reads (y's memory may be the last kernel's freed input).
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     block = tl.program_id(0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     start = tl.multiple_of(tl.load(block_ptr_ptr + block).to(tl.int64), 8)
@@ -89,6 +96,8 @@ def ell_matmul(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, 
             cols = code & 0xFFFF
         else:
             cols = code
+        if GDC:
+            tl.extra.cuda.gdc_wait()  # returns at once after the first
         if BLOCK_M == 1:
             acc += value.to(tl.float32) * tl.load(x_ptr + cols).to(tl.float32)
         else:
@@ -102,6 +111,8 @@ def ell_matmul(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, 
         total = tl.sum(acc, axis=1)[:, None]
     else:
         total = tl.sum(acc, axis=1)
+    if GDC:
+        tl.extra.cuda.gdc_wait()  # a block of empty rows has read no x: y's memory is free only now
     out_row = block * ROWS + row
     if HAS_BIAS:
         total += tl.load(bias_ptr + out_row, mask=out_row < N, other=0.0).to(tl.float32)[:, None]
@@ -211,6 +222,20 @@ def _compiled() -> bool:
     return os.environ.get("TRITON_INTERPRET") != "1"
 
 
+# Programmatic dependent launch of ell_matmul (Hopper and later, compiled only; on elsewhere it is off):
+# bench_decode.py's `pdl` phase times the kernels with it and without.
+PDL = False
+
+
+def _pdl(device: torch.device) -> bool:
+    return bool(PDL) and _compiled() and _capability(device.index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def kernel_linear(x2: torch.Tensor, packed: EllMatrix, bias: torch.Tensor | None = None,
                   out: torch.Tensor | None = None, launch: tuple[int, ...] | None = None) -> torch.Tensor:
     """The sparse kernel on a (M, K) CUDA input: (M, N) = x2 @ W.T (+ bias), fp32 accumulation.
@@ -241,10 +266,11 @@ def kernel_linear(x2: torch.Tensor, packed: EllMatrix, bias: torch.Tensor | None
     else:
         block_p, warps = launch[:2]
         grid = (packed.block_ptr.numel() - 1, triton.cdiv(m, block_m))
+        pdl = {"launch_pdl": True} if _pdl(x2.device) else {}  # the keyword only where the kernel is compiled with it
         ell_matmul[grid](xt, packed.values, packed.index, packed.block_ptr, bias_ptr, y, m, rows,
-                                ROWS=packed.rows_per_block, BLOCK_P=block_p, BLOCK_M=block_m,
-                                ENCODING=ENCODINGS[packed.encoding], HAS_BIAS=bias is not None,
-                                EVEN_M=m % block_m == 0, num_warps=warps)
+                         ROWS=packed.rows_per_block, BLOCK_P=block_p, BLOCK_M=block_m,
+                         ENCODING=ENCODINGS[packed.encoding], HAS_BIAS=bias is not None,
+                         EVEN_M=m % block_m == 0, GDC=bool(pdl), num_warps=warps, **pdl)
     return y
 
 
