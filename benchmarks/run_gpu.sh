@@ -86,7 +86,8 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
   [measured-t2]="--recipe measured --train-source $MIX --kd-temperature 2"
   [measured-t4]="--recipe measured --train-source $MIX --kd-temperature 4"
   [measured-lr-half]="--recipe measured --train-source $MIX --lr 2.12e-4"
-  [measured-lr-double]="--recipe measured --train-source $MIX --lr 8.49e-4"
+  [measured-lr-double]="--recipe measured --train-source $MIX --lr 8.49e-4"  # twice 0.1's old lr (now the row's)
+  [measured-lr4x]="--recipe measured --train-source $MIX --lr 1.7e-3"  # 0.1: twice the row's lr
   [measured-warmup500]="--recipe measured --train-source $MIX --warmup-steps 500"
   [measured-valid]="--recipe measured --train-source $DATA/wiki.valid.raw"  # the in-domain share: all of it
   [measured-union]="--recipe measured --train-source $DATA/wiki.valid.raw,$DATA/fallback-train/state_union-nltk"  # more
@@ -137,13 +138,15 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
 # after staging, SEED=0 OUT=/tmp/res/a detach "measured@0.05 measured@0.3 measured-2ep@0.5" and SEED=1
 # OUT=/tmp/res/b detach "measured-kernels@0.05 measured-2ep@0.5", five runs at once (1,257 s wall at most), then
 # watch 555, 585, 585 in the same message; then `python3 benchmarks/bench_decode.py fit` alone (41 s).
-# Next: the sweeps at 0.1 as 1-epoch screens, five at once (EXTRA="--epochs 1"): measured-ramp40, measured-ramp80,
-# measured-wanda-owl, measured-t2, measured-lr-double; then the best two at the full budget and two seeds;
-# measured-patience@0.5 (five epochs stopped by the held-out loss) against the 2-epoch row's 22.66.
-# Issue 24 in the same lease, BEFORE the training runs (its times need the GPU to itself): in call 2,
-# `timeout 540 bash benchmarks/run_gpu.sh decode` (gathers, then the tiled bitmask kernel's first times; its JSON is
-# kept after every section); in call 3, `timeout 200 bash benchmarks/run_gpu.sh updates` (a gradual update's cost,
-# alone), then detach.
+# The session after that (fc38d6b) ran on an H100 (log: "PDL and q, k, v in one call", "Sweeps at 0.1: twice the
+# lr"): call 1 (carry .stage1 .whl) staged and ran `python3 benchmarks/bench_decode.py pdl` alone (119 s); call 2
+# (carry .stage2 .data): OUT=/tmp/res DETACHED=sweep detach "measured@0.1 measured-ramp40@0.1 measured-ramp80@0.1
+# measured-wanda-owl@0.1 measured-t2@0.1 measured-lr-double@0.1" "measured-patience@0.5", then watch 550, 580, 580.
+# Seven runs at once are one too many on an H100 (the OWL screen ran out of memory at its evaluation); the two
+# full-budget runs the sweep chose (measured-lr-double, seeds 0 and 1) were in epoch 5 when the 1,800 s ran out.
+# Next (one lease, at most five runs at once): SEED=0 and SEED=1 "measured@0.1" (the row's lr is the doubled one
+# now) to measure the fifth epoch, beside TAG=-1ep EXTRA="--epochs 1" screens "measured-lr4x@0.1
+# measured-wanda-owl@0.1 measured-lr-double@0.3" (0.3 against its 1-epoch screen at the row's lr, not yet taken).
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the âˆšbatch rule).

@@ -166,6 +166,30 @@ def test_every_layouts_triton_kernel_matches_the_reference_in_tritons_interprete
     assert json.loads((tmp_path / "bench_decode_check.json").read_text())["max_rel_err"] < 1e-2
 
 
+PDL_IN_THE_INTERPRETER = """
+import torch
+import utils.export.triton_kernels as kernels
+from utils.export.sparse_layout import pack
+torch.manual_seed(0)
+weight = torch.randn(40, 300) * (torch.rand(40, 300) < 0.1)
+packed, x = pack(weight, "col16", 8), torch.randn(1, 300)
+off = kernels.kernel_linear(x, packed)
+kernels.PDL = True
+on = kernels.kernel_linear(x, packed)
+print("pdl", kernels._pdl(x.device), "equal", torch.equal(on, off), "close", torch.allclose(on, x @ weight.T, atol=1e-4))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton publishes wheels for Linux only (requirements-test.txt)")
+def test_a_programmatic_dependent_launch_is_left_out_where_the_kernel_is_not_compiled():
+    """PDL (triton_kernels.PDL) asks the compiled kernel to wait on griddepcontrol, which the interpreter has
+    not: there it must stay off, and the kernel give the same result as without it."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", PDL_IN_THE_INTERPRETER], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert done.stdout.split() == ["pdl", "False", "equal", "True", "close", "True"]
+
 def test_route_sends_few_rows_to_the_kernel_and_many_to_a_dense_temporary():
     assert route(1, 16, True) == "kernel" and route(16, 16, True) == "kernel"
     assert route(17, 16, True) == "materialize" and route(2048, 16, True) == "materialize"
