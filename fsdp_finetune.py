@@ -30,7 +30,7 @@ from utils.config.sections import EvalProtocol, TrainCfg
 from utils.data.sources import TokenizedText
 from utils.eval_utils import CompiledKernels, Heading, evaluate_and_log, evaluate_perplexity
 from utils.io.events import MetricsLogger, describe_density
-from utils.io.history import PerplexityHistory, finished_title
+from utils.io.history import PerplexityHistory
 from utils.io.memory import MemoryTracker
 from utils.models.sparsity import sparsity_report
 from utils.pruning.schedule import SparsitySchedule
@@ -38,7 +38,8 @@ from utils.training.masks import MaskSet
 from utils.training.parallel import Prepared
 from utils.training.progress import LogCadence, estimate_line
 from utils.training.reprune import prune_in_place
-from utils.training.stopping import STOPPING_ERRORS, Patience, TrainingStopped, check_finite, stop_message
+from utils.training.stopping import (STOPPING_ERRORS, Patience, TrainingStopped, TrainResult, check_finite,
+                                     stop_message)
 from utils.training.state import StopRequests, TrainState, load_state, save_best_model, save_state
 from utils.training.step import BlockSampler, Optimization, train_step
 
@@ -67,25 +68,6 @@ class TrainingJob:
     started: float = 0.0  # when this process began the run (time.monotonic), for its wall time
     save_dtype: torch.dtype = torch.float32  # best/'s weights (--save-dtype)
     eval_seconds: float | None = None  # how long one evaluation took (the baseline), for the time estimate
-
-
-@dataclass
-class TrainResult:
-    history: PerplexityHistory
-    state: TrainState
-    stopped_early: bool = False
-    interrupted: bool = False
-    error: str | None = None  # why the run stopped short (NaN loss, out of memory, compilation); best model kept
-    earlier_seconds: float = 0.0  # wall time of the processes that ran this run before a --resume
-
-    def summary_title(self, total_steps: int) -> str:
-        """The summary's heading: an interrupted or failed run's summary does not read like a finished one."""
-        if self.interrupted:
-            return (f"Summary So Far: INTERRUPTED at optimizer step {self.state.global_step} of {total_steps} "
-                    "(continue with the same command plus --resume)")
-        if self.error:
-            return "Summary So Far: the run STOPPED SHORT (the error above); the best model is kept"
-        return finished_title(self.stopped_early, self.state.global_step, total_steps)
 
 
 class Callback(Protocol):
@@ -117,6 +99,7 @@ class Trainer:
         self.patience = Patience.from_config(train)
         self.estimated, self.last_eval_seconds = False, job.eval_seconds
         self.holdout_seconds = 0.0  # the last held-out pass's time (0: none yet in this process)
+        self.evaluating = False  # inside an epoch's evaluation: its training is whole (_save_evaluated)
 
     # ------------------------------------------------------------------ setup
 
@@ -172,7 +155,7 @@ class Trainer:
         except TrainingStopped as error:  # weights may be NaN: keep the last good state and the best model
             self.result.error = str(error)
         except STOPPING_ERRORS as error:
-            self.result.error = stop_message(error)
+            self.result.error = stop_message(error, self._save_evaluated())
         except (OSError, SafetensorError) as error:  # a full disk or a folder gone while saving state or the best model
             self.result.error = (f"could not write to {self.job.output}: {getattr(error, 'strerror', None) or error} "
                                  f"({getattr(error, 'filename', None) or ''}); results.json and the last complete "
@@ -287,6 +270,17 @@ class Trainer:
         self.state.timings["wall_seconds"] = self.result.earlier_seconds + time.monotonic() - self.job.started
         save_state(self.state_dir, self.model, self.optimization, self.state, self.job.identity)
 
+    def _save_evaluated(self) -> int | None:
+        """An error in an epoch's evaluation (out of memory) leaves its training whole: saved as Ctrl-C
+        saves it, --resume evaluates that epoch without training it again. The epoch saved, or None."""
+        if not self.evaluating or self.world > 1:  # several processes: the save is collective, one may have failed
+            return None
+        try:
+            self._save_state()
+        except (OSError, SafetensorError, *STOPPING_ERRORS):
+            return None
+        return self.state.epoch
+
     def _save_interrupted(self) -> None:
         self.result.interrupted = True
         if self.bar is not None:
@@ -304,6 +298,7 @@ class Trainer:
         """Held-out loss, the mask check, perplexity with its trend, the best model, the saved state."""
         state, train, job = self.state, self.train, self.job
         self.holdout_record, self.holdout_seconds = {}, 0.0
+        self.evaluating = True
         with job.prepared.precision():
             if job.holdout is not None:
                 self._evaluate_holdout()
@@ -312,6 +307,7 @@ class Trainer:
             previous_best = self.history.best
             evaluation = self._evaluate(Heading(f"Evaluation After Epoch {state.epoch}", epoch=state.epoch,
                                                 density=density, step=state.global_step), history=self.history)
+        self.evaluating = False
         self.logger.log({"event": "epoch", "epoch": state.epoch, **measured, "scheduled_density": density,
                          "perplexity": evaluation.perplexity, **memory}, step=state.global_step)
         eligible = state.epoch >= self.history.final_from  # earlier epochs of a schedule hold more weights

@@ -6,6 +6,7 @@
     python benchmarks/bench_decode.py smol --smol M.gguf --text wiki.txt   # only SmolLM2's perplexity, default rule
     python benchmarks/bench_decode.py fit                   # col16 over 6 densities: fixed part + bandwidth
     python benchmarks/bench_decode.py pdl                   # programmatic dependent launch, q,k,v in one call
+    python benchmarks/bench_decode.py pdl --compile-model   # + the whole model's decode through torch.compile
     python benchmarks/bench_decode.py memory --device cpu   # the weights' bytes only (no GPU needed)
     TRITON_INTERPRET=1 python benchmarks/bench_decode.py check --device cpu   # kernels in Triton's interpreter
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.export.sparse_layout import EllMatrix, SparseRule, pack, reference_linear, unpack  # noqa: E402
+from utils.export.siblings import stack_siblings  # noqa: E402
 from utils.export.sparse_linear import SparseLinear, sparse_linear, to_sparse_linears  # noqa: E402
 
 
@@ -517,8 +519,9 @@ def weight_bytes(model) -> int:
 
 
 @torch.no_grad()
-def decode_seconds(model, batch: int, prompt: int = 64, steps: int = 32) -> float:
-    """Seconds of one greedy decode step (static KV cache) as CUDA-graph replays."""
+def decode_seconds(model, batch: int, prompt: int = 64, steps: int = 32, compiled=None) -> float:
+    """Seconds of one greedy decode step (static KV cache) as CUDA-graph replays; `compiled`: the step
+    through this torch.compile'd model instead (its norms, adds and attention fused; no graphs of its own)."""
     from transformers import StaticCache
     max_len = prompt + 8
     cache = StaticCache(config=model.config, max_cache_len=max_len)
@@ -530,8 +533,8 @@ def decode_seconds(model, batch: int, prompt: int = 64, steps: int = 32) -> floa
     def step():
         seen = layers[0].cumulative_length  # tokens in the cache = the new token's position
         mask = (positions <= seen).view(1, 1, 1, max_len).expand(batch, 1, 1, max_len)
-        out = model(token, attention_mask=mask, position_ids=seen.clone().view(1, 1).expand(batch, 1),
-                    past_key_values=cache, use_cache=True)
+        out = (compiled or model)(token, attention_mask=mask, position_ids=seen.clone().view(1, 1).expand(batch, 1),
+                                  past_key_values=cache, use_cache=True)
         token.copy_(out.logits[:, -1:].argmax(-1))
 
     def rewind():
@@ -836,25 +839,58 @@ def pdl_table(args) -> dict:
 
 @torch.no_grad()
 def pdl_model(args) -> dict:
-    """`pdl`: the last shape's whole model, one decode step at density 1.0 (cuBLAS) and 0.1 (col16), PDL off / on."""
+    """`pdl`: the last shape's whole model, one decode step at density 1.0 (cuBLAS) and 0.1 (col16), PDL off / on,
+    q, k, v as three calls and stacked as one."""
     rows = {}
     name = args.shapes[-1]
     model = opt_model(name)
-    linears = [m for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith("lm_head")]
+    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith("lm_head")}
     log(f"\n## whole model {name}, one greedy decode step (static KV cache, CUDA graph), tokens/s")
     rows["dense"] = {b: b / decode_seconds(model, b) for b in (1, 16)}
     log(f"{name} 1.0 cuBLAS: batch 1 {rows['dense'][1]:,.0f}, batch 16 {rows['dense'][16]:,.0f}")
-    for linear in linears:
+    for linear in linears.values():
         linear.weight.copy_(magnitude_prune(linear.weight, 0.1))
-    to_sparse_linears(model, SparseRule(max_density=1.0))
-    for pdl in (False, True):
-        _kernels().PDL = pdl
+    swapped = to_sparse_linears(model, SparseRule(max_density=1.0))
+    for stacked in (False, True):
+        if stacked:
+            log(f"q, k, v stacked into one call in {len(stack_siblings(model))} layers (utils/export/siblings.py)")
+        for pdl in (False, True):
+            _kernels().PDL = pdl
+            try:
+                label = f"0.1{' stacked' if stacked else ''} pdl={pdl}"
+                rows[label] = cell = {b: b / decode_seconds(model, b) for b in (1, 16)}
+            finally:
+                _kernels().PDL = False
+            log(f"{name} {label} (col16): batch 1 {cell[1]:,.0f} ({cell[1] / rows['dense'][1]:.2f}x), "
+                f"batch 16 {cell[16]:,.0f} ({cell[16] / rows['dense'][16]:.2f}x)")
+    if args.compile_model:  # under torch.compile each sibling runs its own rows
+        rows.update(compiled_decode(args, model, swapped, linears))
+    return rows
+
+
+def compiled_decode(args, model, swapped: list[str], linears: dict) -> dict:
+    """`pdl --compile-model`: the same decode step through torch.compile (default mode: Triton kernels for
+    the norms, adds and attention; SparseLinear stays its custom op), sparse at 0.1, then dense (the
+    swapped linears put back: cuBLAS on the pruned weights, the bytes of dense). A failure is recorded."""
+    rows, name = {}, args.shapes[-1]
+    for label in ("compiled 0.1", "compiled dense"):
+        if label == "compiled dense":
+            for full_name in swapped:
+                parent, _, child = full_name.rpartition(".")
+                setattr(model.get_submodule(parent), child, linears[full_name])
+        started = time.time()
         try:
-            rows[f"0.1 pdl={pdl}"] = cell = {b: b / decode_seconds(model, b) for b in (1, 16)}
-        finally:
-            _kernels().PDL = False
-        log(f"{name} 0.1 col16 PDL {'on' if pdl else 'off'}: batch 1 {cell[1]:,.0f} ({cell[1] / rows['dense'][1]:.2f}x), "
-            f"batch 16 {cell[16]:,.0f} ({cell[16] / rows['dense'][16]:.2f}x)")
+            torch._dynamo.reset()
+            compiled = torch.compile(model, dynamic=False)
+            rows[label] = cell = {b: b / decode_seconds(model, b, compiled=compiled) for b in (1, 16)}
+            log(f"{name} {label}: batch 1 {cell[1]:,.0f}, batch 16 {cell[16]:,.0f} tokens/s "
+                f"({time.time() - started:.0f} s with compilation)")
+        except Exception as error:  # noqa: BLE001 - recorded, the run goes on
+            rows[label] = f"failed: {type(error).__name__}: {error}"[:600]
+            log(f"{name} {label}: {rows[label]}")
+    if isinstance(rows["compiled dense"], dict) and isinstance(rows["compiled 0.1"], dict):
+        log(f"{name} compiled, 0.1 against dense: batch 1 {rows['compiled 0.1'][1] / rows['compiled dense'][1]:.2f}x, "
+            f"batch 16 {rows['compiled 0.1'][16] / rows['compiled dense'][16]:.2f}x")
     return rows
 
 
@@ -875,6 +911,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--two-four", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--compile-model", action="store_true", help="pdl: the decode step through torch.compile too")
     args = parser.parse_args()
     args.shapes = args.shapes.split(",")
     global DEVICE

@@ -147,6 +147,8 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
 # Next (one lease, at most five runs at once): SEED=0 and SEED=1 "measured@0.1" (the row's lr is the doubled one
 # now) to measure the fifth epoch, beside TAG=-1ep EXTRA="--epochs 1" screens "measured-lr4x@0.1
 # measured-wanda-owl@0.1 measured-lr-double@0.3" (0.3 against its 1-epoch screen at the row's lr, not yet taken).
+# Issue 24 first, alone on the GPU: `python3 benchmarks/bench_decode.py pdl --compile-model` (the whole model's
+# decode through torch.compile, dense and sparse: the norms, adds and attention were 1.4 ms of the sparse step).
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the âˆšbatch rule).

@@ -157,6 +157,20 @@ def test_history_trend_and_summary():
     assert worse.trend_lines()[-1] == "Epoch 1: 12.00 (↑20.0%)" and worse.best == (0, 10.0)
 
 
+
+def test_a_schedule_stopped_before_its_first_evaluation_has_no_final_perplexity():
+    """A gradual run out of memory at its first evaluation printed the baseline at density 0.5 as the
+    final perplexity of a model at 0.1 ("Since the baseline: ↓0.0%")."""
+    stopped = PerplexityHistory(baseline=39.89, dense=21.61, densities=(0.5, 0.1))
+    summary = "\n".join(stopped.summary_lines())
+    assert stopped.final is None and stopped.to_dict()["final"] is None
+    assert "Final perplexity" not in summary and "Since the baseline" not in summary and "Baseline perplexity" in summary
+    one_shot = PerplexityHistory(baseline=39.89)  # the baseline is the model's own density: it stands until an epoch
+    assert one_shot.final == 39.89
+    stopped.add(1, 45.0)
+    assert stopped.final == 45.0 and "Final perplexity:    45.0000" in "\n".join(stopped.summary_lines())
+
+
 def _plain_perplexity(model, ids: torch.Tensor, windows: int, length: int) -> float:
     """An independent implementation: one window at a time, log-softmax by hand."""
     means = []

@@ -436,3 +436,35 @@ def test_a_run_folder_file_missing_damaged_or_not_an_object_reads_as_nothing(tmp
         assert read_json_object(path) is None, text
     path.write_text('{"finished": true}')
     assert read_json_object(path) == {"finished": True}
+
+
+def test_out_of_memory_in_an_epochs_evaluation_keeps_its_training_for_resume(tmp_path, tiny_llama_dir, text_file,
+                                                                             capsys, monkeypatch):
+    """Seven runs on one GPU: one ran out of memory evaluating after its epoch and lost the epoch. Its
+    training is saved now; --resume evaluates it without training it again, to the straight run's numbers."""
+    import fsdp_finetune
+    args = ("--compile", "off")
+    assert main(job_args(tiny_llama_dir, text_file, tmp_path / "straight", *args)) == 0
+    real = fsdp_finetune.evaluate_and_log
+
+    def out_of_memory_after_epoch_2(model, tokens, logger, heading, *rest, **kwargs):
+        if heading.title == "Evaluation After Epoch 2":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 768.00 MiB")
+        return real(model, tokens, logger, heading, *rest, **kwargs)
+
+    monkeypatch.setattr(fsdp_finetune, "evaluate_and_log", out_of_memory_after_epoch_2)
+    out = tmp_path / "resumed"
+    assert main(job_args(tiny_llama_dir, text_file, out, *args)) == 1
+    printed = capsys.readouterr().out
+    assert "Epoch 2's training is saved: the same command plus --resume" in printed
+    assert "out of memory" in json.loads((out / "results.json").read_text())["error"]
+    monkeypatch.setattr(fsdp_finetune, "evaluate_and_log", real)
+    assert main(job_args(tiny_llama_dir, text_file, out, *args, "--resume", "--eval-batch-size", "2")) == 0
+    assert "Resumed from" in capsys.readouterr().out
+    straight, resumed = (json.loads((folder / "results.json").read_text()) for folder in (tmp_path / "straight", out))
+    assert [e["perplexity"] for e in resumed["epochs"]] == pytest.approx([e["perplexity"] for e in straight["epochs"]],
+                                                                        rel=1e-5)
+    assert len(resumed["epochs"]) == 2 and resumed["error"] is None
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert len(steps) == len(set(steps)) and max(steps) == 12  # no step trained twice

@@ -190,6 +190,7 @@ def test_a_programmatic_dependent_launch_is_left_out_where_the_kernel_is_not_com
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert done.stdout.split() == ["pdl", "False", "equal", "True", "close", "True"]
 
+
 def test_route_sends_few_rows_to_the_kernel_and_many_to_a_dense_temporary():
     assert route(1, 16, True) == "kernel" and route(16, 16, True) == "kernel"
     assert route(17, 16, True) == "materialize" and route(2048, 16, True) == "materialize"

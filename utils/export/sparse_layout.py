@@ -61,6 +61,9 @@ class SparseRule:
         16 rows: 163 against 565 µs at 0.1, 614 against 946 at 0.5); 16 is the smaller. (cuBLAS on a
         dense copy, 130 µs at 16 rows, would win there: SparseLinear holds none, to keep the memory.)
     ell_encoding: the ELL index ("col16" measured faster than "delta8" at every point timed).
+    stack_siblings: stack linears that read the same input (q, k, v; gate, up) into one matrix, one
+        kernel call (utils/export/siblings.py). Off: measured on one layer (H100: 58.0 → 53.1 µs for
+        opt-6.7b's six linears at 0.1), not yet in the whole model.
     bitmask_above: hold linears denser than this as values + bitmask instead of ELL slots (None:
         never. Its first kernel, a word of each row a step with a running count, measured 0.15-0.28x of
         cuBLAS at one row, slower than col16 at every density; the tiled tensor-core kernel that replaced
@@ -71,6 +74,7 @@ class SparseRule:
     ell_encoding: str = "col16"
     bitmask_above: Optional[float] = None
     rows_per_block: int = 8
+    stack_siblings: bool = False
 
     def __post_init__(self):
         for name in ("max_density", "bitmask_above"):
@@ -256,6 +260,37 @@ def unpack(packed: EllMatrix) -> torch.Tensor:
     dense = torch.zeros(rows, cols, dtype=packed.values.dtype, device=packed.values.device)
     dense[row, column] = packed.values[kept]
     return dense
+
+
+def stack_rows(parts: list[EllMatrix]) -> EllMatrix | None:
+    """ELL matrices of the same columns, encoding and row blocks as one matrix of their rows in turn (what
+    one kernel call on the input they share computes), or None where they differ or a part's rows are
+    not a whole number of blocks (its last block would be padded inside the stack)."""
+    first = parts[0]
+    if first.encoding not in ELL_ENCODINGS or any(
+            (p.shape[1], p.encoding, p.rows_per_block, p.values.dtype, p.values.device) !=
+            (first.shape[1], first.encoding, first.rows_per_block, first.values.dtype, first.values.device)
+            or p.shape[0] % p.rows_per_block for p in parts):
+        return None
+    offsets = [0]
+    for p in parts:
+        offsets.append(offsets[-1] + p.values.numel())
+    block_ptr = torch.cat([first.block_ptr[:1].to(torch.int64)] +
+                          [p.block_ptr[1:].to(torch.int64) + start for p, start in zip(parts, offsets)])
+    return EllMatrix(torch.cat([p.values for p in parts]), torch.cat([p.index for p in parts]),
+                     block_ptr.to(torch.int32 if offsets[-1] < 2 ** 31 else torch.int64),
+                     (sum(p.shape[0] for p in parts), first.shape[1]), first.encoding, first.rows_per_block,
+                     sum(p.nnz for p in parts))
+
+
+def block_rows(stacked: EllMatrix, first_block: int, end_block: int, nnz: int) -> EllMatrix:
+    """Row blocks [first_block, end_block) of an ELL matrix as a matrix of their own (`nnz` kept weights):
+    its values and index are views of the stacked ones, its block pointers a small copy counted from 0."""
+    pointers = stacked.block_ptr[first_block:end_block + 1]
+    start, end = int(pointers[0]), int(pointers[-1])
+    return EllMatrix(stacked.values[start:end], stacked.index[start:end], pointers - start,
+                     ((end_block - first_block) * stacked.rows_per_block, stacked.shape[1]), stacked.encoding,
+                     stacked.rows_per_block, nnz)
 
 
 def reference_linear(x: torch.Tensor, packed: EllMatrix, bias: torch.Tensor | None = None,

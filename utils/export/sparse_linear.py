@@ -71,6 +71,13 @@ except RuntimeError:  # the module imported a second time under another name: th
     _SPARSE_LINEAR_OP = torch.ops.extreme_compression.sparse_linear
 
 
+def traced_sparse_linear(x: torch.Tensor, packed: EllMatrix, bias: torch.Tensor | None, max_rows: int) -> torch.Tensor:
+    """sparse_linear as the one opaque node torch.compile traces (the custom op)."""
+    rows, cols = packed.shape
+    return _SPARSE_LINEAR_OP(x, packed.values, packed.index, packed.block_ptr, bias,
+                             [rows, cols, ENCODINGS[packed.encoding], packed.rows_per_block, packed.nnz, max_rows])
+
+
 # --------------------------------------------------------------------------- the module and the swap
 
 class SparseLinear(nn.Module):
@@ -108,9 +115,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return _SPARSE_LINEAR_OP(x, self.values, self.index, self.block_ptr, self.bias,
-                                     [self.out_features, self.in_features, ENCODINGS[self.encoding],
-                                      self.rows_per_block, self.nnz, self.max_rows])
+            return traced_sparse_linear(x, self.packed, self.bias, self.max_rows)
         return sparse_linear(x, self.packed, self.bias, self.max_rows)
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ from torch import nn
 from utils.export.bitmask import decompress_matrix, unpack_bitmask
 from utils.export.compressed import read_manifest
 from utils.export.sparse_layout import SparseRule, pack_parts
+from utils.export.siblings import stack_siblings
 from utils.export.sparse_linear import SparseLinear
 
 WEIGHTS = "model.safetensors"
@@ -83,7 +84,8 @@ def _skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
 def load_sparse(folder: str | os.PathLike, device: str | torch.device = "cuda", rule: SparseRule = SparseRule(),
                 dtype: torch.dtype | None = None) -> nn.Module:
     """The exported causal LM on `device`: each compressed linear weight at or below `rule.max_density`
-    as a SparseLinear, everything else dense; `dtype` None keeps the export's."""
+    as a SparseLinear (siblings stacked where `rule.stack_siblings`), everything else dense; `dtype`
+    None keeps the export's."""
     from safetensors import safe_open
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -122,4 +124,7 @@ def load_sparse(folder: str | os.PathLike, device: str | torch.device = "cuda", 
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"the export has no values for {left[:5]}{' …' if len(left) > 5 else ''}")
-    return model.to(device)
+    model = model.to(device)
+    if rule.stack_siblings:
+        stack_siblings(model)
+    return model

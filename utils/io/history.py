@@ -38,7 +38,11 @@ class PerplexityHistory:
 
     @property
     def final(self) -> float | None:
-        return self.epochs[-1][1] if self.epochs else self.baseline
+        """The last evaluation's; before any epoch the baseline's, unless a schedule measured the baseline
+        at another density than the model it trains to (then None: nothing measured it yet)."""
+        if self.epochs:
+            return self.epochs[-1][1]
+        return None if self.densities else self.baseline
 
     @staticmethod
     def change(before: float, after: float) -> str:

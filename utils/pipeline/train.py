@@ -208,7 +208,7 @@ def run_timings(record: dict, state) -> dict:
 
 
 def results_fields(context: Context, result, best_info) -> dict:
-    """What results.json says of a training run from its history and state (fsdp_finetune.TrainResult),
+    """What results.json says of a training run from its history and state (utils.training.stopping.TrainResult),
     at its end or after an epoch."""
     config, history, state = context.config, result.history, result.state
     last = history.details.get(history.epochs[-1][0], {}) if history.epochs else {}

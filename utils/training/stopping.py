@@ -5,7 +5,8 @@ that end it with a message (its results kept), the NaN check, and the message th
     if patience.exhausted(state, eligible, improved, holdout):  # counts the epoch in state.bad_epochs
         ...                                                     # cool down (the lr to 0), or stop now
     check_finite(loss, step)          # the loss, or TrainingStopped
-    stop_message(error)               # "out of memory: lower --micro-batch-size ..."
+    stop_message(error, saved_epoch)  # "out of memory: lower --micro-batch-size ..."
+    TrainResult(history, state, ...)  # how the loop ended: stopped early, interrupted, an error
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch._dynamo.exc import TorchDynamoException
 
 from utils.config.sections import TrainCfg
+from utils.io.history import PerplexityHistory, finished_title
 from utils.training.state import TrainState
 
 
@@ -63,6 +65,25 @@ class Patience:
         return self.epochs is not None and state.bad_epochs >= self.epochs
 
 
+@dataclass
+class TrainResult:
+    history: PerplexityHistory
+    state: TrainState
+    stopped_early: bool = False
+    interrupted: bool = False
+    error: str | None = None  # why the run stopped short (NaN loss, out of memory, compilation); best model kept
+    earlier_seconds: float = 0.0  # wall time of the processes that ran this run before a --resume
+
+    def summary_title(self, total_steps: int) -> str:
+        """The summary's heading: an interrupted or failed run's summary does not read like a finished one."""
+        if self.interrupted:
+            return (f"Summary So Far: INTERRUPTED at optimizer step {self.state.global_step} of {total_steps} "
+                    "(continue with the same command plus --resume)")
+        if self.error:
+            return "Summary So Far: the run STOPPED SHORT (the error above); the best model is kept"
+        return finished_title(self.stopped_early, self.state.global_step, total_steps)
+
+
 class TrainingStopped(RuntimeError):
     """Raised when a run must stop (NaN loss); the message says what was kept."""
 
@@ -71,13 +92,16 @@ class TrainingStopped(RuntimeError):
 STOPPING_ERRORS = (torch.cuda.OutOfMemoryError, TorchDynamoException)
 
 
-def stop_message(error: BaseException) -> str:
-    """What went wrong and what to do about it, with the first line of the error itself."""
+def stop_message(error: BaseException, saved_epoch: int | None = None) -> str:
+    """What went wrong and what to do about it, with the first line of the error itself; `saved_epoch`:
+    the epoch whose training was saved when its evaluation failed."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if isinstance(error, torch.cuda.OutOfMemoryError):
+        kept = (f" Epoch {saved_epoch}'s training is saved: the same command plus --resume (a lower --eval-batch-size "
+                "may be given) evaluates it without training it again." if saved_epoch is not None else "")
         return ("out of memory: lower --micro-batch-size (gradient accumulation keeps the effective batch), "
                 "--block-size, --eval-batch-size or --token-length, or use more GPUs with accelerate launch "
-                f"({first})")
+                f"({first}).{kept}")
     return (f"torch.compile failed ({type(error).__name__}: {first}); run again with --compile off "
             "(add --resume to continue from the last finished epoch)")
 
