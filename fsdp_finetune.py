@@ -327,7 +327,7 @@ class Trainer:
                                              "bits_per_byte": evaluation.bits_per_byte, **self.holdout_record}
         # the time left, once more after the first epoch: now with the held-out evaluation's time too
         self.last_eval_seconds, self.estimated = evaluation.seconds + self.holdout_seconds, state.epoch > 1
-        state.add_seconds("evaluation_seconds", evaluation.seconds)
+        state.add_seconds("evaluation_seconds", evaluation.seconds + self.holdout_seconds)
         state.next_epoch()
         state.finished = state.finished or state.epoch > train.epochs
         self._save_state()
@@ -379,8 +379,7 @@ class Trainer:
                                      EvalProtocol(token_length=block, stride=block,
                                                   batch_size=self.job.protocol.batch_size),
                                      progress=self.logger.is_main, desc="Held-out loss")
-        state.add_seconds("evaluation_seconds", result.seconds)
-        self.holdout_seconds = result.seconds
+        self.holdout_seconds = result.seconds  # counted in state once the epoch's evaluation is whole
         train_loss = state.epoch_loss_sum / max(1, state.epoch_batches)
         passes = state.global_step * self.train.batch_size / self.job.blocks.shape[0]
         kind = self.job.loss_kind

@@ -7,6 +7,7 @@
     python benchmarks/bench_decode.py fit                   # col16 over 6 densities: fixed part + bandwidth
     python benchmarks/bench_decode.py pdl                   # programmatic dependent launch, q,k,v in one call
     python benchmarks/bench_decode.py pdl --compile-model   # + the whole model's decode through torch.compile
+    python benchmarks/bench_decode.py pdl --model-only --compile-model --shapes opt-6.7b   # the model rows alone
     python benchmarks/bench_decode.py memory --device cpu   # the weights' bytes only (no GPU needed)
     TRITON_INTERPRET=1 python benchmarks/bench_decode.py check --device cpu   # kernels in Triton's interpreter
 
@@ -838,23 +839,24 @@ def pdl_table(args) -> dict:
 
 
 @torch.no_grad()
-def pdl_model(args) -> dict:
-    """`pdl`: the last shape's whole model, one decode step at density 1.0 (cuBLAS) and 0.1 (col16), PDL off / on,
-    q, k, v as three calls and stacked as one."""
-    rows = {}
+def pdl_model(args, pdl_modes: tuple[bool, ...]) -> dict:
+    """`pdl`: the last shape's whole model, one decode step at density 1.0 (cuBLAS) and 0.1 (col16), with PDL
+    in each of `pdl_modes`, q, k, v as three calls and stacked as one; RESULTS kept after every row."""
+    rows = RESULTS.setdefault("pdl_model", {})
     name = args.shapes[-1]
     model = opt_model(name)
     linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith("lm_head")}
     log(f"\n## whole model {name}, one greedy decode step (static KV cache, CUDA graph), tokens/s")
     rows["dense"] = {b: b / decode_seconds(model, b) for b in (1, 16)}
     log(f"{name} 1.0 cuBLAS: batch 1 {rows['dense'][1]:,.0f}, batch 16 {rows['dense'][16]:,.0f}")
+    keep(args.phase)
     for linear in linears.values():
         linear.weight.copy_(magnitude_prune(linear.weight, 0.1))
     swapped = to_sparse_linears(model, SparseRule(max_density=1.0))
     for stacked in (False, True):
         if stacked:
             log(f"q, k, v stacked into one call in {len(stack_siblings(model))} layers (utils/export/siblings.py)")
-        for pdl in (False, True):
+        for pdl in pdl_modes:
             _kernels().PDL = pdl
             try:
                 label = f"0.1{' stacked' if stacked else ''} pdl={pdl}"
@@ -863,16 +865,18 @@ def pdl_model(args) -> dict:
                 _kernels().PDL = False
             log(f"{name} {label} (col16): batch 1 {cell[1]:,.0f} ({cell[1] / rows['dense'][1]:.2f}x), "
                 f"batch 16 {cell[16]:,.0f} ({cell[16] / rows['dense'][16]:.2f}x)")
+            keep(args.phase)
     if args.compile_model:  # under torch.compile each sibling runs its own rows
-        rows.update(compiled_decode(args, model, swapped, linears))
+        compiled_decode(args, model, swapped, linears, rows)
     return rows
 
 
-def compiled_decode(args, model, swapped: list[str], linears: dict) -> dict:
+def compiled_decode(args, model, swapped: list[str], linears: dict, rows: dict) -> None:
     """`pdl --compile-model`: the same decode step through torch.compile (default mode: Triton kernels for
     the norms, adds and attention; SparseLinear stays its custom op), sparse at 0.1, then dense (the
-    swapped linears put back: cuBLAS on the pruned weights, the bytes of dense). A failure is recorded."""
-    rows, name = {}, args.shapes[-1]
+    swapped linears put back: cuBLAS on the pruned weights, the bytes of dense), into `rows`, kept after
+    each. A failure is recorded."""
+    name = args.shapes[-1]
     for label in ("compiled 0.1", "compiled dense"):
         if label == "compiled dense":
             for full_name in swapped:
@@ -888,11 +892,10 @@ def compiled_decode(args, model, swapped: list[str], linears: dict) -> dict:
         except Exception as error:  # noqa: BLE001 - recorded, the run goes on
             rows[label] = f"failed: {type(error).__name__}: {error}"[:600]
             log(f"{name} {label}: {rows[label]}")
+        keep(args.phase)
     if isinstance(rows["compiled dense"], dict) and isinstance(rows["compiled 0.1"], dict):
         log(f"{name} compiled, 0.1 against dense: batch 1 {rows['compiled 0.1'][1] / rows['compiled dense'][1]:.2f}x, "
             f"batch 16 {rows['compiled 0.1'][16] / rows['compiled dense'][16]:.2f}x")
-    return rows
-
 
 
 def main() -> None:
@@ -912,6 +915,7 @@ def main() -> None:
     parser.add_argument("--two-four", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--compile-model", action="store_true", help="pdl: the decode step through torch.compile too")
+    parser.add_argument("--model-only", action="store_true", help="pdl: the whole model's rows alone (PDL off)")
     args = parser.parse_args()
     args.shapes = args.shapes.split(",")
     global DEVICE
@@ -947,10 +951,14 @@ def main() -> None:
     if args.phase == "fit":
         RESULTS["fit"] = fit_table(args, bandwidth)
     if args.phase == "pdl":
-        RESULTS["pdl"] = pdl_table(args)
-        keep(args.phase)
-        if "error" not in RESULTS["pdl"] and not args.skip_model:
-            RESULTS["pdl_model"] = pdl_model(args)
+        if not args.model_only:
+            RESULTS["pdl"] = pdl_table(args)
+            keep(args.phase)
+        table = RESULTS.get("pdl", {})  # PDL in the model only where the chain and the checks held with it
+        pdl_works = bool(table) and "error" not in table and not table["check_failed"] and \
+            table["chain_max_rel_err"] <= CHAIN_TOLERANCE
+        if not args.skip_model:
+            pdl_model(args, (False, True) if pdl_works else (False,))
     if args.phase == "sweep":
         check_compile()
     if args.phase in ("sweep", "full"):

@@ -144,11 +144,13 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
 # measured-wanda-owl@0.1 measured-t2@0.1 measured-lr-double@0.1" "measured-patience@0.5", then watch 550, 580, 580.
 # Seven runs at once are one too many on an H100 (the OWL screen ran out of memory at its evaluation); the two
 # full-budget runs the sweep chose (measured-lr-double, seeds 0 and 1) were in epoch 5 when the 1,800 s ran out.
-# Next (one lease, at most five runs at once): SEED=0 and SEED=1 "measured@0.1" (the row's lr is the doubled one
-# now) to measure the fifth epoch, beside TAG=-1ep EXTRA="--epochs 1" screens "measured-lr4x@0.1
-# measured-wanda-owl@0.1 measured-lr-double@0.3" (0.3 against its 1-epoch screen at the row's lr, not yet taken).
-# Issue 24 first, alone on the GPU: `python3 benchmarks/bench_decode.py pdl --compile-model` (the whole model's
-# decode through torch.compile, dense and sparse: the norms, adds and attention were 1.4 ms of the sparse step).
+# Next (one lease, at most five runs at once): call 1, alone on the GPU: `timeout 420 python3 benchmarks/bench_decode.py
+# pdl --model-only --compile-model --shapes opt-6.7b` (the whole model with q, k, v stacked, and its decode through
+# torch.compile: the norms, adds and attention were 1.4 ms of the sparse step on the H200; every row kept as it
+# comes). Then SEED=0 and SEED=1 "measured@0.1" (the row's lr is the doubled one now: its fifth epoch) beside
+# TAG=-1ep EXTRA="--epochs 1" screens "measured@0.3 measured-lr-double@0.3 measured-lr4x@0.1" (0.3 against its own
+# 1-epoch screen at the row's lr). A run's resumable state does not come back with runs.tgz: a run cut by the
+# lease's end is lost past its last epoch's JSON, so start the full-budget runs first.
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the âˆšbatch rule).

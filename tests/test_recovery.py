@@ -320,6 +320,9 @@ def test_a_recipe_measured_at_another_batch_reports_the_mean_of_its_seeds():
     row = MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4, "", ((4, (68.79, 68.52)), (2, (70.0,))), batch=4)
     assert row.at(4) == "68.66 (mean of 2 seeds: 68.79, 68.52)"  # (68.79 + 68.52) / 2 = 68.655
     assert row.at(2) == "70.00 (one seed)" and row.at(16) is None and row.seeds(2) == (70.0,)
+    cut = MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4, "", ((4, (68.79, 68.52)), (2, (70.0,))), batch=4,
+                         caveat="after epoch 4 of 5")  # runs stopped short say so beside their headline only
+    assert cut.at(4) == "68.66 (mean of 2 seeds: 68.79, 68.52; after epoch 4 of 5)" and cut.at(2) == "70.00 (one seed)"
     with pytest.raises(ValueError, match="no measurement at its batch 8"):  # a headline is a measurement
         MeasuredRecipe(0.1, 0.2, "kd", "gradual", "auto", 6e-4, "", ((4, (68.79, 68.52)),))
 

@@ -58,14 +58,31 @@ def test_the_stack_computes_once_per_input_in_any_order_and_keeps_nothing_after(
         assert len(calls) == 1 and all(torch.allclose(got[n], getattr(plain, n)(x), atol=1e-6) for n in order)
         group = attention.q_proj.group
         assert group._input is None and group._parts == ()  # every part taken: nothing kept alive
-    calls.clear()
+    assert not group.unstacked and set(dict(attention.named_children())) == {
+        "q_proj", "k_proj", "v_proj", "stacked_q_proj_k_proj_v_proj"}
+    keys = list(attention.state_dict())  # the stack's tensors once, under the parent
+    assert sum(key.endswith(".values") for key in keys) == 1 and not any("_proj.group" in key for key in keys)
     attention.q_proj(x)
     x.add_(1.0)  # changed in place after q: k must not take the part computed before
     assert torch.allclose(attention.k_proj(x), plain.k_proj(x), atol=1e-6)
-    assert len(calls) == 2
-    attention.q_proj(x)  # q's part of k's computation
-    attention.q_proj(x)  # asked twice: computed again
-    assert len(calls) == 3
+    assert group.unstacked and group._parts == ()  # a surprise turns the stack off: each runs its own rows
+    for y in (x, torch.randn(2, 96)):
+        assert all(torch.allclose(getattr(attention, n)(y), getattr(plain, n)(y), atol=1e-6) for n in names)
+
+
+def test_siblings_called_apart_or_on_inference_tensors_still_give_their_own_outputs():
+    attention = sparse_attention()
+    plain = copy.deepcopy(attention)
+    stack_siblings(attention)
+    with torch.inference_mode():  # no version counter to check: each sibling runs its own rows
+        x = torch.randn(3, 96)
+        assert all(torch.allclose(getattr(attention, n)(x), getattr(plain, n)(x), atol=1e-6)
+                   for n in ("q_proj", "k_proj", "v_proj"))
+    assert not attention.q_proj.group.unstacked
+    first, second = torch.randn(3, 96), torch.randn(3, 96)  # a decoder that calls only q (cross-attention decode)
+    attention.q_proj(first)
+    assert torch.allclose(attention.q_proj(second), plain.q_proj(second), atol=1e-6)
+    assert attention.q_proj.group.unstacked and attention.q_proj.group._input is None
 
 
 def test_siblings_that_do_not_stack_stay_as_they_are():

@@ -7,10 +7,13 @@ Measured on the opt-6.7b layer at density 0.1, batch 1 (H100, bench_decode.py pd
 58.0 µs, with q, k and v as one call 53.1 µs (the whole model: not yet measured). The model calls
 each sibling in turn with the same tensor, so the first call computes the stacked output and hands
 the others their parts (views of it) while the input is the same tensor, unchanged (its version
-counter); a call the group did not see coming (another input, a sibling asked twice) computes again.
-Once every sibling has taken its part the group keeps no reference to it. Under torch.compile each
-sibling runs its own rows through the custom op (dynamo traces tensors, not their identity). Only
-ELL layouts of whole row blocks stack (sparse_layout.stack_rows); others stay as they are.
+counter). Once every sibling has taken its part the group keeps no reference to it. A call the group
+did not see coming (a new input while a part is still waiting: a model that calls only some siblings,
+or changes the input in place between them) turns the stack off for good: from then on each sibling
+runs its own rows, as it does on inference tensors (no version counter to check) and under
+torch.compile (dynamo traces tensors, not their identity). Only ELL layouts of whole row blocks stack
+(sparse_layout.stack_rows); others stay as they are. A part is a view of the stacked output: a KV
+cache that keeps k and v as they come keeps the whole output alive until it copies them.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ class StackedLinears(nn.Module):
             self.register_buffer(f"block_ptr_{i}", own.block_ptr)
             first += blocks
         self._input, self._version, self._parts, self._waiting = None, -1, (), set()
+        self.unstacked = False  # set when the siblings turned out not to share their inputs
 
     @property
     def packed(self) -> EllMatrix:
@@ -65,8 +69,17 @@ class StackedLinears(nn.Module):
         first = sum(self.splits[:index])
         return None if self.bias is None else self.bias[first:first + self.splits[index]]
 
+    def own(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Sibling `index`'s output from its rows alone."""
+        return sparse_linear(x, self.rows_of(index), self.bias_of(index), self.max_rows)
+
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if self.unstacked or x.is_inference():
+            return self.own(x, index)
         if not (x is self._input and x._version == self._version and index in self._waiting):
+            if self._waiting:  # the last input's parts were not all taken: these siblings do not share inputs
+                self.unstacked, self._input, self._parts, self._waiting = True, None, (), set()
+                return self.own(x, index)
             stacked = sparse_linear(x, self.packed, self.bias, self.max_rows)
             self._input, self._version = x, x._version
             self._parts, self._waiting = stacked.split(self.splits, dim=-1), set(range(len(self.splits)))
@@ -78,11 +91,13 @@ class StackedLinears(nn.Module):
 
 
 class SiblingLinear(nn.Module):
-    """One sibling: its part of the group's output (the group is a submodule: it moves with the model)."""
+    """One sibling: its part of the group's output. The group is a submodule of the siblings' parent
+    (it moves and saves with the model, once); a sibling holds a plain reference to it."""
 
     def __init__(self, group: StackedLinears, index: int):
         super().__init__()
-        self.group, self.index = group, index
+        object.__setattr__(self, "group", group)  # not a submodule of each sibling: its tensors once in state_dict
+        self.index = index
         self.out_features, self.in_features = group.splits[index], group.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +127,7 @@ def stack_siblings(model: nn.Module, siblings: tuple[tuple[str, ...], ...] = SIB
             if stacked is None:
                 continue
             group = StackedLinears(stacked, members)
+            module.add_module("stacked_" + "_".join(names), group)
             for index, child in enumerate(names):
                 setattr(module, child, SiblingLinear(group, index))
             done.append(name)

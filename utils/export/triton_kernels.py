@@ -67,7 +67,9 @@ def ell_matmul(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, 
     # GDC (launched with launch_pdl, Hopper on): programmatic dependent launch. The next kernel may start
     # at once, and this one reads its weights (never written by a kernel) before it waits for the one
     # before it: the waits come before the first read of x and the store of y, which are the only memory
-    # another kernel writes or reads (y's memory may be the last kernel's freed input).
+    # another kernel writes or reads (y's memory may be the last kernel's freed input). This holds while no
+    # load of x is issued ahead of its iteration's wait (the x gathers depend on that iteration's columns;
+    # bench_decode.py's check_pdl_chain tests it on the device) and while no kernel writes the weights.
     if GDC:
         tl.extra.cuda.gdc_launch_dependents()
     block = tl.program_id(0)
