@@ -43,14 +43,13 @@ class StackedLinears(nn.Module):
         self.bias = None if biases[0] is None else nn.Parameter(torch.cat([b.detach() for b in biases]),
                                                                 requires_grad=False)
         self.splits = [s.out_features for s in siblings]
-        self.slots, first = [], 0  # each sibling's slots in values/index, host ints (no sync when traced)
-        for i, sibling in enumerate(siblings):
+        self.slots, first, start = [], 0, 0  # each sibling's slots in values/index, host ints (no sync when traced)
+        for i, sibling in enumerate(siblings):  # the siblings' slots follow each other from 0 (stack_rows)
             blocks = sibling.out_features // self.rows_per_block
             own = block_rows(stacked, first, first + blocks, sibling.nnz)
-            start = int(stacked.block_ptr[first])
             self.slots.append((start, start + own.values.numel(), sibling.nnz))
             self.register_buffer(f"block_ptr_{i}", own.block_ptr)
-            first += blocks
+            first, start = first + blocks, start + own.values.numel()
         self._input, self._version, self._parts, self._waiting = None, -1, (), set()
         self.unstacked = False  # set when the siblings turned out not to share their inputs
 
