@@ -88,6 +88,7 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
   [measured-lr-half]="--recipe measured --train-source $MIX --lr 2.12e-4"
   [measured-lr-double]="--recipe measured --train-source $MIX --lr 8.49e-4"  # twice 0.1's old lr (now the row's)
   [measured-lr4x]="--recipe measured --train-source $MIX --lr 1.7e-3"  # 0.1: twice the row's lr
+  [measured-lr7e-5]="--recipe measured --train-source $MIX --lr 7.07e-5"  # 0.5: twice the row's lr at batch 4
   [measured-warmup500]="--recipe measured --train-source $MIX --warmup-steps 500"
   [measured-valid]="--recipe measured --train-source $DATA/wiki.valid.raw"  # the in-domain share: all of it
   [measured-union]="--recipe measured --train-source $DATA/wiki.valid.raw,$DATA/fallback-train/state_union-nltk"  # more
@@ -205,13 +206,14 @@ case "${1:-bench}" in
     echo "started: ${*:2} (logs in $OUT)" ;;
   sweep)  # issue 26's sweeps in one go: the screens of $2 (NAME@DENSITY, the first the baseline) at once with
           # --epochs 1 (TAG=-1ep), the full-budget runs of $3 beside them; then the screen with the lowest best
-          # perplexity other than the baseline at the full budget, SEED=0 and SEED=1 at once. Logs: $OUT/<part>/.
+          # perplexity other than the baseline at the full budget (or the runs of $4 where it is given), SEED=0
+          # and SEED=1 at once. Logs: $OUT/<part>/.
     mkdir -p "$OUT/screens" "$OUT/along" "$OUT/s0" "$OUT/s1"
     [ -z "${3:-}" ] || OUT="$OUT/along" bash "$0" recipes "$3" &
     along=$!
     TAG=-1ep EXTRA="${EXTRA:-} --epochs 1" OUT="$OUT/screens" bash "$0" recipes "$2"
-    best=$(best_screen "$2")
-    echo "best screen other than the baseline: ${best:-none}" | tee -a "$OUT/screens/summary.txt"
+    best=${4:-$(best_screen "$2")}
+    echo "$([ -n "${4:-}" ] && echo "then, as asked" || echo "best screen other than the baseline"): ${best:-none}" | tee -a "$OUT/screens/summary.txt"
     if [ -n "$best" ]; then
       SEED=0 OUT="$OUT/s0" bash "$0" recipes "$best" &
       SEED=1 OUT="$OUT/s1" bash "$0" recipes "$best" &
