@@ -145,13 +145,18 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
 # measured-wanda-owl@0.1 measured-t2@0.1 measured-lr-double@0.1" "measured-patience@0.5", then watch 550, 580, 580.
 # Seven runs at once are one too many on an H100 (the OWL screen ran out of memory at its evaluation); the two
 # full-budget runs the sweep chose (measured-lr-double, seeds 0 and 1) were in epoch 5 when the 1,800 s ran out.
-# Next (one lease, at most five runs at once): call 1, alone on the GPU: `timeout 420 python3 benchmarks/bench_decode.py
-# pdl --model-only --compile-model --shapes opt-6.7b` (the whole model with q, k, v stacked, and its decode through
-# torch.compile: the norms, adds and attention were 1.4 ms of the sparse step on the H200; every row kept as it
-# comes). Then SEED=0 and SEED=1 "measured@0.1" (the row's lr is the doubled one now: its fifth epoch) beside
-# TAG=-1ep EXTRA="--epochs 1" screens "measured@0.3 measured-lr-double@0.3 measured-lr4x@0.1" (0.3 against its own
-# 1-epoch screen at the row's lr). A run's resumable state does not come back with runs.tgz: a run cut by the
-# lease's end is lost past its last epoch's JSON, so start the full-budget runs first.
+# The session after that (7c7fa55) ran its plan on an H100 (log: "The decode step compiled", "The fifth epoch at
+# 0.1; twice the lr at 0.5"): call 1 (carry .stage1 .whl) staged and ran `timeout 300 python3 benchmarks/bench_decode.py
+# pdl --model-only --compile-model --shapes opt-6.7b` alone (96 s; its compiled rows failed on a bug, fixed and run
+# again in the lease's last call, 202 s); call 2 (carry .stage2 .data): SEED=0 OUT=/tmp/res/a detach "measured@0.1",
+# SEED=1 OUT=/tmp/res/b detach "measured@0.1", OUT=/tmp/res DETACHED=sweep detach "measured@0.3
+# measured-lr-double@0.3 measured-lr4x@0.1" "" "measured-lr7e-5@0.5" (the screens, then the 0.5 runs at both
+# seeds), watch 550; calls 3, 4: watch 580. Five runs at once at most; all ended inside the lease (1,305 s wall).
+# Next (one lease): call 2, before any run starts, times the tool's own generation path on a SmolLM2 export at 0.1
+# (--prune-only --export compressed, then --eval-only --generate 128 with --kernels dense and sparse, each with
+# --generate-cache dynamic and static: is the compiled step what bench_decode measured, and should static be
+# the default?); then SEED=0 and SEED=1 "measured-lr4x@0.1" (the screen's 62.44 against 69.67) and "measured-lr-double@0.3"
+# (35.18 against 36.91) at the full budget, four runs at once, started in the same call.
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the âˆšbatch rule).

@@ -381,17 +381,20 @@ def test_compare_refuses_the_flags_it_would_ignore(capsys):
 def test_sparse_kernels_give_the_dense_kernels_perplexity_and_text_on_the_same_export(finished, text_file, tmp_path):
     export = finished[0] / "compressed"
     runs = {}
-    for kind in ("dense", "sparse"):
-        out = tmp_path / kind
+    for kind, cache in (("dense", "dynamic"), ("sparse", "dynamic"), ("sparse", "static")):
+        out = tmp_path / f"{kind}-{cache}"
         assert cli("--eval-only", "--model", export, "--kernels", kind, "--eval-source", text_file, "--token-length",
-                   "64", "--generate", "6", "--prompt", "the model", "--output-dir", out) == 0
-        runs[kind] = json.loads((out / "results.json").read_text())
-    assert runs["sparse"]["perplexity"] == pytest.approx(runs["dense"]["perplexity"], rel=1e-5)  # float32 on the CPU
-    for kind, results in runs.items():
+                   "64", "--generate", "6", "--prompt", "the model", "--generate-cache", cache,
+                   "--output-dir", out) == 0
+        runs[kind, cache] = json.loads((out / "results.json").read_text())
+    dense, sparse = runs["dense", "dynamic"], runs["sparse", "dynamic"]
+    assert sparse["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-5)  # float32 on the CPU
+    for (kind, cache), results in runs.items():
         generated = results["generate"]
         assert generated["kernels"] == kind and generated["new_tokens"] == 6 and generated["tokens_per_second"] > 0
-    assert runs["sparse"]["generate"]["text"] == runs["dense"]["generate"]["text"]  # greedy: the same tokens
-    events = [json.loads(line) for line in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
+        assert generated["cache"] == cache and generated["compiled"] is False  # transformers compiles on GPUs only
+        assert generated["text"] == dense["generate"]["text"]  # greedy: the same tokens, whichever kernels and cache
+    events = [json.loads(line) for line in (tmp_path / "sparse-static" / "metrics.jsonl").read_text().splitlines()]
     assert any(e["event"] == "kernels" and e["kind"] == "sparse" and e["sparse_linears"] > 0 for e in events)
 
 

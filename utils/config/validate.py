@@ -379,7 +379,7 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> RunConfig:
                           batch_size=args.eval_batch_size, compile=args.eval_compile, source=args.eval_source,
                           windows=args.eval_windows),
         tasks=TaskCfg(tuple(args.tasks), args.task_dir, args.task_limit, args.task_batch_size, args.generate,
-                      args.prompt),
+                      args.prompt, args.generate_cache),
         output=OutputCfg(dir=args.output_dir or str(Path("runs") / _default_folder(args.model, mode, prune)),
                          log_file=args.log_file, resume=args.resume, overwrite=args.overwrite,
                          report_to=args.report_to, save_best=not args.no_save_best, export=args.export,

@@ -4,7 +4,7 @@ matrix, one kernel call serves them all (two launches fewer per attention layer)
     stacked = stack_siblings(model)   # after to_sparse_linears: ["model.layers.0.self_attn", ...]
 
 Measured on the opt-6.7b layer at density 0.1, batch 1 (H100, bench_decode.py pdl): the six calls
-58.0 µs, with q, k and v as one call 53.1 µs (the whole model: not yet measured). The model calls
+58.0 µs, with q, k and v as one call 53.1 µs; the whole eager decode step 298 → 313 tokens/s. The model calls
 each sibling in turn with the same tensor, so the first call computes the stacked output and hands
 the others their parts (views of it) while the input is the same tensor, unchanged (its version
 counter). Once every sibling has taken its part the group keeps no reference to it. A call the group

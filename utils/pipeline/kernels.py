@@ -2,11 +2,14 @@
 
     model, kind = model_for(context, "perplexity")       # dense linears, or SparseLinear (utils/export)
     record = generation_benchmark(model, tokenizer, "The history", 128, device)   # tokens/s
+    record = generation_benchmark(model, tokenizer, "The history", 128, device, cache="static")  # compiled step
     extras["kernels"] = both_kernels(context, export_folder)   # the export's perplexity both ways
 
 --kernels auto runs perplexity dense (its 2048-token windows are prefill, where the sparse kernels
 take a dense temporary per call) and generation sparse on a GPU with Triton, where decoding reads
-each weight once per token and the compressed layout moves a fraction of the bytes.
+each weight once per token and the compressed layout moves a fraction of the bytes.  --generate-cache
+static lets transformers compile the decode step (the norms, adds and attention between the sparse
+kernels, which otherwise take about half of the step at density 0.1).
 """
 from __future__ import annotations
 
@@ -60,13 +63,20 @@ def model_for(context: Context, use: str) -> tuple[nn.Module, str]:
 
 
 @torch.no_grad()
-def generation_benchmark(model: nn.Module, tokenizer, prompt: str, new_tokens: int, device: torch.device) -> dict:
+def generation_benchmark(model: nn.Module, tokenizer, prompt: str, new_tokens: int, device: torch.device,
+                         cache: str = "dynamic") -> dict:
     """Greedy decoding of `new_tokens` tokens after `prompt` (batch 1, KV cache), timed after a
-    2-token warm-up: the prompt's prefill and every decode step."""
+    warm-up: the prompt's prefill and every decode step.  `cache` "static": a static KV cache, for
+    which transformers compiles the decode step on a GPU (torch.compile, mode reduce-overhead: CUDA
+    graphs); the warm-up then generates as many tokens as the timed call, so that the step it
+    compiles is the one timed (a cache of another length would compile again)."""
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     settings = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                     else tokenizer.eos_token_id)
-    model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, **settings)
+    if cache == "static":
+        settings["cache_implementation"] = "static"
+    warm_up = new_tokens if cache == "static" else 2
+    model.generate(**inputs, max_new_tokens=warm_up, min_new_tokens=warm_up, **settings)
     _sync(device)
     start = time.perf_counter()
     output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
@@ -74,7 +84,8 @@ def generation_benchmark(model: nn.Module, tokenizer, prompt: str, new_tokens: i
     seconds = time.perf_counter() - start
     made = output.shape[1] - inputs["input_ids"].shape[1]
     return {"prompt_tokens": int(inputs["input_ids"].shape[1]), "new_tokens": int(made), "seconds": seconds,
-            "tokens_per_second": made / seconds if seconds else None,
+            "tokens_per_second": made / seconds if seconds else None, "cache": cache,
+            "compiled": getattr(model, "_compiled_call", None) is not None,  # where transformers compiled the step
             "text": tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)}
 
 

@@ -76,10 +76,11 @@ def evaluate_only(context: Context, start: Start) -> int:
 def _generate(context: Context, model: torch.nn.Module, kind: str) -> dict:
     """--generate: greedy tokens/s of `model` (with `kind` kernels)."""
     tasks = context.config.tasks
-    record = {**generation_benchmark(model, context.tokenizer, tasks.prompt, tasks.generate, context.device),
-              "kernels": kind}
+    record = {**generation_benchmark(model, context.tokenizer, tasks.prompt, tasks.generate, context.device,
+                                     tasks.generate_cache), "kernels": kind}
+    step = f"{record['cache']} cache{', compiled step' if record['compiled'] else ''}"
     context.logger.report(f"Generation: {record['new_tokens']} new tokens in {record['seconds']:.2f} s = "
-                          f"{record['tokens_per_second']:,.1f} tokens/s (batch 1, greedy, {kind} kernels, after a "
+                          f"{record['tokens_per_second']:,.1f} tokens/s (batch 1, greedy, {kind} kernels, {step}, after a "
                           f"{record['prompt_tokens']}-token prompt): {record['text']!r}", {"event": "generate", **record})
     return record
 
