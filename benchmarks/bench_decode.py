@@ -534,8 +534,9 @@ def decode_seconds(model, batch: int, prompt: int = 64, steps: int = 32, compile
     def step():
         seen = layers[0].cumulative_length  # tokens in the cache = the new token's position
         mask = (positions <= seen).view(1, 1, 1, max_len).expand(batch, 1, 1, max_len)
-        out = (model if compiled is None else compiled)(token, attention_mask=mask, position_ids=seen.clone().view(1, 1).expand(batch, 1),
-                                  past_key_values=cache, use_cache=True)
+        runner = model if compiled is None else compiled  # not `or`: bool() of a compiled module asks len()
+        out = runner(token, attention_mask=mask, position_ids=seen.clone().view(1, 1).expand(batch, 1),
+                     past_key_values=cache, use_cache=True)
         token.copy_(out.logits[:, -1:].argmax(-1))
 
     def rewind():

@@ -88,7 +88,7 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
   [measured-lr-half]="--recipe measured --train-source $MIX --lr 2.12e-4"
   [measured-lr-double]="--recipe measured --train-source $MIX --lr 8.49e-4"  # twice 0.1's old lr (now the row's)
   [measured-lr4x]="--recipe measured --train-source $MIX --lr 1.7e-3"  # 0.1: twice the row's lr
-  [measured-lr7e-5]="--recipe measured --train-source $MIX --lr 7.07e-5"  # 0.5: twice the row's lr at batch 4
+  [measured-lr7e-5]="--recipe measured --train-source $MIX --lr 7.07e-5"  # 0.5: twice its old lr (now the row's)
   [measured-warmup500]="--recipe measured --train-source $MIX --warmup-steps 500"
   [measured-valid]="--recipe measured --train-source $DATA/wiki.valid.raw"  # the in-domain share: all of it
   [measured-union]="--recipe measured --train-source $DATA/wiki.valid.raw,$DATA/fallback-train/state_union-nltk"  # more
@@ -205,7 +205,7 @@ case "${1:-bench}" in
     wait
     for run in $2; do python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'baseline', r['baseline'], 'epochs', [round(e['perplexity'],2) for e in r['epochs']], 'best', r['best'])" "$(run_dir "${run%@*}" "${run#*@}")/results.json" "$run"; grep -h wall_seconds "$OUT/${run/@/_}.log"; done | tee -a "$OUT/summary.txt"
     for run in $2; do for f in results.json metrics.jsonl; do cp "$(run_dir "${run%@*}" "${run#*@}")/$f" "$OUT/${run/@/_}.$f"; done; done ;;
-  detach)  # `recipes "$2"` (or DETACHED=sweep: `sweep "$2" "$3"`) in its own process session: the runs outlive this
+  detach)  # `recipes "$2"` (or DETACHED=sweep: `sweep "$2" "$3" "$4"`) in its own process session: the runs outlive this
             # call (see "Runs longer than a call")
     setsid nohup bash "$0" "${DETACHED:-recipes}" "${@:2}" > "$OUT/detached.log" 2>&1 < /dev/null &
     echo "started: ${*:2} (logs in $OUT)" ;;
@@ -218,7 +218,8 @@ case "${1:-bench}" in
     along=$!
     TAG=-1ep EXTRA="${EXTRA:-} --epochs 1" OUT="$OUT/screens" bash "$0" recipes "$2"
     best=${4:-$(best_screen "$2")}
-    echo "$([ -n "${4:-}" ] && echo "then, as asked" || echo "best screen other than the baseline"): ${best:-none}" | tee -a "$OUT/screens/summary.txt"
+    said=$([ -n "${4:-}" ] && echo "then, as asked" || echo "best screen other than the baseline")
+    echo "$said: ${best:-none}" | tee -a "$OUT/screens/summary.txt"
     if [ -n "$best" ]; then
       SEED=0 OUT="$OUT/s0" bash "$0" recipes "$best" &
       SEED=1 OUT="$OUT/s1" bash "$0" recipes "$best" &

@@ -129,6 +129,19 @@ def test_resume_refuses_changed_settings_and_a_finished_run_stays_finished(tmp_p
     assert json.loads((out / "results.json").read_text()) == results
 
 
+def test_a_refused_resume_names_values_that_can_be_given_back_as_they_are():
+    import math
+    from dataclasses import replace
+
+    from utils.pipeline.identity import RunIdentity, changed_flags
+    saved = RunIdentity.from_json({"lr": 5e-5 / math.sqrt(8) * 2, "epochs": 5})  # a √batch-rule lr at batch 4
+    doubled = 1e-4 / math.sqrt(8) * 2
+    said = changed_flags(saved, replace(saved, lr=doubled, epochs=2))
+    assert said == ["--epochs 5 → 2", f"--lr 3.535533905932738e-05 → {doubled!r}"], said
+    assert float(said[1].split()[1]) == saved.lr  # `--lr 3.53553e-05` would be refused again
+    assert changed_flags(saved, replace(saved, lr=0.002)) == ["--lr 3.535533905932738e-05 → 0.002"]
+
+
 def test_a_run_stopped_while_exporting_after_its_last_epoch_writes_its_results_on_resume(
         tmp_path, tiny_llama_dir, text_file, capsys, monkeypatch):
     """As measured on the H200: SIGTERM came while a finished run exported its model, after its

@@ -138,8 +138,8 @@ def changed_flags(saved: RunIdentity, current: RunIdentity) -> list[str]:
 
 
 def _show(value) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
+    if isinstance(value, float):  # short where that is exact: the value shown can be given back as it is
+        return f"{value:g}" if float(f"{value:g}") == value else repr(value)
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 

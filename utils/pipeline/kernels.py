@@ -69,12 +69,12 @@ def generation_benchmark(model: nn.Module, tokenizer, prompt: str, new_tokens: i
     warm-up: the prompt's prefill and every decode step.  `cache` "static": a static KV cache, for
     which transformers compiles the decode step on a GPU (torch.compile, mode reduce-overhead: CUDA
     graphs); the warm-up then generates as many tokens as the timed call, so that the step it
-    compiles is the one timed (a cache of another length would compile again)."""
+    compiles is the one timed (a cache of another length would compile again).  `compiled` in the
+    record: whether transformers compiled the step (it does for a static cache on a GPU)."""
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     settings = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                     else tokenizer.eos_token_id)
-    if cache == "static":
-        settings["cache_implementation"] = "static"
+    settings["cache_implementation"] = cache  # named even when dynamic: a model's own config may ask for another
     warm_up = new_tokens if cache == "static" else 2
     model.generate(**inputs, max_new_tokens=warm_up, min_new_tokens=warm_up, **settings)
     _sync(device)

@@ -61,14 +61,18 @@ def evaluate_only(context: Context, start: Start) -> int:
                               kernels=context.kernels)
     if context.is_main:
         extras = deliver(context, model, info=None, export=False)
+
+        def save() -> None:
+            write_json(context.output / "results.json", {**run_record(context), "eval_source": config.eval.source,
+                                                         "bos_per_window": context.bos is not None, **asdict(result),
+                                                         "quick_look": quick_note(context.protocol), **extras})
+        save()  # before --generate too: a failure there loses nothing computed
         if config.tasks.generate:
             if kernels_for(context, "generate") != kind:  # the other kernels: this copy goes before that one loads
                 del model
                 model, kind = model_for(context, "generate")
             extras["generate"] = _generate(context, model, kind)
-        write_json(context.output / "results.json", {**run_record(context), "eval_source": config.eval.source,
-                                                     "bos_per_window": context.bos is not None, **asdict(result),
-                                                     "quick_look": quick_note(context.protocol), **extras})
+            save()
         logger.info(f"Results: {context.output / 'results.json'}")
     return 0
 
@@ -80,8 +84,9 @@ def _generate(context: Context, model: torch.nn.Module, kind: str) -> dict:
                                      tasks.generate_cache), "kernels": kind}
     step = f"{record['cache']} cache{', compiled step' if record['compiled'] else ''}"
     context.logger.report(f"Generation: {record['new_tokens']} new tokens in {record['seconds']:.2f} s = "
-                          f"{record['tokens_per_second']:,.1f} tokens/s (batch 1, greedy, {kind} kernels, {step}, after a "
-                          f"{record['prompt_tokens']}-token prompt): {record['text']!r}", {"event": "generate", **record})
+                          f"{record['tokens_per_second']:,.1f} tokens/s (batch 1, greedy, {kind} kernels, {step}, "
+                          f"after a {record['prompt_tokens']}-token prompt): {record['text']!r}",
+                          {"event": "generate", **record})
     return record
 
 
