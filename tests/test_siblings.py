@@ -139,3 +139,25 @@ def test_load_sparse_stacks_the_siblings_the_rule_asks_for(tmp_path):
     assert len(groups) == 4 and not any(type(m) is StackedLinears for m in plain.modules())
     with torch.no_grad():
         assert torch.allclose(stacked(ids).logits, plain(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, stacked", [("llama", False), ("llama", True), ("opt", False)])
+def test_generate_compiles_the_decode_step_of_a_sparse_model_in_one_graph(family, stacked):
+    """What `--generate-cache static` asks of transformers on a GPU: generate() with a static cache
+    compiles the decode step (fullgraph=True: a graph break fails); here on the CPU, which
+    transformers compiles for only when its CompileConfig says so (`_compile_all_devices`)."""
+    from transformers import CompileConfig
+    model = tiny_model(family, 300)
+    prune_decoder_linears(model, 0.25)
+    to_sparse_linears(model, SparseRule(max_density=1.0))
+    if stacked:
+        assert stack_siblings(model)
+    ids = torch.randint(0, 300, (1, 7))
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        eager = model.generate(ids, **settings)
+        config = CompileConfig(fullgraph=True, backend="aot_eager")
+        config._compile_all_devices = True
+        assert not hasattr(model, "_compiled_call")
+        assert torch.equal(model.generate(ids, compile_config=config, **settings), eager)
+    assert hasattr(model, "_compiled_call")  # the step did go through torch.compile (what the record reads)
