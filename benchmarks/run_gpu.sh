@@ -9,6 +9,7 @@
 #   bash benchmarks/run_gpu.sh sparse    # 2:4 kernels against dense bf16 (opt-1.3b, opt-6.7b shapes)
 #   bash benchmarks/run_gpu.sh decode    # issue 24's sparse decode kernels: gathers, tuning, tables, torchao 2:4
 #   bash benchmarks/run_gpu.sh updates   # issue 26: one gradual update's cost per criterion, sequential and at once
+#   bash benchmarks/run_gpu.sh generate  # issue 24: --generate on a SmolLM2 export, both kernels, both KV caches
 set -u
 GGUF=${GGUF:-/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf}
 DATA=${DATA:-.data}
@@ -152,10 +153,9 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs �
 # SEED=1 OUT=/tmp/res/b detach "measured@0.1", OUT=/tmp/res DETACHED=sweep detach "measured@0.3
 # measured-lr-double@0.3 measured-lr4x@0.1" "" "measured-lr7e-5@0.5" (the screens, then the 0.5 runs at both
 # seeds), watch 550; calls 3, 4: watch 580. Five runs at once at most; all ended inside the lease (1,305 s wall).
-# Next (one lease): call 2, before any run starts, times the tool's own generation path on a SmolLM2 export at 0.1
-# (--prune-only --export compressed, then --eval-only --generate 128 with --kernels dense and sparse, each with
-# --generate-cache dynamic and static: is the compiled step what bench_decode measured, and should static be
-# the default?); then SEED=0 and SEED=1 "measured-lr4x@0.1" (the screen's 62.44 against 69.67) and "measured-lr-double@0.3"
+# Next (one lease): call 2, before any run starts, `bash benchmarks/run_gpu.sh generate` (the tool's own
+# --generate on a SmolLM2 export at 0.1: --kernels dense and sparse, each with --generate-cache dynamic and
+# static: how close does generate()'s compiled step come to bench_decode's, and should static be the default?); then SEED=0 and SEED=1 "measured-lr4x@0.1" (the screen's 62.44 against 69.67) and "measured-lr-double@0.3"
 # (35.18 against 36.91) at the full budget, four runs at once, started in the same call.
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
@@ -249,6 +249,21 @@ case "${1:-bench}" in
   decode)  # torchao's wheel carried in .whl (PYTHONPATH=/tmp/site); 6–9 minutes on the H200
     python3 benchmarks/bench_decode.py full --two-four --smol "$GGUF" --text "$DATA/wiki.test.raw" 2>&1 \
       | tee "$OUT/bench_decode.log" ;;
+  generate)  # the tool's own --generate on a SmolLM2 export at density ${DENSITY:-0.1}: dense and sparse kernels,
+             # each with a dynamic and a static (compiled) KV cache; a GPU of its own, 2–4 minutes
+    python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "${DENSITY:-0.1}" --prune-only \
+      --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" --pruned-dir "${PRUNED:-/tmp/pruned}" \
+      --eval-windows 8 --output-dir runs/generate-prune ${EXTRA:-} 2>&1 | tee "$OUT/generate-prune.log"
+    [ -d runs/generate-prune/compressed ] || { echo "no export: see $OUT/generate-prune.log"; exit 1; }
+    for kernels in dense sparse; do
+      for cache in dynamic static; do
+        python3 extreme_compression_experiment.py --eval-only --model runs/generate-prune/compressed \
+          --eval-source "$DATA" --eval-windows 8 --generate "${TOKENS:-128}" --kernels "$kernels" \
+          --generate-cache "$cache" --output-dir "runs/generate-$kernels-$cache" ${EXTRA:-} 2>&1 \
+          | tee "$OUT/generate-$kernels-$cache.log" | grep -a -E "^Generation|Kernels|rror"
+      done
+    done
+    keep_results ;;
   updates)  # 1–2 minutes, on a GPU of its own (before the training runs)
     python3 benchmarks/bench_prune.py --smollm2 "$GGUF" --data "$DATA" --updates 2>&1 | tee "$OUT/updates.log" ;;
   quality)
