@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from extreme_compression_experiment import build_parser, main
-from helpers import REPO, StopAfter
+from helpers import REPO, StopAfter, tiny_model
 from test_cli import job_args
 from utils.config.sections import EvalProtocol
 from utils.data.sources import TokenizedText
@@ -412,6 +412,18 @@ def test_a_generation_that_fails_keeps_the_perplexity_already_measured(tiny_llam
     assert "error: out of memory" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["perplexity"] > 1 and "generate" not in results
+
+
+@pytest.mark.parametrize("own, asked, passed", [(None, "dynamic", None), ("static", "dynamic", "dynamic"),
+                                               (None, "static", "static"), ("hybrid", "static", "static")])
+def test_generation_uses_the_cache_asked_for_whatever_the_model_s_own_config_says(tokenizer, own, asked, passed):
+    from utils.pipeline.kernels import generation_benchmark
+    model = tiny_model("llama", len(tokenizer))
+    model.generation_config.cache_implementation = own
+    calls, generate = [], model.generate
+    model.generate = lambda **kwargs: calls.append(kwargs.get("cache_implementation")) or generate(**kwargs)
+    record = generation_benchmark(model, tokenizer, "the model", 3, torch.device("cpu"), cache=asked)
+    assert calls == [passed, passed] and record["cache"] == asked and record["new_tokens"] == 3
 
 
 def test_a_run_with_sparse_kernels_evaluates_its_export_both_ways(tmp_path, tiny_llama_dir, text_file, capsys):

@@ -74,7 +74,8 @@ def generation_benchmark(model: nn.Module, tokenizer, prompt: str, new_tokens: i
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     settings = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                     else tokenizer.eos_token_id)
-    settings["cache_implementation"] = cache  # named even when dynamic: a model's own config may ask for another
+    if cache == "static" or getattr(model.generation_config, "cache_implementation", None) not in (None, cache):
+        settings["cache_implementation"] = cache  # dynamic too where the model's own config asks for another
     warm_up = new_tokens if cache == "static" else 2
     model.generate(**inputs, max_new_tokens=warm_up, min_new_tokens=warm_up, **settings)
     _sync(device)
