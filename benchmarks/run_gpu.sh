@@ -95,7 +95,7 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs �
   [measured-union]="--recipe measured --train-source $DATA/wiki.valid.raw,$DATA/fallback-train/state_union-nltk"  # more
   [measured-patience]="--recipe measured --train-source $MIX --epochs 5 --patience 1 --cooldown-steps 500"  # 0.5
 )
-# EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen).
+# EXTRA: flags appended to every run of `recipes` (e.g. EXTRA="--epochs 1" for a 5.1M-token screen) and `generate`.
 # RUN_LIMIT: seconds each run may take (timeout), so that a call's summary and results still come back.
 # The table's missing rows (docs/benchmark-log.md, "The table's missing rows"), taken in three calls of one
 # warm machine: a run stopped by RUN_LIMIT saves its state (SIGTERM) and the next call's --resume
@@ -250,16 +250,18 @@ case "${1:-bench}" in
     python3 benchmarks/bench_decode.py full --two-four --smol "$GGUF" --text "$DATA/wiki.test.raw" 2>&1 \
       | tee "$OUT/bench_decode.log" ;;
   generate)  # the tool's own --generate on a SmolLM2 export at density ${DENSITY:-0.1}: dense and sparse kernels,
-             # each with a dynamic and a static (compiled) KV cache; a GPU of its own, 2–4 minutes
+             # each with a dynamic and a static (compiled) KV cache; a GPU of its own, 2–4 minutes. TOKENS: new
+             # tokens (128); EXTRA: flags for every command (e.g. --token-length 128 for a small model)
+    rm -rf runs/generate-prune runs/generate-dense-* runs/generate-sparse-*  # a warm machine's earlier call
     python3 extreme_compression_experiment.py --model "$GGUF" --sparsity "${DENSITY:-0.1}" --prune-only \
       --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" --pruned-dir "${PRUNED:-/tmp/pruned}" \
       --eval-windows 8 --output-dir runs/generate-prune ${EXTRA:-} 2>&1 | tee "$OUT/generate-prune.log"
     [ -d runs/generate-prune/compressed ] || { echo "no export: see $OUT/generate-prune.log"; exit 1; }
     for kernels in dense sparse; do
       for cache in dynamic static; do
-        python3 extreme_compression_experiment.py --eval-only --model runs/generate-prune/compressed \
+        python3 extreme_compression_experiment.py --eval-only --model runs/generate-prune/compressed ${EXTRA:-} \
           --eval-source "$DATA" --eval-windows 8 --generate "${TOKENS:-128}" --kernels "$kernels" \
-          --generate-cache "$cache" --output-dir "runs/generate-$kernels-$cache" ${EXTRA:-} 2>&1 \
+          --generate-cache "$cache" --output-dir "runs/generate-$kernels-$cache" 2>&1 \
           | tee "$OUT/generate-$kernels-$cache.log" | grep -a -E "^Generation|Kernels|rror"
       done
     done

@@ -409,9 +409,12 @@ def test_a_generation_that_fails_keeps_the_perplexity_already_measured(tiny_llam
     out = tmp_path / "eval"
     assert cli("--eval-only", "--model", tiny_llama_dir, "--eval-source", text_file, "--token-length", "64",
                "--generate", "4", "--output-dir", out) != 0
-    assert "error: out of memory" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "error: --generate failed (OutOfMemoryError: CUDA out of memory (a stand-in))" in said
+    assert f"The perplexity is saved in {out / 'results.json'}" in said and "--generate-cache dynamic" in said
     results = json.loads((out / "results.json").read_text())
     assert results["perplexity"] > 1 and "generate" not in results
+    assert results["generate_error"]["kind"] == "OutOfMemoryError"
 
 
 @pytest.mark.parametrize("own, asked, passed", [(None, "dynamic", None), ("static", "dynamic", "dynamic"),

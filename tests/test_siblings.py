@@ -141,7 +141,7 @@ def test_load_sparse_stacks_the_siblings_the_rule_asks_for(tmp_path):
         assert torch.allclose(stacked(ids).logits, plain(ids).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("family, stacked", [("llama", False), ("llama", True), ("opt", False)])
+@pytest.mark.parametrize("family, stacked", [("llama", False), ("llama", True), ("opt", False), ("opt", True)])
 def test_generate_compiles_the_decode_step_of_a_sparse_model_in_one_graph(family, stacked):
     """What `--generate-cache static` asks of transformers on a GPU: generate() with a static cache
     compiles the decode step (fullgraph=True: a graph break fails); here on the CPU, which

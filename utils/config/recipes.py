@@ -17,7 +17,8 @@ their lrs since at batch 4: 0.1's by 1-epoch screens ("Sweeps at 0.1: twice the 
 seeds at its own 2 epochs.  Each row's headline is the mean of two seeds at the user's batch 4 (issue
 26: "The fifth epoch at 0.1; twice the lr at 0.5" for 0.1 and 0.5, on an H100; "Density 0.05, a
 second seed at 0.3, two epochs at 0.5" for the others, on the H200).  The 0.5 row trains 2
-epochs (10.24M tokens): over 5 its best came after epoch 2 at batch 4 and 8 alike.  The brief fixes the
+epochs (10.24M tokens): over 5 at its earlier lr its best came after epoch 2 at batch 4 and 8 alike (at
+its lr now, after epoch 1 of the 2).  The brief fixes the
 default lr at 5e-6·√batch; every recipe here trained at a larger one, so a run at the derived lr
 is told what was measured, and `--recipe measured` takes the row's settings (its lr kept under
 the √batch rule; a flag given explicitly still wins).  The loss is free: `--loss auto` (the

@@ -25,6 +25,7 @@ from utils.pipeline.prune_step import pruned_model
 from utils.pipeline.kernels import generation_benchmark, kernels_for, model_for
 from utils.pipeline.record import quick_note, run_record
 from utils.task_eval import load_tasks
+from utils.training.stopping import STOPPING_ERRORS
 
 
 def eval_compile(requested: str, training_compiles: bool) -> str:
@@ -71,7 +72,14 @@ def evaluate_only(context: Context, start: Start) -> int:
             if kernels_for(context, "generate") != kind:  # the other kernels: this copy goes before that one loads
                 del model
                 model, kind = model_for(context, "generate")
-            extras["generate"] = _generate(context, model, kind)
+            try:
+                extras["generate"] = _generate(context, model, kind)
+            except STOPPING_ERRORS as error:  # out of memory, or a decode step that does not compile
+                extras["generate_error"] = {"kind": type(error).__name__, "message": str(error)[:2000]}
+                save()
+                logger.info(f"error: {_generation_failed(error, context.output / 'results.json')}")
+                logger.log({"event": "error", "kind": type(error).__name__, "message": str(error)})
+                return 1
             save()
         logger.info(f"Results: {context.output / 'results.json'}")
     return 0
@@ -88,6 +96,14 @@ def _generate(context: Context, model: torch.nn.Module, kind: str) -> dict:
                           f"after a {record['prompt_tokens']}-token prompt): {record['text']!r}",
                           {"event": "generate", **record})
     return record
+
+
+def _generation_failed(error: BaseException, results) -> str:
+    """What a failed --generate says: the error's first line, where the perplexity is, what to try."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"--generate failed ({type(error).__name__}: {first}). The perplexity is saved in {results}. To time "
+            "generation, run again with another --output-dir and --generate-cache dynamic (nothing compiled), fewer "
+            "--generate tokens or --kernels dense.")
 
 
 def prune_only(context: Context, start: Start) -> int:
