@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from utils.io.events import first_line
+
 INSTALL = "pip install lm-eval"
 
 
@@ -68,17 +70,12 @@ def load_tasks(names: list[str], task_dir: str | None = None) -> TaskSet:
         try:
             loaded = manager.load(names)
         except (ConnectionError, OSError) as error:
-            raise TaskError(f"--tasks: cannot load the data of {', '.join(names)} ({_first_line(error)}); hub tasks "
+            raise TaskError(f"--tasks: cannot load the data of {', '.join(names)} ({first_line(error)}); hub tasks "
                             "need a network. Offline, write a local task (dataset_path: json) into --task-dir") from None
         except Exception as error:  # noqa: BLE001 - a bad YAML or data file raises many kinds
             raise TaskError(f"--tasks: cannot load {', '.join(names)} ({type(error).__name__}: "
-                            f"{_first_line(error)})") from None
+                            f"{first_line(error)})") from None
     return TaskSet(names=list(names), tasks=loaded["tasks"], manager=manager)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def evaluate_tasks(model: nn.Module, tokenizer, tasks: TaskSet, device: torch.device, batch_size: int = 8,

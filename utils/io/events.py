@@ -242,6 +242,12 @@ def percent(fraction: float) -> str:
     return f"{fraction * 100:.4g}%"
 
 
+def first_line(error: BaseException) -> str:
+    """An error's first line for a one-line message (its type where it says nothing)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def describe_density(density: float) -> str:
     """The one sentence every run prints: 'density 10% · 90% of weights pruned'."""
     return f"density {percent(density)} · {percent(1 - density)} of weights pruned"

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from utils.io.events import first_line
 from utils.models.hub import OFFLINE_HELP, ModelError, check_hub_reachable, default_cache_dir, hub_cached_file
 
 OPT_SHORT_NAMES = {name: f"facebook/{name}" for name in
@@ -164,16 +165,11 @@ def load_tokenizer(source: ModelSource):
         tokenizer = AutoTokenizer.from_pretrained(location)
     except Exception as error:  # noqa: BLE001 - a missing or broken tokenizer raises many kinds
         raise ModelError(f"cannot load a tokenizer from {location} ({type(error).__name__}: "
-                         f"{_first_line(error)}); a model folder needs its tokenizer files "
+                         f"{first_line(error)}); a model folder needs its tokenizer files "
                          "(tokenizer.json or the like, as tokenizer.save_pretrained writes them)") from error
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_config(source: ModelSource):
@@ -184,7 +180,7 @@ def load_config(source: ModelSource):
         return AutoConfig.from_pretrained(location)
     except Exception as error:  # noqa: BLE001 - OSError, ValueError, JSONDecodeError, KeyError ...
         raise ModelError(f"cannot read the model config of {location} ({type(error).__name__}: "
-                         f"{_first_line(error)}); is config.json complete and from a causal language model?"
+                         f"{first_line(error)}); is config.json complete and from a causal language model?"
                          ) from error
 
 
@@ -209,12 +205,12 @@ def load_model(source: ModelSource, dtype: torch.dtype | None = None, weights_fr
     except OSError as error:
         hint = OFFLINE_HELP if source.kind == "hub" and not weights_from else \
             "check that its config.json and weight files are complete"
-        raise ModelError(f"could not load model from {where}: {_first_line(error)}. {hint}") from error
+        raise ModelError(f"could not load model from {where}: {first_line(error)}. {hint}") from error
     except ValueError as error:
         raise ModelError(f"{where} is not a causal language model transformers can load: "
-                         f"{_first_line(error)}") from error
+                         f"{first_line(error)}") from error
     except Exception as error:  # noqa: BLE001 - truncated safetensors, a corrupt header, a bad dtype ...
-        raise ModelError(f"could not load the weights in {where} ({type(error).__name__}: {_first_line(error)}); "
+        raise ModelError(f"could not load the weights in {where} ({type(error).__name__}: {first_line(error)}); "
                          "the files may be truncated or damaged") from error
     strip_quantization_config(model)
     model.eval()

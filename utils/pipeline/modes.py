@@ -14,6 +14,7 @@ import torch
 from utils.data.sources import tokenize_source
 from utils.eval_utils import CompiledKernels, Heading, evaluate_and_log
 from utils.export.registry import load_source
+from utils.io.events import first_line
 from utils.io.files import write_json
 from utils.io.history import PerplexityHistory
 from utils.models.loading import parse_dtype
@@ -100,8 +101,7 @@ def _generate(context: Context, model: torch.nn.Module, kind: str) -> dict:
 
 def _generation_failed(error: BaseException, results) -> str:
     """What a failed --generate says: the error's first line, where the perplexity is, what to try."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return (f"--generate failed ({type(error).__name__}: {first}). The perplexity is saved in {results}. To time "
+    return (f"--generate failed ({type(error).__name__}: {first_line(error)}). The perplexity is saved in {results}. To time "
             "generation, run again with another --output-dir and --generate-cache dynamic (nothing compiled), fewer "
             "--generate tokens or --kernels dense.")
 

@@ -17,6 +17,7 @@ import torch
 from torch._dynamo.exc import TorchDynamoException
 
 from utils.config.sections import TrainCfg
+from utils.io.events import first_line
 from utils.io.history import PerplexityHistory, finished_title
 from utils.training.state import TrainState
 
@@ -95,7 +96,7 @@ STOPPING_ERRORS = (torch.cuda.OutOfMemoryError, TorchDynamoException)
 def stop_message(error: BaseException, saved_epoch: int | None = None) -> str:
     """What went wrong and what to do about it, with the first line of the error itself; `saved_epoch`:
     the epoch whose training was saved when its evaluation failed."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = first_line(error)
     if isinstance(error, torch.cuda.OutOfMemoryError):
         kept = (f" Epoch {saved_epoch}'s training is saved: the same command plus --resume (a lower --eval-batch-size "
                 "may be given) evaluates it without training it again." if saved_epoch is not None else "")
