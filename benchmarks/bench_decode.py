@@ -509,6 +509,12 @@ def opt_model(name: str):
     return model.eval()
 
 
+def put_back(model, swapped: list[str], linears: dict) -> None:
+    """The dense linears `to_sparse_linears` swapped out (their names in `swapped`) back in their places."""
+    for name in swapped:
+        model.set_submodule(name, linears[name])
+
+
 def weight_bytes(model) -> int:
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
@@ -595,9 +601,7 @@ def model_table(args, rule: SparseRule, bandwidth: float) -> dict:
                 f"({row['bytes'] / reference['bytes']:.0%}) | {row['decode1']:,.0f} ({row['decode1'] / reference['decode1']:.2f}x) | "
                 f"{row['decode16']:,.0f} ({row['decode16'] / reference['decode16']:.2f}x) | "
                 f"{row['prefill']:,.0f} ({row['prefill'] / reference['prefill']:.2f}x) |")
-            for n in swapped:  # back to the dense modules for the next density
-                parent, _, child = n.rpartition(".")
-                setattr(model.get_submodule(parent), child, linears[n])
+            put_back(model, swapped, linears)  # the dense modules for the next density
         log(f"{name}: decode@1 floor at {bandwidth / 1e9:.0f} GB/s: dense {reference['bytes'] / bandwidth * 1e3:.2f} ms/token")
         model = linears = None  # the next shape's model takes its place
         torch.cuda.empty_cache()
@@ -880,9 +884,7 @@ def compiled_decode(args, model, swapped: list[str], linears: dict, rows: dict) 
     name = args.shapes[-1]
     for label in ("compiled 0.1", "compiled dense"):
         if label == "compiled dense":
-            for full_name in swapped:
-                parent, _, child = full_name.rpartition(".")
-                setattr(model.get_submodule(parent), child, linears[full_name])
+            put_back(model, swapped, linears)
         started = time.time()
         try:
             torch._dynamo.reset()
