@@ -280,10 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                             help="--eval-only: also time greedy generation of N new tokens from --prompt (batch 1, KV "
                                  "cache): tokens/s, printed and recorded")
     evaluation.add_argument("--prompt", default="The history of the city", help="--generate's prompt")
-    evaluation.add_argument("--generate-cache", default="dynamic", choices=["dynamic", "static"],
-                            help="--generate's KV cache: dynamic (eager decode steps) or static, where transformers "
-                                 "compiles the decode step on a GPU (torch.compile + CUDA graphs; the warm-up call "
-                                 "compiles, the timed one replays)")
+    evaluation.add_argument("--generate-cache", default="auto", choices=["auto", "dynamic", "static"],
+                            help="--generate's KV cache: static, where transformers compiles the decode step on a "
+                                 "GPU (torch.compile + CUDA graphs; the warm-up call compiles, the timed one "
+                                 "replays), or dynamic (eager decode steps); auto: static on a GPU for a model "
+                                 "transformers can compile whole, dynamic otherwise")
     evaluation.add_argument("--bos-per-window", default="auto", choices=["auto", "on", "off"],
                             help="start every evaluation window, calibration window and training block with the "
                                  "BOS token (auto: for families that need it, e.g. Gemma; off: the papers' protocol, "

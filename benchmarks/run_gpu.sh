@@ -87,8 +87,8 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
   [measured-t2]="--recipe measured --train-source $MIX --kd-temperature 2"
   [measured-t4]="--recipe measured --train-source $MIX --kd-temperature 4"
   [measured-lr-half]="--recipe measured --train-source $MIX --lr 2.12e-4"
-  [measured-lr-double]="--recipe measured --train-source $MIX --lr 8.49e-4"  # twice 0.1's old lr (now the row's)
-  [measured-lr4x]="--recipe measured --train-source $MIX --lr 1.7e-3"  # 0.1: twice the row's lr
+  [measured-lr-double]="--recipe measured --train-source $MIX --lr 8.49e-4"  # the 0.3 row's lr (599c3d9)
+  [measured-lr4x]="--recipe measured --train-source $MIX --lr 1.7e-3"  # the 0.1 row's lr (599c3d9); 4Ã— the 0.05 row's
   [measured-lr7e-5]="--recipe measured --train-source $MIX --lr 7.07e-5"  # 0.5: twice its old lr (now the row's)
   [measured-warmup500]="--recipe measured --train-source $MIX --warmup-steps 500"
   [measured-valid]="--recipe measured --train-source $DATA/wiki.valid.raw"  # the in-domain share: all of it
@@ -153,10 +153,15 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
 # SEED=1 OUT=/tmp/res/b detach "measured@0.1", OUT=/tmp/res DETACHED=sweep detach "measured@0.3
 # measured-lr-double@0.3 measured-lr4x@0.1" "" "measured-lr7e-5@0.5" (the screens, then the 0.5 runs at both
 # seeds), watch 550; calls 3, 4: watch 580. Five runs at once at most; all ended inside the lease (1,305 s wall).
-# Next (one lease): call 2, before any run starts, `bash benchmarks/run_gpu.sh generate` (the tool's own
-# --generate on a SmolLM2 export at 0.1: --kernels dense and sparse, each with --generate-cache dynamic and
-# static: how close does generate()'s compiled step come to bench_decode's, and should static be the default?); then SEED=0 and SEED=1 "measured-lr4x@0.1" (the screen's 62.44 against 69.67) and "measured-lr-double@0.3"
-# (35.18 against 36.91) at the full budget, four runs at once, started in the same call.
+# The session after that (599c3d9) ran it on an H100 (log: "--generate with a static cache", "Four times the lr at
+# 0.1, twice at 0.3"): call 1 (carry .stage1 .whl) staged; call 2 (carry .stage2 .data): OUT=$OUT/gen timeout 330
+# bash benchmarks/run_gpu.sh generate (222 s, the GPU to itself), then SEED=0 OUT=/tmp/res/a and SEED=1
+# OUT=/tmp/res/b detach "measured-lr4x@0.1 measured-lr-double@0.3", watch $((575 - SECONDS)); calls 3, 4: watch 580.
+# Four runs at once, 1,342-1,367 s wall; the lease ended with 146 s left.
+# Next (one lease; the recipe rows now carry those lrs, so `measured` is them): OUT=/tmp/res DETACHED=sweep detach
+# "measured@0.1 measured-t4@0.1 measured-warmup500@0.1 measured-valid@0.1" "" "measured-lr4x@0.05" (screens of
+# KD temperature 4, the warm-up and the in-domain share at 0.1 beside each other, then 0.05 at four times its lr,
+# seeds 0 and 1; five runs at once at most), then watch.
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the âˆšbatch rule).

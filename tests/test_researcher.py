@@ -417,6 +417,18 @@ def test_a_generation_that_fails_keeps_the_perplexity_already_measured(tiny_llam
     assert results["generate_error"]["kind"] == "OutOfMemoryError"
 
 
+@pytest.mark.parametrize("family, device, compiles, asked, used", [
+    ("llama", "cuda", None, "auto", "static"), ("opt", "cuda", None, "auto", "static"),  # transformers' own flag
+    ("llama", "cuda", False, "auto", "dynamic"), ("llama", "cpu", None, "auto", "dynamic"),
+    ("llama", "cuda", None, "dynamic", "dynamic"), ("llama", "cpu", None, "static", "static")])
+def test_auto_picks_a_static_cache_on_a_gpu_for_a_model_that_compiles_whole(family, device, compiles, asked, used):
+    from utils.pipeline.kernels import generation_cache
+    model = tiny_model(family, 64)
+    if compiles is not None:
+        model._can_compile_fullgraph = compiles  # a family whose forward transformers cannot compile whole
+    assert generation_cache(model, torch.device(device), asked) == used
+
+
 @pytest.mark.parametrize("own, asked, passed", [(None, "dynamic", None), ("static", "dynamic", "dynamic"),
                                                (None, "static", "static"), ("hybrid", "static", "static")])
 def test_generation_uses_the_cache_asked_for_whatever_the_model_s_own_config_says(tokenizer, own, asked, passed):

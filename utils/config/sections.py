@@ -178,7 +178,7 @@ class TaskCfg:
     batch_size: int = flag("--task-batch-size", 8)
     generate: int | None = flag("--generate", None)  # new tokens of the generation benchmark (--eval-only)
     prompt: str = flag("--prompt", "The history of the city")
-    generate_cache: str = flag("--generate-cache", "dynamic")  # dynamic | static (the decode step compiled on a GPU)
+    generate_cache: str = flag("--generate-cache", "auto")  # auto | dynamic | static (the step compiled on a GPU)
 
 
 @dataclass(frozen=True)

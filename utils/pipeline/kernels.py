@@ -1,15 +1,16 @@
 """How a compressed export runs (--kernels) and the generation benchmark (--generate).
 
     model, kind = model_for(context, "perplexity")       # dense linears, or SparseLinear (utils/export)
-    record = generation_benchmark(model, tokenizer, "The history", 128, device)   # tokens/s
-    record = generation_benchmark(model, tokenizer, "The history", 128, device, cache="static")  # compiled step
+    record = generation_benchmark(model, tokenizer, "The history", 128, device)   # tokens/s (cache "auto")
+    record = generation_benchmark(model, tokenizer, "The history", 128, device, cache="dynamic")  # eager steps
     extras["kernels"] = both_kernels(context, export_folder)   # the export's perplexity both ways
 
 --kernels auto runs perplexity dense (its 2048-token windows are prefill, where the sparse kernels
 take a dense temporary per call) and generation sparse on a GPU with Triton, where decoding reads
 each weight once per token and the compressed layout moves a fraction of the bytes.  --generate-cache
 static lets transformers compile the decode step (the norms, adds and attention between the sparse
-kernels, which otherwise take about half of the step at density 0.1).
+kernels, which otherwise take about half of the step at density 0.1); `auto`, the default, picks it on
+a GPU (SmolLM2's export on an H100: 290 tokens/s against 11-13 with eager steps, docs/benchmark-log.md).
 """
 from __future__ import annotations
 
@@ -62,15 +63,27 @@ def model_for(context: Context, use: str) -> tuple[nn.Module, str]:
     return model, kind
 
 
+def generation_cache(model: nn.Module, device: torch.device, asked: str = "auto") -> str:
+    """The KV cache --generate uses: `asked`, or for "auto" a static one on a GPU where the model's
+    forward compiles whole (transformers' `_can_compile_fullgraph`: Llama, OPT and most decoder
+    families), for which transformers compiles the decode step, and a dynamic one elsewhere (on the
+    CPU nothing compiles, and a static cache only attends over its whole length every step)."""
+    if asked != "auto":
+        return asked
+    return "static" if device.type == "cuda" and getattr(model, "_can_compile_fullgraph", False) else "dynamic"
+
+
 @torch.no_grad()
 def generation_benchmark(model: nn.Module, tokenizer, prompt: str, new_tokens: int, device: torch.device,
-                         cache: str = "dynamic") -> dict:
+                         cache: str = "auto") -> dict:
     """Greedy decoding of `new_tokens` tokens after `prompt` (batch 1, KV cache), timed after a
     warm-up: the prompt's prefill and every decode step.  `cache` "static": a static KV cache, for
     which transformers compiles the decode step on a GPU (torch.compile, mode reduce-overhead: CUDA
     graphs); the warm-up then generates as many tokens as the timed call, so that the step it
     compiles is the one timed (a cache of another length would compile again).  `compiled` in the
-    record: whether transformers compiled the step (it does for a static cache on a GPU)."""
+    record: whether transformers compiled the step (it does for a static cache on a GPU); `cache`:
+    the one used (generation_cache() picks it for "auto")."""
+    cache = generation_cache(model, device, cache)
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     settings = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                     else tokenizer.eos_token_id)
