@@ -283,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--generate-cache", default="auto", choices=["auto", "dynamic", "static"],
                             help="--generate's KV cache: static, where transformers compiles the decode step on a "
                                  "GPU (torch.compile + CUDA graphs; the warm-up call compiles, the timed one "
-                                 "replays), or dynamic (eager decode steps); auto: static on a GPU for a model "
-                                 "transformers can compile whole, dynamic otherwise")
+                                 "replays), or dynamic (eager decode steps); auto: static on a CUDA GPU for a model "
+                                 "transformers can compile whole (eager steps if it fails to), dynamic otherwise")
     evaluation.add_argument("--bos-per-window", default="auto", choices=["auto", "on", "off"],
                             help="start every evaluation window, calibration window and training block with the "
                                  "BOS token (auto: for families that need it, e.g. Gemma; off: the papers' protocol, "

@@ -81,16 +81,18 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
   [measured-kernels]="--recipe measured --train-source $MIX --kernels sparse"  # + the export through both kernels
   [measured-wanda-owl]="--recipe measured --train-source $MIX --reprune-method wanda --layer-density owl"  # 0.1
   [measured-2ep]="--recipe measured --train-source $MIX --epochs 2 --kernels sparse"  # a shorter budget near dense
-  # issue 26's sweeps around the measured recipe (BATCH=4: its lr is 4.24e-4); gradual ones at 0.1
+  # issue 26's sweeps around the measured recipe (BATCH=4: its lr was 4.24e-4 at 0.1 and 0.3, as at 0.05 still)
   [measured-ramp40]="--recipe measured --train-source $MIX --ramp-end 0.4"
   [measured-ramp80]="--recipe measured --train-source $MIX --ramp-end 0.8"
   [measured-t2]="--recipe measured --train-source $MIX --kd-temperature 2"
   [measured-t4]="--recipe measured --train-source $MIX --kd-temperature 4"
-  [measured-lr-half]="--recipe measured --train-source $MIX --lr 2.12e-4"
+  [measured-lr-half]="--recipe measured --train-source $MIX --lr 2.12e-4"  # half that
   [measured-lr-double]="--recipe measured --train-source $MIX --lr 8.49e-4"  # the 0.3 row's lr (599c3d9)
   [measured-lr4x]="--recipe measured --train-source $MIX --lr 1.7e-3"  # the 0.1 row's lr (599c3d9); 4Ã— the 0.05 row's
   [measured-lr7e-5]="--recipe measured --train-source $MIX --lr 7.07e-5"  # 0.5: twice its old lr (now the row's)
   [measured-warmup500]="--recipe measured --train-source $MIX --warmup-steps 500"
+  [measured-stages3]="--recipe measured --train-source $MIX --prune-stages 3"  # 0.3: its last stage at 67% of the steps
+  [measured-stages2]="--recipe measured --train-source $MIX --prune-stages 2"  # 0.3: 0.5, then 0.3 from half the steps
   [measured-valid]="--recipe measured --train-source $DATA/wiki.valid.raw"  # the in-domain share: all of it
   [measured-union]="--recipe measured --train-source $DATA/wiki.valid.raw,$DATA/fallback-train/state_union-nltk"  # more
   [measured-patience]="--recipe measured --train-source $MIX --epochs 5 --patience 1 --cooldown-steps 500"  # 0.5
@@ -161,7 +163,8 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
 # Next (one lease; the recipe rows now carry those lrs, so `measured` is them): OUT=/tmp/res DETACHED=sweep detach
 # "measured@0.1 measured-t4@0.1 measured-warmup500@0.1 measured-valid@0.1" "" "measured-lr4x@0.05" (screens of
 # KD temperature 4, the warm-up and the in-domain share at 0.1 beside each other, then 0.05 at four times its lr,
-# seeds 0 and 1; five runs at once at most), then watch.
+# seeds 0 and 1; five runs at once at most), then watch. At 0.3, where the last stage starts at 75% of the steps and
+# its last epoch won back 2.3-2.4%: "measured@0.3 measured-stages3@0.3 measured-stages2@0.3" as 1-epoch screens.
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the âˆšbatch rule).

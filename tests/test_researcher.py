@@ -410,11 +410,42 @@ def test_a_generation_that_fails_keeps_the_perplexity_already_measured(tiny_llam
     assert cli("--eval-only", "--model", tiny_llama_dir, "--eval-source", text_file, "--token-length", "64",
                "--generate", "4", "--output-dir", out) != 0
     said = capsys.readouterr().out
-    assert "error: --generate failed (OutOfMemoryError: CUDA out of memory (a stand-in))" in said
-    assert f"The perplexity is saved in {out / 'results.json'}" in said and "--generate-cache dynamic" in said
+    assert "error: --generate failed with a dynamic KV cache (OutOfMemoryError: CUDA out of memory" in said
+    assert f"The perplexity is saved in {out / 'results.json'}" in said and "fewer --generate tokens" in said
+    assert "--generate-cache dynamic" not in said  # the cache that failed is not the way out
     results = json.loads((out / "results.json").read_text())
     assert results["perplexity"] > 1 and "generate" not in results
-    assert results["generate_error"]["kind"] == "OutOfMemoryError"
+    assert results["generate_error"]["kind"] == "OutOfMemoryError" and results["generate_error"]["cache"] == "dynamic"
+
+
+@pytest.mark.parametrize("asked", ["auto", "static"])
+def test_a_decode_step_that_does_not_compile_falls_back_to_eager_steps_only_under_auto(
+        asked, tiny_llama_dir, text_file, tmp_path, monkeypatch, capsys):
+    import utils.pipeline.modes as modes
+    from torch._dynamo.exc import TorchDynamoException
+    benchmark, caches = modes.generation_benchmark, []
+
+    def static_breaks(model, tokenizer, prompt, tokens, device, cache):
+        caches.append(cache)
+        if cache == "static":
+            raise TorchDynamoException("a graph break in the decode step (a stand-in)")
+        return benchmark(model, tokenizer, prompt, tokens, device, cache)
+    monkeypatch.setattr(modes, "generation_benchmark", static_breaks)
+    # as on a GPU: auto picks the static cache (generation_cache's own cases are tested above)
+    monkeypatch.setattr(modes, "generation_cache", lambda model, device, cache: "static" if cache == "auto" else cache)
+    out = tmp_path / asked
+    code = cli("--eval-only", "--model", tiny_llama_dir, "--eval-source", text_file, "--token-length", "64",
+               "--generate", "4", "--generate-cache", asked, "--output-dir", out)
+    said, results = capsys.readouterr().out, json.loads((out / "results.json").read_text())
+    if asked == "auto":
+        assert code == 0 and caches == ["static", "dynamic"]
+        assert "warning: the compiled decode step failed (TorchDynamoException: a graph break" in said
+        assert results["generate"]["cache"] == "dynamic" and results["generate"]["new_tokens"] == 4
+        assert results["generate"]["static_error"].startswith("TorchDynamoException: a graph break")
+    else:  # asked for by name: not replaced, and the way out names the eager steps
+        assert code == 1 and caches == ["static"] and "generate" not in results
+        assert "--generate failed with a static KV cache (TorchDynamoException" in said
+        assert "--generate-cache dynamic (nothing compiled)" in said and results["generate_error"]["cache"] == "static"
 
 
 @pytest.mark.parametrize("family, device, compiles, asked, used", [
@@ -429,16 +460,18 @@ def test_auto_picks_a_static_cache_on_a_gpu_for_a_model_that_compiles_whole(fami
     assert generation_cache(model, torch.device(device), asked) == used
 
 
-@pytest.mark.parametrize("own, asked, passed", [(None, "dynamic", None), ("static", "dynamic", "dynamic"),
-                                               (None, "static", "static"), ("hybrid", "static", "static")])
-def test_generation_uses_the_cache_asked_for_whatever_the_model_s_own_config_says(tokenizer, own, asked, passed):
+@pytest.mark.parametrize("own, asked, passed, used", [
+    (None, "dynamic", None, "dynamic"), ("static", "dynamic", "dynamic", "dynamic"),
+    (None, "static", "static", "static"), ("hybrid", "static", "static", "static"),
+    (None, "auto", None, "dynamic")])  # the default: dynamic on the CPU
+def test_generation_uses_the_cache_asked_for_whatever_the_model_s_own_config_says(tokenizer, own, asked, passed, used):
     from utils.pipeline.kernels import generation_benchmark
     model = tiny_model("llama", len(tokenizer))
     model.generation_config.cache_implementation = own
     calls, generate = [], model.generate
     model.generate = lambda **kwargs: calls.append(kwargs.get("cache_implementation")) or generate(**kwargs)
     record = generation_benchmark(model, tokenizer, "the model", 3, torch.device("cpu"), cache=asked)
-    assert calls == [passed, passed] and record["cache"] == asked and record["new_tokens"] == 3
+    assert calls == [passed, passed] and record["cache"] == used and record["new_tokens"] == 3
 
 
 def test_a_run_with_sparse_kernels_evaluates_its_export_both_ways(tmp_path, tiny_llama_dir, text_file, capsys):

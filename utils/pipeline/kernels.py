@@ -10,7 +10,7 @@ take a dense temporary per call) and generation sparse on a GPU with Triton, whe
 each weight once per token and the compressed layout moves a fraction of the bytes.  --generate-cache
 static lets transformers compile the decode step (the norms, adds and attention between the sparse
 kernels, which otherwise take about half of the step at density 0.1); `auto`, the default, picks it on
-a GPU (SmolLM2's export on an H100: 290 tokens/s against 11-13 with eager steps, docs/benchmark-log.md).
+a CUDA GPU (SmolLM2's export on an H100: 290 tokens/s against 11-13 with eager steps, docs/benchmark-log.md).
 """
 from __future__ import annotations
 
@@ -64,10 +64,12 @@ def model_for(context: Context, use: str) -> tuple[nn.Module, str]:
 
 
 def generation_cache(model: nn.Module, device: torch.device, asked: str = "auto") -> str:
-    """The KV cache --generate uses: `asked`, or for "auto" a static one on a GPU where the model's
-    forward compiles whole (transformers' `_can_compile_fullgraph`: Llama, OPT and most decoder
-    families), for which transformers compiles the decode step, and a dynamic one elsewhere (on the
-    CPU nothing compiles, and a static cache only attends over its whole length every step)."""
+    """The KV cache --generate uses: `asked`, or for "auto" a static one on a CUDA GPU for a model
+    whose class declares its forward compilable in one graph (transformers' `_can_compile_fullgraph`:
+    Llama, OPT and most decoder families), where transformers compiles the decode step of a static
+    cache, and a dynamic one elsewhere (on the CPU nothing compiles, and a static cache only attends
+    over its whole length every step).  A step that still fails to compile falls back to the dynamic
+    cache under "auto" (modes._generate)."""
     if asked != "auto":
         return asked
     return "static" if device.type == "cuda" and getattr(model, "_can_compile_fullgraph", False) else "dynamic"

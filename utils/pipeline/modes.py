@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 
 import torch
+from torch._dynamo.exc import TorchDynamoException
 
 from utils.data.sources import tokenize_source
 from utils.eval_utils import CompiledKernels, Heading, evaluate_and_log
@@ -23,7 +24,7 @@ from utils.models.structure import count_parameters
 from utils.pipeline.context import Context, Start
 from utils.pipeline.deliver import deliver
 from utils.pipeline.prune_step import pruned_model
-from utils.pipeline.kernels import generation_benchmark, kernels_for, model_for
+from utils.pipeline.kernels import generation_benchmark, generation_cache, kernels_for, model_for
 from utils.pipeline.record import quick_note, run_record
 from utils.task_eval import load_tasks
 from utils.training.stopping import STOPPING_ERRORS
@@ -75,10 +76,12 @@ def evaluate_only(context: Context, start: Start) -> int:
                 model, kind = model_for(context, "generate")
             try:
                 extras["generate"] = _generate(context, model, kind)
-            except STOPPING_ERRORS as error:  # out of memory, or a decode step that does not compile
-                extras["generate_error"] = {"kind": type(error).__name__, "message": str(error)[:2000]}
+            except GenerationFailed as failed:  # out of memory, or a decode step that does not compile
+                error = failed.error
+                extras["generate_error"] = {"kind": type(error).__name__, "message": str(error)[:2000],
+                                            "cache": failed.cache}
                 save()
-                logger.info(f"error: {_generation_failed(error, context.output / 'results.json')}")
+                logger.info(f"error: {_generation_failed(failed, context.output / 'results.json')}")
                 logger.log({"event": "error", "kind": type(error).__name__, "message": str(error)})
                 return 1
             save()
@@ -86,11 +89,36 @@ def evaluate_only(context: Context, start: Start) -> int:
     return 0
 
 
+class GenerationFailed(RuntimeError):
+    """--generate's error (out of memory, a decode step that does not compile) and the KV cache it had."""
+
+    def __init__(self, error: BaseException, cache: str):
+        super().__init__(f"{type(error).__name__}: {first_line(error)}")
+        self.error, self.cache = error, cache
+
+
 def _generate(context: Context, model: torch.nn.Module, kind: str) -> dict:
-    """--generate: greedy tokens/s of `model` (with `kind` kernels)."""
+    """--generate: greedy tokens/s of `model` (with `kind` kernels).  Under --generate-cache auto, a
+    compiled decode step that fails to compile is timed again with eager steps, and the record says why
+    (`static_error`); a cache asked for by name is not replaced."""
     tasks = context.config.tasks
-    record = {**generation_benchmark(model, context.tokenizer, tasks.prompt, tasks.generate, context.device,
-                                     tasks.generate_cache), "kernels": kind}
+
+    def timed(cache: str) -> dict:
+        try:
+            return generation_benchmark(model, context.tokenizer, tasks.prompt, tasks.generate, context.device, cache)
+        except STOPPING_ERRORS as error:
+            raise GenerationFailed(error, cache) from error
+    cache = generation_cache(model, context.device, tasks.generate_cache)
+    try:
+        record = timed(cache)
+    except GenerationFailed as failed:
+        compile_failed = isinstance(failed.error, TorchDynamoException)
+        if not (tasks.generate_cache == "auto" and cache == "static" and compile_failed):
+            raise
+        context.logger.info(f"warning: the compiled decode step failed ({failed}); generating with eager steps "
+                            "(--generate-cache dynamic) instead")
+        record = {**timed("dynamic"), "static_error": str(failed)}
+    record["kernels"] = kind
     step = f"{record['cache']} cache{', compiled step' if record['compiled'] else ''}"
     context.logger.report(f"Generation: {record['new_tokens']} new tokens in {record['seconds']:.2f} s = "
                           f"{record['tokens_per_second']:,.1f} tokens/s (batch 1, greedy, {kind} kernels, {step}, "
@@ -99,11 +127,13 @@ def _generate(context: Context, model: torch.nn.Module, kind: str) -> dict:
     return record
 
 
-def _generation_failed(error: BaseException, results) -> str:
-    """What a failed --generate says: the error's first line, where the perplexity is, what to try."""
-    return (f"--generate failed ({type(error).__name__}: {first_line(error)}). The perplexity is saved in {results}. To time "
-            "generation, run again with another --output-dir and --generate-cache dynamic (nothing compiled), fewer "
-            "--generate tokens or --kernels dense.")
+def _generation_failed(failed: GenerationFailed, results) -> str:
+    """What a failed --generate says: the error's first line and its cache, where the perplexity is,
+    what to try (eager steps only where the compiled ones failed)."""
+    eager = "--generate-cache dynamic (nothing compiled), " if failed.cache == "static" else ""
+    return (f"--generate failed with a {failed.cache} KV cache ({failed}). The perplexity is saved in {results}. To "
+            f"time generation, run again with another --output-dir and {eager}fewer --generate tokens or --kernels "
+            "dense.")
 
 
 def prune_only(context: Context, start: Start) -> int:
