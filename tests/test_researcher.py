@@ -88,6 +88,20 @@ def test_the_state_stays_when_it_is_the_only_copy_of_the_trained_model(tmp_path,
     assert (out / "state" / "train_state.json").exists() and "only copy of the trained model" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("values, log", [([52.1, 56.6, 21.6, 32.2], False), ([5187.0, 61.2, 21.6], True),
+                                         ([21.6, float("nan"), None, 0.0], False)])
+def test_perplexity_goes_on_a_log_axis_only_across_more_than_20x_and_its_ticks_read_as_numbers(values, log):
+    from utils.io.plots import figure_class, perplexity_axes
+    axes = figure_class()().subplots()
+    axes.plot([1, 2, 3], [30.0, 300.0, 3000.0] if log else [30.0, 40.0, 50.0])
+    perplexity_axes(axes, values)
+    assert axes.get_yscale() == ("log" if log else "linear")
+    if log:
+        labels = {axes.yaxis.get_major_formatter()(tick) for tick in (10.0, 100.0, 1000.0)}
+        assert labels == {"10", "100", "1000"}  # not mathtext's "$\\mathdefault{10^{2}}$"
+    assert all(float(tick).is_integer() for tick in axes.get_xticks())  # whole epochs
+
+
 def test_a_picture_that_fails_never_ends_a_run(tmp_path, tiny_llama_dir, text_file, capsys, monkeypatch):
     from utils.io import plots
 
@@ -220,6 +234,30 @@ def test_compare_reports_the_runs_that_differ_only_in_their_seed_as_mean_and_spr
     assert "Seeds of one setting" not in capsys.readouterr().out  # nothing alike: no section
 
 
+def test_compare_draws_the_epochs_before_a_run_s_final_density_hollow(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    import utils.io.report as report
+    made = []
+
+    class Kept(Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr(report, "figure_class", lambda: Kept)
+    curve = [29.0, 29.5, 30.6, 32.7, 32.0]
+    for name, extra in (("iterative", {"final_from": 4}), ("older", {})):  # older: results.json before final_from
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({
+            "mode": "train", "density": 0.3, "dense": 21.6, "final": 32.0, "finished": True,
+            "best": {"epoch": 5, "perplexity": 32.0}, "protocol": {"source": "wikitext2", "paper": True},
+            "epochs": [{"epoch": e, "perplexity": p} for e, p in enumerate(curve, 1)], **extra}))
+    rows, _ = report.compare_runs([tmp_path / "iterative", tmp_path / "older"], tmp_path / "cmp")
+    assert [row.final_from for row in rows] == [4, 0]
+    hollow = [line for line in made[0].axes[0].get_lines() if line.get_markerfacecolor() == "white"]
+    assert [list(line.get_xdata()) for line in hollow] == [[1, 2, 3]] and "hollow" in made[0]._suptitle.get_text()
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["runs"][0]["final_from"] == 4
+
+
 def test_the_markdown_never_puts_a_quick_look_beside_the_paper_protocol(finished):
     row = read_row(finished[0])
     row.protocol = "paper"
@@ -227,6 +265,25 @@ def test_the_markdown_never_puts_a_quick_look_beside_the_paper_protocol(finished
     text = markdown([quick, row])
     assert text.index("the papers' protocol") < text.index("NOT the papers' protocol")
     assert text.index(f"| {row.run} |") < text.index("NOT the papers' protocol") < text.index("| q |")
+
+
+def test_a_folder_of_any_name_holding_wiki_test_raw_is_the_papers_text_in_a_comparison_made_anywhere(tmp_path):
+    from utils.io.report import _protocol
+    from utils.pipeline.record import protocol_record
+    folder, mine = tmp_path / ".data", tmp_path / "mine.txt"
+    folder.mkdir()
+    (folder / "wiki.test.raw").write_text(" = A = \n the text\n")
+    mine.write_text("some other text")
+    recorded = {name: protocol_record(EvalProtocol(source=str(source)))
+                for name, source in (("folder", folder), ("mine", mine), ("hub", "wikitext2"))}
+    assert [recorded[name]["wikitext2_test"] for name in ("folder", "mine", "hub")] == [True, False, True]
+    elsewhere = tmp_path / "run"  # read back where the paths mean nothing: the record decides, not the name
+    assert _protocol({"protocol": {**recorded["folder"], "source": ".data"}}, elsewhere) == "paper"
+    assert _protocol({"protocol": {**recorded["mine"], "source": "x/wikitext-2-raw"}}, elsewhere) == \
+        "text x/wikitext-2-raw"
+    older = {key: value for key, value in recorded["folder"].items() if key != "wikitext2_test"}
+    assert _protocol({"protocol": {**older, "source": ".data"}}, elsewhere) == "text .data"  # by its name, as before
+    assert _protocol({"protocol": {**older, "source": "d/wikitext-2-raw"}}, elsewhere) == "paper"
 
 
 def test_progress_lines_carry_rate_and_eta_and_the_cadence_is_by_time():

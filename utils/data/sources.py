@@ -108,6 +108,13 @@ def test_text_in(spec: str, split: str = "train") -> list[str]:
     return [str(path) for path in files if test in (path.name, path.resolve().name)]
 
 
+def is_wikitext2_test(spec: str) -> bool:
+    """Whether `spec`'s test text is WikiText-2's (the papers' evaluation text): the hub's
+    `wikitext2`, or files named wiki.test.raw (test_text_in).  Recorded with a run's perplexity, so
+    that a comparison made elsewhere, where the path means nothing, still knows the text."""
+    return spec == "wikitext2" or bool(test_text_in(spec, "test"))
+
+
 @contextlib.contextmanager
 def _datasets_offline(datasets, offline: bool):
     """`datasets` reads only its local cache inside (when `offline`), and reaches the hub again after."""

@@ -32,6 +32,18 @@ def figure_class():
     return Figure
 
 
+def perplexity_axes(axes, values: list) -> None:
+    """Whole epochs on x; y on a log scale only where `values` span more than 20× (a pruned model's
+    thousands beside the dense model's tens), its ticks then written as numbers ("30", not "3×10¹")."""
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    values = [value for value in values if finite_number(value) and value > 0]
+    if values and max(values) / min(values) > 20:
+        from matplotlib.ticker import LogFormatter
+        axes.set_yscale("log")
+        axes.yaxis.set_major_formatter(LogFormatter())
+        axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))  # labels a few where few majors show
+
+
 def read_events(folder: Path) -> list[dict]:
     """metrics.jsonl's events (a line cut short by a crash is skipped)."""
     events = []
@@ -123,10 +135,7 @@ def _perplexity_panel(axes, history: dict, events: list[dict]) -> None:
                           fontsize=7, color="tab:blue")
     if finite_number(dense):
         axes.axhline(dense, color="black", linestyle="--", label=f"dense ({dense:.2f})")
-    values = [p for _, p in epochs] + ([dense] if finite_number(dense) else [])
-    if values and max(values) / max(min(values), 1e-9) > 20:
-        axes.set_yscale("log")
-    axes.xaxis.get_major_locator().set_params(integer=True)
+    perplexity_axes(axes, [p for _, p in epochs] + [dense])
     axes.set(title="Perplexity per epoch (0: before training)", xlabel="epoch", ylabel="perplexity")
     axes.legend(fontsize=8)
 

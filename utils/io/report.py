@@ -18,7 +18,7 @@ from pathlib import Path
 
 from utils.io.events import count, duration, finite_number
 from utils.io.files import read_json_object, write_json
-from utils.io.plots import MISSING as PLOTS_MISSING, figure_class
+from utils.io.plots import MISSING as PLOTS_MISSING, figure_class, perplexity_axes
 
 
 NOT_RECORDED = "protocol not recorded"
@@ -47,6 +47,7 @@ class Row:
     protocol: str  # "paper" or what differs (a quick look, another text or window)
     status: str  # finished, interrupted, stopped short, or the mode of a run that does not train
     epochs: list  # [(epoch, perplexity)]
+    final_from: int = 0  # the first epoch at the final density (iterative and gradual schedules hold more before)
 
 
 def read_row(folder: Path) -> Row:
@@ -81,7 +82,8 @@ def read_row(folder: Path) -> Row:
                    "wall_seconds", results.get("wall_seconds")),
                export_bytes=(results.get("export") or {}).get("file_bytes"), protocol=_protocol(results, folder),
                status=_status(results),
-               epochs=[(e["epoch"], e["perplexity"]) for e in results.get("epochs") or []])
+               epochs=[(e["epoch"], e["perplexity"]) for e in results.get("epochs") or []],
+               final_from=int(results.get("final_from") or 0))
 
 
 @dataclass
@@ -169,8 +171,11 @@ def _protocol(results: dict, folder: Path) -> str:
         return f"quick look: first {protocol.get('windows')} windows of {protocol.get('source')}"
     if protocol and (protocol.get("token_length"), protocol.get("stride")) != (2048, 2048):
         return f"{protocol.get('source')}, windows of {protocol.get('token_length')} every {protocol.get('stride')}"
-    return "paper" if not protocol or protocol.get("source") in ("wikitext2",) or \
-        str(protocol.get("source", "")).rstrip("/").endswith(("wikitext-2-raw", "wiki.test.raw")) else f"text {protocol.get('source')}"
+    wikitext = (protocol or {}).get("wikitext2_test")
+    if wikitext is None:  # recorded before results.json said which text it was: the source's name
+        wikitext = not protocol or protocol.get("source") in ("wikitext2",) or \
+            str(protocol.get("source", "")).rstrip("/").endswith(("wikitext-2-raw", "wiki.test.raw"))
+    return "paper" if wikitext else f"text {protocol.get('source')}"
 
 
 HEADER = ("| run | model | density | recipe | final | best (epoch) | × dense | tokens | wall time | export | status |\n"
@@ -243,17 +248,24 @@ def _plot(rows: list[Row], path: Path) -> Path | None:
     figure = Figure(figsize=(7 * len(protocols), 4.6))
     panels = figure.subplots(1, len(protocols), squeeze=False)
     for axes, protocol in zip(panels[0], protocols):
-        for row in (r for r in rows if r.protocol == protocol):
+        drawn = [r for r in rows if r.protocol == protocol]
+        for row in drawn:
             if row.epochs:
                 line, = axes.plot([e for e, _ in row.epochs], [p for _, p in row.epochs], "o-", label=row.run)
+                early = [(e, p) for e, p in row.epochs if e < row.final_from]  # more weights kept: not the result
+                if early:
+                    axes.plot(*zip(*early), "o", color=line.get_color(), markerfacecolor="white")
                 if finite_number(row.dense):
                     axes.axhline(row.dense, color=line.get_color(), linestyle="--", linewidth=0.8)
             elif finite_number(row.final):
                 axes.axhline(row.final, linestyle=":", label=f"{row.run} ({row.mode})")
         axes.set(title="paper protocol" if protocol == "paper" else protocol, xlabel="epoch", ylabel="perplexity")
-        axes.set_yscale("log")
+        perplexity_axes(axes, [p for row in drawn for _, p in row.epochs] + [r.dense for r in drawn if r.epochs]
+                        + [r.final for r in drawn if not r.epochs])
         axes.legend(fontsize=8)
-    figure.suptitle("Perplexity per epoch (dashed: each run's dense model)")
+    early = any(e < row.final_from for row in rows for e, _ in row.epochs)
+    figure.suptitle("Perplexity per epoch (dashed: each run's dense model"
+                    + (";\nhollow: epochs before the run's final density)" if early else ")"), fontsize=11)
     figure.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     figure.savefig(tmp, dpi=110)

@@ -9,15 +9,19 @@ from __future__ import annotations
 import time
 
 from utils.config.sections import EvalProtocol
+from utils.data.sources import is_wikitext2_test
 from utils.pipeline.context import Context
 from utils.pipeline.identity import profile_of
 from utils.pruning.schedule import reprune_method
 
 
 def protocol_record(protocol: EvalProtocol) -> dict:
-    """How the perplexity was measured; `paper` is False for a quick look (--eval-windows)."""
+    """How the perplexity was measured; `paper` is False for a quick look (--eval-windows);
+    `wikitext2_test`: whether the text was WikiText-2's test text (a folder of any name holding
+    wiki.test.raw is)."""
     return {"source": protocol.source, "token_length": protocol.token_length, "stride": protocol.window_stride,
-            "windows": protocol.windows, "paper": not protocol.quick}
+            "windows": protocol.windows, "paper": not protocol.quick,
+            "wikitext2_test": is_wikitext2_test(protocol.source)}
 
 
 def quick_note(protocol: EvalProtocol) -> str | None:
