@@ -97,8 +97,9 @@ def test_perplexity_goes_on_a_log_axis_only_across_more_than_20x_and_its_ticks_r
     perplexity_axes(axes, values)
     assert axes.get_yscale() == ("log" if log else "linear")
     if log:
-        labels = {axes.yaxis.get_major_formatter()(tick) for tick in (10.0, 100.0, 1000.0)}
-        assert labels == {"10", "100", "1000"}  # not mathtext's "$\\mathdefault{10^{2}}$"
+        labels = [axes.yaxis.get_major_formatter()(tick) for tick in (10.0, 100.0, 1000.0, 1e6)]
+        assert labels == ["10", "100", "1,000", "1,000,000"]  # not mathtext's "$\\mathdefault{10^{2}}$"
+        assert [axes.yaxis.get_minor_formatter()(tick) for tick in (20.0, 30.0, 500.0)] == ["20", "", "500"]
     assert all(float(tick).is_integer() for tick in axes.get_xticks())  # whole epochs
 
 
@@ -277,6 +278,13 @@ def test_a_folder_of_any_name_holding_wiki_test_raw_is_the_papers_text_in_a_comp
     recorded = {name: protocol_record(EvalProtocol(source=str(source)))
                 for name, source in (("folder", folder), ("mine", mine), ("hub", "wikitext2"))}
     assert [recorded[name]["wikitext2_test"] for name in ("folder", "mine", "hub")] == [True, False, True]
+    from utils.data.sources import is_wikitext2_test
+    assert not is_wikitext2_test(f"{mine},{folder}")  # WikiText's test text and more: another text
+    raw = "hf:wikitext:wikitext-2-raw-v1"
+    assert is_wikitext2_test(raw) and is_wikitext2_test(f"{raw}:test")
+    assert not any(is_wikitext2_test(spec) for spec in ("hf:wikitext:wikitext-2-v1", f"{raw}:validation",
+                                                        f"{raw}:test:other", str(tmp_path / "missing.txt"),
+                                                        "generated:2M"))
     elsewhere = tmp_path / "run"  # read back where the paths mean nothing: the record decides, not the name
     assert _protocol({"protocol": {**recorded["folder"], "source": ".data"}}, elsewhere) == "paper"
     assert _protocol({"protocol": {**recorded["mine"], "source": "x/wikitext-2-raw"}}, elsewhere) == \
@@ -465,7 +473,7 @@ def test_a_generation_that_fails_keeps_the_perplexity_already_measured(tiny_llam
     monkeypatch.setattr(modes, "generation_benchmark", out_of_memory)
     out = tmp_path / "eval"
     assert cli("--eval-only", "--model", tiny_llama_dir, "--eval-source", text_file, "--token-length", "64",
-               "--generate", "4", "--output-dir", out) != 0
+               "--generate", "4", "--generate-cache", "dynamic", "--output-dir", out) != 0  # (auto: static on a GPU)
     said = capsys.readouterr().out
     assert "error: --generate failed with a dynamic KV cache (OutOfMemoryError: CUDA out of memory" in said
     assert f"The perplexity is saved in {out / 'results.json'}" in said and "fewer --generate tokens" in said
@@ -475,9 +483,9 @@ def test_a_generation_that_fails_keeps_the_perplexity_already_measured(tiny_llam
     assert results["generate_error"]["kind"] == "OutOfMemoryError" and results["generate_error"]["cache"] == "dynamic"
 
 
-@pytest.mark.parametrize("asked", ["auto", "static"])
+@pytest.mark.parametrize("asked, eager_fails", [("auto", False), ("static", False), ("auto", True)])
 def test_a_decode_step_that_does_not_compile_falls_back_to_eager_steps_only_under_auto(
-        asked, tiny_llama_dir, text_file, tmp_path, monkeypatch, capsys):
+        asked, eager_fails, tiny_llama_dir, text_file, tmp_path, monkeypatch, capsys):
     import utils.pipeline.modes as modes
     from torch._dynamo.exc import TorchDynamoException
     benchmark, caches = modes.generation_benchmark, []
@@ -485,7 +493,10 @@ def test_a_decode_step_that_does_not_compile_falls_back_to_eager_steps_only_unde
     def static_breaks(model, tokenizer, prompt, tokens, device, cache):
         caches.append(cache)
         if cache == "static":
+            model._compiled_call = object()  # as transformers leaves it once it has started compiling
             raise TorchDynamoException("a graph break in the decode step (a stand-in)")
+        if eager_fails:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in)")
         return benchmark(model, tokenizer, prompt, tokens, device, cache)
     monkeypatch.setattr(modes, "generation_benchmark", static_breaks)
     # as on a GPU: auto picks the static cache (generation_cache's own cases are tested above)
@@ -495,10 +506,17 @@ def test_a_decode_step_that_does_not_compile_falls_back_to_eager_steps_only_unde
                "--generate", "4", "--generate-cache", asked, "--output-dir", out)
     said, results = capsys.readouterr().out, json.loads((out / "results.json").read_text())
     if asked == "auto":
-        assert code == 0 and caches == ["static", "dynamic"]
+        assert caches == ["static", "dynamic"]
         assert "warning: the compiled decode step failed (TorchDynamoException: a graph break" in said
-        assert results["generate"]["cache"] == "dynamic" and results["generate"]["new_tokens"] == 4
+    if asked == "auto" and not eager_fails:
+        assert code == 0 and results["generate"]["cache"] == "dynamic" and results["generate"]["new_tokens"] == 4
+        assert results["generate"]["compiled"] is False  # the failed try's compiled call is not this one's
         assert results["generate"]["static_error"].startswith("TorchDynamoException: a graph break")
+    elif asked == "auto":  # the eager retry failed too: both reasons kept
+        assert code == 1 and "generate" not in results and "--generate failed with a dynamic KV cache" in said
+        failed = results["generate_error"]
+        assert failed["cache"] == "dynamic" and failed["kind"] == "OutOfMemoryError"
+        assert failed["static_error"].startswith("TorchDynamoException: a graph break")
     else:  # asked for by name: not replaced, and the way out names the eager steps
         assert code == 1 and caches == ["static"] and "generate" not in results
         assert "--generate failed with a static KV cache (TorchDynamoException" in said

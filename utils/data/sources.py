@@ -15,6 +15,7 @@ a single file ignores it.  The SparseGPT/Wanda evaluation string is the test row
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -108,11 +109,26 @@ def test_text_in(spec: str, split: str = "train") -> list[str]:
     return [str(path) for path in files if test in (path.name, path.resolve().name)]
 
 
-def is_wikitext2_test(spec: str) -> bool:
-    """Whether `spec`'s test text is WikiText-2's (the papers' evaluation text): the hub's
-    `wikitext2`, or files named wiki.test.raw (test_text_in).  Recorded with a run's perplexity, so
-    that a comparison made elsewhere, where the path means nothing, still knows the text."""
-    return spec == "wikitext2" or bool(test_text_in(spec, "test"))
+@functools.lru_cache(maxsize=None)
+def is_wikitext2_test(spec: str) -> bool | None:
+    """Whether `spec`'s test text is WikiText-2's raw test text alone (the papers' evaluation text):
+    the hub's `wikitext2` or hf:wikitext:wikitext-2-raw-v1 (its test split, column text), or one file
+    named wiki.test.raw (a folder holding it).  None where the files cannot be read now.  Recorded
+    with a run's perplexity, so that a comparison made elsewhere, where the path means nothing,
+    still knows the text; asked once per process (every results.json a run writes says the same)."""
+    if spec == "wikitext2":
+        return True
+    if spec.startswith("hf:"):
+        name, config, split, column = _hf_fields(spec, "test")
+        return (name.rstrip("/").split("/")[-1], config, split, column) == ("wikitext", "wikitext-2-raw-v1", "test",
+                                                                            "text")
+    try:
+        files = _files_of(spec, "test") or []
+    except DataError:
+        return False
+    except (OSError, RuntimeError):  # unreadable now: unknown, and the results are still written
+        return None
+    return len(files) == 1 and WIKITEXT_SPLIT_FILES["test"] in (files[0].name, files[0].resolve().name)
 
 
 @contextlib.contextmanager

@@ -34,14 +34,20 @@ def figure_class():
 
 def perplexity_axes(axes, values: list) -> None:
     """Whole epochs on x; y on a log scale only where `values` span more than 20× (a pruned model's
-    thousands beside the dense model's tens), its ticks then written as numbers ("30", not "3×10¹")."""
+    thousands beside the dense model's tens), its ticks then written as numbers ("1,000" and, between
+    the powers of ten, "20" and "50"; not "10³" and "2×10¹")."""
     axes.xaxis.get_major_locator().set_params(integer=True)
     values = [value for value in values if finite_number(value) and value > 0]
     if values and max(values) / min(values) > 20:
-        from matplotlib.ticker import LogFormatter
+        from matplotlib.ticker import FuncFormatter
         axes.set_yscale("log")
-        axes.yaxis.set_major_formatter(LogFormatter())
-        axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))  # labels a few where few majors show
+        axes.yaxis.set_major_formatter(FuncFormatter(_number))
+        axes.yaxis.set_minor_formatter(FuncFormatter(lambda value, at: _number(value, at)
+                                                     if f"{value:.0e}"[0] in "25" else ""))
+
+
+def _number(value: float, _=None) -> str:
+    return f"{value:,.0f}" if value >= 1 else f"{value:g}"
 
 
 def read_events(folder: Path) -> list[dict]:

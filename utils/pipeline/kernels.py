@@ -101,7 +101,8 @@ def generation_benchmark(model: nn.Module, tokenizer, prompt: str, new_tokens: i
     made = output.shape[1] - inputs["input_ids"].shape[1]
     return {"prompt_tokens": int(inputs["input_ids"].shape[1]), "new_tokens": int(made), "seconds": seconds,
             "tokens_per_second": made / seconds if seconds else None, "cache": cache,
-            "compiled": getattr(model, "_compiled_call", None) is not None,  # where transformers compiled the step
+            # where transformers compiled the step (a static cache's; one left from a failed try is not this one's)
+            "compiled": cache == "static" and getattr(model, "_compiled_call", None) is not None,
             "text": tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)}
 
 

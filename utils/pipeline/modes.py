@@ -79,7 +79,7 @@ def evaluate_only(context: Context, start: Start) -> int:
             except GenerationFailed as failed:  # out of memory, or a decode step that does not compile
                 error = failed.error
                 extras["generate_error"] = {"kind": type(error).__name__, "message": str(error)[:2000],
-                                            "cache": failed.cache}
+                                            "cache": failed.cache, "static_error": failed.static_error}
                 save()
                 logger.info(f"error: {_generation_failed(failed, context.output / 'results.json')}")
                 logger.log({"event": "error", "kind": type(error).__name__, "message": str(error)})
@@ -90,11 +90,12 @@ def evaluate_only(context: Context, start: Start) -> int:
 
 
 class GenerationFailed(RuntimeError):
-    """--generate's error (out of memory, a decode step that does not compile) and the KV cache it had."""
+    """--generate's error (out of memory, a decode step that does not compile), the KV cache it had
+    and, for the eager retry under auto, why the compiled step failed before it (`static_error`)."""
 
-    def __init__(self, error: BaseException, cache: str):
+    def __init__(self, error: BaseException, cache: str, static_error: str | None = None):
         super().__init__(f"{type(error).__name__}: {first_line(error)}")
-        self.error, self.cache = error, cache
+        self.error, self.cache, self.static_error = error, cache, static_error
 
 
 def _generate(context: Context, model: torch.nn.Module, kind: str) -> dict:
@@ -103,21 +104,26 @@ def _generate(context: Context, model: torch.nn.Module, kind: str) -> dict:
     (`static_error`); a cache asked for by name is not replaced."""
     tasks = context.config.tasks
 
-    def timed(cache: str) -> dict:
+    def timed(cache: str, static_error: str | None = None) -> dict:
         try:
             return generation_benchmark(model, context.tokenizer, tasks.prompt, tasks.generate, context.device, cache)
         except STOPPING_ERRORS as error:
-            raise GenerationFailed(error, cache) from error
-    cache = generation_cache(model, context.device, tasks.generate_cache)
+            raise GenerationFailed(error, cache, static_error) from error
+    cache, static_error = generation_cache(model, context.device, tasks.generate_cache), None
     try:
         record = timed(cache)
     except GenerationFailed as failed:
         compile_failed = isinstance(failed.error, TorchDynamoException)
         if not (tasks.generate_cache == "auto" and cache == "static" and compile_failed):
             raise
-        context.logger.info(f"warning: the compiled decode step failed ({failed}); generating with eager steps "
-                            "(--generate-cache dynamic) instead")
-        record = {**timed("dynamic"), "static_error": str(failed)}
+        static_error = str(failed)  # out of the except block: the failed attempt's frames go before the retry
+    if static_error is not None:
+        context.logger.info(f"warning: the compiled decode step failed ({static_error}); generating with eager "
+                            "steps (--generate-cache dynamic) instead")
+        torch._dynamo.reset()  # the failed step's compiled code and its graphs' memory
+        if context.device.type == "cuda":
+            torch.cuda.empty_cache()
+        record = {**timed("dynamic", static_error), "static_error": static_error}
     record["kernels"] = kind
     step = f"{record['cache']} cache{', compiled step' if record['compiled'] else ''}"
     context.logger.report(f"Generation: {record['new_tokens']} new tokens in {record['seconds']:.2f} s = "
