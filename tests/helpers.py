@@ -179,6 +179,20 @@ def broken_cpp_compiler():
         torch._dynamo.reset()
 
 
+def recorded_figures(monkeypatch, module) -> list:
+    """Every matplotlib Figure that `module` makes through its figure_class(), kept for the test
+    to read (what was drawn, not only that a PNG was written)."""
+    from matplotlib.figure import Figure
+    made = []
+
+    class Recorded(Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr(module, "figure_class", lambda: Recorded)
+    return made
+
+
 class StopAfter:
     """A training-loop callback that interrupts the run after optimizer step `step`, as a user
     (Ctrl-C, SIGINT) or a cluster scheduler (SIGTERM) would: the run's own handler takes it."""

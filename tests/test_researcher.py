@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from extreme_compression_experiment import build_parser, main
-from helpers import REPO, StopAfter, tiny_model
+from helpers import REPO, StopAfter, recorded_figures, tiny_model
 from test_cli import job_args
 from utils.config.sections import EvalProtocol
 from utils.data.sources import TokenizedText
@@ -236,15 +236,8 @@ def test_compare_reports_the_runs_that_differ_only_in_their_seed_as_mean_and_spr
 
 
 def test_compare_draws_the_epochs_before_a_run_s_final_density_hollow(tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
     import utils.io.report as report
-    made = []
-
-    class Kept(Figure):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-    monkeypatch.setattr(report, "figure_class", lambda: Kept)
+    made = recorded_figures(monkeypatch, report)
     curve = [29.0, 29.5, 30.6, 32.7, 32.0]
     for name, extra in (("iterative", {"final_from": 4}), ("older", {})):  # older: results.json before final_from
         (tmp_path / name).mkdir()
@@ -370,16 +363,8 @@ def test_density_per_decoder_layer_groups_linears_by_their_layer_index():
 
 
 def test_a_schedule_that_prunes_while_training_labels_each_point_with_its_density(tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
-
     from utils.io import plots
-    drawn = []
-
-    class Recorded(Figure):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            drawn.append(self)
-    monkeypatch.setattr(plots, "figure_class", lambda: Recorded)
+    drawn = recorded_figures(monkeypatch, plots)
     layers = [["model.layers.0.mlp", 1, 4]]
     events = [{"event": "sparsity", "when": "pruned", "density": 0.5, "layers": layers},
               {"event": "sparsity", "epoch": 1, "step": 5, "density": 0.222, "layers": layers},
