@@ -29,6 +29,7 @@ from utils.models.hub import ModelError, check_hub_reachable, default_cache_dir
 WIKITEXT_SPLIT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "valid": "wiki.valid.raw",
                         "test": "wiki.test.raw"}
 TEXT_SUFFIXES = {".txt", ".raw", ".text", ".md"}
+WIKITEXT_HUB = ("wikitext", "wikitext-2-raw-v1")  # what `wikitext2` loads from the hub: dataset, config
 
 
 class DataError(ValueError):
@@ -99,14 +100,23 @@ def test_text_in(spec: str, split: str = "train") -> list[str]:
     trains and evaluates on its file."""
     if spec.startswith("hf:"):  # read as load_text reads it
         name, config, hf_split, _ = _hf_fields(spec, split)
-        wikitext = name.rstrip("/").split("/")[-1] == "wikitext" and (config or "").startswith("wikitext-2")
+        wikitext = _dataset(name) == WIKITEXT_HUB[0] and (config or "").startswith("wikitext-2")
         return [spec] if wikitext and hf_split == "test" else []
     try:
         files = _files_of(spec, split) or []
     except DataError:
         return []
-    test = WIKITEXT_SPLIT_FILES["test"]
-    return [str(path) for path in files if test in (path.name, path.resolve().name)]
+    return [str(path) for path in files if _is_test_file(path)]
+
+
+def _dataset(name: str) -> str:
+    """A hub dataset's own name, without its owner: "Salesforce/wikitext" → "wikitext"."""
+    return name.rstrip("/").split("/")[-1]
+
+
+def _is_test_file(path: Path) -> bool:
+    """Whether `path` is WikiText-2's wiki.test.raw (a link by its target too)."""
+    return WIKITEXT_SPLIT_FILES["test"] in (path.name, path.resolve().name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,15 +130,14 @@ def is_wikitext2_test(spec: str) -> bool | None:
         return True
     if spec.startswith("hf:"):
         name, config, split, column = _hf_fields(spec, "test")
-        return (name.rstrip("/").split("/")[-1], config, split, column) == ("wikitext", "wikitext-2-raw-v1", "test",
-                                                                            "text")
+        return (_dataset(name), config, split, column) == (*WIKITEXT_HUB, "test", "text")
     try:
         files = _files_of(spec, "test") or []
     except DataError:
         return False
     except (OSError, RuntimeError):  # unreadable now: unknown, and the results are still written
         return None
-    return len(files) == 1 and WIKITEXT_SPLIT_FILES["test"] in (files[0].name, files[0].resolve().name)
+    return len(files) == 1 and _is_test_file(files[0])
 
 
 @contextlib.contextmanager
@@ -177,7 +186,7 @@ def load_text(spec: str, split: str = "test") -> str:
     """The text of `spec` for `split` (see the module docstring for the forms of `spec`)."""
     if spec == "wikitext2":
         hf_split = "validation" if split == "valid" else split
-        return _load_hf_text("wikitext", "wikitext-2-raw-v1", hf_split, "text")
+        return _load_hf_text(*WIKITEXT_HUB, hf_split, "text")
     if spec.startswith("hf:"):
         return _load_hf_text(*_hf_fields(spec, split))
     files = _files_of(spec, split)

@@ -17,8 +17,8 @@ from utils.pruning.schedule import reprune_method
 
 def protocol_record(protocol: EvalProtocol) -> dict:
     """How the perplexity was measured; `paper` is False for a quick look (--eval-windows);
-    `wikitext2_test`: whether the text was WikiText-2's test text (a folder of any name holding
-    wiki.test.raw is)."""
+    `wikitext2_test`: whether the text was WikiText-2's raw test text alone (a folder of any name
+    holding wiki.test.raw is; sources.is_wikitext2_test)."""
     return {"source": protocol.source, "token_length": protocol.token_length, "stride": protocol.window_stride,
             "windows": protocol.windows, "paper": not protocol.quick,
             "wikitext2_test": is_wikitext2_test(protocol.source)}
