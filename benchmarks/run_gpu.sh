@@ -10,6 +10,7 @@
 #   bash benchmarks/run_gpu.sh decode    # issue 24's sparse decode kernels: gathers, tuning, tables, torchao 2:4
 #   bash benchmarks/run_gpu.sh updates   # issue 26: one gradual update's cost per criterion, sequential and at once
 #   bash benchmarks/run_gpu.sh generate  # issue 24: --generate on a SmolLM2 export, both kernels, both KV caches
+#   bash benchmarks/run_gpu.sh running   # the detached runs still going (what `watch` waits for)
 set -u
 GGUF=${GGUF:-/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf}
 DATA=${DATA:-.data}
@@ -22,6 +23,9 @@ main_job() {  # $1 density, $2 output dir, rest: extra flags
     --train-source "$DATA/wiki.valid.raw" --eval-source "$DATA" --calibration-source "$DATA/wiki.valid.raw" \
     --eval-batch-size 8 --output-dir "$out" "$@"
 }
+# The runs still going, by their own command lines only (anchored): a call whose command line names the script or
+# the experiment (a `watch` chained with a pgrep of its own) would otherwise match itself and wait out its limit
+RUNNING="^(timeout [0-9]+ )?python3 extreme_compression_experiment|^bash [^ ]*run_gpu.sh (recipes|sweep)"
 MIX="$DATA/wiki.valid.raw,$DATA/fallback-train"  # WikiText-2 valid + the public-domain fallback text (~2.3M tokens)
 declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs × 10,000 samples × 512 = 25.6M tokens) unless
                     # one names --epochs or is `measured` at 0.5 (its row trains 2 epochs)
@@ -162,11 +166,16 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs �
 # bash benchmarks/run_gpu.sh generate (222 s, the GPU to itself), then SEED=0 OUT=/tmp/res/a and SEED=1
 # OUT=/tmp/res/b detach "measured-lr4x@0.1 measured-lr-double@0.3", watch $((575 - SECONDS)); calls 3, 4: watch 580.
 # Four runs at once, 1,342-1,367 s wall; the lease ended with 146 s left.
-# Next (one lease; the recipe rows now carry those lrs, so `measured` is them): OUT=/tmp/res DETACHED=sweep detach
-# "measured@0.1 measured-t4@0.1 measured-warmup500@0.1 measured-valid@0.1" "" "measured-lr4x@0.05" (screens of
-# KD temperature 4, the warm-up and the in-domain share at 0.1 beside each other, then 0.05 at four times its lr,
-# seeds 0 and 1; five runs at once at most), then watch. At 0.3, where the last stage starts at 75% of the steps and
-# its last epoch won back 2.3-2.4%: "measured@0.3 measured-stages3@0.3 measured-stages2@0.3" as 1-epoch screens.
+# The session after that (aaa9671) ran it on an H100 (log: "Screens at 0.1: temperature 4, warm-up, WikiText
+# alone, twice the lr; fewer stages at 0.3; twice the lr at 0.5"): call 1 (carry .stage1 .whl, kind nvidia-h200; an
+# H100 came, its start 118 s of the lease) staged; call 2 (carry .stage2 .data): OUT=/tmp/res DETACHED=sweep detach
+# "measured@0.1 measured-t4@0.1 measured-warmup500@0.1 measured-valid@0.1 measured-lr2x@0.1" "measured-stages2@0.3
+# measured-stages3@0.3" "measured-lr1.4e-4@0.5", watch; calls 3, 4: watch. Seven runs at once (44.8 GB of the GPU's
+# memory), the screens 763-797 s, the 0.3 runs 1,376-1,389 s, the 0.5 runs (after the screens) 551-587 s; all ended
+# inside the lease, whose last 300 s went to a `watch` that matched its own call's command line (fixed: RUNNING).
+# Next: the three screens that beat the row at 0.1 over the full budget, two seeds each (measured-valid, -lr2x,
+# -warmup500: six runs, about 1,400 s at once; wiki.valid alone is about 100 passes over its text there); at 0.3 more,
+# smaller stages (--prune-stages 6) or gradual with wanda updates ("measured@0.3" with --schedule gradual).
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the √batch rule).
@@ -235,12 +244,14 @@ case "${1:-bench}" in
       SEED=1 OUT="$OUT/s1" bash "$0" recipes "$best" &
     fi
     wait ;;
+  running)  # the runs `watch` waits for, one per line (pid and command line); exit 1 where none is left
+    pgrep -af "$RUNNING" ;;
   watch)  # progress every 90 s for $2 seconds or until no run is left; then every run's json to $OUT/runs.tgz
     end=$((SECONDS + ${2:?watch SECONDS}))
     shopt -s nullglob
     sleep 5  # a `detach` of this same command line has started its python by then
     report=$((SECONDS + 90))
-    while [ $SECONDS -lt $end ] && pgrep -f "extreme_compression_experiment|run_gpu.sh (recipes|sweep)" > /dev/null; do
+    while [ $SECONDS -lt $end ] && pgrep -f "$RUNNING" > /dev/null; do
       sleep $(( end - SECONDS < 15 ? (end - SECONDS > 0 ? end - SECONDS : 1) : 15 ))
       [ $SECONDS -ge $report ] || [ $SECONDS -ge $end ] || continue
       report=$((SECONDS + 90))

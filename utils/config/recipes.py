@@ -100,17 +100,20 @@ RECIPES = (
                    "54.30 at batch 4 (seeds 54.27, 54.33), at a quarter (6e-4) 61.22 (61.31, 61.13), with magnitude "
                    "updates 68.66 at batch 4 and 66.77 at batch 8; 1-epoch screens at batch 4: this recipe 62.44, at "
                    "half its lr 69.67, at a quarter 83.76, at a quarter with the ramp ending at 40% of the steps "
-                   "83.89, at 80% 86.83, with KD temperature 2 104.79; iterative at 6e-4 75.45, iterative + OWL "
-                   "76.72, one-shot OWL 79.54; gradual at the derived lr 464.1 after one epoch, one-shot 286.1",
+                   "83.89, at 80% 86.83, with KD temperature 2 104.79; at this lr (62.47 again): at twice it "
+                   "61.43, with 500 warm-up steps 61.67, on wiki.valid alone 59.70, with KD temperature 4 86.60 "
+                   "(none yet over the full budget); iterative at 6e-4 75.45, iterative + OWL 76.72, one-shot OWL "
+                   "79.54; gradual at the derived lr 464.1 after one epoch, one-shot 286.1",
                    measured=((4, (52.0898, 51.9045)),), reprune_method="wanda", batch=4),  # seeds 0 and 1 (issue 26)
     MeasuredRecipe(0.3, 0.4, "kd", "iterative", "owl", 1.2e-3,
-                   "at half the lr (6e-4) 32.79 at batch 4 (seeds 32.72, 32.86) and 32.56 at batch 8; there, "
+                   "at half the lr (6e-4) 32.79 at batch 4 (seeds 32.72, 32.86) and 32.56 at batch 8; at this lr in 3 "
+                   "stages 32.22, in 2 stages 32.67 (seed 0, batch 4; the row's 4 stages 31.99); at half the lr, "
                    "iterative without OWL 33.28, gradual 34.18, one-shot OWL 34.91 (batch 8); cross-entropy on "
                    "wiki.valid alone at the derived lr 47.90",
                    measured=((4, (31.9865, 32.2002)),), batch=4),  # seeds 0 and 1 (issue 26)
     MeasuredRecipe(0.5, 0.6, "ce+kd", "oneshot", "auto", 1e-4,
-                   "at half the lr (5e-5) 22.66 over the same 2 epochs (seeds 22.66, 22.67), and over 5 epochs best "
-                   "22.62 after epoch 2, 23.20 at the end (batch 4, seed 1), 22.16 after epoch 2 (batch 8); at 5e-5 "
+                   "at twice the lr (2e-4) 22.81 (seeds 22.79, 22.83), at half the lr (5e-5) 22.66 over the same "
+                   "2 epochs (seeds 22.66, 22.67), and over 5 epochs best 22.62 after epoch 2, 23.20 at the end (batch 4, seed 1), 22.16 after epoch 2 (batch 8); at 5e-5 "
                    "cross-entropy 23.29, distillation 26.31, iterative + OWL from 0.8 22.92, gradual 24.73; at the "
                    "derived lr CE + KD 22.82, cross-entropy 23.19, cross-entropy on wiki.valid alone 25.32",
                    measured=((4, (22.5144, 22.5468)),), batch=4, epochs=2,  # seeds 0 and 1, 40% of the budget (issue 26)
