@@ -170,12 +170,14 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
 # alone, twice the lr; fewer stages at 0.3; twice the lr at 0.5"): call 1 (carry .stage1 .whl, kind nvidia-h200; an
 # H100 came, its start 118 s of the lease) staged; call 2 (carry .stage2 .data): OUT=/tmp/res DETACHED=sweep detach
 # "measured@0.1 measured-t4@0.1 measured-warmup500@0.1 measured-valid@0.1 measured-lr2x@0.1" "measured-stages2@0.3
-# measured-stages3@0.3" "measured-lr1.4e-4@0.5", watch; calls 3, 4: watch. Seven runs at once (44.8 GB of the GPU's
-# memory), the screens 763-797 s, the 0.3 runs 1,376-1,389 s, the 0.5 runs (after the screens) 551-587 s; all ended
-# inside the lease, whose last 300 s went to a `watch` that matched its own call's command line (fixed: RUNNING).
-# Next: the three screens that beat the row at 0.1 over the full budget, two seeds each (measured-valid, -lr2x,
-# -warmup500: six runs, about 1,400 s at once; wiki.valid alone is about 100 passes over its text there); at 0.3 more,
-# smaller stages (--prune-stages 6) or gradual with wanda updates ("measured@0.3" with --schedule gradual).
+# measured-stages3@0.3" "measured-lr1.4e-4@0.5", watch; calls 3, 4: watch. Seven runs at once (44,785 MiB of the
+# GPU's memory in use as call 3 began), the screens 763-797 s, the 0.3 runs 1,376-1,389 s, the 0.5 runs (after the
+# screens) 551-587 s; all ended inside the lease, whose last 300 s went to a `watch` that matched its own call's
+# command line (fixed: RUNNING).
+# Next: the three screens that beat the row's at 0.1 over the full budget, two seeds each (measured-valid, -lr2x,
+# -warmup500: six runs at once, not timed; four took 1,342-1,367 s, six may not fit one lease; wiki.valid alone is
+# about 100 passes over its text there); at 0.3 more, smaller stages (--prune-stages 6) or gradual with wanda
+# updates ("measured@0.3" with --schedule gradual).
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the âˆšbatch rule).

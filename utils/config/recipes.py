@@ -112,10 +112,11 @@ RECIPES = (
                    "wiki.valid alone at the derived lr 47.90",
                    measured=((4, (31.9865, 32.2002)),), batch=4),  # seeds 0 and 1 (issue 26)
     MeasuredRecipe(0.5, 0.6, "ce+kd", "oneshot", "auto", 1e-4,
-                   "at twice the lr (2e-4) 22.81 (seeds 22.79, 22.83), at half the lr (5e-5) 22.66 over the same "
-                   "2 epochs (seeds 22.66, 22.67), and over 5 epochs best 22.62 after epoch 2, 23.20 at the end (batch 4, seed 1), 22.16 after epoch 2 (batch 8); at 5e-5 "
-                   "cross-entropy 23.29, distillation 26.31, iterative + OWL from 0.8 22.92, gradual 24.73; at the "
-                   "derived lr CE + KD 22.82, cross-entropy 23.19, cross-entropy on wiki.valid alone 25.32",
+                   "over the same 2 epochs at batch 4: at twice the lr (2e-4) 22.81 (seeds 22.79, 22.83), "
+                   "at half (5e-5) 22.66 (22.66, 22.67); over 5 epochs at half, best 22.62 after epoch 2, 23.20 "
+                   "at the end (batch 4, seed 1), 22.16 after epoch 2 (batch 8); at 5e-5 cross-entropy 23.29, "
+                   "distillation 26.31, iterative + OWL from 0.8 22.92, gradual 24.73; at the derived lr CE + KD "
+                   "22.82, cross-entropy 23.19, cross-entropy on wiki.valid alone 25.32",
                    measured=((4, (22.5144, 22.5468)),), batch=4, epochs=2,  # seeds 0 and 1, 40% of the budget (issue 26)
                    caveat="best after epoch 1 of 2, picked on the test set; the runs' last models 22.62, 22.60"),
 )
