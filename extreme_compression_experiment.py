@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "measured: the recovery measured best "
                             "near --sparsity (utils/config/recipes.py, BENCHMARKS.md): its --loss, --schedule, "
                             "--layer-density, lr (kept under the √batch rule) and --epochs where it measured fewer; "
-                            "a flag given explicitly still wins")
+                            "a flag given explicitly still wins (auto, as given or by default, takes the row's)")
     train.add_argument("--batch-size", type=_positive_int, default=8, help="effective batch (blocks per optimizer step)")
     train.add_argument("--micro-batch-size", type=_positive_int, default=None,
                        help="blocks per forward per process (default: batch size / processes); "

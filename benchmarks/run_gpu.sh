@@ -99,6 +99,9 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
   [measured-warmup500]="--recipe measured --train-source $MIX --warmup-steps 500"
   [measured-stages3]="--recipe measured --train-source $MIX --prune-stages 3"  # 0.3: its last stage at 67% of the steps
   [measured-stages2]="--recipe measured --train-source $MIX --prune-stages 2"  # 0.3: 0.5, then 0.3 from half the steps
+  [measured-stages6]="--recipe measured --train-source $MIX --prune-stages 6"  # 0.3: more, smaller (0.3 at 83%)
+  [measured-gradual]="--recipe measured --train-source $MIX --schedule gradual --reprune-method wanda \
+    --layer-density uniform"  # 0.3: the 0.1 row's schedule (wanda updates along the cubic; the row's OWL off)
   [measured-valid]="--recipe measured --train-source $DATA/wiki.valid.raw"  # the in-domain share: all of it
   [measured-union]="--recipe measured --train-source $DATA/wiki.valid.raw,$DATA/fallback-train/state_union-nltk"  # more
   [measured-patience]="--recipe measured --train-source $MIX --epochs 5 --patience 1 --cooldown-steps 500"  # 0.5
@@ -176,8 +179,10 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
 # command line (fixed: RUNNING).
 # Next: the three screens that beat the row's at 0.1 over the full budget, two seeds each (measured-valid, -lr2x,
 # -warmup500: six runs at once, not timed; four took 1,342-1,367 s, six may not fit one lease; wiki.valid alone is
-# about 100 passes over its text there); at 0.3 more, smaller stages (--prune-stages 6) or gradual with wanda
-# updates ("measured@0.3" with --schedule gradual).
+# about 100 passes over its text there). One lease: SEED=0 and SEED=1 detach "measured-valid@0.1 measured-lr2x@0.1"
+# (four runs). Another: at 0.3, more, smaller stages and gradual with wanda updates, as 1-epoch screens beside the
+# row's: OUT=/tmp/res DETACHED=sweep detach "measured@0.3 measured-stages6@0.3 measured-gradual@0.3", whose best
+# then runs at seeds 0 and 1.
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the âˆšbatch rule).

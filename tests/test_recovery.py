@@ -243,6 +243,13 @@ def test_recipe_measured_trains_with_the_measured_row_and_an_explicit_flag_wins(
     assert (mixed.schedule.kind, mixed.loss.kind, mixed.train.lr) == (schedule, "ce", 1e-4)
     assert f"overridden here: --loss ce, --schedule {schedule}, lr 1.0e-4" in recipe_note(mixed)
     assert "the recipe measured" not in recipe_note(mixed)  # not this run's recipe: its number is not quoted
+    # auto, given or by default, is the tool's choice, which under a recipe is the row's (the help says so);
+    # another value wins
+    spelled_auto = config("--recipe", "measured", "--layer-density", "auto", "--loss", "auto")
+    assert (spelled_auto.prune.layer_density, spelled_auto.loss.kind) == (measured.prune.layer_density, recipe.loss)
+    assert "(auto, as given or by default, takes the row's)" in " ".join(parser.format_help().split())
+    other = "uniform" if measured.prune.layer_density != "uniform" else "owl"
+    assert config("--recipe", "measured", "--layer-density", other).prune.layer_density == other
     # without it: the brief's lr, one-shot
     brief = config()
     assert brief.train.lr == pytest.approx(5e-6 * 2) and brief.schedule.kind == "oneshot" and brief.train.lr_derived
