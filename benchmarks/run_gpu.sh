@@ -181,8 +181,8 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
 # -warmup500: six runs at once, not timed; four took 1,342-1,367 s, six may not fit one lease; wiki.valid alone is
 # about 100 passes over its text there). One lease: SEED=0 and SEED=1 detach "measured-valid@0.1 measured-lr2x@0.1"
 # (four runs). Another: at 0.3, more, smaller stages and gradual with wanda updates, as 1-epoch screens beside the
-# row's: OUT=/tmp/res DETACHED=sweep detach "measured@0.3 measured-stages6@0.3 measured-gradual@0.3", whose best
-# then runs at seeds 0 and 1.
+# row's: OUT=/tmp/res DETACHED=sweep detach "measured@0.3 measured-stages6@0.3 measured-gradual@0.3"; the better
+# of those two then runs at seeds 0 and 1 (the row's own screen is the baseline, never chosen).
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the âˆšbatch rule).
