@@ -269,7 +269,8 @@ def time_linears(name: str, layer, layout: str, m: int, rows_per_block: int = 8,
     return {"seconds": seconds, "bytes": nbytes, "bandwidth": nbytes / seconds}
 
 
-CANDIDATES = {("ell", 1): [(256, 4, False), (512, 8, False), (1024, 8, False),  # ell_matmul, vectorized slots
+CANDIDATES = {("ell", 1): [(64, 2, False), (128, 2, False), (128, 4, False), (256, 4, False), (512, 8, False),
+                          (1024, 8, False),  # ell_matmul, vectorized slots
                           (128, 4, True), (256, 4, True), (512, 8, True), (1024, 8, True)],  # ell_matvec
               ("ell", 16): [(32, 2), (64, 2), (64, 4)],
               ("bitmask", 1): [(4, 2, 2), (8, 4, 2), (8, 4, 3), (16, 4, 2), (16, 8, 3), (32, 8, 2)],
@@ -278,7 +279,8 @@ CANDIDATES = {("ell", 1): [(256, 4, False), (512, 8, False), (1024, 8, False),  
 
 def tune(args) -> None:
     """The launch parameters of each kernel on the opt-6.7b layer (ELL at density 0.1, bitmask at 0.5);
-    the best replace _kernels().LAUNCH for the rest of the run."""
+    the best replace _kernels().LAUNCH for the rest of the run. col16 at 0.1 also gets every launch at
+    every rows per block (rows_sweep), which only reports: the layout's default stays SparseRule's."""
     name = "opt-6.7b"
     log(f"\n## launch tuning, {name} layer's six linears (µs per layer, CUDA graph)")
     for density, layouts in ((0.1, ("col16", "delta8", "bitmask")), (0.5, ("bitmask", "delta8"))):
@@ -304,19 +306,41 @@ def tune(args) -> None:
                 if (density == 0.1) == (kind == "ell") and layout != "delta8":
                     _kernels().LAUNCH[(kind, 1 if m == 1 else 16)] = best[1]
                 if (density, layout) == (0.1, "col16"):
-                    log(f"  col16 M {m}, rows per block at the 8-row launch {best[1]} (µs): "
-                        + ", ".join(rows_cell(name, layer, m, rows, best[1]) for rows in (4, 8, 16, 32)))
+                    rows_sweep(name, layer, m, CANDIDATES[("ell", 1 if m == 1 else 16)])
         del layer
     log(f"launch parameters used from here on: {_kernels().LAUNCH}")
     RESULTS["launch"] = {str(k): v for k, v in _kernels().LAUNCH.items()}
 
 
-def rows_cell(name: str, layer, m: int, rows: int, launch) -> str:
+ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
+
+
+def rows_sweep(name: str, layer, m: int, launches: list) -> None:
+    """col16 at M rows: every launch at every rows per block (the layout's block height: fewer rows, less
+    padding and more programs), µs per layer, and the same for a layer at density 0.002 (the floor of the
+    calls, where the programs' count and their dependent loads are all that is left); into RESULTS."""
+    table = RESULTS.setdefault("rows_sweep", {})
+    floor_layer = build_layer(name, 0.002)
+    for label, weights in (("0.1", layer), ("0.002", floor_layer)):
+        grid = {}
+        for launch in launches:
+            cells = {rows: rows_cell(name, weights, m, rows, launch) for rows in ROWS_PER_BLOCK}
+            grid[str(launch)] = cells
+            log(f"  col16 density {label} M {m} {launch}, rows per block (µs): "
+                + ", ".join(f"{rows}: {cell}" for rows, cell in cells.items()))
+        table[f"{name} {label} M {m}"] = grid
+        timed = [(cell, launch, rows) for launch, cells in grid.items() for rows, cell in cells.items()
+                 if isinstance(cell, float)]
+        if timed:
+            log(f"  best at density {label} M {m}: %.1f µs, launch %s, %d rows per block" % min(timed))
+
+
+def rows_cell(name: str, layer, m: int, rows: int, launch) -> float | str:
     """col16 with `rows` rows per block at `launch`, µs per layer (a launch the compiler refuses: its error)."""
     try:
-        return f"{rows}: {time_linears(name, layer, 'col16', m, rows, launch)['seconds'] * 1e6:.1f}"
+        return round(time_linears(name, layer, "col16", m, rows, launch)["seconds"] * 1e6, 1)
     except Exception as error:  # noqa: BLE001
-        return f"{rows}: {type(error).__name__}"
+        return type(error).__name__
 
 
 def with_columns(packed: EllMatrix, columns: str) -> EllMatrix:

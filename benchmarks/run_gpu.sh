@@ -182,7 +182,10 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
 # about 100 passes over its text there). One lease: SEED=0 and SEED=1 detach "measured-valid@0.1 measured-lr2x@0.1"
 # (four runs). Another: at 0.3, more, smaller stages and gradual with wanda updates, as 1-epoch screens beside the
 # row's: OUT=/tmp/res DETACHED=sweep detach "measured@0.3 measured-stages6@0.3 measured-gradual@0.3"; the better
-# of those two then runs at seeds 0 and 1 (the row's own screen is the baseline, never chosen).
+# of those two then runs at seeds 0 and 1 (the row's own screen is the baseline, never chosen). Issue 24, before the
+# runs with the GPU to itself: timeout 300 python3 benchmarks/bench_decode.py sweep (the kernel checks, then every
+# col16 launch at every rows per block, 1 to 16, at densities 0.1 and 0.002: whether a lower block, with less
+# padding and more programs, lowers the per-call floor; not yet run).
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the âˆšbatch rule).

@@ -191,6 +191,40 @@ def test_a_programmatic_dependent_launch_is_left_out_where_the_kernel_is_not_com
     assert done.stdout.split() == ["pdl", "False", "equal", "True", "close", "True"]
 
 
+EVERY_LAUNCH_IN_THE_INTERPRETER = """
+import importlib.util, sys, torch
+import utils.export.triton_kernels as kernels
+from utils.export.sparse_layout import pack, reference_linear
+spec = importlib.util.spec_from_file_location("bench_decode", "benchmarks/bench_decode.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+torch.manual_seed(0)
+weight = torch.randn(40, 300) * (torch.rand(40, 300) < 0.1)
+worst = 0.0
+for rows in bench.ROWS_PER_BLOCK:
+    packed = pack(weight, "col16", rows)
+    for m in (1, 16):
+        x = torch.randn(m, 300)
+        ref = reference_linear(x, packed, None, accumulate=torch.float64, round_to_input=False)
+        for launch in bench.CANDIDATES[("ell", 1 if m == 1 else 16)]:
+            y = kernels.kernel_linear(x, packed, None, launch=launch)
+            worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
+print("worst", worst, "cases", len(bench.ROWS_PER_BLOCK))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton publishes wheels for Linux only (requirements-test.txt)")
+def test_every_launch_and_block_height_the_decode_sweep_times_is_right_in_tritons_interpreter():
+    """bench_decode.py's rows sweep times col16 at every launch of CANDIDATES and every rows per block; each
+    must compute x @ W.T (fp32, the interpreter) before its time means anything."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", EVERY_LAUNCH_IN_THE_INTERPRETER], cwd=repo, capture_output=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    words = done.stdout.split()
+    assert words[0] == "worst" and float(words[1]) < 1e-5 and int(words[3]) >= 5
+
+
 def test_route_sends_few_rows_to_the_kernel_and_many_to_a_dense_temporary():
     assert route(1, 16, True) == "kernel" and route(16, 16, True) == "kernel"
     assert route(17, 16, True) == "materialize" and route(2048, 16, True) == "materialize"
