@@ -6,6 +6,7 @@
     python benchmarks/bench_decode.py smol --smol M.gguf --text wiki.txt   # only SmolLM2's perplexity, default rule
     python benchmarks/bench_decode.py fit                   # col16 over 6 densities: fixed part + bandwidth
     python benchmarks/bench_decode.py pdl                   # programmatic dependent launch, q,k,v in one call
+    python benchmarks/bench_decode.py rows                  # block heights x launches (persistent grids): the floor
     python benchmarks/bench_decode.py pdl --compile-model   # + the whole model's decode through torch.compile
     python benchmarks/bench_decode.py pdl --model-only --compile-model --shapes opt-6.7b   # the model rows alone
     python benchmarks/bench_decode.py memory --device cpu   # the weights' bytes only (no GPU needed)
@@ -23,6 +24,7 @@ Nothing here asserts a time. Imports nothing of the project but utils.export.spa
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -161,7 +163,9 @@ def check_kernels() -> list[str]:
         bias = torch.randn(rows, device=DEVICE).to(dtype)
         for encoding in LAYOUTS:
             packed = pack(weight, encoding, 8)
-            scatter_exact = torch.equal(_kernels().kernel_unpack(packed), weight) and torch.equal(unpack(packed), weight)
+            poisoned = torch.full_like(weight, float("nan"))  # the kernel's own zeros, not the allocator's
+            scatter_exact = (torch.equal(_kernels().kernel_unpack(packed, out=poisoned), weight)
+                             and torch.equal(unpack(packed), weight))
             errors = []
             for m in (1, 3, 16, 17, 64):
                 x = torch.randn(m, cols, device=DEVICE).to(dtype)
@@ -240,8 +244,9 @@ def build_layer(name: str, density: float, seed: int = 0) -> list[tuple[torch.Te
 @torch.no_grad()
 def time_linears(name: str, layer, layout: str, m: int, rows_per_block: int = 8, launch=None,
                  path: str = "kernel", columns: str = "real") -> dict:
-    """Per-layer seconds of the six linears at M rows; layout 'dense' or an encoding; `columns`: the
-    packed columns as they are, or replaced (`with_columns`, the gathers diagnostic)."""
+    """Per-layer seconds of the six linears at M rows; layout 'dense' or an encoding; `path` "kernel" or the
+    dense temporary + cuBLAS, "materialize kernel" (the scatter zeroes it) or "materialize torch" (torch.zeros
+    first); `columns`: the packed columns as they are, or replaced (`with_columns`, the gathers diagnostic)."""
     copies = COPIES[name]
     inputs = [torch.randn(m, w.shape[1], device=DEVICE).bfloat16() for w, _ in layer]
     if layout == "dense":
@@ -263,8 +268,8 @@ def time_linears(name: str, layer, layout: str, m: int, rows_per_block: int = 8,
                 for (p, b), x in zip(copy, inputs):
                     if path == "kernel":
                         _kernels().kernel_linear(x, p, b, launch=launch)
-                    else:
-                        F.linear(x, _kernels().kernel_unpack(p), b)
+                    else:  # "materialize": the kernel zeroes the temporary, or "materialize torch": torch does
+                        F.linear(x, _kernels().kernel_unpack(p, zeroed_by=path.split()[-1]), b)
     seconds = graph_seconds(run) / copies
     return {"seconds": seconds, "bytes": nbytes, "bandwidth": nbytes / seconds}
 
@@ -279,8 +284,7 @@ CANDIDATES = {("ell", 1): [(64, 2, False), (128, 2, False), (128, 4, False), (25
 
 def tune(args) -> None:
     """The launch parameters of each kernel on the opt-6.7b layer (ELL at density 0.1, bitmask at 0.5);
-    the best replace _kernels().LAUNCH for the rest of the run. col16 at 0.1 also gets every launch at
-    every rows per block (rows_sweep), which only reports: the layout's default stays SparseRule's."""
+    the best replace _kernels().LAUNCH for the rest of the run (every rows per block: the `rows` phase)."""
     name = "opt-6.7b"
     log(f"\n## launch tuning, {name} layer's six linears (µs per layer, CUDA graph)")
     for density, layouts in ((0.1, ("col16", "delta8", "bitmask")), (0.5, ("bitmask", "delta8"))):
@@ -305,42 +309,159 @@ def tune(args) -> None:
                     f"({dense / best[0]:.2f}x) | " + ", ".join(cells))
                 if (density == 0.1) == (kind == "ell") and layout != "delta8":
                     _kernels().LAUNCH[(kind, 1 if m == 1 else 16)] = best[1]
-                if (density, layout) == (0.1, "col16"):
-                    rows_sweep(name, layer, m, CANDIDATES[("ell", 1 if m == 1 else 16)])
         del layer
     log(f"launch parameters used from here on: {_kernels().LAUNCH}")
     RESULTS["launch"] = {str(k): v for k, v in _kernels().LAUNCH.items()}
 
 
-ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
+ROWS_PER_BLOCK = (1, 2, 4, 8, 16, 32)
+# the `rows` phase's launches by M: ell_matmul with one program a row block, ell_matvec (spread, M = 1),
+# and ell_matmul on a persistent grid of 2, 4 or 8 programs per SM (the fourth entry)
+ROWS_LAUNCHES = {1: [(128, 4), (256, 4), (512, 8), (256, 4, True), (128, 4, False, 4), (256, 4, False, 2),
+                     (256, 4, False, 4), (256, 4, False, 8)],
+                 16: [(32, 2), (64, 2), (64, 2, False, 2), (64, 2, False, 4), (64, 2, False, 8)]}
+MAX_TILE = 16384  # rows × slots × inputs of a program's tile: a larger one is not timed (its registers spill)
 
 
-def rows_sweep(name: str, layer, m: int, launches: list) -> None:
-    """col16 at M rows: every launch at every rows per block (the layout's block height: fewer rows, less
-    padding and more programs), µs per layer, and the same for a layer at density 0.002 (the floor of the
-    calls, where the programs' count and their dependent loads are all that is left); into RESULTS."""
-    table = RESULTS.setdefault("rows_sweep", {})
-    floor_layer = build_layer(name, 0.002)
-    for label, weights in (("0.1", layer), ("0.002", floor_layer)):
-        grid = {}
-        for launch in launches:
-            cells = {rows: rows_cell(name, weights, m, rows, launch) for rows in ROWS_PER_BLOCK}
-            grid[str(launch)] = cells
-            log(f"  col16 density {label} M {m} {launch}, rows per block (µs): "
-                + ", ".join(f"{rows}: {cell}" for rows, cell in cells.items()))
-        table[f"{name} {label} M {m}"] = grid
-        timed = [(cell, launch, rows) for launch, cells in grid.items() for rows, cell in cells.items()
-                 if isinstance(cell, float)]
-        if timed:
-            log(f"  best at density {label} M {m}: %.1f µs, launch %s, %d rows per block" % min(timed))
+def rows_phase(args, bandwidth: float) -> None:
+    """`rows`: whether another block height or a persistent grid lowers the per-call floor that keeps
+    density 0.1 from 4x. col16 on the opt-6.7b layer at every ROWS_LAUNCHES launch and every rows per
+    block, at density 0.1 and at 0.002 (the floor: the programs and their dependent loads are all that
+    is left), M = 1 and 16; then the block height whose best M = 1 launch is fastest at 0.1 against the
+    default (8 rows, LAUNCH): both fitted over densities (fixed part + bandwidth), and the whole model's
+    decode step with each. Into RESULTS["rows"], kept after every line."""
+    name = "opt-6.7b"
+    table = RESULTS.setdefault("rows", {})
+    table["check_max_rel_err"] = error = check_launches()
+    log(f"\n## every rows-phase launch at 1, 8 and 32 rows per block against the float64 reference (4096 x "
+        f"16384, density 0.1, M = 1 and 16): max rel err {error:.2e}")
+    layers = {"0.1": build_layer(name, 0.1), "0.002": build_layer(name, 0.002)}
+    log(f"\n## rows per block x launch, col16, {name} layer's six linears, µs per layer (CUDA graph)")
+    for m in (1, 16):
+        for label, layer in layers.items():
+            table[f"{label} M {m}"] = rows_sweep(name, label, layer, m, ROWS_LAUNCHES[m])
+            keep(args.phase)
+    chosen = best_rows(table)
+    default = {"rows": 8, 1: tuple(_kernels().LAUNCH[("ell", 1)]), 16: tuple(_kernels().LAUNCH[("ell", 16)])}
+    table["chosen"], table["default"] = chosen, default
+    log(f"chosen: {chosen}; default: {default}")
+    if chosen is None:
+        return
+    dense = time_linears(name, build_layer(name, 1.0), "dense", 1)["seconds"]
+    for label, config in (("default", default), ("chosen", chosen)):
+        points = [(cell["bytes"], cell["seconds"]) for cell in
+                  (time_linears(name, build_layer(name, density), "col16", 1, config["rows"], config[1])
+                   for density in (0.5, 0.3, 0.1, 0.05, 0.02))]
+        fit = cost_fit(points)
+        table[f"fit {label}"] = {"points": points, "fit": fit, "dense": dense}
+        log(f"{label} M=1 over densities 0.5, 0.3, 0.1, 0.05, 0.02: "
+            + ", ".join(f"{t * 1e6:.1f} µs ({dense / t:.2f}x)" for _, t in points)
+            + (f"; fixed {fit[0] * 1e6:.1f} µs a layer + {fit[1] / 1e9:,.0f} GB/s ({fit[1] / bandwidth:.0%} of copy)"
+               if fit else ""))
+        keep(args.phase)
+    materialize_cells(args, name, layers["0.1"], table)
+    rows_model(args, name, {"default": default, "chosen": chosen}, table)
+
+
+def materialize_cells(args, name: str, layer, table: dict) -> None:
+    """The dense temporary (prefill's path) at 16 and 2048 rows, density 0.1: its rows zeroed by the
+    scatter's own programs against torch.zeros first, µs per layer against dense cuBLAS."""
+    dense_layer = build_layer(name, 1.0)
+    for m in (16, 2048):
+        dense = time_linears(name, dense_layer, "dense", m)["seconds"]
+        cells = {path: time_linears(name, layer, "col16", m, 8, path=path)["seconds"]
+                 for path in ("materialize kernel", "materialize torch")}
+        table[f"materialize M {m}"] = {"dense": dense, **cells}
+        log(f"dense temporary + cuBLAS, density 0.1, M {m}: dense {dense * 1e6:.1f} µs; "
+            + ", ".join(f"{path} {t * 1e6:.1f} µs ({dense / t:.2f}x)" for path, t in cells.items()))
+        keep(args.phase)
+
+
+def check_launches() -> float:
+    """The worst max relative error of col16 at every ROWS_LAUNCHES launch (a failing one: inf) against
+    the float64 reference, on a 4096 x 16384 matrix at density 0.1: a persistent grid's programs take
+    several blocks each there (fc2's shape, 128 blocks of 32 rows at most)."""
+    torch.manual_seed(0)
+    weight = magnitude_prune(torch.randn(4096, 16384, device=DEVICE), 0.1).bfloat16()
+    worst = 0.0
+    for rows in (1, 8, 32):
+        packed = pack(weight, "col16", rows)
+        for m, launches in ROWS_LAUNCHES.items():
+            x = torch.randn(m, 16384, device=DEVICE).bfloat16()
+            ref = reference_linear(x, packed, None, accumulate=torch.float64, round_to_input=False)
+            for launch in launches:
+                try:
+                    worst = max(worst, relative_errors(_kernels().kernel_linear(x, packed, None, launch=launch), ref)[0])
+                except Exception as error:  # noqa: BLE001 - the sweep records it as the cell's error
+                    log(f"  {rows} rows per block, M {m}, {launch}: {type(error).__name__}")
+    return worst
+
+
+def rows_sweep(name: str, label: str, layer, m: int, launches: list) -> dict:
+    """col16 at M rows, every launch at every rows per block, µs per layer: {launch: {rows: cell}}."""
+    grid = {}
+    for launch in launches:
+        cells = {rows: rows_cell(name, layer, m, rows, launch) for rows in ROWS_PER_BLOCK}
+        grid[str(tuple(launch))] = cells
+        log(f"  density {label} M {m} {tuple(launch)}, rows per block (µs): "
+            + ", ".join(f"{rows}: {cell}" for rows, cell in cells.items()))
+    timed = [(cell, launch, rows) for launch, cells in grid.items() for rows, cell in cells.items()
+             if isinstance(cell, float)]
+    if timed:
+        log(f"  best at density {label} M {m}: %.1f µs, launch %s, %d rows per block" % min(timed))
+    return grid
 
 
 def rows_cell(name: str, layer, m: int, rows: int, launch) -> float | str:
-    """col16 with `rows` rows per block at `launch`, µs per layer (a launch the compiler refuses: its error)."""
+    """col16 with `rows` rows per block at `launch`, µs per layer; a tile past MAX_TILE: "skipped"; a
+    launch that fails: its error's name."""
+    if rows * launch[0] * min(16, m) > MAX_TILE:
+        return "skipped"
     try:
         return round(time_linears(name, layer, "col16", m, rows, launch)["seconds"] * 1e6, 1)
     except Exception as error:  # noqa: BLE001
         return type(error).__name__
+
+
+def best_rows(table: dict) -> dict | None:
+    """The rows per block whose best M = 1 launch is fastest at density 0.1, with that launch and the best
+    M = 16 launch at the same height (one layout serves both): {"rows", 1, 16}; None where none was timed."""
+    best = {}
+    for m in (1, 16):
+        for launch, cells in table.get(f"0.1 M {m}", {}).items():
+            for rows, cell in cells.items():
+                if isinstance(cell, float) and cell < best.get((m, rows), (math.inf,))[0]:
+                    best[(m, rows)] = (cell, ast.literal_eval(launch))  # the str() of a launch tuple
+    heights = [rows for (m, rows) in best if m == 1 and (16, rows) in best]
+    if not heights:
+        return None
+    rows = min(heights, key=lambda r: best[(1, r)][0])
+    return {"rows": rows, 1: best[(1, rows)][1], 16: best[(16, rows)][1]}
+
+
+@torch.no_grad()
+def rows_model(args, name: str, configs: dict, table: dict) -> None:
+    """The whole model's greedy decode step (static KV cache, CUDA graph) at batch 1 and 16: dense, then
+    density 0.1 under each config's block height and launches."""
+    model = opt_model(name)
+    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith("lm_head")}
+    dense = table["model dense"] = {b: b / decode_seconds(model, b) for b in (1, 16)}
+    log(f"\n## whole model {name}, one greedy decode step, tokens/s: dense batch 1 {dense[1]:,.0f}, batch 16 "
+        f"{dense[16]:,.0f}")
+    for linear in linears.values():
+        linear.weight.copy_(magnitude_prune(linear.weight, 0.1))
+    launch = dict(_kernels().LAUNCH)
+    for label, config in configs.items():
+        swapped = to_sparse_linears(model, SparseRule(max_density=1.0, rows_per_block=config["rows"]))
+        _kernels().LAUNCH.update({("ell", 1): config[1], ("ell", 16): config[16]})
+        try:
+            cell = table[f"model {label}"] = {b: b / decode_seconds(model, b) for b in (1, 16)}
+        finally:
+            _kernels().LAUNCH.update(launch)
+        put_back(model, swapped, linears)
+        log(f"{name} 0.1 {label} {config}: batch 1 {cell[1]:,.0f} ({cell[1] / dense[1]:.2f}x), batch 16 "
+            f"{cell[16]:,.0f} ({cell[16] / dense[16]:.2f}x)")
+        keep(args.phase)
 
 
 def with_columns(packed: EllMatrix, columns: str) -> EllMatrix:
@@ -389,7 +510,7 @@ def linears_table(args, bandwidth: float) -> dict:
             layer = build_layer(name, density)
             for layout in ("dense",) if density == 1.0 else LAYOUTS:
                 cells = {m: time_linears(name, layer, layout, m, args.rows_per_block) for m in (1, 16)}
-                prefill = time_linears(name, layer, layout, 2048, args.rows_per_block, path="materialize")
+                prefill = time_linears(name, layer, layout, 2048, args.rows_per_block, path="materialize kernel")
                 if layout == "dense":
                     reference = {1: cells[1]["seconds"], 16: cells[16]["seconds"], 2048: prefill["seconds"]}
                 row = {"mb": cells[1]["bytes"] / 1e6, **{m: c["seconds"] for m, c in cells.items()},
@@ -501,7 +622,7 @@ def break_even(args) -> SparseRule:
             cells, last = [], 0
             for m in (1, 2, 4, 8, 16, 32, 64, 128):
                 kernel = time_linears(name, layer, layout, m, args.rows_per_block)["seconds"]
-                materialize = time_linears(name, layer, layout, m, args.rows_per_block, path="materialize")["seconds"]
+                materialize = time_linears(name, layer, layout, m, args.rows_per_block, path="materialize kernel")["seconds"]
                 cells.append(f"M{m}: {kernel * 1e6:.0f}/{materialize * 1e6:.0f}")
                 if kernel < materialize and last == m // 2:
                     last = m
@@ -927,7 +1048,7 @@ def compiled_decode(args, model, swapped: list[str], linears: dict, rows: dict) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("check", "sweep", "full", "smol", "memory", "two-four", "fit", "pdl"),
+    parser.add_argument("phase", choices=("check", "sweep", "full", "smol", "memory", "two-four", "fit", "pdl", "rows"),
                         help="check: the kernels against the reference only (--device cpu: through Triton's "
                              "interpreter, TRITON_INTERPRET=1); two-four: torchao's sm90 rows alone (--two-four "
                              "adds them to full)")
@@ -986,6 +1107,8 @@ def main() -> None:
             table["chain_max_rel_err"] <= CHAIN_TOLERANCE
         if not args.skip_model:
             pdl_model(args, (False, True) if pdl_works else (False,))
+    if args.phase == "rows":
+        rows_phase(args, bandwidth)
     if args.phase == "sweep":
         check_compile()
     if args.phase in ("sweep", "full"):

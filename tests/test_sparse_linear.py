@@ -199,30 +199,35 @@ spec = importlib.util.spec_from_file_location("bench_decode", "benchmarks/bench_
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 torch.manual_seed(0)
-weight = torch.randn(40, 300) * (torch.rand(40, 300) < 0.1)
-worst = 0.0
+weight = torch.randn(72, 300) * (torch.rand(72, 300) < 0.1)
+worst, persistent, cases = 0.0, 0, 0
 for rows in bench.ROWS_PER_BLOCK:
     packed = pack(weight, "col16", rows)
+    blocks = packed.block_ptr.numel() - 1
     for m in (1, 16):
         x = torch.randn(m, 300)
         ref = reference_linear(x, packed, None, accumulate=torch.float64, round_to_input=False)
-        for launch in bench.CANDIDATES[("ell", 1 if m == 1 else 16)]:
+        for launch in bench.ROWS_LAUNCHES[m] + bench.CANDIDATES[("ell", 1 if m == 1 else 16)]:
             y = kernels.kernel_linear(x, packed, None, launch=launch)
             worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
-print("worst", worst, "cases", len(bench.ROWS_PER_BLOCK))
+            persistent += len(launch) > 3 and 0 < launch[3] * kernels._multiprocessors(x.device) < blocks
+            cases += 1
+print("worst", worst, "heights", len(bench.ROWS_PER_BLOCK), "persistent", persistent, "cases", cases)
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton publishes wheels for Linux only (requirements-test.txt)")
 def test_every_launch_and_block_height_the_decode_sweep_times_is_right_in_tritons_interpreter():
-    """bench_decode.py's rows sweep times col16 at every launch of CANDIDATES and every rows per block; each
-    must compute x @ W.T (fp32, the interpreter) before its time means anything."""
+    """bench_decode.py's rows phase times col16 at every launch (persistent grids too: fewer programs than
+    blocks, each taking several) and every rows per block; each must compute x @ W.T (fp32, the
+    interpreter) before its time means anything."""
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", EVERY_LAUNCH_IN_THE_INTERPRETER], cwd=repo, capture_output=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     words = done.stdout.split()
-    assert words[0] == "worst" and float(words[1]) < 1e-5 and int(words[3]) >= 5
+    assert words[0] == "worst" and float(words[1]) < 1e-5 and int(words[3]) >= 6
+    assert int(words[5]) >= 10 and int(words[7]) > int(words[5])  # some launches ran persistent, some not
 
 
 def test_route_sends_few_rows_to_the_kernel_and_many_to_a_dense_temporary():
@@ -409,3 +414,21 @@ def test_the_decode_benchmarks_cost_fit_splits_a_fixed_part_from_the_bytes_rate(
     assert abs(fixed) < 5e-7 and bandwidth == pytest.approx(2.5e12, rel=1e-2)  # bound by its bytes: no fixed part
     assert bench.cost_fit([(b, 4e-4 - b * 1e-13) for b in megabytes]) is None  # slower with fewer bytes: no rate
     assert bench.cost_fit([(85.6e6, 5e-5), (85.6e6, 6e-5)]) is None  # one size: nothing to fit
+
+
+def test_the_rows_phase_chooses_the_block_height_of_the_fastest_one_row_launch_and_its_16_row_launch():
+    """bench_decode.py rows: one layout serves both row counts, so the height is the one whose best M = 1
+    launch is fastest at density 0.1, and M = 16 gets its own best launch at that height; cells that
+    were skipped or failed (strings) are never chosen."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).parents[1] / "benchmarks" /
+                                                  "bench_decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table = {"0.1 M 1": {"(256, 4)": {8: 51.8, 16: 49.0, 32: "skipped"}, "(256, 4, False, 4)": {8: 47.5, 16: 50.0}},
+             "0.1 M 16": {"(64, 2)": {8: 160.0, 16: 150.0}, "(64, 2, False, 2)": {8: 158.0, 16: "OutOfResources"}},
+             "0.002 M 1": {"(256, 4)": {1: 1.0}}}  # the floor's cells choose nothing
+    assert bench.best_rows(table) == {"rows": 8, 1: (256, 4, False, 4), 16: (64, 2, False, 2)}
+    table["0.1 M 16"] = {"(64, 2)": {16: 150.0}}  # no M = 16 cell at 8 rows: the best height that has both
+    assert bench.best_rows(table) == {"rows": 16, 1: (256, 4), 16: (64, 2)}
+    assert bench.best_rows({"0.1 M 1": {"(256, 4)": {8: "skipped"}}}) is None

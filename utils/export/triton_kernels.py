@@ -19,8 +19,9 @@ import triton.language as tl
 from utils.export.sparse_layout import BITMASK_CHUNK, ENCODINGS, EllMatrix
 
 # Launch parameters by kernel and rows per call (1, or up to 16 a program); measured on the H200
-# (bench_decode.py): "ell": (BLOCK_P slots a row per step, num_warps[, spread]); "bitmask": (ROWS a
-# program, num_warps, num_stages). ELL tiles have the layout's rows_per_block rows. The ELL entries are
+# (bench_decode.py): "ell": (BLOCK_P slots a row per step, num_warps[, spread[, programs per SM]]: spread
+# runs ell_matvec; programs per SM 0 = one program a row block); "bitmask": (ROWS a program, num_warps,
+# num_stages). ELL tiles have the layout's rows_per_block rows. The ELL entries are
 # the sweep's best (H200, docs/benchmark-log.md); spread (ell_matvec) and the bitmask entries are untimed.
 LAUNCH = {("ell", 1): (256, 4, False), ("ell", 16): (64, 2), ("bitmask", 1): (8, 4, 2), ("bitmask", 16): (32, 4, 2)}
 
@@ -60,10 +61,12 @@ def ell_matvec(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, N, 
     tl.store(y_ptr + out_row, total.to(y_ptr.dtype.element_ty), mask=out_row < N)
 
 @triton.jit
-def ell_matmul(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, N,
+def ell_matmul(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, N, BLOCKS,
                ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, ENCODING: tl.constexpr,
-               HAS_BIAS: tl.constexpr, EVEN_M: tl.constexpr, GDC: tl.constexpr):
+               HAS_BIAS: tl.constexpr, EVEN_M: tl.constexpr, GDC: tl.constexpr, PERSISTENT: tl.constexpr):
     # x_ptr: (K, M) = x transposed, so the M inputs of one column are one contiguous gather.
+    # PERSISTENT: fewer programs than row blocks (the launch's programs per SM), each taking every
+    # num_programs-th block: fewer programs to start and retire for the same bytes; otherwise one a block.
     # GDC (launched with launch_pdl, Hopper on): programmatic dependent launch. The next kernel may start
     # at once, and this one reads its weights (never written by a kernel) before it waits for the one
     # before it: the waits come before the first read of x and the store of y, which are the only memory
@@ -72,8 +75,21 @@ def ell_matmul(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, 
     # bench_decode.py's check_pdl_chain tests it on the device) and while no kernel writes the weights.
     if GDC:
         tl.extra.cuda.gdc_launch_dependents()
-    block = tl.program_id(0)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PERSISTENT:
+        for block in range(tl.program_id(0), BLOCKS, tl.num_programs(0)):
+            _ell_block(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, N, block, m,
+                       ROWS, BLOCK_P, BLOCK_M, ENCODING, HAS_BIAS, EVEN_M, GDC)
+    else:
+        _ell_block(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, N, tl.program_id(0), m,
+                   ROWS, BLOCK_P, BLOCK_M, ENCODING, HAS_BIAS, EVEN_M, GDC)
+
+
+@triton.jit
+def _ell_block(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, N, block, m,
+               ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, ENCODING: tl.constexpr,
+               HAS_BIAS: tl.constexpr, EVEN_M: tl.constexpr, GDC: tl.constexpr):
+    # ell_matmul's work on one block of ROWS rows, for the inputs m (inlined by Triton)
     start = tl.multiple_of(tl.load(block_ptr_ptr + block).to(tl.int64), 8)
     end = tl.load(block_ptr_ptr + block + 1).to(tl.int64)
     width = tl.multiple_of(((end - start) // ROWS).to(tl.int32), 8)
@@ -121,10 +137,15 @@ def ell_matmul(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, 
     tl.store(y_ptr + m[None, :] * N + out_row[:, None], total.to(y_ptr.dtype.element_ty),
              mask=(out_row < N)[:, None] & (m < M)[None, :])
 
+
+globals()["_ell_block"] = _ell_block  # a jitted function calls helpers through its module's globals
+
 @triton.jit
 def ell_scatter(values_ptr, index_ptr, block_ptr_ptr, out_ptr, N, K,
-                ROWS: tl.constexpr, BLOCK_P: tl.constexpr, ENCODING: tl.constexpr):
-    # out_ptr: a zeroed (N, K) matrix; every kept slot is written to its row and column
+                ROWS: tl.constexpr, BLOCK_P: tl.constexpr, ENCODING: tl.constexpr, ZERO: tl.constexpr):
+    # out_ptr: an (N, K) matrix; every kept slot is written to its row and column. ZERO: the program
+    # first zeroes its block's rows itself (out_ptr uninitialized), while they are still in the L2 when
+    # the kept values land on them; otherwise out_ptr comes zeroed.
     block = tl.program_id(0)
     start = tl.multiple_of(tl.load(block_ptr_ptr + block).to(tl.int64), 8)
     end = tl.load(block_ptr_ptr + block + 1).to(tl.int64)
@@ -133,6 +154,13 @@ def ell_scatter(values_ptr, index_ptr, block_ptr_ptr, out_ptr, N, K,
     slot = tl.arange(0, BLOCK_P)
     row_ptr = start + row.to(tl.int64)[:, None] * width
     out_row = (block * ROWS + row).to(tl.int64)
+    if ZERO:
+        span = tl.arange(0, 8 * BLOCK_P)
+        for k in range(0, K, 8 * BLOCK_P):
+            tl.store(out_ptr + out_row[:, None] * K + (k + span)[None, :],
+                     tl.zeros((ROWS, 8 * BLOCK_P), dtype=out_ptr.dtype.element_ty),
+                     mask=(out_row < N)[:, None] & (k + span < K)[None, :])
+        tl.debug_barrier()  # the block's zeros are written before any of its threads writes a kept value
     column = tl.zeros((ROWS,), dtype=tl.int32)
     for p in range(0, width, BLOCK_P):
         inside = (p + slot)[None, :] < width
@@ -260,34 +288,51 @@ def kernel_linear(x2: torch.Tensor, packed: EllMatrix, bias: torch.Tensor | None
                              DOT_FP32=not _compiled() or packed.values.dtype == torch.float32
                              or x2.dtype != packed.values.dtype,
                              num_warps=warps, num_stages=stages)
-    elif m == 1 and launch[2:] == (True,):
-        block_p, warps = launch[:2]
-        ell_matvec[(packed.block_ptr.numel() - 1,)](
+        return y
+    block_p, warps, spread, per_sm = (*launch, False, 0)[:4]
+    blocks = packed.block_ptr.numel() - 1
+    if m == 1 and spread:
+        ell_matvec[(blocks,)](
             xt, packed.values, packed.index, packed.block_ptr, bias_ptr, y, rows, 1, ROWS=packed.rows_per_block,
             BLOCK_P=block_p, ENCODING=ENCODINGS[packed.encoding], HAS_BIAS=bias is not None, num_warps=warps)
-    else:
-        block_p, warps = launch[:2]
-        grid = (packed.block_ptr.numel() - 1, triton.cdiv(m, block_m))
-        pdl = {"launch_pdl": True} if _pdl(x2.device) else {}  # the keyword only where the kernel is compiled with it
-        ell_matmul[grid](xt, packed.values, packed.index, packed.block_ptr, bias_ptr, y, m, rows,
-                         ROWS=packed.rows_per_block, BLOCK_P=block_p, BLOCK_M=block_m,
-                         ENCODING=ENCODINGS[packed.encoding], HAS_BIAS=bias is not None,
-                         EVEN_M=m % block_m == 0, GDC=bool(pdl), num_warps=warps, **pdl)
+        return y
+    programs = min(blocks, per_sm * _multiprocessors(x2.device)) if per_sm else blocks
+    pdl = {"launch_pdl": True} if _pdl(x2.device) else {}  # the keyword only where the kernel is compiled with it
+    ell_matmul[(programs, triton.cdiv(m, block_m))](
+        xt, packed.values, packed.index, packed.block_ptr, bias_ptr, y, m, rows, blocks,
+        ROWS=packed.rows_per_block, BLOCK_P=block_p, BLOCK_M=block_m, ENCODING=ENCODINGS[packed.encoding],
+        HAS_BIAS=bias is not None, EVEN_M=m % block_m == 0, GDC=bool(pdl), PERSISTENT=programs < blocks,
+        num_warps=warps, **pdl)
     return y
 
 
-def kernel_unpack(packed: EllMatrix) -> torch.Tensor:
-    """The dense matrix of a CUDA EllMatrix through one kernel (ELL: a zeroed temporary and a scatter)."""
+def _multiprocessors(device: torch.device) -> int:
+    """The SMs of a CUDA device; 1 in Triton's interpreter (few programs, so that each takes several blocks)."""
+    return _sm_count(device.index) if device.type == "cuda" else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def kernel_unpack(packed: EllMatrix, zeroed_by: str = "kernel", out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense matrix of a CUDA EllMatrix through one kernel, into `out` where given (whatever it
+    holds). ELL: its programs zero their rows and scatter the kept values into them; zeroed_by="torch"
+    zeroes the whole temporary first instead (the first way, kept for bench_decode.py's comparison)."""
     rows, cols = packed.shape
     if packed.encoding == "bitmask":
-        dense = torch.empty(rows, cols, dtype=packed.values.dtype, device=packed.values.device)
+        dense = out if out is not None else torch.empty(rows, cols, dtype=packed.values.dtype,
+                                                        device=packed.values.device)
         bitmask_matmul[(triton.cdiv(rows, 16), 1)](
             packed.values, packed.values, packed.index, packed.block_ptr, packed.values, dense, 1, rows, cols,
             packed.index.numel() // rows, ROWS=16, BLOCK_M=1, CHUNK=BITMASK_CHUNK, HAS_BIAS=False, DENSE_OUT=True,
             NATIVE=_compiled(), DOT_FP32=True, num_warps=4)
         return dense
-    dense = torch.zeros(rows, cols, dtype=packed.values.dtype, device=packed.values.device)
+    dense = out if out is not None else torch.empty(rows, cols, dtype=packed.values.dtype, device=packed.values.device)
+    if zeroed_by == "torch":
+        dense.zero_()
     ell_scatter[(packed.block_ptr.numel() - 1,)](
         packed.values, packed.index, packed.block_ptr, dense, rows, cols, ROWS=packed.rows_per_block,
-        BLOCK_P=64, ENCODING=ENCODINGS[packed.encoding], num_warps=4)
+        BLOCK_P=64, ENCODING=ENCODINGS[packed.encoding], ZERO=zeroed_by != "torch", num_warps=4)
     return dense
