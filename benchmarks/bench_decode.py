@@ -242,11 +242,11 @@ def build_layer(name: str, density: float, seed: int = 0) -> list[tuple[torch.Te
 
 
 @torch.no_grad()
-def time_linears(name: str, layer, layout: str, m: int, rows_per_block: int = 8, launch=None,
-                 path: str = "kernel", columns: str = "real") -> dict:
-    """Per-layer seconds of the six linears at M rows; layout 'dense' or an encoding; `path` "kernel" or the
-    dense temporary + cuBLAS, "materialize kernel" (the scatter zeroes it) or "materialize torch" (torch.zeros
-    first); `columns`: the packed columns as they are, or replaced (`with_columns`, the gathers diagnostic)."""
+def time_linears(name: str, layer, layout: str, m: int, rows_per_block: int = SparseRule().rows_per_block,
+                 launch=None, path: str = "kernel", columns: str = "real") -> dict:
+    """Per-layer seconds of the six linears at M rows; layout 'dense' or an encoding; `path` "kernel" or
+    "materialize" (the dense temporary + cuBLAS); `columns`: the packed columns as they are, or replaced
+    (`with_columns`, the gathers diagnostic)."""
     copies = COPIES[name]
     inputs = [torch.randn(m, w.shape[1], device=DEVICE).bfloat16() for w, _ in layer]
     if layout == "dense":
@@ -268,8 +268,8 @@ def time_linears(name: str, layer, layout: str, m: int, rows_per_block: int = 8,
                 for (p, b), x in zip(copy, inputs):
                     if path == "kernel":
                         _kernels().kernel_linear(x, p, b, launch=launch)
-                    else:  # "materialize": the kernel zeroes the temporary, or "materialize torch": torch does
-                        F.linear(x, _kernels().kernel_unpack(p, zeroed_by=path.split()[-1]), b)
+                    else:
+                        F.linear(x, _kernels().kernel_unpack(p), b)
     seconds = graph_seconds(run) / copies
     return {"seconds": seconds, "bytes": nbytes, "bandwidth": nbytes / seconds}
 
@@ -328,8 +328,8 @@ def rows_phase(args, bandwidth: float) -> None:
     density 0.1 from 4x. col16 on the opt-6.7b layer at every ROWS_LAUNCHES launch and every rows per
     block, at density 0.1 and at 0.002 (the floor: the programs and their dependent loads are all that
     is left), M = 1 and 16; then the block height whose best M = 1 launch is fastest at 0.1 against the
-    default (8 rows, LAUNCH): both fitted over densities (fixed part + bandwidth), and the whole model's
-    decode step with each. Into RESULTS["rows"], kept after every line."""
+    default (SparseRule's rows per block, LAUNCH): both fitted over densities (fixed part + bandwidth),
+    and the whole model's decode step with each. Into RESULTS["rows"], kept after every line."""
     name = "opt-6.7b"
     table = RESULTS.setdefault("rows", {})
     table["check_max_rel_err"] = error = check_launches()
@@ -342,7 +342,7 @@ def rows_phase(args, bandwidth: float) -> None:
             table[f"{label} M {m}"] = rows_sweep(name, label, layer, m, ROWS_LAUNCHES[m])
             keep(args.phase)
     chosen = best_rows(table)
-    default = {"rows": 8, 1: tuple(_kernels().LAUNCH[("ell", 1)]), 16: tuple(_kernels().LAUNCH[("ell", 16)])}
+    default = {"rows": SparseRule().rows_per_block, **{m: tuple(_kernels().LAUNCH[("ell", m)]) for m in (1, 16)}}
     table["chosen"], table["default"] = chosen, default
     log(f"chosen: {chosen}; default: {default}")
     if chosen is None:
@@ -359,22 +359,7 @@ def rows_phase(args, bandwidth: float) -> None:
             + (f"; fixed {fit[0] * 1e6:.1f} µs a layer + {fit[1] / 1e9:,.0f} GB/s ({fit[1] / bandwidth:.0%} of copy)"
                if fit else ""))
         keep(args.phase)
-    materialize_cells(args, name, layers["0.1"], table)
     rows_model(args, name, {"default": default, "chosen": chosen}, table)
-
-
-def materialize_cells(args, name: str, layer, table: dict) -> None:
-    """The dense temporary (prefill's path) at 16 and 2048 rows, density 0.1: its rows zeroed by the
-    scatter's own programs against torch.zeros first, µs per layer against dense cuBLAS."""
-    dense_layer = build_layer(name, 1.0)
-    for m in (16, 2048):
-        dense = time_linears(name, dense_layer, "dense", m)["seconds"]
-        cells = {path: time_linears(name, layer, "col16", m, 8, path=path)["seconds"]
-                 for path in ("materialize kernel", "materialize torch")}
-        table[f"materialize M {m}"] = {"dense": dense, **cells}
-        log(f"dense temporary + cuBLAS, density 0.1, M {m}: dense {dense * 1e6:.1f} µs; "
-            + ", ".join(f"{path} {t * 1e6:.1f} µs ({dense / t:.2f}x)" for path, t in cells.items()))
-        keep(args.phase)
 
 
 def check_launches() -> float:
@@ -391,7 +376,8 @@ def check_launches() -> float:
             ref = reference_linear(x, packed, None, accumulate=torch.float64, round_to_input=False)
             for launch in launches:
                 try:
-                    worst = max(worst, relative_errors(_kernels().kernel_linear(x, packed, None, launch=launch), ref)[0])
+                    y = _kernels().kernel_linear(x, packed, None, launch=launch)
+                    worst = max(worst, relative_errors(y, ref)[0])
                 except Exception as error:  # noqa: BLE001 - the sweep records it as the cell's error
                     log(f"  {rows} rows per block, M {m}, {launch}: {type(error).__name__}")
     return worst
@@ -510,7 +496,7 @@ def linears_table(args, bandwidth: float) -> dict:
             layer = build_layer(name, density)
             for layout in ("dense",) if density == 1.0 else LAYOUTS:
                 cells = {m: time_linears(name, layer, layout, m, args.rows_per_block) for m in (1, 16)}
-                prefill = time_linears(name, layer, layout, 2048, args.rows_per_block, path="materialize kernel")
+                prefill = time_linears(name, layer, layout, 2048, args.rows_per_block, path="materialize")
                 if layout == "dense":
                     reference = {1: cells[1]["seconds"], 16: cells[16]["seconds"], 2048: prefill["seconds"]}
                 row = {"mb": cells[1]["bytes"] / 1e6, **{m: c["seconds"] for m, c in cells.items()},
@@ -622,7 +608,7 @@ def break_even(args) -> SparseRule:
             cells, last = [], 0
             for m in (1, 2, 4, 8, 16, 32, 64, 128):
                 kernel = time_linears(name, layer, layout, m, args.rows_per_block)["seconds"]
-                materialize = time_linears(name, layer, layout, m, args.rows_per_block, path="materialize kernel")["seconds"]
+                materialize = time_linears(name, layer, layout, m, args.rows_per_block, path="materialize")["seconds"]
                 cells.append(f"M{m}: {kernel * 1e6:.0f}/{materialize * 1e6:.0f}")
                 if kernel < materialize and last == m // 2:
                     last = m
@@ -1055,7 +1041,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="memory and smol run on the CPU too")
     parser.add_argument("--shapes", default="opt-1.3b,opt-6.7b")
     parser.add_argument("--ell", default="col16", choices=("delta8", "col16"), help="the ELL encoding of the rule")
-    parser.add_argument("--rows-per-block", type=int, default=8)
+    parser.add_argument("--rows-per-block", type=int, default=SparseRule().rows_per_block)
     parser.add_argument("--smol", help="a compressed export folder, or the SmolLM2 GGUF (pruned here by magnitude): "
                                        "perplexity of sparse against dense kernels")
     parser.add_argument("--text", help="text for the perplexity")

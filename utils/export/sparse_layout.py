@@ -61,6 +61,9 @@ class SparseRule:
         16 rows: 163 against 565 µs at 0.1, 614 against 946 at 0.5); 16 is the smaller. (cuBLAS on a
         dense copy, 130 µs at 16 rows, would win there: SparseLinear holds none, to keep the memory.)
     ell_encoding: the ELL index ("col16" measured faster than "delta8" at every point timed).
+    rows_per_block: the ELL block height (rows a program takes, padded to the longest of them). Measured on
+        an H100 (bench_decode.py rows): opt-6.7b's layer at 0.1 takes 55.3 µs at 2 rows against 58.1 at 8
+        with one row (the launches of LAUNCH), 136.4 against 161.0 µs with 16 rows; 1 row is slower (72.4).
     stack_siblings: stack linears that read the same input (q, k, v; gate, up) into one matrix, one
         kernel call (utils/export/siblings.py). Off: on an H100 it takes opt-6.7b's six linears at 0.1
         from 58.0 to 53.1 µs and the whole eager decode step from 298 to 313 tokens/s (+5%); under
@@ -74,7 +77,7 @@ class SparseRule:
     max_rows: int = 16
     ell_encoding: str = "col16"
     bitmask_above: Optional[float] = None
-    rows_per_block: int = 8
+    rows_per_block: int = 2
     stack_siblings: bool = False
 
     def __post_init__(self):

@@ -142,10 +142,8 @@ globals()["_ell_block"] = _ell_block  # a jitted function calls helpers through 
 
 @triton.jit
 def ell_scatter(values_ptr, index_ptr, block_ptr_ptr, out_ptr, N, K,
-                ROWS: tl.constexpr, BLOCK_P: tl.constexpr, ENCODING: tl.constexpr, ZERO: tl.constexpr):
-    # out_ptr: an (N, K) matrix; every kept slot is written to its row and column. ZERO: the program
-    # first zeroes its block's rows itself (out_ptr uninitialized), while they are still in the L2 when
-    # the kept values land on them; otherwise out_ptr comes zeroed.
+                ROWS: tl.constexpr, BLOCK_P: tl.constexpr, ENCODING: tl.constexpr):
+    # out_ptr: a zeroed (N, K) matrix; every kept slot is written to its row and column
     block = tl.program_id(0)
     start = tl.multiple_of(tl.load(block_ptr_ptr + block).to(tl.int64), 8)
     end = tl.load(block_ptr_ptr + block + 1).to(tl.int64)
@@ -154,13 +152,6 @@ def ell_scatter(values_ptr, index_ptr, block_ptr_ptr, out_ptr, N, K,
     slot = tl.arange(0, BLOCK_P)
     row_ptr = start + row.to(tl.int64)[:, None] * width
     out_row = (block * ROWS + row).to(tl.int64)
-    if ZERO:
-        span = tl.arange(0, 8 * BLOCK_P)
-        for k in range(0, K, 8 * BLOCK_P):
-            tl.store(out_ptr + out_row[:, None] * K + (k + span)[None, :],
-                     tl.zeros((ROWS, 8 * BLOCK_P), dtype=out_ptr.dtype.element_ty),
-                     mask=(out_row < N)[:, None] & (k + span < K)[None, :])
-        tl.debug_barrier()  # the block's zeros are written before any of its threads writes a kept value
     column = tl.zeros((ROWS,), dtype=tl.int32)
     for p in range(0, width, BLOCK_P):
         inside = (p + slot)[None, :] < width
@@ -316,10 +307,9 @@ def _sm_count(index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def kernel_unpack(packed: EllMatrix, zeroed_by: str = "kernel", out: torch.Tensor | None = None) -> torch.Tensor:
-    """The dense matrix of a CUDA EllMatrix through one kernel, into `out` where given (whatever it
-    holds). ELL: its programs zero their rows and scatter the kept values into them; zeroed_by="torch"
-    zeroes the whole temporary first instead (the first way, kept for bench_decode.py's comparison)."""
+def kernel_unpack(packed: EllMatrix, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense matrix of a CUDA EllMatrix through one kernel (ELL: a zeroed temporary and a scatter),
+    into `out` where given (whatever it holds)."""
     rows, cols = packed.shape
     if packed.encoding == "bitmask":
         dense = out if out is not None else torch.empty(rows, cols, dtype=packed.values.dtype,
@@ -329,10 +319,9 @@ def kernel_unpack(packed: EllMatrix, zeroed_by: str = "kernel", out: torch.Tenso
             packed.index.numel() // rows, ROWS=16, BLOCK_M=1, CHUNK=BITMASK_CHUNK, HAS_BIAS=False, DENSE_OUT=True,
             NATIVE=_compiled(), DOT_FP32=True, num_warps=4)
         return dense
-    dense = out if out is not None else torch.empty(rows, cols, dtype=packed.values.dtype, device=packed.values.device)
-    if zeroed_by == "torch":
-        dense.zero_()
+    dense = out.zero_() if out is not None else torch.zeros(rows, cols, dtype=packed.values.dtype,
+                                                              device=packed.values.device)
     ell_scatter[(packed.block_ptr.numel() - 1,)](
         packed.values, packed.index, packed.block_ptr, dense, rows, cols, ROWS=packed.rows_per_block,
-        BLOCK_P=64, ENCODING=ENCODINGS[packed.encoding], ZERO=zeroed_by != "torch", num_warps=4)
+        BLOCK_P=64, ENCODING=ENCODINGS[packed.encoding], num_warps=4)
     return dense
