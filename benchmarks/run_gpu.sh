@@ -182,10 +182,11 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
 # about 100 passes over its text there). One lease: SEED=0 and SEED=1 detach "measured-valid@0.1 measured-lr2x@0.1"
 # (four runs). Another: at 0.3, more, smaller stages and gradual with wanda updates, as 1-epoch screens beside the
 # row's: OUT=/tmp/res DETACHED=sweep detach "measured@0.3 measured-stages6@0.3 measured-gradual@0.3"; the better
-# of those two then runs at seeds 0 and 1 (the row's own screen is the baseline, never chosen). Issue 24, before the
-# runs with the GPU to itself: timeout 300 python3 benchmarks/bench_decode.py sweep (the kernel checks, then every
-# col16 launch at every rows per block, 1 to 16, at densities 0.1 and 0.002: whether a lower block, with less
-# padding and more programs, lowers the per-call floor; not yet run).
+# of those two then runs at seeds 0 and 1 (the row's own screen is the baseline, never chosen).
+# Issue 24's block heights (4c1121e) ran on an H100 with no staging (random OPT weights need no model or wheel):
+# call 1 `python3 benchmarks/bench_decode.py rows` (132 s), call 2 `pdl --model-only --compile-model --shapes
+# opt-6.7b` (132 s). Next, with the 2-row default, one call: that `pdl` call, then `fit --rows-per-block 2` and
+# `fit --rows-per-block 8` (about 230 s), on an H200 where one comes; then `full` (about 350 s).
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the âˆšbatch rule).
