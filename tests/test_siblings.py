@@ -90,7 +90,8 @@ def test_siblings_that_do_not_stack_stay_as_they_are():
     attention.v_proj = SparseLinear.from_linear(nn.Linear(96, 32, bias=False))  # no bias where the others have one
     assert stack_siblings(attention) == [] and type(attention.q_proj) is SparseLinear
     mlp = nn.Module()
-    mlp.gate_proj, mlp.up_proj = (SparseLinear.from_linear(nn.Linear(64, 12)) for _ in range(2))  # 12 rows
+    rows = 3 * SparseRule().rows_per_block + 1  # not whole blocks of the layout: the rows cannot be split back
+    mlp.gate_proj, mlp.up_proj = (SparseLinear.from_linear(nn.Linear(64, rows)) for _ in range(2))
     assert stack_siblings(mlp) == []
 
 

@@ -198,21 +198,36 @@ from utils.export.sparse_layout import pack, reference_linear
 spec = importlib.util.spec_from_file_location("bench_decode", "benchmarks/bench_decode.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
+launched = []  # (programs, blocks, PERSISTENT) of every ell_matmul launch, as the kernel was asked for it
+
+
+class Counted:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            launched.append((grid[0], args[8], kwargs["PERSISTENT"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+kernels.ell_matmul = Counted(kernels.ell_matmul)
 torch.manual_seed(0)
 weight = torch.randn(72, 300) * (torch.rand(72, 300) < 0.1)
-worst, persistent, cases = 0.0, 0, 0
+worst, cases = 0.0, 0
 for rows in bench.ROWS_PER_BLOCK:
     packed = pack(weight, "col16", rows)
-    blocks = packed.block_ptr.numel() - 1
-    for m in (1, 16):
+    for m in (1, 3, 16):
         x = torch.randn(m, 300)
         ref = reference_linear(x, packed, None, accumulate=torch.float64, round_to_input=False)
-        for launch in bench.ROWS_LAUNCHES[m] + bench.CANDIDATES[("ell", 1 if m == 1 else 16)]:
+        for launch in bench.ROWS_LAUNCHES[1 if m == 1 else 16] + bench.CANDIDATES[("ell", 1 if m == 1 else 16)]:
             y = kernels.kernel_linear(x, packed, None, launch=launch)
             worst = max(worst, ((y.double() - ref).abs().max() / ref.abs().max()).item())
-            persistent += len(launch) > 3 and 0 < launch[3] * kernels._multiprocessors(x.device) < blocks
             cases += 1
-print("worst", worst, "heights", len(bench.ROWS_PER_BLOCK), "persistent", persistent, "cases", cases)
+persistent = sum(1 for programs, blocks, flag in launched if flag and programs < blocks)
+wrong = sum(1 for programs, blocks, flag in launched if flag != (programs < blocks))
+print("worst", worst, "heights", len(bench.ROWS_PER_BLOCK), "persistent", persistent, "cases", cases, "wrong", wrong)
 """
 
 
@@ -228,6 +243,7 @@ def test_every_launch_and_block_height_the_decode_sweep_times_is_right_in_triton
     words = done.stdout.split()
     assert words[0] == "worst" and float(words[1]) < 1e-5 and int(words[3]) >= 6
     assert int(words[5]) >= 10 and int(words[7]) > int(words[5])  # some launches ran persistent, some not
+    assert words[8:] == ["wrong", "0"]  # a grid of fewer programs than blocks, and only then, is persistent
 
 
 def test_route_sends_few_rows_to_the_kernel_and_many_to_a_dense_temporary():

@@ -61,9 +61,10 @@ class SparseRule:
         16 rows: 163 against 565 µs at 0.1, 614 against 946 at 0.5); 16 is the smaller. (cuBLAS on a
         dense copy, 130 µs at 16 rows, would win there: SparseLinear holds none, to keep the memory.)
     ell_encoding: the ELL index ("col16" measured faster than "delta8" at every point timed).
-    rows_per_block: the ELL block height (rows a program takes, padded to the longest of them). Measured on
-        an H100 (bench_decode.py rows): opt-6.7b's layer at 0.1 takes 55.3 µs at 2 rows against 58.1 at 8
-        with one row (the launches of LAUNCH), 136.4 against 161.0 µs with 16 rows; 1 row is slower (72.4).
+    rows_per_block: the ELL block height (rows of W a program takes, each padded to the longest of them).
+        Measured on an H100 (bench_decode.py rows, the opt-6.7b layer at density 0.1): 55.3 µs at 2 against
+        58.1 at 8 for one row of x, 136.4 against 161.0 µs for 16; a height of 1 is slower (72.4). Where
+        a layer holds almost no bytes (density 0.002) 2 is slower than 8 (25.6 against 20.1 µs).
     stack_siblings: stack linears that read the same input (q, k, v; gate, up) into one matrix, one
         kernel call (utils/export/siblings.py). Off: on an H100 it takes opt-6.7b's six linears at 0.1
         from 58.0 to 53.1 µs and the whole eager decode step from 298 to 313 tokens/s (+5%); under
@@ -132,7 +133,7 @@ class EllMatrix:
 
 # --------------------------------------------------------------------------- the layout
 
-def pack(weight: torch.Tensor, encoding: str = "col16", rows_per_block: int = 8) -> EllMatrix:
+def pack(weight: torch.Tensor, encoding: str = "col16", rows_per_block: int = SparseRule.rows_per_block) -> EllMatrix:
     """A 2-D weight (dense, with its pruned entries zero) → EllMatrix, on the weight's device."""
     if weight.ndim != 2:
         raise ValueError(f"pack takes a 2-D weight, not shape {tuple(weight.shape)}")
@@ -141,7 +142,7 @@ def pack(weight: torch.Tensor, encoding: str = "col16", rows_per_block: int = 8)
 
 
 def pack_parts(values: torch.Tensor, mask: torch.Tensor, encoding: str = "col16",
-               rows_per_block: int = 8) -> EllMatrix:
+               rows_per_block: int = SparseRule.rows_per_block) -> EllMatrix:
     """The kept values in row-major order and the (rows, cols) bool mask (the bitmask export's
     `NAME.compressed` and unpacked `NAME.bitmask`) → EllMatrix, without a dense matrix."""
     if encoding not in ENCODINGS:

@@ -18,11 +18,12 @@ import triton.language as tl
 
 from utils.export.sparse_layout import BITMASK_CHUNK, ENCODINGS, EllMatrix
 
-# Launch parameters by kernel and rows per call (1, or up to 16 a program); measured on the H200
-# (bench_decode.py): "ell": (BLOCK_P slots a row per step, num_warps[, spread[, programs per SM]]: spread
-# runs ell_matvec; programs per SM 0 = one program a row block); "bitmask": (ROWS a program, num_warps,
-# num_stages). ELL tiles have the layout's rows_per_block rows. The ELL entries are
-# the sweep's best (H200, docs/benchmark-log.md); spread (ell_matvec) and the bitmask entries are untimed.
+# Launch parameters by kernel and rows of x per call (1, or up to 16 a program), from bench_decode.py:
+# "ell": (BLOCK_P slots a row per step, num_warps[, spread[, programs per SM]]): spread runs ell_matvec;
+# programs per SM 0 is one program a row block, and so is a grid (programs per SM × SMs) that would reach
+# the blocks. ELL tiles have the layout's rows_per_block rows. The ELL entries are the H200 sweep's best at
+# 8 rows a block (docs/benchmark-log.md); at 2 (SparseRule's now) they were the best on an H100 too.
+# "bitmask": (ROWS a program, num_warps, num_stages); spread (ell_matvec) and the bitmask entries are untimed.
 LAUNCH = {("ell", 1): (256, 4, False), ("ell", 16): (64, 2), ("bitmask", 1): (8, 4, 2), ("bitmask", 16): (32, 4, 2)}
 
 
@@ -60,13 +61,14 @@ def ell_matvec(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, N, 
         total += tl.load(bias_ptr + out_row, mask=out_row < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + out_row, total.to(y_ptr.dtype.element_ty), mask=out_row < N)
 
-@triton.jit
+@triton.jit(do_not_specialize=["BLOCKS"])
 def ell_matmul(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, N, BLOCKS,
                ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, ENCODING: tl.constexpr,
                HAS_BIAS: tl.constexpr, EVEN_M: tl.constexpr, GDC: tl.constexpr, PERSISTENT: tl.constexpr):
     # x_ptr: (K, M) = x transposed, so the M inputs of one column are one contiguous gather.
     # PERSISTENT: fewer programs than row blocks (the launch's programs per SM), each taking every
     # num_programs-th block: fewer programs to start and retire for the same bytes; otherwise one a block.
+    # (Persistent with GDC has not run on a GPU: bench_decode.py times PDL with LAUNCH's grids only.)
     # GDC (launched with launch_pdl, Hopper on): programmatic dependent launch. The next kernel may start
     # at once, and this one reads its weights (never written by a kernel) before it waits for the one
     # before it: the waits come before the first read of x and the store of y, which are the only memory
@@ -137,8 +139,6 @@ def _ell_block(x_ptr, values_ptr, index_ptr, block_ptr_ptr, bias_ptr, y_ptr, M, 
     tl.store(y_ptr + m[None, :] * N + out_row[:, None], total.to(y_ptr.dtype.element_ty),
              mask=(out_row < N)[:, None] & (m < M)[None, :])
 
-
-globals()["_ell_block"] = _ell_block  # a jitted function calls helpers through its module's globals
 
 @triton.jit
 def ell_scatter(values_ptr, index_ptr, block_ptr_ptr, out_ptr, N, K,
@@ -298,7 +298,8 @@ def kernel_linear(x2: torch.Tensor, packed: EllMatrix, bias: torch.Tensor | None
 
 
 def _multiprocessors(device: torch.device) -> int:
-    """The SMs of a CUDA device; 1 in Triton's interpreter (few programs, so that each takes several blocks)."""
+    """The SMs of a CUDA device; 1 for a CPU tensor in Triton's interpreter (so that a persistent launch's
+    few programs each take several blocks)."""
     return _sm_count(device.index) if device.type == "cuda" else 1
 
 
@@ -309,7 +310,11 @@ def _sm_count(index: int | None) -> int:
 
 def kernel_unpack(packed: EllMatrix, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense matrix of a CUDA EllMatrix through one kernel (ELL: a zeroed temporary and a scatter),
-    into `out` where given (whatever it holds)."""
+    into `out` where given: a contiguous matrix of the shape and dtype, whatever it holds."""
+    if out is not None and (tuple(out.shape) != tuple(packed.shape) or out.dtype != packed.values.dtype
+                            or not out.is_contiguous() or out.device != packed.values.device):
+        raise ValueError(f"out must be a contiguous {tuple(packed.shape)} {packed.values.dtype} matrix on "
+                         f"{packed.values.device}, not {tuple(out.shape)} {out.dtype} on {out.device}")
     rows, cols = packed.shape
     if packed.encoding == "bitmask":
         dense = out if out is not None else torch.empty(rows, cols, dtype=packed.values.dtype,
