@@ -63,8 +63,10 @@ class SparseRule:
     ell_encoding: the ELL index ("col16" measured faster than "delta8" at every point timed).
     rows_per_block: the ELL block height (rows of W a program takes, each padded to the longest of them).
         Measured on an H100 (bench_decode.py rows, the opt-6.7b layer at density 0.1): 55.3 µs at 2 against
-        58.1 at 8 for one row of x, 136.4 against 161.0 µs for 16; a height of 1 is slower (72.4). Where
-        a layer holds almost no bytes (density 0.002) 2 is slower than 8 (25.6 against 20.1 µs).
+        58.1 at 8 for one row of x, 136.4 against 161.0 µs for 16; a height of 1 is slower (72.4). Fitted
+        over densities (bench_decode.py fit): the bytes stream faster at 2 (90% of copy against 84%) and
+        a call's floor is higher (fc1's 16384 rows: 7.9 against 4.8 µs), so 2 wins from density 0.05 up
+        (0.5: 175.0 against 184.1 µs) and loses at 0.02 (32.8 against 29.8).
     stack_siblings: stack linears that read the same input (q, k, v; gate, up) into one matrix, one
         kernel call (utils/export/siblings.py). Off: on an H100 it takes opt-6.7b's six linears at 0.1
         from 58.0 to 53.1 µs and the whole eager decode step from 298 to 313 tokens/s (+5%); under
