@@ -186,7 +186,8 @@ declare -A RECIPE=(  # --loss etc. of each recipe; the user's budget (5 epochs Ã
 # Issue 24's block heights (4c1121e) ran on an H100 with no staging (random OPT weights need no model or wheel):
 # call 1 `python3 benchmarks/bench_decode.py rows` (132 s), call 2 `pdl --model-only --compile-model --shapes
 # opt-6.7b` (132 s). With the 2-row default (c02ca29, H100, one call of 212 s): that `pdl` call, then `fit
-# --rows-per-block 2` and `8`. Next, on an H200 where one comes: `full` (about 350 s), then that same call.
+# --rows-per-block 2` and `8` (six calls that found no machine took 871 s of that session's 1,800). Next, on an
+# H200 where one comes: `full` (about 350 s), then that same call.
 # Still missing: the last two epochs of kd-mix-lr6e-4@1.0 (the dense model under KD); the same recipes
 # with --recipe measured (the flags they fill in are these rows', tests/test_recovery.py checks it), and
 # at batch 4 (the user's batch: the same samples at lr 4.2e-4, by the âˆšbatch rule).
