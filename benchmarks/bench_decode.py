@@ -355,9 +355,7 @@ def rows_phase(args, bandwidth: float) -> None:
         return
     dense = time_linears(name, build_layer(name, 1.0), "dense", 1)["seconds"]
     for label, config in (("default", default), ("chosen", chosen)):
-        points = [(cell["bytes"], cell["seconds"]) for cell in
-                  (time_linears(name, build_layer(name, density), "col16", 1, config["rows"], config[1])
-                   for density in (0.5, 0.3, 0.1, 0.05, 0.02))]
+        points = col16_points(name, (0.5, 0.3, 0.1, 0.05, 0.02), config["rows"], config[1])
         fit = cost_fit(points)
         table[f"fit {label}"] = {"points": points, "fit": fit, "dense": dense}
         log(f"{label} M=1 over densities 0.5, 0.3, 0.1, 0.05, 0.02: "
@@ -441,7 +439,7 @@ def rows_model(args, name: str, configs: dict, table: dict) -> None:
     """The whole model's greedy decode step (static KV cache, CUDA graph) at batch 1 and 16: dense, then
     density 0.1 under each config's block height and launches."""
     model = opt_model(name)
-    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith("lm_head")}
+    linears = decoder_linears(model)
     dense = table["model dense"] = {b: b / decode_seconds(model, b) for b in (1, 16)}
     log(f"\n## whole model {name}, one greedy decode step, tokens/s: dense batch 1 {dense[1]:,.0f}, batch 16 "
         f"{dense[16]:,.0f}")
@@ -541,12 +539,11 @@ def fit_table(args, bandwidth: float) -> dict:
     table = {}
     for name in args.shapes:
         dense = time_linears(name, build_layer(name, 1.0), "dense", 1)
-        points = []
-        for density in (0.5, 0.3, 0.2, 0.1, 0.05, 0.02):
-            cell = time_linears(name, build_layer(name, density), "col16", 1, args.rows_per_block)
-            points.append((cell["bytes"], cell["seconds"]))
-            log(f"{name} {density}: {cell['bytes'] / 1e6:.1f} MB {cell['seconds'] * 1e6:.1f} µs "
-                f"({dense['seconds'] / cell['seconds']:.2f}x dense {dense['seconds'] * 1e6:.1f} µs)")
+        densities = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02)
+        points = col16_points(name, densities, args.rows_per_block)
+        for density, (nbytes, seconds) in zip(densities, points):
+            log(f"{name} {density}: {nbytes / 1e6:.1f} MB {seconds * 1e6:.1f} µs "
+                f"({dense['seconds'] / seconds:.2f}x dense {dense['seconds'] * 1e6:.1f} µs)")
         fit = cost_fit(points)
         table[name] = {"dense": dense["seconds"], "points": points, "fit": fit}
         if fit is not None:
@@ -570,6 +567,13 @@ def fit_table(args, bandwidth: float) -> dict:
     table["empty_kernel"] = graph_seconds(lambda: [one.add_(1) for _ in range(8)]) / 8
     log(f"a one-element kernel, for the floor of a graph node: {table['empty_kernel'] * 1e6:.2f} µs")
     return table
+
+
+def col16_points(name: str, densities, rows_per_block: int, launch=None) -> list[tuple[float, float]]:
+    """(bytes, seconds) of the shape's layer in col16 at one row of x, a point a density (cost_fit's input)."""
+    cells = [time_linears(name, build_layer(name, density), "col16", 1, rows_per_block, launch)
+             for density in densities]
+    return [(cell["bytes"], cell["seconds"]) for cell in cells]
 
 
 def cost_fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
@@ -657,6 +661,11 @@ def put_back(model, swapped: list[str], linears: dict) -> None:
         model.set_submodule(name, linears[name])
 
 
+def decoder_linears(model) -> dict:
+    """The model's nn.Linear modules by name, the LM head left out."""
+    return {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith("lm_head")}
+
+
 def weight_bytes(model) -> int:
     seen, total = set(), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
@@ -723,7 +732,7 @@ def model_table(args, rule: SparseRule, bandwidth: float) -> dict:
     rows = {}
     for name in args.shapes:
         model = opt_model(name)
-        linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith("lm_head")}
+        linears = decoder_linears(model)
         ids = torch.randint(0, model.config.vocab_size, (1, 2048), device=DEVICE)
         reference = None
         for density in (1.0, 0.5, 0.3, 0.1):
@@ -992,7 +1001,7 @@ def pdl_model(args, pdl_modes: tuple[bool, ...]) -> dict:
     rows = RESULTS.setdefault("pdl_model", {})
     name = args.shapes[-1]
     model = opt_model(name)
-    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith("lm_head")}
+    linears = decoder_linears(model)
     log(f"\n## whole model {name}, one greedy decode step (static KV cache, CUDA graph), tokens/s")
     rows["dense"] = {b: b / decode_seconds(model, b) for b in (1, 16)}
     log(f"{name} 1.0 cuBLAS: batch 1 {rows['dense'][1]:,.0f}, batch 16 {rows['dense'][16]:,.0f}")

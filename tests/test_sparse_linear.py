@@ -417,13 +417,19 @@ def test_the_librarys_load_compressed_takes_the_kernels_and_the_device(tmp_path)
         extreme_compression.load_compressed(tmp_path / "export", kernels="fast")
 
 
-def test_the_decode_benchmarks_cost_fit_splits_a_fixed_part_from_the_bytes_rate():
-    """bench_decode.py's fit of a layer's time over its densities: seconds = fixed + bytes / bandwidth."""
+def bench_decode():
+    """benchmarks/bench_decode.py as a module (it is a script, not a package)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).parents[1] / "benchmarks" /
                                                   "bench_decode.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_decode_benchmarks_cost_fit_splits_a_fixed_part_from_the_bytes_rate():
+    """bench_decode.py's fit of a layer's time over its densities: seconds = fixed + bytes / bandwidth."""
+    bench = bench_decode()
     megabytes = [85.6e6, 249.0e6, 410.7e6]  # one opt-6.7b layer in col16 at densities 0.1, 0.3, 0.5
     fixed, bandwidth = bench.cost_fit([(b, 23e-6 + b / 3.0e12) for b in megabytes])
     assert fixed == pytest.approx(23e-6, rel=1e-6) and bandwidth == pytest.approx(3.0e12, rel=1e-6)
@@ -437,11 +443,7 @@ def test_the_rows_phase_chooses_the_block_height_of_the_fastest_one_row_launch_a
     """bench_decode.py rows: one layout serves both row counts, so the height is the one whose best M = 1
     launch is fastest at density 0.1, and M = 16 gets its own best launch at that height; cells that
     were skipped or failed (strings) are never chosen."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).parents[1] / "benchmarks" /
-                                                  "bench_decode.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_decode()
     table = {"0.1 M 1": {"(256, 4)": {8: 51.8, 16: 49.0, 32: "skipped"}, "(256, 4, False, 4)": {8: 47.5, 16: 50.0}},
              "0.1 M 16": {"(64, 2)": {8: 160.0, 16: 150.0}, "(64, 2, False, 2)": {8: 158.0, 16: "OutOfResources"}},
              "0.002 M 1": {"(256, 4)": {1: 1.0}}}  # the floor's cells choose nothing
